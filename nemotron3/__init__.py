@@ -1,0 +1,1 @@
+"""nemotron3: the Nemotron 3 recipe (hybrid Mamba-2 + attention LatentMoE with MTP) in pure PyTorch."""
