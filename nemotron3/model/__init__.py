@@ -1,0 +1,5 @@
+"""The Nemotron 3 hybrid model: mixers, blocks and the language model."""
+
+from nemotron3.model.hybrid import Block, HybridLM, count_parameters
+
+__all__ = ["Block", "HybridLM", "count_parameters"]

@@ -1,0 +1,126 @@
+"""HybridLM: embedding, one pre-norm residual block per pattern character, final norm, untied head.
+
+    h = embeddings(ids)
+    for each layer:  h = h + mixer(RMSNorm(h))        mixer ∈ {Mamba2Mixer, Attention, MoE, MLP}
+    logits = lm_head(norm_f(h))
+
+Module names are the Hugging Face checkpoint names (`backbone.layers.3.mixer.in_proj`, `lm_head`, ...),
+so `state_dict()` keys are the on-disk keys except for the routed experts, which hf.py splits into one
+2-D tensor per expert. Build under `torch.device("meta")` to get a model that allocates nothing (for
+parameter counting or for loading a checkpoint without holding two copies).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nemotron3.config import ModelConfig
+from nemotron3.model.attention import Attention
+from nemotron3.model.mamba2 import Mamba2Mixer
+from nemotron3.model.moe import MoE
+from nemotron3.model.norms import MLP, RMSNorm
+
+
+def build_mixer(kind: str, config: ModelConfig) -> nn.Module:
+    if kind == "M":
+        return Mamba2Mixer(config)
+    if kind == "*":
+        return Attention(config)
+    if kind == "E":
+        return MoE(config)
+    if kind == "-":
+        return MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+class Block(nn.Module):
+    """`x + mixer(RMSNorm(x))`: every layer of the hybrid, whatever its mixer."""
+
+    def __init__(self, kind: str, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = build_mixer(kind, config)
+
+    @torch.no_grad()
+    def init_weights(self, config: ModelConfig, n_layers: int) -> None:
+        self.norm.weight.fill_(1.0)
+        if isinstance(self.mixer, MLP):
+            for lin in (self.mixer.up_proj, self.mixer.down_proj):
+                nn.init.normal_(lin.weight, std=config.initializer_range)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+        else:
+            self.mixer.init_weights(config, n_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(kind, config) for kind in config.pattern)
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
+class HybridLM(nn.Module):
+    """The Nemotron 3 language model. `model(input_ids)` -> fp32 logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every tensor's initial value, in one place (transformers' NemotronH init)."""
+        c = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=c.initializer_range)
+        nn.init.normal_(self.lm_head.weight, std=c.initializer_range)
+        self.backbone.norm_f.weight.fill_(1.0)
+        for block in self.backbone.layers:
+            block.init_weights(c, c.num_hidden_layers)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, H)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        h = self.backbone.embeddings(input_ids)  # (B, T, H)
+        for block in self.backbone.layers:
+            h = block(h)
+        return self.backbone.norm_f(h)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) in fp32."""
+        return self.lm_head(self.hidden_states(input_ids)).float()
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self, active: bool = False) -> int:
+        """Checkpoint element count: parameters plus persistent buffers (the routers' correction bias).
+
+        `active=True` counts what one token touches: everything except the routed experts it is not sent
+        to (both embedding matrices count in full, the convention of the Nano model card's 3.6B).
+        """
+        total = sum(p.numel() for p in self.parameters())
+        total += sum(b.numel() for name, b in self.named_buffers() if name.endswith("e_score_correction_bias"))
+        if active:
+            for block in self.backbone.layers:
+                if isinstance(block.mixer, MoE):
+                    experts = block.mixer.experts
+                    per_expert = (experts.up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+                    total -= (experts.num_experts - block.mixer.gate.top_k) * per_expert
+        return total
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Total and active-per-token parameter counts, computed on the meta device (allocates nothing)."""
+    with torch.device("meta"):
+        model = HybridLM(config)
+    return {"total": model.num_parameters(), "active": model.num_parameters(active=True)}

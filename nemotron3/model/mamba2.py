@@ -1,0 +1,106 @@
+"""The Mamba-2 mixer of an `M` layer (ARCHITECTURE.md §2).
+
+    in_proj: H -> [z (d_inner) | xBC (d_inner + 2·G·N) | dt (heads)]
+    xBC <- silu(causal depthwise conv1d(xBC))        kernel 4, left-padded, with bias
+    x, B, C <- split(xBC)
+    dt <- clamp(softplus(dt + dt_bias), dt_min, dt_max);  A = -exp(A_log)
+    y <- SSD(x, dt, A, B, C) + D·x                   (ssd.py)
+    y <- GatedRMSNorm(y, z)                          groups of d_inner / G
+    out_proj: d_inner -> H
+
+The dt clamp. transformers' NemotronH clamps dt to [time_step_min, ∞) in its chunked path (it sets
+`time_step_limit = (config.time_step_min, inf)` and ignores the config's own `time_step_limit`), while its
+single-step decode path does not clamp at all. We clamp in both paths, so that prefill and decode agree
+exactly, with the lower bound `time_step_min` (as transformers' prefill does) and the upper bound
+`time_step_limit[1]`. [UNCONFIRMED: mamba_ssm's default `dt_limit` is (0, ∞), and whether NVIDIA's training
+stack clamps at time_step_min is not stated anywhere we could read.] The bounds are the attributes
+`dt_min` / `dt_max` of each mixer, so they can be changed per model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemotron3.config import ModelConfig
+from nemotron3.model.norms import GatedRMSNorm
+from nemotron3.model.ssd import ssd_chunked
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.d_inner = config.mamba_intermediate_size
+        self.conv_dim = config.mamba_conv_dim
+        self.conv_kernel = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.dt_min = float(config.time_step_min)
+        self.dt_max = float(config.time_step_limit[1])
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=config.conv_kernel,
+            groups=self.conv_dim,
+            padding=config.conv_kernel - 1,
+            bias=config.use_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_weights(self, config: ModelConfig, n_layers: int) -> None:
+        """transformers' init: A = 1..heads, D = 1, dt_bias = softplus⁻¹(dt) with dt ~ logU[dt_min, dt_max]
+        floored at time_step_floor, conv1d as PyTorch's default, out_proj kaiming-uniform / √n_layers."""
+        std = config.initializer_range
+        nn.init.normal_(self.in_proj.weight, std=std)
+        self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(self.num_heads) * (hi - lo) + lo).clamp(min=config.time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.conv1d.reset_parameters()
+        self.norm.weight.fill_(1.0)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        if config.rescale_prenorm_residual:
+            self.out_proj.weight.div_(math.sqrt(n_layers))
+        for lin in (self.in_proj, self.out_proj):
+            if lin.bias is not None:
+                lin.bias.zero_()
+
+    def split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b, t, conv_dim) -> x (b, t, h, p), B (b, t, g, n), C (b, t, g, n)."""
+        b, t, _ = xbc.shape
+        x, B, C = xbc.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        return (
+            x.reshape(b, t, self.num_heads, self.head_dim),
+            B.reshape(b, t, self.n_groups, self.state_size),
+            C.reshape(b, t, self.n_groups, self.state_size),
+        )
+
+    def discretize(self, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw dt (..., h) -> clamped softplus(dt + dt_bias) in fp32, and A = -exp(A_log) (h,)."""
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        return dt, -torch.exp(self.A_log.float())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (b, t, H) -> (b, t, H), the whole sequence from a zero state."""
+        b, t, _ = hidden.shape
+        zxbcdt = self.in_proj(hidden)  # (b, t, d_inner + conv_dim + heads)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :t].transpose(1, 2))  # (b, t, conv_dim)
+        x, B, C = self.split_xbc(xbc)
+        dt, A = self.discretize(dt)
+        y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
+        y = self.norm(y.reshape(b, t, self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype))

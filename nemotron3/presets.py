@@ -1,0 +1,107 @@
+"""Named model configurations. Values for Nano and Super are the official `config.json` values
+(ARCHITECTURE.md §1.3); `t9` is the benchmark model of ../shared/bench/t9_config.json; `tiny` trains in
+seconds on a laptop CPU and keeps every feature of Super (LatentMoE, MTP, all three mixer kinds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+SUPER_PATTERN = "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME"
+
+_COMMON_LARGE: dict[str, Any] = dict(
+    vocab_size=131072,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    mamba_head_dim=64,
+    ssm_state_size=128,
+    n_groups=8,
+    conv_kernel=4,
+    chunk_size=128,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    layer_norm_epsilon=1e-5,
+    max_position_embeddings=262144,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        pattern="MEM*EME",
+        vocab_size=2048,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        ssm_state_size=32,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=32,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=256,
+        moe_latent_size=64,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
+        mtp_pattern="*E",
+        max_position_embeddings=8192,
+    ),
+    "t9": dict(
+        pattern="MEME*EME",
+        vocab_size=4096,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        mamba_num_heads=8,
+        mamba_head_dim=64,
+        ssm_state_size=64,
+        n_groups=2,
+        chunk_size=64,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=256,
+        moe_shared_expert_intermediate_size=512,
+        moe_latent_size=128,
+        max_position_embeddings=8192,
+    ),
+    "nano-30b-a3b": dict(
+        _COMMON_LARGE,
+        pattern=NANO_PATTERN,
+        hidden_size=2688,
+        intermediate_size=1856,
+        mamba_num_heads=64,
+        n_routed_experts=128,
+        num_experts_per_tok=6,
+        moe_intermediate_size=1856,
+        moe_shared_expert_intermediate_size=3712,
+        moe_latent_size=None,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=0,
+    ),
+    "super-120b-a12b": dict(
+        _COMMON_LARGE,
+        pattern=SUPER_PATTERN,
+        hidden_size=4096,
+        intermediate_size=2688,
+        mamba_num_heads=128,
+        n_routed_experts=512,
+        num_experts_per_tok=22,
+        moe_intermediate_size=2688,
+        moe_shared_expert_intermediate_size=5376,
+        moe_latent_size=1024,
+        moe_shared_expert_overlap=False,
+        routed_scaling_factor=5.0,
+        num_nextn_predict_layers=1,
+        mtp_pattern="*E",
+    ),
+}
