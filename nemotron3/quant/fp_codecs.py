@@ -1,0 +1,289 @@
+"""Element codecs: the bits of E2M1, E2M3, E3M2, E4M3, E5M2 and E8M0.
+
+Everything in NVFP4 and MX is "scale the block, then round every element to a
+tiny float format". This file is the second half: how an fp32 value becomes a
+code of a few bits, and back.
+
+The formats (OCP MX v1.0 via torchao `constants.py`, LOWPREC.md §1.1 and §3.1)
+==============================================================================
+  name  ebits mbits bias  max     min normal  special values
+  e2m1    2     1    1    6.0     1.0         none
+  e2m3    2     3    1    7.5     1.0         none
+  e3m2    3     2    3    28.0    0.25        none
+  e4m3    4     3    7    448.0   2^-6        NaN only (torch.float8_e4m3fn)
+  e5m2    5     2   15    57344   2^-14       Inf and NaN (torch.float8_e5m2)
+  e8m0    8     0  127    2^127   (no zero)   0xFF = NaN; a pure power of two
+
+Codes are sign-magnitude: the top bit of an E2M1 code (bit 3) is the sign, so
+code 8 is -0. We keep the sign of -0.0 (code 8), as torchao, compressed-tensors
+and vLLM do; TransformerEngine's *Python* reference maps an exact -0.0 input to
+code 0 (LOWPREC §5.3). Both decode to zero, so no GEMM can tell them apart.
+
+Round to nearest, ties to even, saturating (the `cvt.rn.satfinite` semantics)
+=============================================================================
+The fast path rounds in fp32 arithmetic with the classic "magic number" trick:
+for a value a >= 0 whose grid spacing is `step` (a power of two), the sum
+a + 1.5*2^23*step lands in a binade whose ulp is exactly `step`, so the
+hardware adder rounds a to the nearest multiple of `step`, ties to even; the
+subtraction that follows is exact. Because 1.5*2^23 is an even multiple of
+the step, "even multiple of step" is "even mantissa code", which is exactly
+the tie rule of the format. The step of each element comes from its own fp32
+exponent, clamped to the format's normal range (below the smallest normal
+exponent the spacing stays that of the subnormals). Values are clamped to
+±max first, so the result saturates instead of overflowing. `_encode_reference`
+below does the same thing the obvious way (nearest table entry, ties to the
+even code) and the tests check the two agree on every interesting input.
+
+NaN has no encoding in the sub-byte formats. We map it to +max (code 0x7 for
+E2M1), the satfinite behaviour TE's software stochastic-rounding fallback
+documents ("NaN -> +6"). torchao's bit-twiddling cast instead produces a code
+that depends on the NaN's payload and sign (platform dependent), so the tests
+compare everything except those positions. E4M3/E5M2 go through PyTorch's own
+float8 casts (RNE), after a clamp to ±max so they saturate the same way on
+every PyTorch version; NaN stays NaN.
+
+Stochastic rounding (LOWPREC §2.3)
+==================================
+`round_e2m1(v, generator=...)` emulates TE's software fallback for
+`cvt.rs.satfinite.e2m1x4.f32` bit for bit given the random bytes: with
+u = rbits/256 (8 random bits per element, as the hardware consumes 32 bits per
+4 elements), t = |v| + u*step(|v|) and the result is t rounded down to the grid
+of t's own binade. The probability of rounding up is therefore ceil(256*f)/256
+for a fractional position f, unbiased to within 1/256 of a step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ElementFormat", "ELEMENT_FORMATS", "element_format", "element_values",
+    "round_to_format", "round_e2m1", "values_to_codes", "encode", "decode",
+    "encode_e8m0", "decode_e8m0", "pack_fp4", "unpack_fp4",
+]
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """A small float format: the bit layout and the constants derived from it."""
+
+    name: str
+    ebits: int
+    mbits: int
+    bias: int
+    max: float
+    torch_dtype: torch.dtype | None = None  # set for the formats PyTorch casts natively
+
+    @property
+    def emin(self) -> int:  # exponent of the smallest normal number
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:  # exponent of the largest finite number
+        return math.floor(math.log2(self.max))
+
+    @property
+    def nbits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+
+ELEMENT_FORMATS: dict[str, ElementFormat] = {
+    f.name: f
+    for f in (
+        ElementFormat("e2m1", 2, 1, 1, 6.0),
+        ElementFormat("e2m3", 2, 3, 1, 7.5),
+        ElementFormat("e3m2", 3, 2, 3, 28.0),
+        ElementFormat("e4m3", 4, 3, 7, 448.0, torch.float8_e4m3fn),
+        ElementFormat("e5m2", 5, 2, 15, 57344.0, torch.float8_e5m2),
+    )
+}
+
+
+def element_format(name: str | ElementFormat) -> ElementFormat:
+    """Look a format up by name ('e2m1', 'e2m3', 'e3m2', 'e4m3', 'e5m2')."""
+    if isinstance(name, ElementFormat):
+        return name
+    if name not in ELEMENT_FORMATS:
+        raise ValueError(f"unknown element format {name!r}; expected one of {sorted(ELEMENT_FORMATS)}")
+    return ELEMENT_FORMATS[name]
+
+
+def _check_float(x: torch.Tensor, what: str = "input") -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value tables (from the bit fields, no arithmetic shared with the fast path)
+
+
+def element_values(fmt: str | ElementFormat) -> torch.Tensor:
+    """fp32 value of every code of a sub-byte format, indexed by code (sign bit on top)."""
+    f = element_format(fmt)
+    if f.torch_dtype is not None:
+        raise ValueError(f"{f.name} is decoded by PyTorch's float8 cast, it has no value table here")
+    vals = []
+    for code in range(1 << f.nbits):
+        sign = -1.0 if code >> (f.ebits + f.mbits) else 1.0
+        e = (code >> f.mbits) & ((1 << f.ebits) - 1)
+        m = code & ((1 << f.mbits) - 1)
+        mag = (m / (1 << f.mbits)) * 2.0 ** f.emin if e == 0 else (1 + m / (1 << f.mbits)) * 2.0 ** (e - f.bias)
+        vals.append(sign * mag)
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(f: ElementFormat, device: torch.device) -> torch.Tensor:
+    key = (f.name, device)
+    if key not in _TABLES:
+        _TABLES[key] = element_values(f).to(device)
+    return _TABLES[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding in the value domain (fp32 in, fp32 on the format's grid out)
+
+
+def _grid_step_bits(a: torch.Tensor, f: ElementFormat) -> torch.Tensor:
+    """Biased fp32 exponent of each a >= 0, clamped to the format's normal exponent range."""
+    return (a.view(torch.int32) >> 23).clamp_(127 + f.emin, 127 + f.emax)
+
+
+def round_to_format(v: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
+    """Round fp32 values to a sub-byte format's grid: RNE, saturating to ±max, sign kept.
+
+    Returns fp32 values (not codes). NaN stays NaN here; `values_to_codes` maps it to +max.
+    """
+    f = element_format(fmt)
+    a = v.abs().clamp_(max=f.max)                                     # satfinite
+    eb = _grid_step_bits(a, f)
+    # magic = 1.5 * 2^23 * step, with step = 2^(e - mbits): exponent field e + 127 + 23 - mbits
+    magic = ((eb + (23 - f.mbits)) << 23).bitwise_or_(0x400000).view(torch.float32)
+    q = (a + magic).sub_(magic)                                       # the adder rounds, RNE
+    return q.copysign_(v)
+
+
+def round_e2m1(
+    v: torch.Tensor, generator: torch.Generator | None = None, stochastic: bool = False
+) -> torch.Tensor:
+    """Round fp32 values to the E2M1 grid: RNE, or stochastic (TE's algorithm) if `stochastic`."""
+    if not stochastic:
+        return round_to_format(v, "e2m1")
+    f = ELEMENT_FORMATS["e2m1"]
+    a = v.abs().clamp_(max=f.max)
+    rbits = torch.randint(0, 256, a.shape, dtype=torch.uint8, device=a.device, generator=generator)
+    u = rbits.to(torch.float32).mul_(1.0 / 256)
+    # step(v) = 0.5 below 2, 1 below 4, else 2: a power of two built from the exponent bits
+    step_a = ((_grid_step_bits(a, f) - 1) << 23).view(torch.float32)
+    t = u.mul_(step_a).add_(a)                     # u*step is exact, so this is fmaf(u, step, a)
+    step_t = ((_grid_step_bits(t, f) - 1) << 23).view(torch.float32)
+    q = t.div_(step_t).floor_().mul_(step_t).clamp_(max=f.max)
+    return q.copysign_(v)                          # NaN stays NaN; values_to_codes maps it to +6
+
+
+def values_to_codes(q: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
+    """uint8 codes of fp32 values that already lie on a sub-byte format's grid (NaN -> +max)."""
+    f = element_format(fmt)
+    a = q.abs()
+    bits = a.view(torch.int32)
+    normal = (bits >> (23 - f.mbits)).sub_((126 + f.emin) << f.mbits)  # (e - emin + 1, m)
+    sub = (a * 2.0 ** (f.mbits - f.emin)).to(torch.int32)             # subnormal: a / step
+    code = torch.where(a >= 2.0 ** f.emin, normal, sub)
+    code |= (q.view(torch.int32) >> 31) & (1 << (f.ebits + f.mbits))  # sign bit
+    code = torch.where(torch.isnan(q), (1 << (f.ebits + f.mbits)) - 1, code)
+    return code.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public codecs
+
+
+def encode(x: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
+    """Encode values to uint8 codes of `fmt` (RNE, saturating). E4M3/E5M2 give the float8 bits."""
+    _check_float(x)
+    f = element_format(fmt)
+    x = x.float()
+    if f.torch_dtype is not None:
+        return x.clamp(-f.max, f.max).to(f.torch_dtype).view(torch.uint8)
+    return values_to_codes(round_to_format(x, f), f)
+
+
+def decode(codes: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
+    """Decode uint8 codes (or float8 tensors for E4M3/E5M2) to fp32."""
+    f = element_format(fmt)
+    if f.torch_dtype is not None:
+        if codes.dtype == torch.uint8:
+            codes = codes.view(f.torch_dtype)
+        return codes.to(torch.float32)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"{f.name} codes must be uint8, got {codes.dtype}")
+    if codes.numel() and int(codes.max()) >= (1 << f.nbits):
+        raise ValueError(f"{f.name} codes must be < {1 << f.nbits}")
+    return _table(f, codes.device)[codes.long()]
+
+
+def encode_e8m0(x: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
+    """Encode |x| as E8M0 bits (uint8): 2^(b-127). rounding 'floor' or 'ceil'; saturating.
+
+    'floor' takes the fp32 exponent field (exact, unlike log2); 'ceil' is `cvt.rp.satfinite.ue8m0`:
+    bump the exponent when any mantissa bit is set, and for fp32 subnormals only when the value is
+    above 2^-127 (mantissa > 0x400000). Zero encodes as 0 (2^-127), +Inf as 254, NaN as 255.
+    """
+    _check_float(x)
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"E8M0 rounding must be 'floor' or 'ceil', got {rounding!r}")
+    bits = x.float().view(torch.int32) & 0x7FFFFFFF
+    e = bits >> 23
+    if rounding == "ceil":
+        mant = bits & 0x7FFFFF
+        e = torch.where(e == 0, (mant > 0x400000).to(torch.int32), e + (mant != 0).to(torch.int32))
+    e = e.clamp_(max=254)
+    return torch.where(bits > 0x7F800000, 255, e).to(torch.uint8)
+
+
+def decode_e8m0(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 value of E8M0 bits (uint8 or float8_e8m0fnu): 2^(b-127), NaN for 0xFF."""
+    if bits.dtype == torch.uint8:
+        bits = bits.view(torch.float8_e8m0fnu)
+    if bits.dtype != torch.float8_e8m0fnu:
+        raise TypeError(f"E8M0 scales must be uint8 or float8_e8m0fnu, got {bits.dtype}")
+    return bits.to(torch.float32)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes two per byte, element 2i in the low nibble: (..., K) -> (..., K/2)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd last dimension {codes.shape[-1]} into bytes")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_fp4`: (..., K/2) uint8 -> (..., K) codes."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow, obviously-correct reference (tests compare the fast path against it)
+
+
+def _encode_reference(x: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
+    """Nearest table value, ties to the even code, saturating; one Python loop per element."""
+    f = element_format(fmt)
+    table = element_values(f).tolist()
+    half = 1 << (f.ebits + f.mbits)
+    out = []
+    for v in x.float().flatten().tolist():
+        if v != v:
+            out.append(half - 1)
+            continue
+        a = min(abs(v), f.max)
+        best = min(range(half), key=lambda c: (abs(table[c] - a), c % 2))  # tie -> even code
+        out.append(best | (half if (v < 0 or (v == 0 and str(v).startswith("-"))) else 0))
+    return torch.tensor(out, dtype=torch.uint8).view(x.shape)

@@ -1,0 +1,158 @@
+"""MX (OCP Microscaling v1.0): 32 elements share one E8M0 (power-of-two) scale.
+
+Element types: fp8_e4m3, fp8_e5m2, fp6_e2m3, fp6_e3m2, fp4_e2m1 (LOWPREC §3.1). The
+result keeps real low-bit data: float8 tensors for MXFP8, one uint8 code per element for
+MXFP6 (as torchao stores it), packed uint8 pairs for MXFP4, and the scales as
+float8_e8m0fnu bits. Every formula below reproduces torchao 0.18's `to_mx` (eager path)
+bit for bit; the places where that is a choice are said where they happen.
+
+Scale modes
+===========
+`floor` (the spec's rule, torchao's default): X = 2^(floor(log2 amax) - emax_elem), with
+the exponent read straight from amax's fp32 bits (exact; log2 can mis-floor just below a
+power of two), clamped to [-127, 128] and biased by 127, so a NaN amax gives 0xFF and an
+infinite one a large finite scale. As in torchao, elements are divided by
+max(X, 2^-126): torchao's guard for compilers that flush 2^-127 to zero, which only
+matters for blocks whose amax is below ~2^-118. FLOOR can saturate the block's maximum
+(E4M3, amax 486: X = 1, and 486 clamps to 448).
+
+`rceil` (NVIDIA's rule: cuBLAS, TE's MXFP8, `cvt.rp.satfinite.ue8m0x2.f32`): the scale is
+amax / max_elem rounded *up* to a power of two, so the block max never saturates. The
+exponent is computed from the fp32 bits (`fp_codecs.encode_e8m0(.., 'ceil')`), exactly as
+the instruction does. torchao's eager fallback instead evaluates ceil(log2(d)) in fp32,
+which rounds a d just a few ulps above a power of two down to that power and then ceils
+to it: it disagrees with the instruction (and with torchao's own GPU path) on those d.
+We follow the instruction; the tests show the case (random data never hits it). The
+elements are multiplied by the reciprocal 2^(127-b), with TE's two special cases kept:
+b == 0 uses 1.0, b == 254 (infinite amax) uses 2^-127, and a NaN scale makes the whole
+block NaN.
+
+Elements are then clamped to ±max and rounded to nearest even (fp_codecs); sub-byte
+NaNs become +max codes (their block's scale is 0xFF, or the value came from Inf/Inf).
+Dequantization is value · 2^(b-127), NaN for b = 0xFF, in the output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nemotron3.quant.fp_codecs import (
+    ELEMENT_FORMATS, _check_float, decode, decode_e8m0, encode_e8m0, pack_fp4,
+    round_to_format, unpack_fp4, values_to_codes,
+)
+
+__all__ = ["MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize"]
+
+MX_BLOCK = 32
+MX_MODES = ("floor", "rceil")
+# elem_dtype name -> (element format, emax_elem = exponent of the largest power of two <= max)
+MX_ELEM_DTYPES: dict[str, str] = {
+    "fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2", "fp6_e2m3": "e2m3", "fp6_e3m2": "e3m2", "fp4_e2m1": "e2m1",
+}
+_TORCH_ALIASES = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2", torch.float4_e2m1fn_x2: "fp4_e2m1"}
+
+
+def _elem_name(elem_dtype: str | torch.dtype) -> str:
+    name = _TORCH_ALIASES.get(elem_dtype, elem_dtype) if isinstance(elem_dtype, torch.dtype) else elem_dtype
+    if name not in MX_ELEM_DTYPES:
+        raise ValueError(f"unknown MX elem_dtype {elem_dtype!r}; expected one of {list(MX_ELEM_DTYPES)}")
+    return name
+
+
+@dataclass
+class MXQuantized:
+    """An MX tensor: element data and one E8M0 scale per 32 elements along the last dim."""
+
+    qdata: torch.Tensor   # float8 (..., K) | uint8 fp6 codes (..., K) | uint8 packed fp4 (..., K/2)
+    scales: torch.Tensor  # float8_e8m0fnu (..., K/32)
+    elem_dtype: str
+    block_size: int = MX_BLOCK
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """One uint8 code per element (..., K)."""
+        if self.elem_dtype == "fp4_e2m1":
+            return unpack_fp4(self.qdata)
+        return self.qdata.view(torch.uint8) if self.qdata.dtype != torch.uint8 else self.qdata
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        fmt = MX_ELEM_DTYPES[self.elem_dtype]
+        vals = decode(self.qdata if fmt in ("e4m3", "e5m2") else self.codes, fmt).to(dtype)
+        scale = decode_e8m0(self.scales).to(dtype).unsqueeze(-1)
+        return (vals.unflatten(-1, (-1, self.block_size)) * scale).flatten(-2)
+
+
+def _scale_and_scale_values(
+    x: torch.Tensor, name: str, mode: str, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E8M0 bits uint8 (..., K/bs), x scaled into the element range fp32 (..., K/bs, bs))."""
+    fmt = ELEMENT_FORMATS[MX_ELEM_DTYPES[name]]
+    xb = x.to(torch.float32).unflatten(-1, (-1, block_size))           # (..., K/bs, bs)
+    amax = xb.abs().amax(-1)                                           # (..., K/bs); NaN if any NaN
+    if mode == "floor":
+        exp = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - fmt.emax  # floor(log2 amax) - emax
+        bits = (exp.clamp_(-127, 128) + 127)
+        bits = torch.where(torch.isnan(amax), 255, bits)
+        scale = (bits << 23).view(torch.float32).clamp(min=2.0 ** -126)  # 0xFF -> +inf
+        v = xb / scale.unsqueeze(-1)
+        if fmt.torch_dtype is not None:
+            v = v.clamp_(-fmt.max, fmt.max)
+        return bits.to(torch.uint8), v
+    descale = amax / fmt.max
+    bits = encode_e8m0(descale, "ceil").to(torch.int32)                # NaN 255, Inf 254
+    rcp = ((254 - bits).clamp_(min=1) << 23).view(torch.float32)       # 2^(127-b) for 1 <= b <= 253
+    rcp = torch.where(bits == 0, 1.0, rcp)
+    rcp = torch.where(bits == 254, 2.0 ** -127, rcp)
+    rcp = torch.where(bits == 255, descale, rcp)                       # NaN
+    v = (xb * rcp.unsqueeze(-1)).clamp_(-fmt.max, fmt.max)
+    return bits.to(torch.uint8), v
+
+
+def _prepare(x: torch.Tensor, elem_dtype: str | torch.dtype, mode: str, block_size: int) -> str:
+    _check_float(x, "mx input")
+    name = _elem_name(elem_dtype)
+    if mode not in MX_MODES:
+        raise ValueError(f"unknown MX scale mode {mode!r}; expected one of {MX_MODES}")
+    if x.ndim == 0 or x.shape[-1] % block_size:
+        raise ValueError(
+            f"MX needs the last dimension to be a multiple of the block size {block_size}, "
+            f"got shape {tuple(x.shape)}; pad it with zeros first")
+    return name
+
+
+def mx_quantize(
+    x: torch.Tensor, elem_dtype: str | torch.dtype, mode: str = "floor", block_size: int = MX_BLOCK
+) -> MXQuantized:
+    """Quantize `x` (..., K) to MX along the last dimension. elem_dtype: one of MX_ELEM_DTYPES."""
+    name = _prepare(x, elem_dtype, mode, block_size)
+    bits, v = _scale_and_scale_values(x, name, mode, block_size)
+    fmt = ELEMENT_FORMATS[MX_ELEM_DTYPES[name]]
+    v = v.flatten(-2)
+    if fmt.torch_dtype is not None:
+        qdata = v.to(fmt.torch_dtype)
+    else:
+        qdata = values_to_codes(round_to_format(v, fmt), fmt)
+        if name == "fp4_e2m1":
+            qdata = pack_fp4(qdata)
+    return MXQuantized(qdata, bits.view(torch.float8_e8m0fnu), name, block_size)
+
+
+def mx_fake_quantize(
+    x: torch.Tensor, elem_dtype: str | torch.dtype, mode: str = "floor", block_size: int = MX_BLOCK
+) -> torch.Tensor:
+    """`mx_quantize(...).dequantize()` in fp32 without building codes (training fast path).
+
+    Identical except for sub-byte NaN elements, which stay NaN here instead of becoming +max
+    codes; their block scale is NaN, so the dequantized value is NaN either way.
+    """
+    name = _prepare(x, elem_dtype, mode, block_size)
+    bits, v = _scale_and_scale_values(x, name, mode, block_size)
+    fmt = ELEMENT_FORMATS[MX_ELEM_DTYPES[name]]
+    q = v.to(fmt.torch_dtype).to(torch.float32) if fmt.torch_dtype is not None else round_to_format(v, fmt)
+    return (q * decode_e8m0(bits).unsqueeze(-1)).flatten(-2)
