@@ -101,6 +101,18 @@ class HybridLM(nn.Module):
         """input_ids (B, T) -> logits (B, T, V) in fp32."""
         return self.lm_head(self.hidden_states(input_ids)).float()
 
+    def compile_mixers(self, dynamic: bool = False) -> "HybridLM":
+        """torch.compile each Mamba-2 mixer in place, fusing the elementwise work around the SSD matmuls.
+
+        Measured in benchmarks/forward.py; worth it for long runs at fixed shapes (training, benchmark
+        prefill), not for short varying ones (each new shape recompiles, ~20-40 s on a CPU). MoE layers are
+        left eager: their per-expert split is data-dependent.
+        """
+        for block in self.backbone.layers:
+            if block.kind == "M":
+                block.mixer.compile(dynamic=dynamic)
+        return self
+
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, active: bool = False) -> int:
         """Checkpoint element count: parameters plus persistent buffers (the routers' correction bias).

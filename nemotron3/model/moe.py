@@ -77,13 +77,12 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
         token = order // k  # which token each sorted pair came from
         xs = x.index_select(0, token)  # (N·k, ℓ)
-        outs = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                h = relu2(F.linear(xs[start : start + n], self.up_proj[e]))  # (n, I)
-                outs.append(F.linear(h, self.down_proj[e]))  # (n, ℓ)
-                start += n
+        # split/unbind rather than slicing in a loop: their backward is one cat/stack instead of one
+        # full-size zero tensor per expert
+        sizes = counts.tolist()
+        parts = xs.split(sizes)
+        ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = [F.linear(relu2(F.linear(p, ups[e])), downs[e]) for e, p in enumerate(parts) if sizes[e]]  # (n_e, ℓ)
         ys = torch.cat(outs).float() * w.reshape(-1)[order, None]
         y = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)
         return y.to(x.dtype), counts

@@ -18,17 +18,19 @@ Unrolling the recurrence gives y = M · x with a lower-triangular, semiseparable
     M[t, s] = (C_t · B_s) · exp(a_{s+1} + … + a_t) · dt_s       for s ≤ t,   a_t = dt_t · A
 
 Cutting the sequence into chunks of length L splits M into diagonal blocks (quadratic attention-like work
-inside a chunk, L×L per chunk) and off-diagonal blocks, which factor through the state at chunk boundaries:
+inside a chunk, L×L per chunk) and off-diagonal blocks, which factor through the state at chunk boundaries
+(a_cum is the running sum of a inside each chunk):
 
-  1. intra-chunk:   Y_diag = (CBᵀ ∘ exp(segsum(a))) · (x·dt)                 per chunk, (L×L)·(L×P)
+  1. intra-chunk:   Y_diag = (CBᵀ ∘ exp(a_cum[l] − a_cum[s])) · (x·dt)       per chunk, (L×L)·(L×P)
   2. chunk states:  S_c    = Σ_s exp(a_{s+1..end}) · (x_s·dt_s) ⊗ B_s        state each chunk contributes
   3. inter-chunk:   S'_c   = Σ_{z≤c} exp(sum of chunk decays z+1..c) · S_z    state entering each chunk
   4. off-diagonal:  Y_off  = exp(a_{start..t}) · S'_{c-1} · C_t
 
-Work is O(T·L) instead of O(T²), and every step is a batched matmul. segsum is computed by masked cumulative
-sums rather than as a difference of two cumulative sums: cumsum[i] − cumsum[j] cancels catastrophically
-once |cumsum| grows along a chunk, and the masked form keeps each entry a sum of only the terms it needs.
-Everything runs in fp32 (inputs are upcast): the decays exp(Σ a) span many orders of magnitude.
+Work is O(T·L) instead of O(T²), and every step is a batched matmul. Inside a chunk the decay is the
+difference of two running sums, as in mamba_ssm's kernel (one subtraction, one exp). Across chunks, where
+the sums grow with the sequence length, `segsum` builds each entry as a masked cumulative sum of only the
+terms it needs, so no large running sums cancel. Everything runs in fp32 (inputs are upcast): the decays
+exp(Σ a) span many orders of magnitude.
 
 Shapes: b batch, t time, c chunks, l/s positions in a chunk, g groups, r heads per group (h = g·r), p head
 dim, n state size. Heads are kept as (g, r) so B and C are never repeated across the heads of a group.
@@ -85,8 +87,11 @@ def ssd_chunked(
     a = (dtf * A.float()).view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
     a_cum = a.cumsum(-1)  # (b, g, r, c, l)
 
-    # 1. intra-chunk (diagonal blocks)
-    decay_in = torch.exp(segsum(a))  # (b, g, r, c, l, s)
+    # 1. intra-chunk (diagonal blocks). Within one chunk the decay is exp(a_cum[l] - a_cum[s]), the form
+    # mamba_ssm's kernel uses; above the diagonal the exponent is set to -inf before exp (exp(+x) could
+    # overflow, and inf·0 would poison the backward pass).
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    decay_in = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf")))
     CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # (b, g, c, l, s)
     M = decay_in * CB[:, :, None]  # (b, g, r, c, l, s)
     xdt_g = xdt.permute(0, 3, 4, 1, 2, 5)  # (b, g, r, c, s, p)
