@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -80,6 +81,14 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
+def _has_mtp_tensors(files: list[Path]) -> bool:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if any(k.startswith("mtp.") for k in f.keys()):
+                return True
+    return False
+
+
 def load_pretrained(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
@@ -90,13 +99,22 @@ def load_pretrained(
 
     dtype: cast floating tensors to this dtype (the routers' correction bias stays fp32). None keeps the
     checkpoint's dtype. device: where the weights go (default CPU). A missing, unexpected or mis-shaped
-    tensor raises CheckpointError naming it; `mtp.*` tensors are skipped when the model has no MTP block.
+    tensor raises CheckpointError naming it. `mtp.*` tensors are skipped when the config has no MTP block;
+    a config that declares MTP over a checkpoint without any `mtp.*` tensor (what transformers saves, as it
+    has no MTP module) loads the backbone alone, with a warning.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     config = ModelConfig.from_hf(folder)
     device = torch.device(device or "cpu")
+    files = _checkpoint_files(folder)
+    if config.num_nextn_predict_layers and not _has_mtp_tensors(files):
+        # transformers has no MTP module and saves none: load the backbone and say so
+        warnings.warn(
+            f"{folder}: config declares {config.num_nextn_predict_layers} MTP block(s) but the checkpoint has no "
+            "mtp.* tensors; loading the model without MTP", stacklevel=2)
+        config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = HybridLM(config)
     expected = {name: t for name, t in model.state_dict().items()}
@@ -116,7 +134,7 @@ def load_pretrained(
     seen: set[str] = set()
     unexpected: list[str] = []
     with ExitStack() as stack:
-        for file in _checkpoint_files(folder):
+        for file in files:
             try:
                 f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             except Exception as e:  # safetensors raises its own error types

@@ -19,6 +19,7 @@ from nemotron3.config import ModelConfig
 from nemotron3.model.attention import Attention
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import MoE
+from nemotron3.model.mtp import MTP
 from nemotron3.model.norms import MLP, RMSNorm
 
 
@@ -75,6 +76,7 @@ class HybridLM(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MTP(config) if config.num_nextn_predict_layers > 0 else None
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
@@ -87,6 +89,8 @@ class HybridLM(nn.Module):
         self.backbone.norm_f.weight.fill_(1.0)
         for block in self.backbone.layers:
             block.init_weights(c, c.num_hidden_layers)
+        if self.mtp is not None:
+            self.mtp.init_weights(c)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, H)."""
@@ -100,6 +104,24 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32."""
         return self.lm_head(self.hidden_states(input_ids)).float()
+
+    def forward_mtp(self, input_ids: torch.Tensor, depths: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits (B, T, V) and one logits tensor per MTP depth k = 1..depths.
+
+        Depth k at position t sees tokens ≤ t+k and predicts token t+k+1, so only positions t < T-k-1 have a
+        target inside the sequence; the last k positions also read a wrapped-around token embedding, and the
+        loss must mask them (train/ does). Depth k runs module (k-1) mod num_modules (shared weights).
+        """
+        if self.mtp is None:
+            raise ValueError("this model has no MTP block (config num_nextn_predict_layers = 0)")
+        h = self.hidden_states(input_ids)  # (B, T, H)
+        logits = self.lm_head(h).float()
+        out = []
+        for k in range(1, depths + 1):
+            next_embeds = self.backbone.embeddings(torch.roll(input_ids, -k, dims=1))  # Emb(token_{t+k})
+            h = self.mtp.depth(k)(h, next_embeds)
+            out.append(self.lm_head(h).float())
+        return logits, out
 
     def compile_mixers(self, dynamic: bool = False) -> "HybridLM":
         """torch.compile each Mamba-2 mixer in place, fusing the elementwise work around the SSD matmuls.
@@ -123,7 +145,8 @@ class HybridLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         total += sum(b.numel() for name, b in self.named_buffers() if name.endswith("e_score_correction_bias"))
         if active:
-            for block in self.backbone.layers:
+            blocks = list(self.backbone.layers) + (list(self.mtp.layers) if self.mtp is not None else [])
+            for block in blocks:
                 if isinstance(block.mixer, MoE):
                     experts = block.mixer.experts
                     per_expert = (experts.up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
