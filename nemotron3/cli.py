@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
+            if not (e.name and (module_name == e.name or module_name.startswith(e.name + "."))):
+                raise  # a real missing dependency inside an existing command
             continue  # a command whose module is not written yet is simply not offered
         modules[name] = module
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
