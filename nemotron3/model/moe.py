@@ -64,6 +64,12 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One expert GEMM, x (n, in) · wᵀ. NVFP4 training routes it through a quantized GEMM instead
+        (quant/convert.py sets `gemm_quantizer`); the grouped forward calls only this."""
+        q = self.__dict__.get("gemm_quantizer")
+        return F.linear(x, w) if q is None else q.gemm(x, w)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, ℓ), idx (N, k), w (N, k) -> y (N, ℓ) and tokens per expert (E,).
 
@@ -82,7 +88,7 @@ class Experts(nn.Module):
         sizes = counts.tolist()
         parts = xs.split(sizes)
         ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = [F.linear(relu2(F.linear(p, ups[e])), downs[e]) for e, p in enumerate(parts) if sizes[e]]  # (n_e, ℓ)
+        outs = [self.linear(relu2(self.linear(p, ups[e])), downs[e]) for e, p in enumerate(parts) if sizes[e]]  # (n_e, ℓ)
         ys = torch.cat(outs).float() * w.reshape(-1)[order, None]
         y = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)
         return y.to(x.dtype), counts
