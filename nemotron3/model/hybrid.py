@@ -58,6 +58,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x))
 
+    def forward_cached(self, x: torch.Tensor, view, layer: int) -> torch.Tensor:
+        """The same block continuing cached sequences (`view`: a CacheView; `layer`: its cache index)."""
+        if self.kind in "M*":
+            return x + self.mixer.forward_cached(self.norm(x), view, layer)
+        return x + self.mixer(self.norm(x))  # MoE and MLP act on each token alone: nothing to cache
+
 
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -101,9 +107,45 @@ class HybridLM(nn.Module):
             h = block(h)
         return self.backbone.norm_f(h)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V) in fp32."""
-        return self.lm_head(self.hidden_states(input_ids)).float()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache=None,
+        rows: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) in fp32.
+
+        With a `cache` (engine.HybridCache), the T tokens continue the sequences held by cache `rows`
+        (all rows in order if None; B = len(rows)), the cache advances, and `valid` (B,) says how many of
+        each row's T tokens are real (right padding, see `Mamba2Mixer.forward_cached`). `last_only`
+        returns only each row's last real position, (B, 1, V): what prefill needs, without the (T, V)
+        logits of a long prompt.
+        """
+        if cache is None:
+            h = self.hidden_states(input_ids)
+        else:
+            h = self.hidden_states_cached(input_ids, cache, rows, valid)
+            if last_only:
+                last = (valid - 1) if valid is not None else torch.full((h.shape[0],), h.shape[1] - 1)
+                h = h[torch.arange(h.shape[0]), last.to(h.device)][:, None]  # (B, 1, H)
+        return self.lm_head(h).float()
+
+    def hidden_states_cached(
+        self, input_ids: torch.Tensor, cache, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) continuing cache `rows` -> final-normed hidden states (B, T, H); advances the cache."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        view = cache.begin(input_ids.shape[1], rows, valid)
+        if view.index.numel() != input_ids.shape[0]:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the forward covers {view.index.numel()} cache rows")
+        h = self.backbone.embeddings(input_ids)  # (B, T, H)
+        for i, block in enumerate(self.backbone.layers):
+            h = block.forward_cached(h, view, i)
+        cache.commit(view)
+        return self.backbone.norm_f(h)
 
     def forward_mtp(self, input_ids: torch.Tensor, depths: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Main logits (B, T, V) and one logits tensor per MTP depth k = 1..depths.

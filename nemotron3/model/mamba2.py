@@ -15,6 +15,15 @@ exactly, with the lower bound `time_step_min` (as transformers' prefill does) an
 `time_step_limit[1]`. [UNCONFIRMED: mamba_ssm's default `dt_limit` is (0, ∞), and whether NVIDIA's training
 stack clamps at time_step_min is not stated anywhere we could read.] The bounds are the attributes
 `dt_min` / `dt_max` of each mixer, so they can be changed per model.
+
+With a cache (`forward_cached`), the layer continues a sequence instead of starting one: the conv reads
+the row's last conv_kernel-1 inputs before the new ones (the zero left padding of a fresh sequence is a
+zero conv state), and the SSD starts from the row's SSM state. One new token runs the recurrent step
+(`ssd_step`); several run the chunked scan with `initial_state`, which is the same function of the
+inputs (tests/test_engine_model.py checks prefill + steps against the full forward). Right padding is
+exact: a padding token gets dt = 0, which means no input and no decay (exp(0·A) = 1), so the state after
+the padding is the state after the row's last real token, and the new conv state is read at each row's
+own last real token.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.model.norms import GatedRMSNorm
-from nemotron3.model.ssd import ssd_chunked
+from nemotron3.model.ssd import ssd_chunked, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -102,5 +111,53 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self.split_xbc(xbc)
         dt, A = self.discretize(dt)
         y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
+        y = self.norm(y.reshape(b, t, self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype))
+
+    def forward_cached(self, hidden: torch.Tensor, view, layer: int) -> torch.Tensor:
+        """hidden (b, t, H) of the new tokens -> (b, t, H), continuing each row from its cached state.
+
+        `view` is a `CacheView` (engine/cache.py); `layer` the index of this layer's slots in the cache.
+        """
+        b, t, _ = hidden.shape
+        cache, K1 = view.cache, self.conv_kernel - 1
+        conv_all, ssm_all = cache.conv[layer], cache.ssm[layer]  # (rows, C, K-1), (rows, h, p, n)
+        conv_state = conv_all if view.rows is None else conv_all[view.index]
+        state = ssm_all if view.rows is None else ssm_all[view.index]  # (b, h, p, n)
+        zxbcdt = self.in_proj(hidden)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # (b, C, K-1+t)
+        xbc = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        x, B, C = self.split_xbc(xbc)  # (b, t, h, p), (b, t, g, n), (b, t, g, n)
+        dt, A = self.discretize(dt)  # (b, t, h) fp32
+        last = view.last  # (b,) index of each row's last real token
+        if view.valid is not None:  # right padding: dt = 0 is no input and no decay
+            dt = dt * (torch.arange(t, device=dt.device) <= last[:, None])[..., None]
+        if t == 1 or view.per_step:
+            ys = []
+            for i in range(t):
+                ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=self.D))  # state updated in place
+                if view.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
+                    j = torch.clamp(last, max=i)
+                    conv_i = window.gather(-1, (j[:, None, None] + 1 + torch.arange(K1, device=window.device))[:, None].expand(-1, self.conv_dim, -1))
+                    cache.record(layer, view.index, view.start + j, conv_i, state)
+            y = torch.stack(ys, dim=1)  # (b, t, h, p)
+            new_state = state
+        else:
+            y, new_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state)
+        if view.valid is None:
+            new_conv = window[..., t:]  # (b, C, K-1)
+        else:
+            offsets = (last[:, None] + 1 + torch.arange(K1, device=window.device))[:, None].expand(-1, self.conv_dim, -1)
+            new_conv = window.gather(-1, offsets)
+        if cache.max_rollback and not view.per_step:
+            cache.record(layer, view.index, view.start + last, new_conv, new_state)
+        if view.rows is None:
+            conv_all.copy_(new_conv)
+            if new_state is not ssm_all:
+                ssm_all.copy_(new_state)
+        else:
+            conv_all[view.index] = new_conv.to(conv_all.dtype)
+            ssm_all[view.index] = new_state.to(ssm_all.dtype)
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y.to(hidden.dtype))
