@@ -61,7 +61,7 @@ import torch
 
 __all__ = [
     "ElementFormat", "ELEMENT_FORMATS", "element_format", "element_values",
-    "round_to_format", "round_e2m1", "values_to_codes", "encode", "decode",
+    "random_bytes", "round_magnitude_", "round_to_format", "round_e2m1", "values_to_codes", "encode", "decode",
     "encode_e8m0", "decode_e8m0", "pack_fp4", "unpack_fp4",
 ]
 
@@ -148,57 +148,104 @@ def _table(f: ElementFormat, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rounding in the value domain (fp32 in, fp32 on the format's grid out)
+# Rounding (fp32 in, fp32 on the format's grid out) and codes.
+# Speed (CPU, eager): every fresh 2M-element tensor costs page faults and torch.where,
+# comparisons and shifts by Python scalars are slow, so the hot paths work on the fp32
+# exponent *field* (bits & 0x7F800000, no shifts), reuse buffers in place, and allocate little.
+
+_EXP_FIELD = 0x7F800000
 
 
-def _grid_step_bits(a: torch.Tensor, f: ElementFormat) -> torch.Tensor:
-    """Biased fp32 exponent of each a >= 0, clamped to the format's normal exponent range."""
-    return (a.view(torch.int32) >> 23).clamp_(127 + f.emin, 127 + f.emax)
+def _exponent_field(a: torch.Tensor, f: ElementFormat) -> torch.Tensor:
+    """fp32 exponent field (bits 30..23) of each a >= 0, clamped to the format's normal range."""
+    return torch.bitwise_and(a.view(torch.int32), _EXP_FIELD).clamp_((127 + f.emin) << 23, (127 + f.emax) << 23)
+
+
+def _magic_add_(a: torch.Tensor, f: ElementFormat) -> torch.Tensor:
+    """a <- a + magic in place; returns magic's bits (int32). magic = 1.5·2^23·step, where
+    step = 2^(e - mbits) is the grid spacing at a's (clamped) exponent e. The sum lands in a
+    binade whose ulp is `step`, so the adder itself rounds a to the grid, ties to even."""
+    magic = _exponent_field(a, f).add_(((23 - f.mbits) << 23) | 0x400000)
+    a.add_(magic.view(torch.float32))
+    return magic
+
+
+def _encode_subbyte(v: torch.Tensor, f: ElementFormat) -> torch.Tensor:
+    """uint8 codes of fp32 v: saturate, RNE, sign bit on top; NaN -> +max.
+
+    In s = a + magic the low mantissa bits count grid steps: k = bits(s) - bits(magic) = q/step.
+    The magnitude code is k + 2^m (e - emin) (e = clamped exponent of a), which is continuous
+    across a binade edge, so rounding up into the next binade needs no special case.
+    """
+    a = v.abs().clamp_(max=f.max)
+    nan = bool(torch.isnan(a.amax())) if a.numel() else False
+    if nan:
+        a.nan_to_num_(nan=f.max)
+    magic = _magic_add_(a, f)
+    k = a.view(torch.int32).sub_(magic)                                # grid steps, in a's buffer
+    # 2^m (e - emin) from magic's exponent field, computed in magic's buffer (no allocation)
+    first = ((23 - f.mbits) << 23 | 0x400000) + ((127 + f.emin) << 23)
+    k.add_(magic.sub_(first).bitwise_right_shift_(23 - f.mbits))
+    sign = torch.bitwise_right_shift(v.view(torch.int32), 31, out=magic).bitwise_and_(1 << (f.ebits + f.mbits))
+    if nan:
+        sign.masked_fill_(torch.isnan(v), 0)
+    return k.bitwise_or_(sign).to(torch.uint8)
+
+
+def random_bytes(n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n uniform random bytes (uint8), drawn 8 per 64-bit word in order: one RNG call per word.
+
+    Stochastic rounding consumes one byte per element, in row-major order of the tensor being
+    quantized, so a seeded generator gives the same bits however the work is chunked.
+    """
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device, generator=generator)
+    return words.view(torch.uint8)[:n]
+
+
+def round_magnitude_(
+    a: torch.Tensor, fmt: str | ElementFormat, generator: torch.Generator | None = None,
+    stochastic: bool = False, rbits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place: round magnitudes a >= 0 (fp32) to the grid, saturating at max; returns a.
+
+    RNE by default. `stochastic` (E2M1 only) is TE's stochastic rounding: t = a + u·step(a)
+    with u = rbits/256 (8 random bits per element; drawn from `generator` if not given), then
+    t rounded down to the grid of t's own binade.
+    """
+    f = element_format(fmt)
+    a.clamp_(max=f.max)                                                # satfinite
+    if not stochastic:
+        return a.sub_(_magic_add_(a, f).view(torch.float32))           # RNE in the adder
+    if f.name != "e2m1":
+        raise ValueError(f"stochastic rounding is implemented for e2m1 only, not {f.name}")
+    if rbits is None:
+        rbits = random_bytes(a.numel(), generator, a.device).view(a.shape)
+    u = rbits.to(torch.float32).mul_(1.0 / 256)
+    # step(x) = 0.5 below 2, 1 below 4, else 2 = 2^(e - 1): the exponent field minus one binade
+    t = u.mul_(_exponent_field(a, f).sub_(1 << 23).view(torch.float32))  # u*step: exact
+    a.add_(t)                                                          # = fmaf(u, step, a)
+    inv_step_t = _exponent_field(a, f).neg_().add_(255 << 23).view(torch.float32)  # 2^(1 - e_t)
+    return a.mul_(inv_step_t).floor_().div_(inv_step_t).clamp_(max=f.max)
 
 
 def round_to_format(v: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
     """Round fp32 values to a sub-byte format's grid: RNE, saturating to ±max, sign kept.
 
-    Returns fp32 values (not codes). NaN stays NaN here; `values_to_codes` maps it to +max.
+    Returns fp32 values (not codes). NaN stays NaN here; the codes map it to +max.
     """
-    f = element_format(fmt)
-    a = v.abs().clamp_(max=f.max)                                     # satfinite
-    eb = _grid_step_bits(a, f)
-    # magic = 1.5 * 2^23 * step, with step = 2^(e - mbits): exponent field e + 127 + 23 - mbits
-    magic = ((eb + (23 - f.mbits)) << 23).bitwise_or_(0x400000).view(torch.float32)
-    q = (a + magic).sub_(magic)                                       # the adder rounds, RNE
-    return q.copysign_(v)
+    return round_magnitude_(v.abs(), fmt).copysign_(v)
 
 
 def round_e2m1(
     v: torch.Tensor, generator: torch.Generator | None = None, stochastic: bool = False
 ) -> torch.Tensor:
     """Round fp32 values to the E2M1 grid: RNE, or stochastic (TE's algorithm) if `stochastic`."""
-    if not stochastic:
-        return round_to_format(v, "e2m1")
-    f = ELEMENT_FORMATS["e2m1"]
-    a = v.abs().clamp_(max=f.max)
-    rbits = torch.randint(0, 256, a.shape, dtype=torch.uint8, device=a.device, generator=generator)
-    u = rbits.to(torch.float32).mul_(1.0 / 256)
-    # step(v) = 0.5 below 2, 1 below 4, else 2: a power of two built from the exponent bits
-    step_a = ((_grid_step_bits(a, f) - 1) << 23).view(torch.float32)
-    t = u.mul_(step_a).add_(a)                     # u*step is exact, so this is fmaf(u, step, a)
-    step_t = ((_grid_step_bits(t, f) - 1) << 23).view(torch.float32)
-    q = t.div_(step_t).floor_().mul_(step_t).clamp_(max=f.max)
-    return q.copysign_(v)                          # NaN stays NaN; values_to_codes maps it to +6
+    return round_magnitude_(v.abs(), "e2m1", generator, stochastic).copysign_(v)
 
 
 def values_to_codes(q: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
-    """uint8 codes of fp32 values that already lie on a sub-byte format's grid (NaN -> +max)."""
-    f = element_format(fmt)
-    a = q.abs()
-    bits = a.view(torch.int32)
-    normal = (bits >> (23 - f.mbits)).sub_((126 + f.emin) << f.mbits)  # (e - emin + 1, m)
-    sub = (a * 2.0 ** (f.mbits - f.emin)).to(torch.int32)             # subnormal: a / step
-    code = torch.where(a >= 2.0 ** f.emin, normal, sub)
-    code |= (q.view(torch.int32) >> 31) & (1 << (f.ebits + f.mbits))  # sign bit
-    code = torch.where(torch.isnan(q), (1 << (f.ebits + f.mbits)) - 1, code)
-    return code.to(torch.uint8)
+    """uint8 codes of fp32 values on a sub-byte format's grid (rounding them is exact)."""
+    return _encode_subbyte(q, element_format(fmt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +259,7 @@ def encode(x: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
     x = x.float()
     if f.torch_dtype is not None:
         return x.clamp(-f.max, f.max).to(f.torch_dtype).view(torch.uint8)
-    return values_to_codes(round_to_format(x, f), f)
+    return _encode_subbyte(x, f)
 
 
 def decode(codes: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
@@ -226,7 +273,7 @@ def decode(codes: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
         raise TypeError(f"{f.name} codes must be uint8, got {codes.dtype}")
     if codes.numel() and int(codes.max()) >= (1 << f.nbits):
         raise ValueError(f"{f.name} codes must be < {1 << f.nbits}")
-    return _table(f, codes.device)[codes.long()]
+    return torch.index_select(_table(f, codes.device), 0, codes.reshape(-1).long()).view(codes.shape)
 
 
 def encode_e8m0(x: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
@@ -240,7 +287,7 @@ def encode_e8m0(x: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"E8M0 rounding must be 'floor' or 'ceil', got {rounding!r}")
     bits = x.float().view(torch.int32) & 0x7FFFFFFF
-    e = bits >> 23
+    e = torch.bitwise_right_shift(bits, 23)
     if rounding == "ceil":
         mant = bits & 0x7FFFFF
         e = torch.where(e == 0, (mant > 0x400000).to(torch.int32), e + (mant != 0).to(torch.int32))
@@ -257,16 +304,29 @@ def decode_e8m0(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.float32)
 
 
+def row_chunks(x: torch.Tensor, align: int = 1, target: int = 1 << 17) -> list[slice]:
+    """Row ranges of a 2-D tensor holding about `target` elements each, `align`-row aligned.
+
+    The block quantizers work chunk by chunk: every temporary then stays in cache and small
+    enough for the allocator to reuse (a fresh multi-MB tensor costs page faults), which is
+    ~3x faster on a CPU than whole-tensor elementwise ops.
+    """
+    rows, k = x.shape
+    step = max(1, target // max(1, k))
+    step = max(align, step - step % align)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes two per byte, element 2i in the low nibble: (..., K) -> (..., K/2)."""
     if codes.shape[-1] % 2:
         raise ValueError(f"cannot pack an odd last dimension {codes.shape[-1]} into bytes")
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes[..., 0::2] | torch.bitwise_left_shift(codes[..., 1::2], 4)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_fp4`: (..., K/2) uint8 -> (..., K) codes."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    return torch.stack((packed & 0xF, torch.bitwise_right_shift(packed, 4)), dim=-1).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,13 +12,17 @@ scale stops being dictated by it. The sign vector is TE's hard-coded one
 the paper shares one fixed vector across all layers and the whole run, and found no gain
 from per-layer seeds. Whether this exact vector is the paper run's is not stated [U].
 
-Rounding: TE applies the transform to BF16 tensors (x @ H.to(bf16) with fp32 accumulation),
-so its output is BF16, and the column-wise amax is taken *after* it. We compute in fp32 and
-round the result to BF16 (`round_to_bf16=True`), which is the same up to the order of the
-16-term fp32 sums; all entries of H are ±0.25 and exact in BF16.
+Rounding: TE applies the transform to BF16 tensors (x @ H.to(bf16), fp32 accumulation), so
+its output is BF16 and the column-wise amax is taken *after* it. We compute in fp32 and round
+the result to BF16 (`round_to_bf16=True`): the same up to the order of the 16-term fp32 sums.
 
-The fast path is one (n·16, 16) @ (16, 16) matmul; `hadamard_matrix_reference` builds H
-entry by entry from H16[i, j] = (-1)^popcount(i & j) for the tests.
+How we compute it: the fast Walsh-Hadamard butterfly. The input is first multiplied by s/4
+(exact: signs and a power of two), then four stages of (a + b, a - b) on pairs 1, 2, 4, 8
+apart give x @ H16 / 4. Unlike a BLAS matmul, this fixes the summation order, so the
+row layout (groups along the last dim) and the column layout (groups of 16 rows, `axis=-2`,
+what the wgrad operands need without a transpose copy) give bit-identical results.
+`hadamard_matrix` (Sylvester construction) and `hadamard_matrix_reference` (entry by entry,
+H16[i, j] = (-1)^popcount(i & j)) are the matrices the tests check the butterfly against.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ __all__ = ["TE_SIGN_VECTOR", "hadamard_matrix", "rht", "inverse_rht"]
 
 RHT_SIZE = 16
 TE_SIGN_VECTOR = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
-
-_CACHE: dict[tuple[torch.device, tuple[int, ...] | None], torch.Tensor] = {}
 
 
 def hadamard_matrix(
@@ -56,23 +58,66 @@ def hadamard_matrix_reference(size: int = RHT_SIZE, signs: tuple[int, ...] | Non
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _matrix(device: torch.device, signs: tuple[int, ...] | None) -> torch.Tensor:
-    key = (device, signs)
-    if key not in _CACHE:
-        _CACHE[key] = hadamard_matrix(RHT_SIZE, signs, device)
-    return _CACHE[key]
+def _butterfly(v: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """v (G, 16, L) fp32 -> (v · scale) transformed by H16 along dim 1, in a new tensor."""
+    a = v * scale if scale is not None else v.clone()
+    b = torch.empty_like(a)
+    g, _, n = a.shape
+    for h in (1, 2, 4, 8):                                    # pairs h apart: (a + b, a - b)
+        va, vb = a.view(g, 8 // h, 2, h, n), b.view(g, 8 // h, 2, h, n)
+        torch.add(va[:, :, 0], va[:, :, 1], out=vb[:, :, 0])
+        torch.sub(va[:, :, 0], va[:, :, 1], out=vb[:, :, 1])
+        a, b = b, a
+    return a
 
 
-def rht(x: torch.Tensor, round_to_bf16: bool = True, signs: tuple[int, ...] | None = TE_SIGN_VECTOR) -> torch.Tensor:
-    """Apply H to each group of 16 along the last dim (a multiple of 16). fp32 out (BF16-valued)."""
-    if x.shape[-1] % RHT_SIZE:
-        raise ValueError(f"RHT needs the last dimension to be a multiple of {RHT_SIZE}, got shape {tuple(x.shape)}")
-    y = (x.to(torch.float32).reshape(-1, RHT_SIZE) @ _matrix(x.device, signs)).view(x.shape)
-    return y.to(torch.bfloat16).to(torch.float32) if round_to_bf16 else y
+def _transform(x: torch.Tensor, axis: int, scale: torch.Tensor | None, round_to_bf16: bool) -> torch.Tensor:
+    if x.ndim != 2 and axis == -2:
+        raise ValueError(f"axis=-2 needs a 2-D tensor, got shape {tuple(x.shape)}")
+    dim = x.shape[axis]
+    if dim % RHT_SIZE:
+        raise ValueError(f"RHT needs dimension {axis} to be a multiple of {RHT_SIZE}, got shape {tuple(x.shape)}")
+    x2d = x.reshape(-1, x.shape[-1]) if axis == -1 else x
+    rows, k = x2d.shape
+    out = torch.empty(x2d.shape, dtype=torch.float32, device=x.device)
+    # chunks of ~2^17 elements keep the temporaries in cache (16-row aligned for axis=-2)
+    step = max(1, (1 << 17) // k) if axis == -1 else max(RHT_SIZE, ((1 << 17) // k) // RHT_SIZE * RHT_SIZE)
+    for r in range(0, rows, step):
+        c = x2d[r:r + step].to(torch.float32)
+        groups = c.reshape(-1, RHT_SIZE, 1) if axis == -1 else c.view(-1, RHT_SIZE, k)
+        y = _butterfly(groups, scale).view(c.shape)
+        out[r:r + step] = y.to(torch.bfloat16) if round_to_bf16 else y    # BF16 rounding, per chunk
+    return out.view(x.shape)
 
 
-def inverse_rht(y: torch.Tensor, signs: tuple[int, ...] | None = TE_SIGN_VECTOR) -> torch.Tensor:
-    """Undo `rht` (without its BF16 rounding): multiply each 16-group by Hᵀ."""
-    if y.shape[-1] % RHT_SIZE:
-        raise ValueError(f"RHT needs the last dimension to be a multiple of {RHT_SIZE}, got shape {tuple(y.shape)}")
-    return (y.to(torch.float32).reshape(-1, RHT_SIZE) @ _matrix(y.device, signs).t()).view(y.shape)
+_SCALES: dict[tuple[torch.device, tuple[int, ...] | None, int], torch.Tensor] = {}
+
+
+def _sign_scale(device: torch.device, signs: tuple[int, ...] | None, axis: int) -> torch.Tensor:
+    key = (device, signs, axis)
+    if key not in _SCALES:
+        s = torch.tensor(signs if signs is not None else (1,) * RHT_SIZE, dtype=torch.float32) / 4
+        _SCALES[key] = s.view(1, RHT_SIZE, 1).to(device)
+    return _SCALES[key]
+
+
+def rht(
+    x: torch.Tensor, round_to_bf16: bool = True, signs: tuple[int, ...] | None = TE_SIGN_VECTOR,
+    axis: int = -1,
+) -> torch.Tensor:
+    """x @ H on each group of 16 along `axis` (-1: the last dim; -2: the rows of a 2-D tensor,
+    i.e. rht(x.mT).mT without the transpose). fp32 out, BF16-valued if `round_to_bf16`."""
+    if axis not in (-1, -2):
+        raise ValueError(f"axis must be -1 or -2, got {axis}")
+    return _transform(x, axis, _sign_scale(x.device, signs, axis), round_to_bf16)
+
+
+def inverse_rht(y: torch.Tensor, signs: tuple[int, ...] | None = TE_SIGN_VECTOR, axis: int = -1) -> torch.Tensor:
+    """Undo `rht` (without its BF16 rounding): y @ Hᵀ = (y @ H16 / 4) · s per group of 16."""
+    if axis not in (-1, -2):
+        raise ValueError(f"axis must be -1 or -2, got {axis}")
+    z = _transform(y, axis, torch.full((1, RHT_SIZE, 1), 0.25, device=y.device), round_to_bf16=False)
+    s = torch.tensor(signs if signs is not None else (1,) * RHT_SIZE, dtype=torch.float32, device=y.device)
+    if axis == -1:
+        return (z.view(*z.shape[:-1], -1, RHT_SIZE) * s).view(z.shape)
+    return (z.view(-1, RHT_SIZE, z.shape[-1]) * s.view(1, RHT_SIZE, 1)).view(z.shape)

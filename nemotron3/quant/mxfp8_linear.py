@@ -62,29 +62,29 @@ class MXFP8Linear(QuantizedLinear):
         """Wrap an existing nn.Linear (its parameters are reused, as fp32)."""
         return cls._swap_from(linear, recipe=recipe)
 
-    def _act(self, t: torch.Tensor) -> torch.Tensor:
-        return mx_fake_quantize(t, self.recipe.elem_dtype, self.recipe.mode)
+    def _act(self, t: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        return mx_fake_quantize(t, self.recipe.elem_dtype, self.recipe.mode, axis=axis)
 
-    def _grad(self, t: torch.Tensor) -> torch.Tensor:
-        return mx_fake_quantize(t, self.recipe.grad_elem_dtype, self.recipe.mode)
+    def _grad(self, t: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        return mx_fake_quantize(t, self.recipe.grad_elem_dtype, self.recipe.mode, axis=axis)
 
     def quantize_x(self, x: torch.Tensor) -> torch.Tensor:
         return self._act(x)
 
-    def quantize_x_t(self, x_t: torch.Tensor) -> torch.Tensor:
-        return self._act(x_t)
+    def quantize_x_t(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act(x, axis=-2)
 
     def quantize_w(self, w: torch.Tensor) -> torch.Tensor:
         return self._act(w)
 
-    def quantize_w_t(self, w_t: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        return self._act(w_t)
+    def quantize_w_t(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        return self._act(w, axis=-2)
 
     def quantize_grad(self, dy: torch.Tensor) -> torch.Tensor:
         return self._grad(dy)
 
-    def quantize_grad_t(self, dy_t: torch.Tensor) -> torch.Tensor:
-        return self._grad(dy_t)
+    def quantize_grad_t(self, dy: torch.Tensor) -> torch.Tensor:
+        return self._grad(dy, axis=-2)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", recipe={self.recipe}"

@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from nemotron3.quant.fp_codecs import (
-    FLT_MAX, _check_float, decode, pack_fp4, round_e2m1, unpack_fp4, values_to_codes,
+    FLT_MAX, _check_float, decode, pack_fp4, random_bytes, round_magnitude_, row_chunks, unpack_fp4,
+    values_to_codes,
 )
 
 __all__ = ["NVFP4Quantized", "nvfp4_quantize", "nvfp4_fake_quantize", "te_global_scales"]
@@ -93,14 +94,21 @@ class NVFP4Quantized:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = decode(self.codes, "e2m1")                                  # (..., K) fp32
-        return _apply_scales(q, self.scales, self.per_tensor_scale).to(dtype)
+        return _apply_scales(q, self.scales.unsqueeze(-1), self.per_tensor_scale).to(dtype)
 
 
-def _apply_scales(q: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor | None) -> torch.Tensor:
+def _blocks(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """View with each 16-block on its own axis: (..., K/16, 16) for axis -1, (R/16, 16, K) for -2."""
+    return t.unflatten(-1, (-1, BLOCK)) if axis == -1 else t.unflatten(0, (-1, BLOCK))
+
+
+def _apply_scales(q: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor | None, axis: int = -1) -> torch.Tensor:
+    """q · (S_dec · fp32(s_b)) per block, in place on q (a buffer we own). s_b keeps the block
+    axis as size 1: (..., K/16, 1) for axis -1, (R/16, 1, K) for axis -2."""
     scale = s_b.to(torch.float32)
     if s_dec is not None:
         scale = s_dec * scale                                           # torchao's product order
-    return (q.unflatten(-1, (-1, BLOCK)) * scale.unsqueeze(-1)).flatten(-2)
+    return _blocks(q, axis).mul_(scale).view(q.shape)
 
 
 def te_global_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,79 +119,119 @@ def te_global_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s_enc, 1.0 / s_enc
 
 
-def _block_amax(x: torch.Tensor, block_2d: bool) -> torch.Tensor:
-    """max|x| per 1×16 block (..., K/16), or per 16×16 tile replicated over its rows (R, K/16)."""
+def _block_amax(a: torch.Tensor, block_2d: bool, axis: int) -> torch.Tensor:
+    """Block max of a = |x| (R, K), block axis kept as size 1 (see `_apply_scales`).
+
+    1×16 along K, 16×16 tiles (replicated to each of the tile's rows), or 16×1 down the rows
+    (axis -2). max_pool is the CPU-fast strided block max, and it propagates NaN like amax.
+    """
+    if axis == -2:
+        return F.max_pool2d(a.unsqueeze(0), (BLOCK, 1)).view(-1, 1, a.shape[-1])    # (R/16, 1, K)
     if not block_2d:
-        return x.unflatten(-1, (-1, BLOCK)).abs().amax(-1)
-    rows = x.shape[0]
-    xp = F.pad(x, (0, 0, 0, -rows % BLOCK))                            # zero rows: amax unchanged
-    tiles = xp.unflatten(0, (-1, BLOCK)).unflatten(-1, (-1, BLOCK))     # (R/16, 16, K/16, 16)
-    amax = tiles.abs().amax(dim=(1, 3))                                 # (R/16, K/16)
-    return amax.repeat_interleave(BLOCK, dim=0)[:rows]
+        return F.max_pool1d(a.reshape(-1, 1, a.shape[-1]), BLOCK).view(*a.shape[:-1], -1, 1)
+    rows = a.shape[0]
+    ap = F.pad(a, (0, 0, 0, -rows % BLOCK))                             # zero rows: amax unchanged
+    amax = F.max_pool2d(ap.unsqueeze(0), BLOCK).squeeze(0)              # (R/16, K/16)
+    return amax.repeat_interleave(BLOCK, dim=0)[:rows].unsqueeze(-1)
 
 
-def _check(x: torch.Tensor, convention: str, block_2d: bool) -> None:
+def _check(x: torch.Tensor, convention: str, block_2d: bool, axis: int = -1) -> None:
     _check_float(x, "nvfp4 input")
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown NVFP4 convention {convention!r}; expected one of {CONVENTIONS}")
-    if x.ndim == 0 or x.shape[-1] % BLOCK:
+    if axis not in (-1, -2) or (axis == -2 and (x.ndim != 2 or block_2d)):
+        raise ValueError(f"axis must be -1, or -2 for a 2-D tensor without block_2d; got axis={axis}, "
+                         f"shape {tuple(x.shape)}")
+    if x.ndim == 0 or x.shape[axis] % BLOCK:
         raise ValueError(
-            f"NVFP4 needs the last dimension to be a multiple of {BLOCK}, got shape {tuple(x.shape)}; "
+            f"NVFP4 needs dimension {axis} to be a multiple of {BLOCK}, got shape {tuple(x.shape)}; "
             "pad it with zeros first (NVFP4Linear does this for you)")
     if block_2d and x.ndim != 2:
         raise ValueError(f"2-D (16x16) block scaling needs a 2-D tensor, got shape {tuple(x.shape)}")
 
 
-def _quantize_values(
+@dataclass
+class _Plan:
+    """The per-tensor part of one quantization: convention, global scales, rounding."""
+
+    convention: str
+    s_dec: torch.Tensor | None          # decode scale (te: 1/S_enc; torchao: p or None)
+    s_enc: torch.Tensor | None = None   # te only
+    mult: torch.Tensor | None = None    # te only: S_enc · fp32(1/6), one constant
+    block_2d: bool = False
+    stochastic_rounding: bool = False
+    rbits: torch.Tensor | None = None   # SR: one random byte per element, (R, K) (maybe a strided view)
+
+
+def _plan(
     x: torch.Tensor,
     per_tensor_scale: torch.Tensor | float | None,
     convention: str,
-    amax: torch.Tensor | None,
+    amax: torch.Tensor | float | None,
     block_2d: bool,
     stochastic_rounding: bool,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The shared core: (q on the E2M1 grid fp32 (..., K), s_b e4m3 (..., K/16), S_dec or None)."""
-    _check(x, convention, block_2d)
-    x = x.to(torch.float32)
+) -> _Plan:
     if per_tensor_scale is not None:
         per_tensor_scale = torch.as_tensor(per_tensor_scale, dtype=torch.float32, device=x.device)
         if per_tensor_scale.numel() != 1:
             raise ValueError(f"per_tensor_scale must hold one value, got shape {tuple(per_tensor_scale.shape)}")
         per_tensor_scale = per_tensor_scale.reshape(())
-    block_amax = _block_amax(x, block_2d)                               # (..., K/16)
-
-    if convention == "te":
-        if per_tensor_scale is not None and amax is not None:
-            raise ValueError("give either per_tensor_scale or amax, not both")
-        if per_tensor_scale is None:
-            if amax is None:
-                amax = block_amax.amax()
-            s_enc, s_dec = te_global_scales(torch.as_tensor(amax, dtype=torch.float32, device=x.device))
-        else:
-            s_enc = torch.clamp(1.0 / per_tensor_scale, max=FLT_MAX)
-            s_enc = torch.where((per_tensor_scale == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
-            s_dec = 1.0 / s_enc
-        mult = s_enc * torch.reciprocal(torch.tensor(E2M1_MAX))  # one constant: single rounding
-        # TE also takes min(., FLT_MAX) first; the clamp at 448 subsumes it (NaN passes both)
-        s_b = (block_amax * mult).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
-        enc = torch.clamp(1.0 / (s_b.to(torch.float32) * s_dec), max=FLT_MAX)
-    else:
+    if convention == "torchao":
         if block_2d or stochastic_rounding or amax is not None:
             raise ValueError("the torchao convention has no 2-D blocks, stochastic rounding or amax argument")
-        if per_tensor_scale is None:
-            s_b = torch.clamp(block_amax / E2M1_MAX, min=E4M3_TINY, max=E4M3_MAX).to(torch.float8_e4m3fn)
-            enc = 1.0 / s_b.to(torch.float32)
-            s_dec = None
-        else:
-            scaled = (block_amax / E2M1_MAX) / per_tensor_scale
-            s_b = torch.clamp(scaled, min=E4M3_TINY, max=E4M3_MAX).to(torch.float8_e4m3fn)
-            enc = (1.0 / per_tensor_scale) / s_b.to(torch.float32)
-            s_dec = per_tensor_scale
+        return _Plan("torchao", per_tensor_scale)
+    if per_tensor_scale is not None and amax is not None:
+        raise ValueError("give either per_tensor_scale or amax, not both")
+    if per_tensor_scale is None:
+        if amax is None:
+            lo, hi = torch.aminmax(x)                                   # max|x|, without a copy
+            amax = torch.maximum(-lo, hi)
+        s_enc, s_dec = te_global_scales(torch.as_tensor(amax, dtype=torch.float32, device=x.device))
+    else:
+        s_enc = torch.clamp(1.0 / per_tensor_scale, max=FLT_MAX)
+        s_enc = torch.where((per_tensor_scale == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
+        s_dec = 1.0 / s_enc
+    mult = s_enc * torch.reciprocal(torch.tensor(E2M1_MAX, device=x.device))
+    return _Plan("te", s_dec, s_enc, mult, block_2d, stochastic_rounding)
 
-    v = (x.unflatten(-1, (-1, BLOCK)) * enc.unsqueeze(-1)).flatten(-2)  # (..., K), scaled to ±6
-    q = round_e2m1(v.clamp_(-E2M1_MAX, E2M1_MAX), generator, stochastic=stochastic_rounding)
-    return q, s_b, s_dec
+
+def _quantize_rows(
+    x: torch.Tensor, plan: _Plan, axis: int, rbits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q on the E2M1 grid fp32 (R, K), s_b e4m3 with the block axis kept) for fp32 rows x."""
+    xabs = x.abs()                                                      # (R, K) working buffer
+    block_amax = _block_amax(xabs, plan.block_2d, axis)
+    if plan.convention == "te":
+        # TE also takes min(., FLT_MAX) first; the clamp at 448 subsumes it (NaN passes both)
+        s_b = (block_amax * plan.mult).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        enc = torch.clamp(1.0 / (s_b.to(torch.float32) * plan.s_dec), max=FLT_MAX)
+    elif plan.s_dec is None:
+        s_b = torch.clamp(block_amax / E2M1_MAX, min=E4M3_TINY, max=E4M3_MAX).to(torch.float8_e4m3fn)
+        enc = 1.0 / s_b.to(torch.float32)
+    else:
+        scaled = (block_amax / E2M1_MAX) / plan.s_dec
+        s_b = torch.clamp(scaled, min=E4M3_TINY, max=E4M3_MAX).to(torch.float8_e4m3fn)
+        enc = (1.0 / plan.s_dec) / s_b.to(torch.float32)
+    # |x·enc| = |x|·enc (enc >= 0), scaled in place; the ±6 clamp of both conventions is the
+    # saturation inside round_magnitude_, and the sign comes back from x at the end
+    _blocks(xabs, axis).mul_(enc)
+    q = round_magnitude_(xabs, "e2m1", stochastic=plan.stochastic_rounding, rbits=rbits).copysign_(x)
+    return q, s_b
+
+
+def _prepare(x, per_tensor_scale, convention, amax, block_2d, stochastic_rounding, generator, axis=-1):
+    _check(x, convention, block_2d, axis)
+    x2d = x.to(torch.float32).contiguous().reshape(-1, x.shape[-1])    # (R, K)
+    plan = _plan(x2d, per_tensor_scale, convention, amax, block_2d, stochastic_rounding)
+    if stochastic_rounding:   # bytes in row-major order of the tensor quantized: x, or xᵀ for axis -2
+        r, k = x2d.shape
+        bits = random_bytes(r * k, generator, x.device)
+        plan.rbits = bits.view(r, k) if axis == -1 else bits.view(k, r).t()
+    return x2d, plan
+
+
+def _chunk_bits(plan: _Plan, rows: slice) -> torch.Tensor | None:
+    return None if plan.rbits is None else plan.rbits[rows].contiguous()
 
 
 def nvfp4_quantize(
@@ -191,7 +239,7 @@ def nvfp4_quantize(
     per_tensor_scale: torch.Tensor | float | None = None,
     convention: str = "te",
     *,
-    amax: torch.Tensor | None = None,
+    amax: torch.Tensor | float | None = None,
     block_2d: bool = False,
     stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
@@ -203,10 +251,17 @@ def nvfp4_quantize(
       (or from `amax` if given, e.g. the post-Hadamard amax or one shared by W and Wᵀ).
     block_2d: 16×16 tiles (weights, te only). stochastic_rounding + generator: te only.
     """
-    q, s_b, s_dec = _quantize_values(
-        x, per_tensor_scale, convention, amax, block_2d, stochastic_rounding, generator)
-    packed = pack_fp4(values_to_codes(q, "e2m1"))
-    return NVFP4Quantized(packed, s_b, s_dec, convention, block_2d)
+    x2d, plan = _prepare(x, per_tensor_scale, convention, amax, block_2d, stochastic_rounding, generator)
+    R, K = x2d.shape
+    packed = torch.empty(R, K // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(R, K // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
+    for rows in row_chunks(x2d, BLOCK if block_2d else 1):
+        q, s_b = _quantize_rows(x2d[rows], plan, -1, _chunk_bits(plan, rows))
+        packed[rows] = pack_fp4(values_to_codes(q, "e2m1"))
+        scales[rows] = s_b.squeeze(-1)
+    lead = x.shape[:-1]
+    return NVFP4Quantized(packed.view(*lead, K // 2), scales.view(*lead, K // BLOCK), plan.s_dec,
+                          convention, block_2d)
 
 
 def nvfp4_fake_quantize(
@@ -214,12 +269,26 @@ def nvfp4_fake_quantize(
     per_tensor_scale: torch.Tensor | float | None = None,
     convention: str = "te",
     *,
-    amax: torch.Tensor | None = None,
+    amax: torch.Tensor | float | None = None,
     block_2d: bool = False,
     stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+    axis: int = -1,
 ) -> torch.Tensor:
-    """`nvfp4_quantize(...).dequantize()` (fp32) without building codes: the training fast path."""
-    q, s_b, s_dec = _quantize_values(
-        x, per_tensor_scale, convention, amax, block_2d, stochastic_rounding, generator)
-    return _apply_scales(q, s_b, s_dec)
+    """`nvfp4_quantize(...).dequantize()` (fp32) without building codes: the training fast path.
+
+    axis=-2 (2-D x) puts the 1×16 blocks down the columns: `nvfp4_fake_quantize(x.mT).mT` bit
+    for bit, without the transpose copy (the wgrad operands). `out` (fp32, contiguous, x's
+    shape) receives the result and may be x itself: each chunk is read before it is written.
+    """
+    x2d, plan = _prepare(x, per_tensor_scale, convention, amax, block_2d, stochastic_rounding, generator, axis)
+    if out is None:
+        out = torch.empty_like(x2d)
+    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape {tuple(x.shape)}")
+    out = out.view(x2d.shape)
+    for rows in row_chunks(x2d, BLOCK if (block_2d or axis == -2) else 1):
+        q, s_b = _quantize_rows(x2d[rows], plan, axis, _chunk_bits(plan, rows))
+        out[rows] = _apply_scales(q, s_b, plan.s_dec, axis)
+    return out.view(x.shape)

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from nemotron3.quant.hadamard import rht
 from nemotron3.quant.nvfp4 import nvfp4_fake_quantize
-from nemotron3.quant.qlinear import QuantizedLinear, pad_last
+from nemotron3.quant.qlinear import QuantizedLinear, pad_rows
 
 __all__ = ["NVFP4Recipe", "NVFP4Linear"]
 
@@ -112,22 +112,29 @@ class NVFP4Linear(QuantizedLinear):
     def quantize_x(self, x: torch.Tensor) -> torch.Tensor:
         return nvfp4_fake_quantize(x)
 
-    def quantize_x_t(self, x_t: torch.Tensor) -> torch.Tensor:
-        return nvfp4_fake_quantize(rht(x_t) if self.recipe.rht else x_t)
+    def quantize_x_t(self, x: torch.Tensor) -> torch.Tensor:
+        return self._columnwise(x, {})
 
     def quantize_w(self, w: torch.Tensor) -> torch.Tensor:
         return nvfp4_fake_quantize(w, block_2d=self.recipe.weight_2d)
 
-    def quantize_w_t(self, w_t: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        if self.recipe.weight_2d:                      # same tiles: the transpose of the fprop copy
-            return pad_last(wq[:, : w_t.shape[0]].t(), self.block_size)
-        return nvfp4_fake_quantize(w_t)
+    def quantize_w_t(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        if self.recipe.weight_2d:                      # same tiles: the fprop copy itself
+            return pad_rows(wq[:, : w.shape[1]], self.block_size)
+        return nvfp4_fake_quantize(w, axis=-2)
 
     def quantize_grad(self, dy: torch.Tensor) -> torch.Tensor:
         return nvfp4_fake_quantize(dy, **self._grad_kwargs(dy))
 
-    def quantize_grad_t(self, dy_t: torch.Tensor) -> torch.Tensor:
-        return nvfp4_fake_quantize(rht(dy_t) if self.recipe.rht else dy_t, **self._grad_kwargs(dy_t))
+    def quantize_grad_t(self, dy: torch.Tensor) -> torch.Tensor:
+        return self._columnwise(dy, self._grad_kwargs(dy))
+
+    def _columnwise(self, t: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """A wgrad operand: blocks of 16 tokens down the columns, after the RHT if enabled."""
+        if not self.recipe.rht:
+            return nvfp4_fake_quantize(t, axis=-2, **kwargs)
+        h = rht(t, axis=-2)                            # a fresh buffer: quantize it in place
+        return nvfp4_fake_quantize(h, axis=-2, out=h, **kwargs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", recipe={self.recipe}, seed={self.seed}"

@@ -9,14 +9,15 @@ A linear layer y = x Wᵀ + b does one matmul forward and two backward:
 Block-scaled formats (NVFP4, MX) put their blocks along the *contraction* dimension of
 each GEMM, because the hardware multiplies block by block and rescales partial sums. So
 each operand exists in two copies: "rowwise" (blocks along its last dim, for the GEMM that
-contracts over it) and "columnwise" (the transpose, blocks along the other dim). A recipe
-is the choice of how each of the six operand copies is quantized; `QuantizedLinear`
-subclasses provide them as methods that take a 2-D tensor with the contraction dim last
-and return its dequantized fp32 value:
+contracts over it) and "columnwise" (blocks down its columns: the blocks of its transpose,
+for the other GEMM). A recipe is the choice of how each of the six operand copies is
+quantized; `QuantizedLinear` subclasses provide them as methods that return dequantized
+fp32 tensors in the *input's own layout* (the columnwise copies are never transposed in
+memory: a transpose copy costs as much as the quantization itself on a CPU):
 
-    quantize_x(x)          x  (M, K)  for fprop        quantize_x_t(xᵀ)   (K, M)  for wgrad
-    quantize_w(W)          W  (N, K)  for fprop        quantize_w_t(Wᵀ)   (K, N)  for dgrad
-    quantize_grad(dy)      dy (M, N)  for dgrad        quantize_grad_t(dyᵀ) (N, M) for wgrad
+    quantize_x(x)       x  (M, K), blocks along K  fprop   quantize_x_t(x)     blocks along M  wgrad
+    quantize_w(W)       W  (N, K), blocks along K  fprop   quantize_w_t(W, wq) blocks along N  dgrad
+    quantize_grad(dy)   dy (M, N), blocks along N  dgrad   quantize_grad_t(dy) blocks along M  wgrad
 
 The GEMM itself is emulated: dequantize both quantized operands to fp32 and matmul. The
 tensor-core GEMM multiplies the same decoded values and accumulates in fp32, so this is the
@@ -24,7 +25,7 @@ same computation up to the order of fp32 additions (TE's own reference compares 
 kernels to this kind of emulation at atol=rtol=8e-3, LOWPREC §1.3).
 
 Every contraction dim is zero-padded to a multiple of the recipe's block size before
-quantizing (TE's reference pads the same way). Zeros cannot raise a block amax, add nothing
+quantizing (columns for the rowwise copies, rows for the columnwise ones) (TE's reference pads the same way). Zeros cannot raise a block amax, add nothing
 to any dot product, and are sliced away from the results, so any in_features, out_features
 and token count work.
 
@@ -39,13 +40,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["QuantizedLinear", "pad_last"]
+__all__ = ["QuantizedLinear", "pad_last", "pad_rows"]
 
 
 def pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the last dim of `t` up to a multiple of `multiple` (no copy if already one)."""
     extra = -t.shape[-1] % multiple
     return F.pad(t, (0, extra)) if extra else t
+
+
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the rows of a 2-D `t` up to a multiple of `multiple` (no copy if already one)."""
+    extra = -t.shape[0] % multiple
+    return F.pad(t, (0, 0, 0, extra)) if extra else t
 
 
 class _QuantizedLinearFn(torch.autograd.Function):
@@ -65,13 +72,13 @@ class _QuantizedLinearFn(torch.autograd.Function):
         bs = layer.block_size
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            gq = layer.quantize_grad(pad_last(dy, bs))                      # (M, Np)
-            wq_t = layer.quantize_w_t(pad_last(weight.t(), bs), wq)         # (K, Np)
-            dx = (gq @ wq_t.t()).to(x2d.dtype)                              # (M, K)
+            gq = layer.quantize_grad(pad_last(dy, bs))                      # (M, Np), blocks along N
+            wq_col = layer.quantize_w_t(pad_rows(weight, bs), wq)           # (Np, K), blocks along N
+            dx = (gq @ wq_col).to(x2d.dtype)                                # (M, K)
         if ctx.needs_input_grad[1]:
-            gq_t = layer.quantize_grad_t(pad_last(dy.t(), bs))              # (N, Mp)
-            xq_t = layer.quantize_x_t(pad_last(x2d.t(), bs))                # (K, Mp)
-            dw = (gq_t @ xq_t.t()).to(weight.dtype)                         # (N, K)
+            gq_col = layer.quantize_grad_t(pad_rows(dy, bs))                # (Mp, N), blocks along M
+            xq_col = layer.quantize_x_t(pad_rows(x2d, bs))                  # (Mp, K), blocks along M
+            dw = (gq_col.t() @ xq_col).to(weight.dtype)                     # (N, K)
         return dx, dw, None
 
 
@@ -106,24 +113,29 @@ class QuantizedLinear(nn.Linear):
             setattr(new, name, p)
         return new
 
-    # the six operand quantizers: 2-D in, contraction dim last, dequantized fp32 out
+    # the six operand quantizers: 2-D in, dequantized fp32 out, same layout as the input
     def quantize_x(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, Kp): blocks along K (fprop)."""
         raise NotImplementedError
 
-    def quantize_x_t(self, x_t: torch.Tensor) -> torch.Tensor:
+    def quantize_x_t(self, x: torch.Tensor) -> torch.Tensor:
+        """x (Mp, K): blocks down the columns, along M (wgrad)."""
         raise NotImplementedError
 
     def quantize_w(self, w: torch.Tensor) -> torch.Tensor:
+        """W (N, Kp): blocks along K (fprop)."""
         raise NotImplementedError
 
-    def quantize_w_t(self, w_t: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        """Wᵀ for dgrad; `wq` is the fprop copy (a recipe with 2-D weight blocks reuses it)."""
+    def quantize_w_t(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        """W (Np, K): blocks along N (dgrad); `wq` is the fprop copy (2-D weight tiles reuse it)."""
         raise NotImplementedError
 
     def quantize_grad(self, dy: torch.Tensor) -> torch.Tensor:
+        """dy (M, Np): blocks along N (dgrad)."""
         raise NotImplementedError
 
-    def quantize_grad_t(self, dy_t: torch.Tensor) -> torch.Tensor:
+    def quantize_grad_t(self, dy: torch.Tensor) -> torch.Tensor:
+        """dy (Mp, N): blocks down the columns, along M (wgrad)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
