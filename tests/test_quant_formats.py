@@ -215,6 +215,34 @@ def test_fake_quantize_equals_dequantized_codes(kwargs):
                        formats.nvfp4_quantize(x, **kwargs, **gen2).dequantize())
 
 
+def test_columnwise_axis_equals_transposed_quantization():
+    x = torch.randn(48, 80) * torch.logspace(-2, 2, 80)
+    assert torch.equal(formats.nvfp4_fake_quantize(x, axis=-2), formats.nvfp4_fake_quantize(x.t()).t())
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    sr_col = formats.nvfp4_fake_quantize(x, axis=-2, stochastic_rounding=True, generator=g1)
+    sr_row = formats.nvfp4_fake_quantize(x.t(), stochastic_rounding=True, generator=g2).t()
+    assert torch.equal(sr_col, sr_row)                      # random bytes follow xᵀ's row-major order
+    for mode in ("floor", "rceil"):
+        assert torch.equal(formats.mx_fake_quantize(x[:32], "fp8_e4m3", mode, axis=-2),
+                           formats.mx_fake_quantize(x[:32].t(), "fp8_e4m3", mode).t())
+    buf = x.clone()                                          # out= may alias the input
+    assert torch.equal(formats.nvfp4_fake_quantize(buf, out=buf), formats.nvfp4_fake_quantize(x))
+
+
+def test_stochastic_rounding_bytes_are_row_major_whatever_the_chunking():
+    # 20000 x 16 is processed in three chunks; the bytes must be one row-major stream
+    x = torch.randn(20000, 16)
+    ours = formats.nvfp4_fake_quantize(x, stochastic_rounding=True, generator=torch.Generator().manual_seed(9))
+    rbits = formats.random_bytes(x.numel(), torch.Generator().manual_seed(9)).view(x.shape)
+    s_enc, s_dec = formats.te_global_scales(x.abs().max())
+    s_b = (x.abs().view(-1, 16).amax(1, keepdim=True) * (s_enc * (1 / torch.tensor(6.0))))
+    s_b = s_b.clamp(max=448).to(torch.float8_e4m3fn).float()
+    enc = (1 / (s_b * s_dec)).clamp(max=torch.finfo(torch.float32).max)
+    mag = formats.round_magnitude_((x.abs().view(-1, 16) * enc).view(x.shape), "e2m1", stochastic=True, rbits=rbits)
+    ref = (mag.copysign(x).view(-1, 16) * (s_dec * s_b)).view(x.shape)
+    assert torch.equal(ours, ref)
+
+
 def test_nvfp4_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         formats.nvfp4_quantize(torch.randn(4, 20))
@@ -226,6 +254,10 @@ def test_nvfp4_errors():
         formats.nvfp4_quantize(torch.randn(32, 32), convention="torchao", block_2d=True)
     with pytest.raises(ValueError, match="2-D"):
         formats.nvfp4_quantize(torch.randn(2, 32, 32), block_2d=True)
+    with pytest.raises(ValueError, match="axis"):
+        formats.nvfp4_fake_quantize(torch.randn(2, 32, 32), axis=-2)
+    with pytest.raises(ValueError, match="dimension -2"):
+        formats.nvfp4_fake_quantize(torch.randn(20, 32), axis=-2)
 
 
 # ---------------------------------------------------------------------------------------------

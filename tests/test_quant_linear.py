@@ -34,6 +34,18 @@ def test_rht_is_orthogonal_and_invertible(signs):
     torch.testing.assert_close(formats.rht(a, False) @ formats.rht(b, False).t(), a @ b.t(), rtol=1e-5, atol=1e-5)
 
 
+def test_butterfly_matches_the_matrix_and_both_layouts_agree_bitwise():
+    x = torch.randn(48, 64)
+    h = formats.hadamard_matrix()
+    torch.testing.assert_close(formats.rht(x, False), (x.view(-1, 16) @ h).view(48, 64), rtol=0, atol=2e-6)
+    ints = torch.randint(-50, 50, (32, 32)).float()                  # sums of these are exact
+    assert torch.equal(formats.rht(ints, False), (ints.view(-1, 16) @ h).view(32, 32))
+    for rnd in (False, True):                                        # same butterfly, same bits
+        assert torch.equal(formats.rht(x, rnd, axis=-2), formats.rht(x.t().contiguous(), rnd).t())
+    y = formats.rht(x, False, axis=-2)
+    torch.testing.assert_close(formats.inverse_rht(y, axis=-2), x, rtol=0, atol=1e-6)
+
+
 def test_rht_rounds_to_bf16_and_spreads_outliers():
     x = torch.zeros(1, 16)
     x[0, 3] = 100.0

@@ -22,7 +22,8 @@ rounding step sits where it does. LOWPREC.md §1-§5 is the spec they follow.
 
 from nemotron3.quant.fp_codecs import (  # noqa: F401
     ELEMENT_FORMATS, ElementFormat, decode, decode_e8m0, element_format, element_values, encode,
-    encode_e8m0, pack_fp4, round_e2m1, round_to_format, unpack_fp4, values_to_codes,
+    encode_e8m0, pack_fp4, random_bytes, round_e2m1, round_magnitude_, round_to_format, unpack_fp4,
+    values_to_codes,
 )
 from nemotron3.quant.hadamard import TE_SIGN_VECTOR, hadamard_matrix, inverse_rht, rht  # noqa: F401
 from nemotron3.quant.mx import (  # noqa: F401
@@ -35,7 +36,7 @@ from nemotron3.quant.nvfp4 import (  # noqa: F401
 __all__ = [
     "ELEMENT_FORMATS", "ElementFormat", "element_format", "element_values", "encode", "decode",
     "encode_e8m0", "decode_e8m0", "pack_fp4", "unpack_fp4", "round_to_format", "round_e2m1",
-    "values_to_codes", "TE_SIGN_VECTOR", "hadamard_matrix", "rht", "inverse_rht",
+    "round_magnitude_", "random_bytes", "values_to_codes", "TE_SIGN_VECTOR", "hadamard_matrix", "rht", "inverse_rht",
     "MX_BLOCK", "MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize",
     "CONVENTIONS", "NVFP4Quantized", "nvfp4_quantize", "nvfp4_fake_quantize", "te_global_scales",
 ]

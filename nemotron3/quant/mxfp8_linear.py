@@ -44,18 +44,7 @@ class MXFP8Linear(QuantizedLinear):
     """nn.Linear with MXFP8 fprop, dgrad and wgrad (32-element blocks); fp32 master weight."""
 
     block_size = MX_BLOCK
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        recipe: MXFP8Recipe | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe = recipe if recipe is not None else MXFP8Recipe()
+    recipe_type = MXFP8Recipe
 
     @classmethod
     def from_float(cls, linear: nn.Linear, recipe: MXFP8Recipe | None = None) -> "MXFP8Linear":
@@ -85,6 +74,3 @@ class MXFP8Linear(QuantizedLinear):
 
     def quantize_grad_t(self, dy: torch.Tensor) -> torch.Tensor:
         return self._grad(dy, axis=-2)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", recipe={self.recipe}"

@@ -77,6 +77,7 @@ class NVFP4Linear(QuantizedLinear):
     """nn.Linear with NVFP4 fprop, dgrad and wgrad; fp32 master weight. See the module docstring."""
 
     block_size = 16
+    recipe_type = NVFP4Recipe
 
     def __init__(
         self,
@@ -88,8 +89,7 @@ class NVFP4Linear(QuantizedLinear):
         recipe: NVFP4Recipe | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe = recipe if recipe is not None else NVFP4Recipe()
+        super().__init__(in_features, out_features, bias, device, dtype, recipe)
         self.seed = self.recipe.seed if seed is None else seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -137,4 +137,4 @@ class NVFP4Linear(QuantizedLinear):
         return nvfp4_fake_quantize(h, axis=-2, out=h, **kwargs)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", recipe={self.recipe}, seed={self.seed}"
+        return super().extra_repr() + f", seed={self.seed}"

@@ -85,10 +85,24 @@ class _QuantizedLinearFn(torch.autograd.Function):
 class QuantizedLinear(nn.Linear):
     """nn.Linear whose three GEMMs take block-quantized operands (see the module docstring).
 
-    Subclasses set `block_size` and implement the six `quantize_*` methods.
+    Subclasses set `block_size` and `recipe_type` (a dataclass of the recipe's switches; the
+    default-constructed one is the default recipe) and implement the six `quantize_*` methods.
     """
 
     block_size: int = 16
+    recipe_type: type = type(None)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        recipe: object | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = recipe if recipe is not None else self.recipe_type()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype != torch.float32:
@@ -139,4 +153,4 @@ class QuantizedLinear(nn.Linear):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", block_size={self.block_size}"
+        return super().extra_repr() + f", block_size={self.block_size}, recipe={self.recipe}"
