@@ -6,10 +6,12 @@ Public API:
     load_pretrained    read a Hugging Face `nemotron_h` checkpoint folder
     save_pretrained    write one
     count_parameters   total / active parameter counts of a config, without allocating
+    Engine             batched generation with the hybrid cache: Engine(model).generate(prompts, n)
 """
 
 from nemotron3.config import ModelConfig
 from nemotron3.hf import CheckpointError, load_pretrained, save_pretrained
 from nemotron3.model import HybridLM, count_parameters
+from nemotron3.engine import Engine
 
-__all__ = ["ModelConfig", "HybridLM", "load_pretrained", "save_pretrained", "count_parameters", "CheckpointError"]
+__all__ = ["ModelConfig", "HybridLM", "load_pretrained", "save_pretrained", "count_parameters", "CheckpointError", "Engine"]

@@ -1,0 +1,268 @@
+"""The decode fast path: one token per row through the whole model in as few tensor ops as we can manage.
+
+Why a second implementation
+---------------------------
+At the sizes a CPU serves, a decode step does almost no arithmetic: T9 (9M parameters) reads ~20 MB of
+weights per token and multiplies matrices by a single vector. What costs is the number of tensor ops,
+~5-15 µs of dispatch each in eager PyTorch, and the reference cached path (`HybridLM.forward` with a
+cache) spends hundreds of them on generality: row gathers and scatters, padding masks, fp32 casts,
+separate q/k/v projections, the grouped MoE with its sort and `.tolist()`. This module runs the same
+mathematics with everything that can be decided once hoisted out of the step:
+
+* weights fused at build time, from the model's own tensors: q|k|v in one matrix; for each MoE layer
+  router | fc1_latent_proj | shared up_proj in one matrix (all three read the same normed input) and
+  fc2_latent_proj | shared down_proj side by side (their outputs are summed, so one matmul over the
+  concatenated inputs does both); A = -exp(A_log) precomputed;
+* every row of the cache is decoded (no gathers), and the state tensors are updated in place;
+* residual adds folded into `addmm`, RMSNorm as one `F.rms_norm`;
+* routed experts: for a handful of tokens (B·k < E) only the chosen experts' weights are gathered and
+  run as one batched matmul, no host sync; for larger batches every expert runs densely (two GEMMs) and
+  non-chosen experts get weight 0, which reads each expert once instead of once per token.
+
+The maths is the reference's up to float summation order (tests/test_engine_decode.py compares the two
+step by step to 1e-4). Fused tensors are copies: `FastDecoder.is_stale()` notices in-place updates of the
+model's weights (RL updates them between rollouts) through the tensors' version counters, and the Engine
+rebuilds. Models whose layers were swapped for quantized ones (quant/convert.py) are not plain
+`nn.Linear`s: `FastDecoder.supports(model)` is False and the Engine uses the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemotron3.model.hybrid import HybridLM
+
+
+@dataclass
+class _Mamba:
+    layer: int
+    norm: torch.Tensor  # (H,)
+    w_in_t: torch.Tensor  # (H, d_inner + C + h)
+    conv_w: torch.Tensor  # (C, K)
+    conv_b: torch.Tensor  # (C,)
+    dt_bias: torch.Tensor  # (h,)
+    A: torch.Tensor  # (h,) = -exp(A_log)
+    D: torch.Tensor  # (h,)
+    gnorm: torch.Tensor  # (d_inner,)
+    w_out_t: torch.Tensor  # (d_inner, H)
+    dt_min: float
+    dt_max: float
+
+
+@dataclass
+class _Attn:
+    layer: int
+    norm: torch.Tensor
+    w_qkv_t: torch.Tensor  # (H, (hq + 2 hk)·d)
+    w_o_t: torch.Tensor  # (hq·d, H)
+
+
+@dataclass
+class _MoE:
+    norm: torch.Tensor
+    w_in_t: torch.Tensor  # (H, E [+ ℓ] [+ I_s]): router | fc1_latent | shared up
+    w_out_t: torch.Tensor | None  # (ℓ + I_s, H): fc2_latent | shared down, stacked
+    up_t: torch.Tensor  # (ℓ, E·I): column block e is expert e's up_projᵀ
+    down_t: torch.Tensor  # (E·I, ℓ): row block e is expert e's down_projᵀ
+    bias: torch.Tensor  # (E,) correction bias
+    inter: int  # I, the expert width
+    latent: bool
+    shared: bool
+
+
+@dataclass
+class _MLP:
+    norm: torch.Tensor
+    w_up_t: torch.Tensor
+    w_down_t: torch.Tensor
+
+
+class FastDecoder:
+    """`step(tokens, cache, n_keys, mask)` -> logits (B, V): the next token of every cache row."""
+
+    def __init__(self, model: HybridLM) -> None:
+        if not self.supports(model):
+            raise ValueError("FastDecoder needs an fp32 HybridLM of plain nn.Linear layers; use the reference path")
+        c = model.config
+        self.model = model
+        self.config = c
+        self.eps = c.layer_norm_epsilon
+        self.E, self.k = c.n_routed_experts, c.num_experts_per_tok
+        self.scaling, self.norm_topk = float(c.routed_scaling_factor), c.norm_topk_prob
+        self.grouped_routing = c.n_group > 1
+        self.hq, self.hk, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.h, self.p, self.g, self.n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
+        self.d_inner, self.conv_dim = c.mamba_intermediate_size, c.mamba_conv_dim
+        self._sources = [p for p in model.parameters()] + [b for b in model.buffers()]
+        self._versions = self._version_sum()
+        self._build()
+
+    @staticmethod
+    def supports(model: HybridLM) -> bool:
+        """Plain fp32 modules only (quantized or bf16 models run the reference cached path)."""
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear:
+                return False
+            if mod.__dict__.get("gemm_quantizer") is not None:
+                return False
+        return all(p.dtype == torch.float32 for p in model.parameters())
+
+    def _version_sum(self) -> int:
+        return sum(t._version for t in self._sources)
+
+    def is_stale(self) -> bool:
+        """True if a weight of the model changed in place since the fused copies were made."""
+        return self._version_sum() != self._versions
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        m = self.model
+
+        def t(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> contiguous (in, out): x @ Wᵀ as a plain GEMV
+            return w.t().contiguous()
+
+        self.emb = m.backbone.embeddings.weight
+        self.norm_f = m.backbone.norm_f.weight
+        self.head_t = t(m.lm_head.weight)  # (H, V)
+        self.layers: list = []
+        for i, block in enumerate(m.backbone.layers):
+            mx, nw = block.mixer, block.norm.weight
+            if any(lin.bias is not None for lin in mx.modules() if isinstance(lin, nn.Linear)):
+                raise ValueError(f"FastDecoder does not handle projection biases (layer {i}); use the reference path")
+            if block.kind == "M":
+                conv_b = mx.conv1d.bias if mx.conv1d.bias is not None else torch.zeros(mx.conv_dim)
+                self.layers.append(_Mamba(
+                    i, nw, t(mx.in_proj.weight), mx.conv1d.weight[:, 0].contiguous(), conv_b, mx.dt_bias,
+                    -torch.exp(mx.A_log.float()), mx.D, mx.norm.weight, t(mx.out_proj.weight), mx.dt_min, mx.dt_max))
+            elif block.kind == "*":
+                w_qkv = torch.cat([mx.q_proj.weight, mx.k_proj.weight, mx.v_proj.weight])
+                self.layers.append(_Attn(i, nw, t(w_qkv), t(mx.o_proj.weight)))
+            elif block.kind == "E":
+                latent, shared = mx.fc1_latent_proj is not None, mx.shared_experts is not None
+                ins = [mx.gate.weight] + ([mx.fc1_latent_proj.weight] if latent else [])
+                ins += [mx.shared_experts.up_proj.weight] if shared else []
+                outs = ([mx.fc2_latent_proj.weight] if latent else []) + ([mx.shared_experts.down_proj.weight] if shared else [])
+                up, down = mx.experts.up_proj, mx.experts.down_proj  # (E, I, ℓ), (E, ℓ, I)
+                E, inter, ell = up.shape
+                self.layers.append(_MoE(
+                    nw, t(torch.cat(ins)), t(torch.cat(outs, dim=1)) if outs else None,
+                    up.permute(2, 0, 1).reshape(ell, E * inter).contiguous(),
+                    down.permute(0, 2, 1).reshape(E * inter, ell).contiguous(),
+                    mx.gate.e_score_correction_bias, inter, latent, shared))
+            else:
+                self.layers.append(_MLP(nw, t(mx.up_proj.weight), t(mx.down_proj.weight)))
+        self._versions = self._version_sum()
+
+    def refresh(self) -> None:
+        """Rebuild the fused copies from the model's current weights."""
+        self._build()
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache, n_keys: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """tokens (B,) for cache rows 0..B-1 -> logits (B, V) fp32; appends one token to every row.
+
+        n_keys: max(lengths) + 1, the keys attention reads; mask: (B, 1, 1, n_keys) bool when the rows'
+        lengths differ (key j visible to row b iff j <= lengths[b]), None when they are all equal.
+        The caller advances `cache.lengths` (the Engine does it once per step, not per layer).
+        """
+        if cache.max_rollback:
+            raise ValueError("FastDecoder does not record rollback history; decode this cache with model(..., cache=)")
+        h = F.embedding(tokens, self.emb)  # (B, H)
+        for L in self.layers:
+            x = F.rms_norm(h, (h.shape[-1],), L.norm, self.eps)
+            if isinstance(L, _Mamba):
+                h = self._mamba(h, x, L, cache)
+            elif isinstance(L, _Attn):
+                h = self._attn(h, x, L, cache, n_keys, mask)
+            elif isinstance(L, _MoE):
+                h = self._moe(h, x, L)
+            else:
+                h = torch.addmm(h, torch.mm(x, L.w_up_t).relu_().square_(), L.w_down_t)
+        h = F.rms_norm(h, (h.shape[-1],), self.norm_f, self.eps)
+        return torch.mm(h, self.head_t)
+
+    def _mamba(self, h: torch.Tensor, x: torch.Tensor, L: _Mamba, cache) -> torch.Tensor:
+        B, di, C, nh, g = h.shape[0], self.d_inner, self.conv_dim, self.h, self.g
+        conv_state, state = cache.conv[L.layer], cache.ssm[L.layer]  # (B, C, K-1), (B, h, p, n)
+        zxbcdt = torch.mm(x, L.w_in_t)  # (B, d_inner + C + h)
+        z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + C], zxbcdt[:, di + C :]
+        window = torch.cat([conv_state, xbc[:, :, None]], dim=-1)  # (B, C, K)
+        conv_state.copy_(window[:, :, 1:])
+        xbc = F.silu(torch.sum(window * L.conv_w, dim=-1) + L.conv_b)  # (B, C)
+        gn = g * self.n
+        xs = xbc[:, :di].view(B, g, nh // g, self.p)  # (B, g, r, p)
+        Bm = xbc[:, di : di + gn].view(B, g, 1, 1, self.n)
+        Cm = xbc[:, di + gn :].view(B, g, 1, self.n, 1)
+        dt = F.softplus(dt + L.dt_bias).clamp_(L.dt_min, L.dt_max)  # (B, h)
+        dA = torch.exp(dt * L.A).view(B, g, -1, 1, 1)
+        s = state.view(B, g, nh // g, self.p, self.n)
+        s.mul_(dA).add_((xs * dt.view(B, g, -1, 1))[..., None] * Bm)  # S ← e^{dt·A} S + dt·x ⊗ B
+        y = torch.matmul(s, Cm).view(B, nh, self.p)  # S·C
+        y = y.addcmul_(xs.reshape(B, nh, self.p), L.D[:, None]).view(B, di)  # + D·x
+        y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group, scale
+        y = F.rms_norm(y.view(B, g, di // g), (di // g,), None, self.eps).view(B, di) * L.gnorm
+        return torch.addmm(h, y, L.w_out_t)
+
+    def _attn(self, h, x, L: _Attn, cache, n_keys: int, mask) -> torch.Tensor:
+        B, hq, hk, d = h.shape[0], self.hq, self.hk, self.d
+        qkv = torch.mm(x, L.w_qkv_t)  # (B, (hq + 2hk)·d)
+        q = qkv[:, : hq * d].view(B, hq, 1, d)
+        k, v = qkv[:, hq * d : (hq + hk) * d].view(B, hk, d), qkv[:, (hq + hk) * d :].view(B, hk, d)
+        K, V = cache.key[L.layer], cache.value[L.layer]  # (B, hk, T_max, d)
+        if mask is None:  # all rows at the same length n_keys - 1
+            K[:, :, n_keys - 1] = k
+            V[:, :, n_keys - 1] = v
+        else:
+            rows = torch.arange(B)
+            K[rows, :, cache.lengths] = k
+            V[rows, :, cache.lengths] = v
+        y = F.scaled_dot_product_attention(
+            q, K[:, :, :n_keys], V[:, :, :n_keys], attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hk)
+        return torch.addmm(h, y.view(B, hq * d), L.w_o_t)
+
+    def _moe(self, h, x, L: _MoE) -> torch.Tensor:
+        B, E, k, I = h.shape[0], self.E, self.k, L.inter
+        g = torch.mm(x, L.w_in_t)  # (B, E + ℓ + I_s)
+        scores = torch.sigmoid(g[:, :E])  # (B, E)
+        if self.grouped_routing:  # rare (n_group > 1): the reference router's selection rule
+            idx = self._grouped_topk(scores + L.bias)
+        else:
+            idx = torch.topk(scores + L.bias, k, dim=-1, sorted=False).indices  # (B, k)
+        w = scores.gather(1, idx)
+        if self.norm_topk:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * self.scaling
+        ell = L.up_t.shape[0]
+        z = g[:, E : E + ell] if L.latent else x  # (B, ℓ)
+        if B * k < E:  # few (row, expert) pairs: one GEMV pair per pair, reading only the chosen experts
+            y = torch.zeros(B, ell)
+            for b, (experts, weights) in enumerate(zip(idx.tolist(), w.tolist())):
+                zb, yb = z[b : b + 1], y[b : b + 1]
+                for e, we in zip(experts, weights):
+                    hid = torch.mm(zb, L.up_t[:, e * I : (e + 1) * I]).relu_().square_()  # (1, I)
+                    yb.addmm_(hid, L.down_t[e * I : (e + 1) * I], alpha=we)
+        else:  # every expert for every row, weight 0 where not chosen: reads each expert once
+            dense_w = torch.zeros(B, E).scatter_(1, idx, w)  # (B, E)
+            hid = torch.mm(z, L.up_t).relu_().square_().view(B, E, I)  # (B, E, I)
+            y = torch.mm((hid * dense_w[:, :, None]).view(B, E * I), L.down_t)  # (B, ℓ)
+        if L.w_out_t is None:
+            return h + y
+        if not L.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
+            return torch.addmm(h + y, g[:, E:].relu().square_(), L.w_out_t)
+        if L.shared:
+            y = torch.cat([y, g[:, E + ell :].relu().square_()], dim=1)  # (B, ℓ + I_s)
+        return torch.addmm(h, y, L.w_out_t)
+
+    def _grouped_topk(self, choice: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        N = choice.shape[0]
+        grouped = choice.view(N, c.n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(c.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1).topk(self.k, dim=-1).indices

@@ -1,0 +1,255 @@
+"""Engine: batched generation from a HybridLM with a HybridCache.
+
+    engine = Engine(model)
+    out = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)     # greedy
+    out.tokens  -> [[...32 ids], [...]]   (new tokens only; a stop token ends a row and is included)
+    out.stats   -> {"prefill_tok_s": ..., "decode_tok_s": ..., "forward_passes": ..., ...}
+    for step in engine.stream(prompts, 32, temperature=0.8, seed=0):  # step: one token per row, or None
+        ...
+
+One call runs in two phases.
+
+Prefill. The prompts are right-padded into one (B, T) batch and run through the model in segments of
+`prefill_chunk` columns, each segment continuing from the cache the previous one filled; rows whose
+prompt has ended drop out of later segments. Padding is exact (the padded positions get dt = 0 in the
+Mamba layers and are never visible to a real query; see Mamba2Mixer.forward_cached), so each row's
+tokens are the ones it would get alone (tests/test_engine.py checks it). Memory is bounded by the
+segment length: the chunked SSD is linear in it, and attention materialises at most SCORE_BUDGET scores
+at a time (model/attention.py). Only each row's last position goes through the LM head.
+
+Decode. One token per row per forward pass, through `FastDecoder` (engine/decode.py: fused weights,
+in-place state updates, no per-step allocation that can be avoided) when the model is a plain fp32
+HybridLM, else through the reference cached path `model(tokens, cache=...)`. Every row decodes until
+every row is done (static shapes; a finished row's tokens are discarded), which costs little at the
+batch sizes a CPU serves and keeps the step free of row bookkeeping.
+
+`compile=True` wraps the fast step in `torch.compile` (measured in benchmarks/decode.py; the first call
+compiles for tens of seconds, and every new batch size recompiles). The sampling rule and its
+per-row random streams are in engine/sampling.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nemotron3.engine.cache import HybridCache
+from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.sampling import row_uniforms, sample, validate_sampling
+from nemotron3.model.hybrid import HybridLM
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Generation with a preallocated hybrid cache; see the module docstring.
+
+    max_seq_len: the most tokens (prompt + new) one row may hold; default the config's
+    `max_position_embeddings`. prefill_chunk: prompt tokens per prefill forward. fast: use FastDecoder
+    when the model allows it. compile: torch.compile the fast decode step.
+    """
+
+    def __init__(
+        self,
+        model: HybridLM,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 2048,
+        fast: bool = True,
+        compile: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.max_seq_len = int(max_seq_len or self.config.max_position_embeddings)
+        if prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.fast = FastDecoder(model) if fast and FastDecoder.supports(model) else None
+        self.compile = compile
+        self._step = None
+        self._cache: HybridCache | None = None
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+        num_speculative_tokens: int = 0,
+    ) -> Generation:
+        """New tokens for each prompt (a stop token ends its row and is included) and the call's stats."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
+                                num_speculative_tokens):
+            for row, tok in enumerate(step):
+                if tok is not None:
+                    out[row].append(tok)
+        return Generation(out, dict(self.last_stats))
+
+    def stream(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+        num_speculative_tokens: int = 0,
+    ) -> Iterator[list[int | None]]:
+        """Yield one list per step: the new token of each row, or None for a row that has already stopped.
+
+        All arguments are checked before any work starts. `engine.last_stats` holds the stats once the
+        iterator is exhausted.
+        """
+        prompts = self._validate(prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
+        stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, stops)
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self, prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens) -> list[list[int]]:
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        if all(isinstance(t, int) for t in prompts):
+            raise ValueError("prompts must be a list of prompts, each a list of token ids: wrap one prompt as [ids]")
+        V = self.config.vocab_size
+        clean = []
+        for i, p in enumerate(prompts):
+            p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if not p:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                raise ValueError(f"prompt {i} holds non-integer token ids")
+            bad = [t for t in p if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {V}): {bad[:5]}")
+            clean.append(p)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        validate_sampling(temperature, top_k, top_p)
+        if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens!r}")
+        if num_speculative_tokens > 0:
+            raise NotImplementedError(
+                "MTP speculative decoding (num_speculative_tokens > 0) is not implemented yet; use 0")
+        longest = max(len(p) for p in clean)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                f"max_seq_len ({self.max_seq_len}); shorten the prompt or build Engine(model, max_seq_len=...)"
+            )
+        return clean
+
+    # ------------------------------------------------------------------ the work
+    def _cache_for(self, rows: int, tokens: int) -> HybridCache:
+        """Reuse the engine's cache when it has the same rows and room enough; allocate otherwise."""
+        c = self._cache
+        if c is None or c.rows != rows or c.max_seq_len < tokens:
+            self._cache = None  # free the old one first
+            capacity = min(self.max_seq_len, -(-tokens // 256) * 256)
+            c = self._cache = HybridCache(self.config, rows, capacity, self.dtype, self.device, include_mtp=False)
+        c.reset()
+        return c
+
+    def _prefill(self, cache: HybridCache, prompts: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Run every prompt into the cache; returns each row's last-position logits (B, V) and the pass count."""
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        ids = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        last = torch.empty(B, self.config.vocab_size, device=self.device)
+        passes = 0
+        for s in range(0, ids.shape[1], self.prefill_chunk):
+            active = (lens > s).nonzero().view(-1)  # rows with prompt left
+            seg = ids[active, s : s + self.prefill_chunk]
+            valid = torch.clamp(lens[active] - s, max=seg.shape[1])
+            logits = self.model(seg, cache=cache, rows=active, valid=valid, last_only=True)[:, 0]  # (b, V)
+            passes += 1
+            ends = lens[active] <= s + seg.shape[1]  # rows whose last prompt token is in this segment
+            last[active[ends]] = logits[ends]
+        return last, passes
+
+    def _decode_fn(self):
+        """(tokens (B,), cache, n_keys, mask) -> logits (B, V), advancing every row by one token."""
+        if self.fast is None:
+            return lambda tokens, cache, n_keys, mask: self.model(tokens[:, None], cache=cache)[:, 0]
+        if self.fast.is_stale():
+            self.fast.refresh()
+            self._step = None
+        if self._step is None:
+            self._step = torch.compile(self.fast.step, dynamic=True) if self.compile else self.fast.step
+
+        def fast(tokens, cache, n_keys, mask):
+            logits = self._step(tokens, cache, n_keys, mask)
+            cache.lengths += 1
+            return logits
+        return fast
+
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stops) -> Iterator[list[int | None]]:
+        B = len(prompts)
+        with torch.inference_mode():
+            cache = self._cache_for(B, max(len(p) for p in prompts) + max_new_tokens)
+            uniforms = row_uniforms(seed, B, max_new_tokens) if temperature > 0 else None
+            step_fn = self._decode_fn()
+            t0 = time.perf_counter()
+            logits, passes = self._prefill(cache, prompts)
+            tok = sample(logits, temperature, top_k, top_p, None if uniforms is None else uniforms[:, 0])
+            t_prefill = time.perf_counter() - t0
+        done = [False] * B
+        produced = 0
+        uniform = len({len(p) for p in prompts}) == 1
+        t1 = time.perf_counter()
+        for i in range(max_new_tokens):
+            if i > 0:
+                with torch.inference_mode():
+                    n_keys = int(cache.lengths.max()) + 1
+                    mask = None if uniform else (
+                        torch.arange(n_keys, device=self.device) <= cache.lengths[:, None]).view(B, 1, 1, n_keys)
+                    logits = step_fn(tok, cache, n_keys, mask)
+                    passes += 1
+                    tok = sample(logits, temperature, top_k, top_p, None if uniforms is None else uniforms[:, i])
+            toks = tok.tolist()
+            out: list[int | None] = []
+            for r in range(B):
+                if done[r]:
+                    out.append(None)
+                    continue
+                out.append(toks[r])
+                produced += 1
+                done[r] = toks[r] in stops
+            if i == max_new_tokens - 1 or all(done):
+                self._finish(prompts, produced, passes, t_prefill, time.perf_counter() - t1, i + 1)
+            yield out
+            if all(done):
+                break
+
+    def _finish(self, prompts, produced, passes, t_prefill, t_decode, steps) -> None:
+        n_prompt = sum(len(p) for p in prompts)
+        self.last_stats = {
+            "batch": len(prompts),
+            "prompt_tokens": n_prompt,
+            "new_tokens": produced,
+            "prefill_s": t_prefill,
+            "prefill_tok_s": n_prompt / t_prefill if t_prefill > 0 else float("inf"),
+            "decode_steps": steps - 1,
+            "decode_s": t_decode,
+            "decode_tok_s": (produced - len(prompts)) / t_decode if t_decode > 0 and steps > 1 else 0.0,
+            "forward_passes": passes,
+            "path": ("compiled " if self.compile and self.fast else "") + ("fast" if self.fast else "reference"),
+        }

@@ -1,0 +1,109 @@
+"""Turning logits into tokens: greedy, temperature, top-k, top-p, reproducible per row.
+
+    temperature = 0      greedy: argmax (the first index among equal maxima, as torch and transformers do)
+    temperature > 0      p = softmax(logits / temperature), restricted to the top-k, then to the top-p
+                         nucleus, renormalised, and sampled
+
+The order (temperature, then top-k, then top-p) is transformers' and vLLM's. top-k keeps every token whose
+logit is at least the k-th largest (ties at the boundary are kept); top-p keeps the smallest set of most
+probable tokens whose probability reaches p, always at least one token (a token is kept if the mass of
+the tokens strictly before it in descending order is < p).
+
+Randomness: each row draws from its own uniform stream, `row_uniforms(seed, rows, steps)`, one number per
+step, and samples by inverting the CDF: the token is the first whose cumulative probability exceeds
+u · total. One uniform per token instead of a vocabulary of Gumbel noise means the whole call's
+randomness is drawn up front, in float64, and a row's tokens depend only on (seed, row index, its own
+logits), never on which other rows share the batch. Two rows with the same prompt therefore sample
+independently, and the same call with the same seed gives the same tokens.
+
+`sample_reference` is the same rule written one row at a time with Python loops, for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_uniforms(seed: int | None, rows: int, steps: int) -> torch.Tensor:
+    """(rows, steps) float64 uniforms in [0, 1); row i's stream depends only on (seed, i)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's global RNG: torch.manual_seed governs it
+    out = torch.empty(rows, steps, dtype=torch.float64)
+    for i in range(rows):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63 - 1))
+        out[i] = torch.rand(steps, generator=g, dtype=torch.float64)
+    return out
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (B, V) -> probabilities (B, V) fp32 after temperature, top-k and top-p (rows sum to 1)."""
+    logits = logits.float() / temperature
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits (B, V), uniforms (B,) in [0, 1) -> tokens (B,) int64. Greedy when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if uniforms is None:
+        raise ValueError("sampling with temperature > 0 needs one uniform per row (see row_uniforms)")
+    cdf = filtered_probs(logits, temperature, top_k, top_p).double().cumsum(-1)  # (B, V)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True)  # first token whose cdf exceeds u·total
+    return tokens.clamp_(max=logits.shape[-1] - 1).view(-1)
+
+
+def sample_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor) -> list[int]:
+    """One row at a time, straight from the definitions in the module docstring."""
+    out = []
+    for row, u in zip(logits.double(), uniforms.tolist()):
+        if temperature == 0:
+            out.append(max(range(len(row)), key=lambda j: (row[j].item(), -j)))
+            continue
+        z = [v / temperature for v in row.tolist()]
+        if 0 < top_k < len(z):
+            kth = sorted(z, reverse=True)[top_k - 1]
+            z = [v if v >= kth else float("-inf") for v in z]
+        m = max(z)
+        e = [torch.tensor(v - m).exp().item() for v in z]
+        p = [v / sum(e) for v in e]
+        if top_p < 1.0:
+            order = sorted(range(len(p)), key=lambda j: -p[j])
+            mass, keep = 0.0, set()
+            for j in order:
+                if mass >= top_p:
+                    break
+                keep.add(j)
+                mass += p[j]
+            p = [v if j in keep else 0.0 for j, v in enumerate(p)]
+        total, acc = sum(p), 0.0
+        for j, v in enumerate(p):
+            acc += v
+            if acc > u * total:
+                out.append(j)
+                break
+        else:
+            out.append(len(p) - 1)
+    return out
