@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from nemotron3.quant import formats
+from nemotron3.quant.mx import mx_scale_reference
+from nemotron3.quant.nvfp4 import nvfp4_quantize_reference
 
 nvfp4_ao = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
 mx_ao = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
 
 f32 = np.float32
-FLT_MAX = f32(np.finfo(np.float32).max)
 
 
 def _inputs(block: int):
@@ -129,47 +130,7 @@ def test_te_and_torchao_disagree_on_small_blocks():
 
 
 # ---------------------------------------------------------------------------------------------
-# NVFP4, te convention: a naive per-block loop in numpy float32 (independent of our code)
-
-
-def _e4m3_positive_values():
-    vals = []
-    for code in range(0x7F):  # 0x7F is NaN
-        e, m = code >> 3, code & 7
-        vals.append((m / 8) * 2 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
-    return vals
-
-
-E4M3 = _e4m3_positive_values()
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-
-
-def _nearest_even(table, a):
-    return min(range(len(table)), key=lambda c: (abs(table[c] - a), c % 2))
-
-
-def te_reference(x: np.ndarray, tile_rows: int = 1):
-    """TE's NVFP4 quantizer, one 16-element block at a time, from LOWPREC §1.2."""
-    x = x.astype(np.float32)
-    amax = f32(np.abs(x).max())
-    s_enc = min(f32(2688) / amax, FLT_MAX) if amax > 0 else f32(1)
-    s_enc = f32(1) if s_enc == 0 else f32(s_enc)
-    s_dec = f32(1) / s_enc
-    mult = s_enc * (f32(1) / f32(6))
-    rows, cols = x.shape
-    scales = np.zeros((rows, cols // 16), dtype=np.uint8)
-    codes = np.zeros((rows, cols), dtype=np.uint8)
-    for r in range(rows):
-        for bcol in range(cols // 16):
-            r0 = r - r % tile_rows
-            tile = x[r0:r0 + tile_rows, bcol * 16:(bcol + 1) * 16]
-            sb_code = _nearest_even(E4M3, float(min(f32(np.abs(tile).max()) * mult, f32(448))))
-            scales[r, bcol] = sb_code
-            enc = min(f32(1) / (f32(E4M3[sb_code]) * s_dec), FLT_MAX) if sb_code else FLT_MAX
-            for i in range(16):
-                v = float(np.clip(x[r, bcol * 16 + i] * f32(enc), -6, 6))
-                codes[r, bcol * 16 + i] = _nearest_even(E2M1, abs(v)) | (8 if math.copysign(1, v) < 0 else 0)
-    return scales, codes
+# NVFP4, te convention: the naive per-block loop (numpy float32 scalars, tables from bit fields)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -179,10 +140,10 @@ def test_te_matches_naive_loop(seed, block_2d):
     x = torch.randn(20, 64, generator=g) * torch.logspace(-3, 2, 20).unsqueeze(1)
     x[5, 16:32] = 0
     x[7, :16] *= 1e-5                                       # underflowing / zero-scale blocks
-    scales, codes = te_reference(x.numpy(), tile_rows=16 if block_2d else 1)
+    scales, codes = nvfp4_quantize_reference(x, block_2d=block_2d)
     q = formats.nvfp4_quantize(x, block_2d=block_2d)
-    assert torch.equal(q.scales.view(torch.uint8), torch.from_numpy(scales))
-    assert torch.equal(q.codes, torch.from_numpy(codes))
+    assert torch.equal(q.scales.view(torch.uint8), scales)
+    assert torch.equal(q.codes, codes)
 
 
 def test_te_bf16_input_and_explicit_scales():
@@ -354,6 +315,18 @@ def test_mx_rceil_follows_the_instruction_where_torchao_eager_does_not():
     assert ours.scales.view(torch.uint8).item() == 127 - 4
     assert ref.scale.view(torch.uint8).item() == 127 - 5
     assert ours.qdata.float()[0, 0] < 448                    # RCEIL never saturates the block max
+
+
+@pytest.mark.parametrize("elem", list(AO_ELEM))
+@pytest.mark.parametrize("mode", list(AO_MODE))
+def test_mx_scales_match_per_block_reference(elem, mode):
+    x = torch.randn(16, 256) * torch.logspace(-40, 30, 16).unsqueeze(1)
+    x[0, :32] = 0
+    x[1, 0], x[2, 40], x[3, 70] = math.nan, math.inf, 2.0 ** -130
+    got = formats.mx_quantize(x, elem, mode).scales.view(torch.uint8)
+    amax = x.abs().view(16, -1, 32).amax(-1)
+    want = [[mx_scale_reference(a, elem, mode) for a in row] for row in amax.tolist()]
+    assert got.tolist() == want
 
 
 def test_mx_floor_saturates_block_max():

@@ -34,6 +34,7 @@ Dequantization is value · 2^(b-127), NaN for b = 0xFF, in the output dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ from nemotron3.quant.fp_codecs import (
     round_to_format, row_chunks, unpack_fp4,
 )
 
-__all__ = ["MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize"]
+__all__ = ["MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize", "mx_scale_reference"]
 
 MX_BLOCK = 32
 MX_MODES = ("floor", "rceil")
@@ -174,3 +175,29 @@ def mx_fake_quantize(
         q = v.to(fmt.torch_dtype).to(torch.float32) if fmt.torch_dtype is not None else round_to_format(v, fmt)
         out[rows] = q.mul_(decode_e8m0(bits)).view(-1, x2d.shape[1])
     return out.view(x.shape)
+
+
+def mx_scale_reference(amax: float, elem_dtype: str, mode: str) -> int:
+    """The E8M0 scale byte of one block from its amax, with Python's exact float arithmetic.
+
+    floor: floor(log2 amax) - emax_elem (amax below 2^-126 reads as exponent -127, as from the
+    fp32 exponent field), clamped to [-127, 128]; rceil: the smallest 2^e >= fp32(amax/max),
+    clamped to [-127, 127]. NaN -> 255; rceil Inf -> 254. Slow; for the tests.
+    """
+    import numpy as np
+
+    fmt = ELEMENT_FORMATS[MX_ELEM_DTYPES[_elem_name(elem_dtype)]]
+    if math.isnan(amax):
+        return 255
+    if mode == "floor":
+        e = math.frexp(amax)[1] - 1 if amax >= 2.0 ** -126 else -127   # frexp: amax = m·2^e, m in [.5, 1)
+        e = 128 if math.isinf(amax) else e
+        return min(max(e - fmt.emax, -127), 128) + 127
+    d = float(np.float32(amax) / np.float32(fmt.max))                  # the fp32 division
+    if math.isinf(d):
+        return 254
+    if d == 0:
+        return 0
+    m, e = math.frexp(d)
+    e = e - 1 if m == 0.5 else e                                       # exact powers of two stay
+    return min(max(e, -127), 127) + 127

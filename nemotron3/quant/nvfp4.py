@@ -54,6 +54,7 @@ the training layer uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,7 @@ from nemotron3.quant.fp_codecs import (
     values_to_codes,
 )
 
-__all__ = ["NVFP4Quantized", "nvfp4_quantize", "nvfp4_fake_quantize", "te_global_scales"]
+__all__ = ["NVFP4Quantized", "nvfp4_quantize", "nvfp4_fake_quantize", "nvfp4_quantize_reference", "te_global_scales"]
 
 BLOCK = 16
 E4M3_MAX = 448.0
@@ -292,3 +293,44 @@ def nvfp4_fake_quantize(
         q, s_b = _quantize_rows(x2d[rows], plan, axis, _chunk_bits(plan, rows))
         out[rows] = _apply_scales(q, s_b, plan.s_dec, axis)
     return out.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow, obviously-correct reference: TE's formulas one 16-element block at a time, in numpy
+# float32 scalars, with value tables built from the bit fields (tests compare the fast path).
+
+
+def _nearest_even(table: list[float], a: float) -> int:
+    return min(range(len(table)), key=lambda c: (abs(table[c] - a), c % 2))   # tie -> even code
+
+
+def nvfp4_quantize_reference(x: torch.Tensor, block_2d: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 scale bytes (R, K/16), E2M1 codes (R, K)) of the `te` convention, by loops."""
+    import numpy as np
+
+    f32 = np.float32
+    flt_max = f32(np.finfo(np.float32).max)
+    e4m3 = [(m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+            for e in range(16) for m in range(8)][:0x7F]              # 0x7F is NaN
+    e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    xs = x.detach().float().numpy()
+    amax = f32(np.abs(xs).max())
+    s_enc = min(f32(2688) / amax, flt_max) if amax > 0 else f32(1)
+    s_enc = f32(1) if s_enc == 0 else f32(s_enc)
+    s_dec = f32(1) / s_enc
+    mult = s_enc * (f32(1) / f32(6))
+    rows, cols = xs.shape
+    tile_rows = BLOCK if block_2d else 1
+    scales = np.zeros((rows, cols // BLOCK), dtype=np.uint8)
+    codes = np.zeros((rows, cols), dtype=np.uint8)
+    for r in range(rows):
+        for b in range(cols // BLOCK):
+            r0 = r - r % tile_rows
+            tile = xs[r0:r0 + tile_rows, b * BLOCK:(b + 1) * BLOCK]
+            sb = _nearest_even(e4m3, float(min(f32(np.abs(tile).max()) * mult, f32(448))))
+            scales[r, b] = sb
+            enc = min(f32(1) / (f32(e4m3[sb]) * s_dec), flt_max) if sb else flt_max
+            for i in range(b * BLOCK, (b + 1) * BLOCK):
+                v = float(np.clip(xs[r, i] * f32(enc), -6, 6))
+                codes[r, i] = _nearest_even(e2m1, abs(v)) | (8 if math.copysign(1, v) < 0 else 0)
+    return torch.from_numpy(scales), torch.from_numpy(codes)
