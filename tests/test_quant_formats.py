@@ -11,8 +11,9 @@ from nemotron3.quant import formats
 from nemotron3.quant.mx import mx_scale_reference
 from nemotron3.quant.nvfp4 import nvfp4_quantize_reference
 
-nvfp4_ao = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
-mx_ao = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+# torchao 0.18 is a pinned test dependency: a missing torchao must fail, not skip
+import torchao.prototype.mx_formats.mx_tensor as mx_ao  # noqa: E402
+import torchao.prototype.mx_formats.nvfp4_tensor as nvfp4_ao  # noqa: E402
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
 
 f32 = np.float32

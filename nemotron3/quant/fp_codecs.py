@@ -30,7 +30,8 @@ the step, "even multiple of step" is "even mantissa code", which is exactly
 the tie rule of the format. The step of each element comes from its own fp32
 exponent, clamped to the format's normal range (below the smallest normal
 exponent the spacing stays that of the subnormals). Values are clamped to
-±max first, so the result saturates instead of overflowing. `_encode_reference`
+±max first, so the result saturates instead of overflowing. The code falls out
+of the same sum: its low mantissa bits count grid steps. `_encode_reference`
 below does the same thing the obvious way (nearest table entry, ties to the
 even code) and the tests check the two agree on every interesting input.
 
@@ -44,12 +45,15 @@ every PyTorch version; NaN stays NaN.
 
 Stochastic rounding (LOWPREC §2.3)
 ==================================
-`round_e2m1(v, generator=...)` emulates TE's software fallback for
-`cvt.rs.satfinite.e2m1x4.f32` bit for bit given the random bytes: with
+`round_magnitude_(a, "e2m1", stochastic=True, ...)` emulates TE's software fallback
+for `cvt.rs.satfinite.e2m1x4.f32` bit for bit given the random bytes: with
 u = rbits/256 (8 random bits per element, as the hardware consumes 32 bits per
 4 elements), t = |v| + u*step(|v|) and the result is t rounded down to the grid
 of t's own binade. The probability of rounding up is therefore ceil(256*f)/256
-for a fractional position f, unbiased to within 1/256 of a step.
+for a fractional position f, unbiased to within 1/256 of a step. The bytes come
+from `random_bytes` (a seeded torch.Generator, 8 bytes per 64-bit draw), one per
+element in row-major order of the tensor being quantized. TE's own bits come from
+Philox on the GPU and cannot be reproduced here; SR is tested statistically.
 """
 
 from __future__ import annotations

@@ -32,10 +32,13 @@ Why each choice (paper §4 and App. E; TE `common/recipe/__init__.py`):
 
 The GEMMs are emulated: each quantized operand is dequantized to fp32 (nvfp4_fake_quantize,
 bit-identical to decoding the real codes) and multiplied with an fp32 matmul, which matches
-the hardware's fp32 accumulation up to summation order. Nothing here needs a GPU.
+the hardware's fp32 accumulation up to summation order. Nothing here needs a GPU. The
+columnwise copies are quantized in place in the (tokens, features) layout with `axis=-2`
+(blocks of 16 rows), bit-identical to quantizing the transposes, which are never built.
 
 Stochastic rounding draws 8 bits per element from a torch.Generator owned by the module,
-seeded with `seed` (default `recipe.seed`), so a CPU run is reproducible. Give each layer its
+seeded with `seed` (default `recipe.seed`), so a CPU run is reproducible: each backward draws
+the bytes of dy (row-major), then those of the RHT'd dyᵀ (row-major of dyᵀ). Give each layer its
 own seed (convert passes one per module name) so layers do not share a noise stream. The
 generator state is not part of the state_dict.
 
