@@ -1,0 +1,1 @@
+"""Training: tokenizer, data, the one training loop (pretraining now, SFT later), checkpoints, evaluation."""

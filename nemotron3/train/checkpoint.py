@@ -1,0 +1,131 @@
+"""Checkpoints: atomic, in the one checkpoint format, plus the state that makes `--resume` exact.
+
+A checkpoint folder is a Hugging Face folder (`save_pretrained`: config.json, generation_config.json,
+model.safetensors) plus `tokenizer.json`, so `load_pretrained`, the engine and the server open it directly.
+A training checkpoint `step-NNNNNN/` adds `trainer_state.pt`: optimizer state, step, schedule, the data
+position and fingerprint, the run's arguments, and every RNG state (torch, Python, NumPy, and the
+per-module generators of layers that own one, such as NVFP4's stochastic rounding).
+
+**Atomicity.** Everything is written into a hidden temporary folder next to the target
+(`.tmp-step-NNNNNN-xxxx`), then renamed into place in one `os.rename`; a process killed mid-write leaves
+only the temporary folder, which `latest()` ignores and `clean_temporaries()` removes, and the previous
+checkpoint untouched. Re-saving over an existing folder renames the old one aside first, then deletes it.
+
+**Exactness.** Weights are written in fp32 (the training dtype), so reloading them is lossless; the
+optimizer's moments and step counts are saved as tensors; the batch at a given position is a pure function
+of the data (data.py). Together: a resumed run computes bit for bit what the uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nemotron3.hf import save_pretrained
+from nemotron3.train.tokenizer import Tokenizer
+
+STATE_FILE = "trainer_state.pt"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"step-{step:06d}"
+
+
+def save(folder: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer, state: dict[str, Any] | None = None) -> Path:
+    """Write model + tokenizer (+ resume state) to `folder` atomically; returns `folder`."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        save_pretrained(model, tmp)
+        tokenizer.save(tmp)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
+            os.rename(folder, old / folder.name)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete training checkpoints in `out_dir`, oldest first (temporaries are never listed)."""
+    out = []
+    d = Path(out_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and (p / STATE_FILE).is_file():
+                out.append((int(m[1]), p))
+    return sorted(out)
+
+
+def latest(out_dir: str | os.PathLike) -> Path | None:
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def prune(out_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` training checkpoints (keep <= 0 keeps everything)."""
+    if keep > 0:
+        for _, p in checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_temporaries(out_dir: str | os.PathLike) -> None:
+    """Remove what interrupted saves left behind."""
+    d = Path(out_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The resume state of a training checkpoint (our own pickle: RNG states are Python objects)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_FILE}); `final/` cannot be resumed")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------- RNG
+def rng_state(model: nn.Module) -> dict[str, Any]:
+    """Every random stream a training step can draw from."""
+    modules = {}
+    for name, m in model.named_modules():
+        gens = getattr(m, "_generators", None)  # e.g. NVFP4Linear's per-device stochastic-rounding streams
+        if isinstance(gens, dict) and gens:
+            modules[name] = {str(dev): g.get_state() for dev, g in gens.items()}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(), "modules": modules}
+
+
+def set_rng_state(state: dict[str, Any], model: nn.Module) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    named = dict(model.named_modules())
+    for name, gens in state.get("modules", {}).items():
+        m = named.get(name)
+        if m is None or not isinstance(getattr(m, "_generators", None), dict):
+            raise ValueError(f"checkpoint has RNG state for module {name!r}, which this model lacks or does not own a generator")
+        for dev, s in gens.items():
+            g = torch.Generator(device=dev)
+            g.set_state(s)
+            m._generators[torch.device(dev)] = g

@@ -1,0 +1,193 @@
+"""Training data: documents from the embedded tasks or the user's files, packed into fixed-length rows.
+
+**Documents.** A document is token ids plus a per-token loss mask. Pretraining documents are plain text
+(`Document.mask` all ones); SFT will build chat-formatted documents whose mask is 1 only on assistant
+tokens, and the same packing and loop train on them. Sources:
+
+- the synthetic reasoning tasks of `nemotron3.rl.tasks` (the embedded default: no download);
+- `.txt` files (one document per file), `.jsonl` files (one JSON object per line with a string field
+  `text`), `.parquet` files (a string column `text`, read with pyarrow), or folders of such files.
+
+**Packing.** Every document becomes `<s> ids </s>` and the documents are concatenated into one stream,
+cut into rows of T+1 tokens that overlap by one: row i = stream[i·T : i·T + T + 1], inputs row[:-1],
+targets row[1:]. Every token of the stream is the target of exactly one row (the tail is padded with
+`<unk>` under a zero mask), so packing drops nothing. Document boundaries stay visible to the model as
+`</s> <s>`; a target `<s>` is masked out (which document comes next is not predictable). Attention and the
+SSM state do run across boundaries, as in Megatron's packed pretraining without resets.
+
+**Order.** Rows are visited in epochs; epoch e is `randperm(N)` from a generator seeded with (seed, e), so
+the batch at any *position* (rows consumed so far) is a pure function of (data, seed, position). That
+position is the whole resume state of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemotron3.rl import tasks
+from nemotron3.train.tokenizer import Tokenizer
+
+SUPPORTED = (".txt", ".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class Document:
+    ids: list[int]
+    mask: list[int] | None = None  # 1 = train on this token as a target; None = all ones
+
+
+# ----------------------------------------------------------------------------------------- sources
+def task_texts(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[str]:
+    """`n` task documents (prompt, <think> trace </think>, answer) mixed evenly over every family."""
+    return [p.text() for p in tasks.mixture(n, seed=seed, split=split, difficulty=difficulty)]
+
+
+def _files(paths: list[str | Path]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in SUPPORTED and f.is_file())
+            if not found:
+                raise DataError(f"{p}: folder has no {'/'.join(SUPPORTED)} files")
+            out += found
+        elif not p.exists():
+            raise DataError(f"{p}: no such file or folder")
+        elif p.suffix not in SUPPORTED:
+            raise DataError(f"{p}: unsupported file type {p.suffix!r}; use {', '.join(SUPPORTED)}")
+        else:
+            out.append(p)
+    return out
+
+
+def read_texts(paths: list[str | Path]) -> list[str]:
+    """All documents of the given files and folders, in sorted file order."""
+    texts: list[str] = []
+    for f in _files(paths):
+        if f.suffix == ".txt":
+            texts.append(f.read_text(encoding="utf-8"))
+        elif f.suffix == ".jsonl":
+            with f.open(encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{f}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise DataError(f"{f}:{lineno}: expected an object with a string field 'text'")
+                    texts.append(obj["text"])
+        else:
+            import pyarrow.parquet as pq  # only parquet needs pyarrow
+
+            table = pq.read_table(f)
+            if "text" not in table.column_names:
+                raise DataError(f"{f}: parquet file has no 'text' column (columns: {table.column_names})")
+            for i, t in enumerate(table.column("text").to_pylist()):
+                if not isinstance(t, str):
+                    raise DataError(f"{f}: row {i} of column 'text' is {type(t).__name__}, not a string")
+                texts.append(t)
+    if not texts:
+        raise DataError(f"no documents in {', '.join(map(str, paths))}")
+    return texts
+
+
+# ----------------------------------------------------------------------------------------- packing
+def pack(docs: list[Document], seq_len: int, bos_id: int, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents -> rows (N, T+1) int64 and target mask (N, T+1) bool (column 0 is never a target)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for d in docs:
+        m = d.mask if d.mask is not None else [1] * len(d.ids)
+        if len(m) != len(d.ids):
+            raise ValueError(f"document mask has {len(m)} entries for {len(d.ids)} tokens")
+        ids += [bos_id, *d.ids, eos_id]
+        mask += [0, *m, 1]  # <s> is not predictable; </s> is (the document ends here)
+    n_rows = max(1, math.ceil((len(ids) - 1) / seq_len))
+    total = n_rows * seq_len + 1
+    ids += [pad_id] * (total - len(ids))
+    mask += [0] * (total - len(mask))
+    stream = torch.tensor(ids, dtype=torch.long)
+    mstream = torch.tensor(mask, dtype=torch.bool)
+    starts = torch.arange(n_rows) * seq_len
+    index = starts[:, None] + torch.arange(seq_len + 1)  # (N, T+1)
+    return stream[index], mstream[index]
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64
+    mask: torch.Tensor  # (B, T) bool: which targets count
+
+    def split(self, n: int) -> list["Batch"]:
+        """Into micro-batches of at most n rows."""
+        return [Batch(i, t, m) for i, t, m in zip(self.inputs.split(n), self.targets.split(n), self.mask.split(n))]
+
+
+class PackedData:
+    """Packed rows and their seeded epoch order; `batch(position, size)` is deterministic."""
+
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> None:
+        self.rows, self.mask, self.seed = rows, mask, seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.shape[1] - 1
+
+    def fingerprint(self) -> str:
+        """A hash of the rows, mask and seed: resuming on different data is an error, not a silent change."""
+        h = hashlib.blake2b(digest_size=12)
+        h.update(self.rows.numpy().tobytes())
+        h.update(self.mask.numpy().tobytes())
+        h.update(str(self.seed).encode())
+        return h.hexdigest()
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self), generator=g))
+        return self._perm[1]
+
+    def indices(self, position: int, size: int) -> list[int]:
+        """Row indices of the `size` rows starting at global `position` (may span an epoch boundary)."""
+        n = len(self)
+        return [int(self.order(p // n)[p % n]) for p in range(position, position + size)]
+
+    def take(self, index: list[int]) -> Batch:
+        rows, mask = self.rows[index], self.mask[index]
+        return Batch(rows[:, :-1], rows[:, 1:], mask[:, 1:])
+
+    def batch(self, position: int, size: int) -> Batch:
+        return self.take(self.indices(position, size))
+
+
+def build(tokenizer: Tokenizer, texts: list[str], seq_len: int, seed: int) -> PackedData:
+    """Tokenize and pack plain-text documents."""
+    docs = [Document(ids) for ids in tokenizer.encode_batch(texts)]
+    rows, mask = pack(docs, seq_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    return PackedData(rows, mask, seed)
+
+
+def split_tail(data: PackedData, fraction: float) -> tuple[PackedData, PackedData]:
+    """Hold out the last `fraction` of rows (at least one): for user text, whose held-out part is a contiguous
+    tail of the stream that training never sees."""
+    n = len(data)
+    k = max(1, round(n * fraction))
+    if n - k < 1:
+        raise DataError(f"only {n} packed rows: too little data to hold any out for evaluation")
+    return (PackedData(data.rows[:-k], data.mask[:-k], data.seed), PackedData(data.rows[-k:], data.mask[-k:], data.seed))

@@ -1,0 +1,216 @@
+"""The training loop, one for pretraining and SFT: what differs between them is only the data (SFT's
+documents carry a loss mask over the assistant's tokens; data.py and loss.py apply it).
+
+One optimizer step:
+
+    lr ← WSD(step)
+    global batch ← rows [position, position + B) of the seeded order; this rank takes its B/world rows
+    for each micro-batch:  forward (+ MTP depths), loss normalised by the global batch's counts, backward
+    all-reduce gradients, losses and expert loads over ranks (torch.distributed, when launched by torchrun)
+    clip the global gradient norm
+    if loss and gradient norm are finite: AdamW step, then the expert-bias update
+    else: skip the update and say so (the NaN/Inf guard); the data still advances
+    log a JSON line; every `eval_every` steps the held-out loss; every `save_every` steps a checkpoint
+
+`--batch-size` is the *global* batch in sequences: world size and micro-batch size only decide how it is
+split, and since every loss is normalised by global counts (loss.py), the gradient is the same sum in any
+split (equal up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from nemotron3.train import checkpoint
+from nemotron3.train.balance import ExpertBalance
+from nemotron3.train.data import PackedData
+from nemotron3.train.evaluate import eval_loss
+from nemotron3.train.loss import Normalizer, micro_loss
+from nemotron3.train.optim import WSD, build_optimizer
+from nemotron3.train.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16  # global, in sequences
+    micro_batch_size: int = 0  # rows per forward on each rank; 0 = the rank's whole share at once
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.01
+    warmup: int = -1  # -1 = 5% of the steps
+    decay_fraction: float = 0.2
+    decay_shape: str = "minus_sqrt"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    mtp_depths: int = 2
+    mtp_scale: float = 0.3
+    bias_update_rate: float = 1e-3
+    seq_aux_coeff: float = 1e-4
+    eval_every: int = 100
+    save_every: int = 0  # 0 = no intermediate checkpoints
+    keep_last: int = 2
+    log_every: int = 25
+
+    def schedule(self) -> WSD:
+        warmup = self.warmup if self.warmup >= 0 else max(1, self.steps // 20)
+        return WSD(self.lr, self.steps, warmup, self.decay_fraction, self.min_lr_ratio, self.decay_shape)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_loss: float
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    load_ratios: list[float] = field(default_factory=list)  # worst layer's max/min expert load, per step
+    skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _dist() -> tuple[int, int]:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_(tensors: list[torch.Tensor]) -> None:
+    """Sum in place over ranks, as one flat buffer (one collective instead of one per tensor)."""
+    if _dist()[1] == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float64 if t.is_floating_point() else t.dtype) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line. On resume, records after the checkpoint's step are dropped
+    (a killed run may have logged steps it never saved), so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
+          heldout: PackedData | None = None, resume: dict | None = None, run_info: dict | None = None,
+          console: Console | None = None) -> TrainResult:
+    """Train `model` in place for `cfg.steps` optimizer steps (from `resume["step"]` when resuming)."""
+    out_dir, console = Path(out_dir), console or Console()
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
+    local = cfg.batch_size // world
+    micro = cfg.micro_batch_size or local
+    if local % micro:
+        raise ValueError(f"each rank's {local} rows do not split into micro-batches of {micro}")
+    depths = cfg.mtp_depths if getattr(model, "mtp", None) is not None else 0
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    sched = cfg.schedule()
+    balance = ExpertBalance(model, cfg.bias_update_rate, cfg.seq_aux_coeff)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, position = 0, 0
+    if resume is not None:
+        if resume["data_fingerprint"] != data.fingerprint():
+            raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): resume with the same data and seed")
+        opt.load_state_dict(resume["optimizer"])
+        checkpoint.set_rng_state(resume["rng"], model)
+        step, position = resume["step"], resume["data_position"]
+    log = MetricsLog(out_dir / "metrics.jsonl", step if resume is not None else None) if rank == 0 else None
+    result = TrainResult(steps=step, last_loss=float("nan"))
+    model.train()
+    t_start = time.perf_counter()
+    columns = (TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = sched.lr(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batch = data.batch(position, cfg.batch_size)
+            norm = Normalizer.of(batch.mask, depths)
+            mine = batch.split(local)[rank]
+            balance.reset()
+            balance.active = True
+            sums = torch.zeros(3, dtype=torch.float64)  # main CE, mean MTP CE, aux
+            for mb in mine.split(micro):
+                ml = micro_loss(model, mb, norm, depths, cfg.mtp_scale, lambda: balance.take_aux_loss(cfg.batch_size))
+                ml.total.backward()
+                sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64)
+            balance.active = False
+            _all_reduce_([p.grad for p in params if p.grad is not None] + [sums])
+            balance.all_reduce()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            loss = float(sums[0])
+            total = loss + cfg.mtp_scale * float(sums[1]) + float(sums[2])
+            finite = math.isfinite(total) and math.isfinite(grad_norm)
+            if finite:
+                opt.step()
+                balance.apply_bias_update()
+            opt.zero_grad(set_to_none=True)
+            step, position = step + 1, position + cfg.batch_size
+            ratio = max(balance.load_ratio().values(), default=1.0)
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": int(batch.mask.sum()), "tok_per_s": round(batch.inputs.numel() / dt, 1)}
+            if depths:
+                record["mtp_loss"] = float(sums[1])
+            if cfg.seq_aux_coeff > 0:
+                record["aux_loss"] = float(sums[2])
+            if balance.moes:
+                record["load_max_min"] = round(ratio, 4)
+            result.load_ratios.append(ratio)
+            if not finite:
+                record["skipped"] = True
+                result.skipped.append(step)
+                console.print(f"[bold red]step {step}: non-finite loss {total} or gradient norm {grad_norm}: update skipped[/]")
+            else:
+                result.last_loss = loss
+            if log:
+                log.write(record)
+            bar.update(task, completed=step, info=f"loss {loss:.3f} lr {lr:.2e} {record['tok_per_s']:.0f} tok/s")
+            if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+                console.print(f"step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.2f}  "
+                              f"load max/min {ratio:.2f}  {record['tok_per_s']:.0f} tok/s")
+            if heldout is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+                ev = eval_loss(model, heldout)
+                result.eval_losses.append((step, ev))
+                log.write({"step": step, "eval_loss": ev})
+                console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                if rank == 0:
+                    state = {"step": step, "data_position": position, "optimizer": opt.state_dict(),
+                             "schedule": asdict(sched), "rng": checkpoint.rng_state(model),
+                             "data_fingerprint": data.fingerprint(), "train_config": asdict(cfg), "run": run_info or {}}
+                    checkpoint.save(checkpoint.step_dir(out_dir, step), model, tokenizer, state)
+                    checkpoint.prune(out_dir, cfg.keep_last)
+                if world > 1:
+                    torch.distributed.barrier()
+    balance.remove()
+    result.steps, result.seconds = step, time.perf_counter() - t_start
+    return result
