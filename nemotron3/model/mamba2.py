@@ -127,7 +127,12 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # (b, C, K-1+t)
-        xbc = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        # depthwise conv as multiply-and-sum over sliding windows: for one or a few tokens this is far cheaper
+        # than a conv1d call (oneDNN sets up a primitive per shape), and equal to it up to summation order
+        xbc = (window.unfold(-1, self.conv_kernel, 1) * self.conv1d.weight).sum(-1)  # (b, C, t)
+        if self.conv1d.bias is not None:
+            xbc = xbc + self.conv1d.bias[:, None]
+        xbc = F.silu(xbc).transpose(1, 2)  # (b, t, C)
         x, B, C = self.split_xbc(xbc)  # (b, t, h, p), (b, t, g, n), (b, t, g, n)
         dt, A = self.discretize(dt)  # (b, t, h) fp32
         last = view.last  # (b,) index of each row's last real token
@@ -139,7 +144,7 @@ class Mamba2Mixer(nn.Module):
                 ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=self.D))  # state updated in place
                 if view.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
                     j = torch.clamp(last, max=i)
-                    conv_i = window.gather(-1, (j[:, None, None] + 1 + torch.arange(K1, device=window.device))[:, None].expand(-1, self.conv_dim, -1))
+                    conv_i = window.gather(-1, (j[:, None] + 1 + torch.arange(K1, device=window.device))[:, None].expand(-1, self.conv_dim, -1))
                     cache.record(layer, view.index, view.start + j, conv_i, state)
             y = torch.stack(ys, dim=1)  # (b, t, h, p)
             new_state = state

@@ -1,0 +1,77 @@
+"""FastDecoder (fused weights, in-place states) against the model's reference cached path, step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nemotron3
+from nemotron3.engine.cache import HybridCache
+from nemotron3.engine.decode import FastDecoder
+from test_engine_model import build
+
+
+def run_both(model, lens: list[int], steps: int = 6, seed: int = 0):
+    """Prefill rows of lengths `lens` into two caches, then decode `steps` tokens with each path."""
+    V, B = model.config.vocab_size, len(lens)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, max(lens)), generator=gen)
+    toks = torch.randint(0, V, (B, steps), generator=gen)
+    ref_cache = HybridCache(model.config, B, max(lens) + steps, include_mtp=False)
+    fast_cache = HybridCache(model.config, B, max(lens) + steps, include_mtp=False)
+    fast = FastDecoder(model)
+    ref_logits, fast_logits = [], []
+    with torch.no_grad():
+        for c in (ref_cache, fast_cache):
+            model(ids, cache=c, valid=torch.tensor(lens))
+        for j in range(steps):
+            ref_logits.append(model(toks[:, j : j + 1], cache=ref_cache)[:, 0])
+            n_keys = int(fast_cache.lengths.max()) + 1
+            mask = None if len(set(lens)) == 1 else (torch.arange(n_keys) <= fast_cache.lengths[:, None]).view(B, 1, 1, -1)
+            fast_logits.append(fast.step(toks[:, j], fast_cache, n_keys, mask))
+            fast_cache.lengths += 1
+    return torch.stack(ref_logits, 1), torch.stack(fast_logits, 1), ref_cache, fast_cache
+
+
+@pytest.mark.parametrize("lens", [[9], [20, 20, 20, 20, 20, 20], [3, 17, 8]])  # B=1 gathers experts, B=6 runs them densely
+def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens):
+    name, cfg = tiny_hf_config
+    model = build(cfg, seed=1)
+    ref, fast, ref_cache, fast_cache = run_both(model, lens)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+    for part in ("conv", "ssm", "key", "value"):
+        for i, t in getattr(ref_cache, part).items():
+            if part in ("key", "value"):  # only the positions the rows hold
+                for b, n in enumerate(ref_cache.lengths.tolist()):
+                    torch.testing.assert_close(getattr(fast_cache, part)[i][b, :, :n], t[b, :, :n], atol=1e-5, rtol=0)
+            else:
+                torch.testing.assert_close(getattr(fast_cache, part)[i], t, atol=1e-5, rtol=0)
+
+
+def test_t9_batch_paths_agree():
+    model = build(nemotron3.ModelConfig.preset("t9").to_hf(), seed=2)
+    for lens in ([70], [5, 9, 30, 31]):  # one row gathers 4 of 16 experts; four rows run all 16 densely
+        ref, fast, *_ = run_both(model, lens, steps=4)
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+
+
+def test_in_place_weight_updates_are_noticed():
+    model = build(nemotron3.ModelConfig.preset("tiny").to_hf(), seed=3)
+    fast = FastDecoder(model)
+    assert not fast.is_stale()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    assert fast.is_stale()
+    fast.refresh()
+    assert not fast.is_stale()
+    ref, got, *_ = run_both(model, [4])
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_unsupported_models_fall_back_to_the_reference_path():
+    model = build(nemotron3.ModelConfig.preset("tiny").to_hf()).to(torch.bfloat16)
+    assert not FastDecoder.supports(model)
+    engine = nemotron3.Engine(model)
+    assert engine.fast is None
+    out = engine.generate([[1, 2, 3]], 3, stop_token_ids=[])
+    assert len(out.tokens[0]) == 3 and out.stats["path"] == "reference"
