@@ -1,0 +1,137 @@
+"""Engine.generate: greedy tokens as transformers' generate, batch rows as alone, seeded sampling, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nemotron3
+from conftest import TINY_HF_CONFIGS, randomize_
+from nemotron3.engine.sampling import row_uniforms, sample, sample_reference
+from test_engine_model import build
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_pair(cfg: dict, tmp_path, seed: int = 0):
+    """A random transformers model whose dt never reaches the clamp, and the same weights in ours.
+
+    transformers clamps dt at time_step_min in its prefill but not in its one-token decode step (we clamp
+    in both, see model/mamba2.py). dt_bias in [-1, 1] keeps softplus(dt) far above time_step_min = 1e-3,
+    so the clamp never acts and both systems compute the same function.
+    """
+    torch.manual_seed(seed)
+    ref = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**cfg)).eval()
+    randomize_(ref, seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("dt_bias"):
+                p.uniform_(-1.0, 1.0)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    ref.save_pretrained(tmp_path)
+    return ref, nemotron3.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["latent-2groups", "moe-1group"])
+def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
+    ref, ours = hf_pair(TINY_HF_CONFIGS[name], tmp_path)
+    V = ours.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    engine = nemotron3.Engine(ours)
+    for n in (1, 23, 40):  # prompts inside one chunk (16) and across chunks
+        prompt = torch.randint(0, V, (1, n), generator=gen)
+        with torch.no_grad():
+            want = ref.generate(prompt, max_new_tokens=24, do_sample=False)[0, n:].tolist()
+        got = engine.generate([prompt[0].tolist()], 24, stop_token_ids=[]).tokens[0]
+        assert got == want, f"prompt length {n}"
+        assert len(set(want)) > 3, "degenerate reference (one repeated token) would make a weak test"
+
+
+def tiny_engine(**kw) -> nemotron3.Engine:
+    return nemotron3.Engine(build(nemotron3.ModelConfig.preset("tiny").to_hf(), seed=4), **kw)
+
+
+@pytest.mark.parametrize("prefill_chunk", [2048, 16])
+def test_each_row_of_a_batch_equals_its_prompt_alone(prefill_chunk):
+    engine = tiny_engine(prefill_chunk=prefill_chunk)
+    V = engine.config.vocab_size
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (45, 3, 33, 1)]
+    batch = engine.generate(prompts, 12, stop_token_ids=[])
+    for p, toks in zip(prompts, batch.tokens):
+        assert toks == engine.generate([p], 12, stop_token_ids=[]).tokens[0]
+    assert batch.stats["forward_passes"] == (1 if prefill_chunk > 45 else 3) + 11
+
+
+def test_seeded_sampling_is_reproducible_and_rows_sample_independently():
+    engine = tiny_engine()
+    prompt = list(range(5, 25))
+    kw = dict(temperature=1.0, top_k=50, top_p=0.9, stop_token_ids=[])
+    a = engine.generate([prompt, prompt, prompt], 16, seed=123, **kw).tokens
+    b = engine.generate([prompt, prompt, prompt], 16, seed=123, **kw).tokens
+    assert a == b
+    assert a[0] != a[1] and a[1] != a[2]  # same prompt, own random stream per row
+    assert engine.generate([prompt, prompt, prompt], 16, seed=124, **kw).tokens != a
+    # a row's tokens depend on (seed, its index), not on what else is in the batch
+    assert engine.generate([prompt], 16, seed=123, **kw).tokens[0] == a[0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 40, 0.5), (0.0, 0, 1.0)])
+def test_sampler_equals_the_row_by_row_reference(temperature, top_k, top_p):
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, 100, generator=gen) * 3
+    u = row_uniforms(7, 64, 1)[:, 0]
+    assert sample(logits, temperature, top_k, top_p, u).tolist() == sample_reference(logits, temperature, top_k, top_p, u)
+
+
+def test_stop_tokens_end_rows_and_streaming_yields_the_same_tokens():
+    engine = tiny_engine()
+    prompts = [[3, 4, 5], [9, 8, 7, 6]]
+    free = engine.generate(prompts, 10, stop_token_ids=[]).tokens
+    stop = free[0][3]  # row 0 stops at its 4th token; row 1 runs on unless it meets the same id
+    out = engine.generate(prompts, 10, stop_token_ids=[stop]).tokens
+    assert out[0] == free[0][:4]
+    cut = free[1].index(stop) + 1 if stop in free[1] else 10
+    assert out[1] == free[1][:cut]
+    streamed = [[], []]
+    for step in engine.stream(prompts, 10, stop_token_ids=[stop]):
+        for r, tok in enumerate(step):
+            if tok is not None:
+                streamed[r].append(tok)
+    assert streamed == out
+    assert engine.last_stats["new_tokens"] == len(out[0]) + len(out[1])
+    # None = the config's eos ids
+    eos = engine.config.eos_token_ids[0]
+    assert all(eos not in toks[:-1] for toks in engine.generate(prompts, 10).tokens)
+
+
+def test_bad_input_is_refused_before_any_work():
+    engine = tiny_engine(max_seq_len=64)
+    V = engine.config.vocab_size
+    cases = [
+        ("empty", [[1, 2], []], 4),
+        ("vocabulary", [[1, V]], 4),
+        ("vocabulary", [[-1, 2]], 4),
+        ("max_new_tokens", [[1, 2]], 0),
+        ("max_new_tokens", [[1, 2]], -3),
+        ("max_seq_len", [list(range(60))], 5),
+        ("list of prompts", [1, 2, 3], 4),
+        ("non-empty list", [], 4),
+    ]
+    for match, prompts, n in cases:
+        with pytest.raises(ValueError, match=match):
+            engine.generate(prompts, n)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([[1]], 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate([[1]], 2, temperature=1.0, top_p=0.0)
+    with pytest.raises(NotImplementedError, match="speculative"):
+        engine.generate([[1]], 2, num_speculative_tokens=2)
+    assert engine._cache is None  # nothing was allocated or run
+
+
+def test_reference_path_gives_the_same_tokens_as_the_fast_path():
+    fast, ref = tiny_engine(), tiny_engine(fast=False)
+    prompts = [[1, 2, 3, 4, 5], [7] * 19]
+    assert fast.generate(prompts, 8, stop_token_ids=[]).tokens == ref.generate(prompts, 8, stop_token_ids=[]).tokens
