@@ -97,8 +97,6 @@ class FastDecoder:
         self.hq, self.hk, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.h, self.p, self.g, self.n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
         self.d_inner, self.conv_dim = c.mamba_intermediate_size, c.mamba_conv_dim
-        self._sources = [p for p in model.parameters()] + [b for b in model.buffers()]
-        self._versions = self._version_sum()
         self._build()
 
     @staticmethod
@@ -111,12 +109,15 @@ class FastDecoder:
                 return False
         return all(p.dtype == torch.float32 for p in model.parameters())
 
-    def _version_sum(self) -> int:
-        return sum(t._version for t in self._sources)
+    def _signature(self) -> tuple:
+        """(identity, version) of every weight: changes when one is replaced or updated in place."""
+        tensors = list(self.model.parameters())
+        tensors += [b for name, b in self.model.named_buffers() if name.endswith("e_score_correction_bias")]
+        return tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors)
 
     def is_stale(self) -> bool:
-        """True if a weight of the model changed in place since the fused copies were made."""
-        return self._version_sum() != self._versions
+        """True if a weight of the model changed (in place, or replaced) since the fused copies were made."""
+        return self._signature() != self._versions
 
     @torch.no_grad()
     def _build(self) -> None:
@@ -155,7 +156,7 @@ class FastDecoder:
                     mx.gate.e_score_correction_bias, inter, latent, shared))
             else:
                 self.layers.append(_MLP(nw, t(mx.up_proj.weight), t(mx.down_proj.weight)))
-        self._versions = self._version_sum()
+        self._versions = self._signature()
 
     def refresh(self) -> None:
         """Rebuild the fused copies from the model's current weights."""

@@ -1,0 +1,63 @@
+"""`nemotron3 generate`: text through the folder's tokenizer.json, raw ids, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nemotron3
+from conftest import randomize_
+from nemotron3.cli import main
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=300, num_nextn_predict_layers=0, eos_token_id=None)
+    torch.manual_seed(0)
+    model = nemotron3.HybridLM(config)
+    randomize_(model)
+    nemotron3.save_pretrained(model, folder)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["once upon a time there was a tiny model"] * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, model, tok
+
+
+def test_prompt_text_streams_the_engines_greedy_tokens(checkpoint, capsys):
+    folder, model, tok = checkpoint
+    assert main(["generate", "--model", str(folder), "--prompt", "once upon a time", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    want = nemotron3.Engine(model).generate([tok.encode("once upon a time").ids], 6).tokens[0]
+    assert out.out.rstrip("\n") == tok.decode(want)
+    assert "6 new" in out.err and "decode" in out.err
+
+
+def test_raw_ids_and_sampling_flags(checkpoint, capsys):
+    folder, model, _ = checkpoint
+    argv = ["generate", "--model", str(folder), "--ids", "1,2,3", "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()[0]
+    want = nemotron3.Engine(model).generate([[1, 2, 3]], 4, temperature=0.9, seed=3).tokens[0]
+    assert printed == ",".join(map(str, want)) + ","
+
+
+def test_errors_name_the_problem(checkpoint, tmp_path):
+    folder, model, _ = checkpoint
+    with pytest.raises(SystemExit, match="outside the vocabulary"):
+        main(["generate", "--model", str(folder), "--ids", "1,999"])
+    with pytest.raises(SystemExit, match="comma-separated"):
+        main(["generate", "--model", str(folder), "--ids", "1,x"])
+    bare = tmp_path / "bare"
+    nemotron3.save_pretrained(model, bare)
+    with pytest.raises(SystemExit, match="no tokenizer.json.*--ids"):
+        main(["generate", "--model", str(bare), "--prompt", "hi"])
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        main(["generate", "--model", str(tmp_path / "missing"), "--ids", "1"])
