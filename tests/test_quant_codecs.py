@@ -123,7 +123,7 @@ def test_stochastic_rounding_is_unbiased(v):
     step = hi - lo
     p = (abs(v) - lo) / step
     sigma = step * math.sqrt(p * (1 - p) / n)
-    # the hardware consumes 8 random bits per element: P(up) = ceil(256 p)/256, bias < step/256
+    # the hardware consumes 8 random bits per element: P(up) = floor(256 p)/256, bias < step/256
     assert abs(q.mean().item() - v) <= step / 256 + 5 * sigma
 
 

@@ -49,8 +49,9 @@ Stochastic rounding (LOWPREC §2.3)
 for `cvt.rs.satfinite.e2m1x4.f32` bit for bit given the random bytes: with
 u = rbits/256 (8 random bits per element, as the hardware consumes 32 bits per
 4 elements), t = |v| + u*step(|v|) and the result is t rounded down to the grid
-of t's own binade. The probability of rounding up is therefore ceil(256*f)/256
-for a fractional position f, unbiased to within 1/256 of a step. The bytes come
+of t's own binade. The probability of rounding up is therefore floor(256*f)/256
+for a fractional position f (up to the fp32 rounding of the sum): unbiased to
+within 1/256 of a step, the hardware's own resolution. The bytes come
 from `random_bytes` (a seeded torch.Generator, 8 bytes per 64-bit draw), one per
 element in row-major order of the tensor being quantized. TE's own bits come from
 Philox on the GPU and cannot be reproduced here; SR is tested statistically.
