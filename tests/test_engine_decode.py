@@ -11,33 +11,37 @@ from nemotron3.engine.decode import FastDecoder
 from test_engine_model import build
 
 
-def run_both(model, lens: list[int], steps: int = 6, seed: int = 0):
-    """Prefill rows of lengths `lens` into two caches, then decode `steps` tokens with each path."""
+def run_both(model, lens: list[int], steps: int = 6, seed: int = 0, traceable: bool = False, step_fn=None):
+    """Prefill rows of lengths `lens` into two caches, then decode `steps` tokens with each path.
+
+    traceable: the variant written for torch.compile, attending over the whole capacity (n_keys=None);
+    step_fn: a replacement for its `step` (the compiled one)."""
     V, B = model.config.vocab_size, len(lens)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (B, max(lens)), generator=gen)
     toks = torch.randint(0, V, (B, steps), generator=gen)
     ref_cache = HybridCache(model.config, B, max(lens) + steps, include_mtp=False)
     fast_cache = HybridCache(model.config, B, max(lens) + steps, include_mtp=False)
-    fast = FastDecoder(model)
+    fast = FastDecoder(model, traceable=traceable)
+    step = step_fn or fast.step
     ref_logits, fast_logits = [], []
     with torch.no_grad():
         for c in (ref_cache, fast_cache):
             model(ids, cache=c, valid=torch.tensor(lens))
         for j in range(steps):
             ref_logits.append(model(toks[:, j : j + 1], cache=ref_cache)[:, 0])
-            n_keys = int(fast_cache.lengths.max()) + 1
-            mask = None if len(set(lens)) == 1 else (torch.arange(n_keys) <= fast_cache.lengths[:, None]).view(B, 1, 1, -1)
-            fast_logits.append(fast.step(toks[:, j], fast_cache, n_keys, mask))
+            n_keys = None if traceable else int(fast_cache.lengths.max()) + 1
+            fast_logits.append(step(toks[:, j], fast_cache, n_keys, len(set(lens)) == 1))
             fast_cache.lengths += 1
     return torch.stack(ref_logits, 1), torch.stack(fast_logits, 1), ref_cache, fast_cache
 
 
+@pytest.mark.parametrize("traceable", [False, True])
 @pytest.mark.parametrize("lens", [[9], [20, 20, 20, 20, 20, 20], [3, 17, 8]])  # B=1 gathers experts, B=6 runs them densely
-def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens):
+def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens, traceable):
     name, cfg = tiny_hf_config
     model = build(cfg, seed=1)
-    ref, fast, ref_cache, fast_cache = run_both(model, lens)
+    ref, fast, ref_cache, fast_cache = run_both(model, lens, traceable=traceable)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
     for part in ("conv", "ssm", "key", "value"):
         for i, t in getattr(ref_cache, part).items():
@@ -75,3 +79,14 @@ def test_unsupported_models_fall_back_to_the_reference_path():
     assert engine.fast is None
     out = engine.generate([[1, 2, 3]], 3, stop_token_ids=[])
     assert len(out.tokens[0]) == 3 and out.stats["path"] == "reference"
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_reference_cached_step():
+    """torch.compile of the traceable step (20-40 s of compilation, hence slow)."""
+    model = build(nemotron3.ModelConfig.preset("tiny").to_hf(), seed=5)
+    fast = FastDecoder(model, traceable=True)
+    compiled = torch.compile(fast.step, dynamic=False)
+    for lens in ([7], [4, 9]):
+        ref, got, *_ = run_both(model, lens, traceable=True, step_fn=compiled)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)

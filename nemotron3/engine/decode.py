@@ -66,6 +66,8 @@ class _MoE:
     norm: torch.Tensor
     w_in_t: torch.Tensor  # (H, E [+ ℓ] [+ I_s]): router | fc1_latent | shared up
     w_out_t: torch.Tensor | None  # (ℓ + I_s, H): fc2_latent | shared down, stacked
+    up: torch.Tensor  # (E, I, ℓ), the model's own tensor
+    down: torch.Tensor  # (E, ℓ, I), the model's own tensor
     up_t: torch.Tensor  # (ℓ, E·I): column block e is expert e's up_projᵀ
     down_t: torch.Tensor  # (E·I, ℓ): row block e is expert e's down_projᵀ
     bias: torch.Tensor  # (E,) correction bias
@@ -82,13 +84,19 @@ class _MLP:
 
 
 class FastDecoder:
-    """`step(tokens, cache, n_keys, mask)` -> logits (B, V): the next token of every cache row."""
+    """`step(tokens, cache, n_keys, uniform)` -> logits (B, V): the next token of every cache row.
 
-    def __init__(self, model: HybridLM) -> None:
+    traceable=True selects the variant written for `torch.compile` (no host sync: the chosen experts are
+    read by indexing inside one fused multiply-and-sum, which inductor turns into a loop over the
+    selected weights; in eager mode that form would materialise (B·k, I, ℓ) products).
+    """
+
+    def __init__(self, model: HybridLM, traceable: bool = False) -> None:
         if not self.supports(model):
             raise ValueError("FastDecoder needs an fp32 HybridLM of plain nn.Linear layers; use the reference path")
         c = model.config
         self.model = model
+        self.traceable = traceable
         self.config = c
         self.eps = c.layer_norm_epsilon
         self.E, self.k = c.n_routed_experts, c.num_experts_per_tok
@@ -150,7 +158,7 @@ class FastDecoder:
                 up, down = mx.experts.up_proj, mx.experts.down_proj  # (E, I, ℓ), (E, ℓ, I)
                 E, inter, ell = up.shape
                 self.layers.append(_MoE(
-                    nw, t(torch.cat(ins)), t(torch.cat(outs, dim=1)) if outs else None,
+                    nw, t(torch.cat(ins)), t(torch.cat(outs, dim=1)) if outs else None, up, down,
                     up.permute(2, 0, 1).reshape(ell, E * inter).contiguous(),
                     down.permute(0, 2, 1).reshape(E * inter, ell).contiguous(),
                     mx.gate.e_score_correction_bias, inter, latent, shared))
@@ -164,22 +172,29 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, cache, n_keys: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache, n_keys: int | None = None, uniform: bool = False) -> torch.Tensor:
         """tokens (B,) for cache rows 0..B-1 -> logits (B, V) fp32; appends one token to every row.
 
-        n_keys: max(lengths) + 1, the keys attention reads; mask: (B, 1, 1, n_keys) bool when the rows'
-        lengths differ (key j visible to row b iff j <= lengths[b]), None when they are all equal.
-        The caller advances `cache.lengths` (the Engine does it once per step, not per layer).
+        n_keys = max(lengths) + 1 limits attention to the keys some row holds; `uniform` says all rows
+        have the same length (no mask needed, and the new keys go to one column). n_keys=None attends over
+        the cache's whole capacity with a mask built from `cache.lengths`: every shape is then fixed by
+        (rows, max_seq_len), which is what `torch.compile` needs to compile the step once (the masked
+        tail costs at most the unused capacity). The caller advances `cache.lengths` (the Engine does it
+        once per step, not per layer).
         """
         if cache.max_rollback:
             raise ValueError("FastDecoder does not record rollback history; decode this cache with model(..., cache=)")
+        B = tokens.shape[0]
+        n = cache.max_seq_len if n_keys is None else n_keys
+        mask = None if (uniform and n_keys is not None) else (
+            torch.arange(n, device=tokens.device) <= cache.lengths[:, None]).view(B, 1, 1, n)
         h = F.embedding(tokens, self.emb)  # (B, H)
         for L in self.layers:
             x = F.rms_norm(h, (h.shape[-1],), L.norm, self.eps)
             if isinstance(L, _Mamba):
                 h = self._mamba(h, x, L, cache)
             elif isinstance(L, _Attn):
-                h = self._attn(h, x, L, cache, n_keys, mask)
+                h = self._attn(h, x, L, cache, n, mask)
             elif isinstance(L, _MoE):
                 h = self._moe(h, x, L)
             else:
@@ -209,21 +224,21 @@ class FastDecoder:
         y = F.rms_norm(y.view(B, g, di // g), (di // g,), None, self.eps).view(B, di) * L.gnorm
         return torch.addmm(h, y, L.w_out_t)
 
-    def _attn(self, h, x, L: _Attn, cache, n_keys: int, mask) -> torch.Tensor:
+    def _attn(self, h, x, L: _Attn, cache, n: int, mask) -> torch.Tensor:
         B, hq, hk, d = h.shape[0], self.hq, self.hk, self.d
         qkv = torch.mm(x, L.w_qkv_t)  # (B, (hq + 2hk)·d)
         q = qkv[:, : hq * d].view(B, hq, 1, d)
         k, v = qkv[:, hq * d : (hq + hk) * d].view(B, hk, d), qkv[:, (hq + hk) * d :].view(B, hk, d)
         K, V = cache.key[L.layer], cache.value[L.layer]  # (B, hk, T_max, d)
-        if mask is None:  # all rows at the same length n_keys - 1
-            K[:, :, n_keys - 1] = k
-            V[:, :, n_keys - 1] = v
-        else:
-            rows = torch.arange(B)
+        if mask is None:  # all rows at the same length n - 1
+            K[:, :, n - 1] = k
+            V[:, :, n - 1] = v
+        else:  # each row at its own length
+            rows = torch.arange(B, device=h.device)
             K[rows, :, cache.lengths] = k
             V[rows, :, cache.lengths] = v
         y = F.scaled_dot_product_attention(
-            q, K[:, :, :n_keys], V[:, :, :n_keys], attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hk)
+            q, K[:, :, :n], V[:, :, :n], attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hk)
         return torch.addmm(h, y.view(B, hq * d), L.w_o_t)
 
     def _moe(self, h, x, L: _MoE) -> torch.Tensor:
@@ -240,7 +255,12 @@ class FastDecoder:
         w = w * self.scaling
         ell = L.up_t.shape[0]
         z = g[:, E : E + ell] if L.latent else x  # (B, ℓ)
-        if B * k < E:  # few (row, expert) pairs: one GEMV pair per pair, reading only the chosen experts
+        if B * k < E and self.traceable:  # compiled: fused indexed multiply-and-sum, no copy of the weights
+            flat = idx.reshape(-1)  # (B·k,)
+            hid = (L.up[flat] * z.repeat_interleave(k, dim=0)[:, None, :]).sum(-1).relu().square()  # (B·k, I)
+            out = (L.down[flat] * hid[:, None, :]).sum(-1).view(B, k, ell)  # (B·k, ℓ)
+            y = (out * w[:, :, None]).sum(1)  # (B, ℓ)
+        elif B * k < E:  # few (row, expert) pairs: one GEMV pair per pair, reading only the chosen experts
             y = torch.zeros(B, ell)
             for b, (experts, weights) in enumerate(zip(idx.tolist(), w.tolist())):
                 zb, yb = z[b : b + 1], y[b : b + 1]

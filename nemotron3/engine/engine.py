@@ -72,7 +72,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
-        self.fast = FastDecoder(model) if fast and FastDecoder.supports(model) else None
+        self.fast = FastDecoder(model, traceable=compile) if fast and FastDecoder.supports(model) else None
         self.compile = compile
         self._step = None
         self._cache: HybridCache | None = None
@@ -185,18 +185,25 @@ class Engine:
             last[active[ends]] = logits[ends]
         return last, passes
 
-    def _decode_fn(self):
-        """(tokens (B,), cache, n_keys, mask) -> logits (B, V), advancing every row by one token."""
+    def _decode_fn(self, uniform: bool):
+        """(tokens (B,), cache) -> logits (B, V), advancing every row by one token."""
         if self.fast is None:
-            return lambda tokens, cache, n_keys, mask: self.model(tokens[:, None], cache=cache)[:, 0]
+            return lambda tokens, cache: self.model(tokens[:, None], cache=cache)[:, 0]
         if self.fast.is_stale():
             self.fast.refresh()
             self._step = None
-        if self._step is None:
-            self._step = torch.compile(self.fast.step, dynamic=True) if self.compile else self.fast.step
+        if self.compile:  # static shapes: attend over the whole capacity with a mask (see FastDecoder.step)
+            if self._step is None:
+                self._step = torch.compile(self.fast.step, dynamic=False)
 
-        def fast(tokens, cache, n_keys, mask):
-            logits = self._step(tokens, cache, n_keys, mask)
+            def compiled(tokens, cache):
+                logits = self._step(tokens, cache, None, False)
+                cache.lengths += 1
+                return logits
+            return compiled
+
+        def fast(tokens, cache):
+            logits = self.fast.step(tokens, cache, int(cache.lengths.max()) + 1, uniform)
             cache.lengths += 1
             return logits
         return fast
@@ -206,22 +213,18 @@ class Engine:
         with torch.inference_mode():
             cache = self._cache_for(B, max(len(p) for p in prompts) + max_new_tokens)
             uniforms = row_uniforms(seed, B, max_new_tokens) if temperature > 0 else None
-            step_fn = self._decode_fn()
+            step_fn = self._decode_fn(uniform=len({len(p) for p in prompts}) == 1)
             t0 = time.perf_counter()
             logits, passes = self._prefill(cache, prompts)
             tok = sample(logits, temperature, top_k, top_p, None if uniforms is None else uniforms[:, 0])
             t_prefill = time.perf_counter() - t0
         done = [False] * B
         produced = 0
-        uniform = len({len(p) for p in prompts}) == 1
         t1 = time.perf_counter()
         for i in range(max_new_tokens):
             if i > 0:
                 with torch.inference_mode():
-                    n_keys = int(cache.lengths.max()) + 1
-                    mask = None if uniform else (
-                        torch.arange(n_keys, device=self.device) <= cache.lengths[:, None]).view(B, 1, 1, n_keys)
-                    logits = step_fn(tok, cache, n_keys, mask)
+                    logits = step_fn(tok, cache)
                     passes += 1
                     tok = sample(logits, temperature, top_k, top_p, None if uniforms is None else uniforms[:, i])
             toks = tok.tolist()

@@ -1,0 +1,137 @@
+"""Generation speed of the nemotron3 Engine against transformers' `generate`, same T9 weights, one run.
+
+    python benchmarks/decode.py [--repeats 5] [--compile] [--long 65536] [--threads N]
+
+Builds the T9 benchmark model with transformers (seed 0), saves it, loads the same weights into
+nemotron3, and prints:
+  * batch-1 greedy decode, 70-token prompt, 128 new tokens (ANCHORS.md): tokens/s of the whole
+    `generate` call for both systems, timed alternately (the machine is shared and noisy; best of
+    `--repeats`), the ratio, and whether the greedy tokens are identical;
+  * batch-16 against batch-1 throughput of our engine (new tokens per second over all rows);
+  * prefill tokens/s at 512, 8k and `--long` (64k) tokens;
+  * cache bytes per token for tiny, T9, Nano and Super (computed, nothing allocated; Super at 1M tokens).
+With --compile the torch.compile'd decode step is timed too (its compilation time is printed apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import nemotron3
+from nemotron3.engine.cache import cache_size
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "t9_config.json"
+LLAMA_CPP_TOK_S = 1260  # ANCHORS.md: llama.cpp CPU build, 2 threads, same model and machine class
+
+
+def t9_hf_config(path: Path | None) -> dict:
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    return nemotron3.ModelConfig.preset("t9").to_hf()
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def race(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best-of-`repeats` seconds per function, alternating so that noise hits all alike; last outputs too."""
+    best, outs = {k: float("inf") for k in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            dt, outs[name] = timed(fn)
+            best[name] = min(best[name], dt)
+    return best, outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=70)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--long", type=int, default=65536, help="longest prefill measured (0 to skip)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(0)
+    hf = NemotronHForCausalLM(NemotronHConfig(**t9_hf_config(args.config))).eval()
+    hf.generation_config.eos_token_id = None  # always 128 new tokens, as ours with stop_token_ids=[]
+    hf.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = nemotron3.load_pretrained(tmp)
+    V = ours.config.vocab_size
+    print(f"model: T9 ({ours.num_parameters() / 1e6:.2f}M params), threads={torch.get_num_threads()}")
+
+    prompt = torch.randint(0, V, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    engine = nemotron3.Engine(ours, max_seq_len=max(8192, args.long) + 8)
+    n = args.new
+
+    def run_hf():
+        with torch.no_grad():
+            return hf.generate(prompt, max_new_tokens=n, do_sample=False)[0, args.prompt_len :].tolist()
+
+    def run_ours(eng=engine):
+        return eng.generate([prompt[0].tolist()], n, stop_token_ids=[]).tokens[0]
+
+    fns = {"transformers": run_hf, "nemotron3": run_ours}
+    compiled = None
+    if args.compile:
+        compiled = nemotron3.Engine(ours, max_seq_len=8192, compile=True)
+        t_compile, _ = timed(lambda: run_ours(compiled))
+        print(f"torch.compile of the decode step: first call {t_compile:.1f} s (compilation included)")
+        fns["nemotron3 compiled"] = lambda: run_ours(compiled)
+    for fn in fns.values():
+        fn()  # warm-up
+    best, outs = race(fns, args.repeats)
+    same = all(o == outs["transformers"] for o in outs.values())
+    hf_tok_s = n / best["transformers"]
+    print(f"\nbatch-1 greedy, {args.prompt_len}-token prompt, {n} new tokens (whole generate call, best of {args.repeats})")
+    for name, t in best.items():
+        print(f"  {name:20s}{n / t:10,.0f} tok/s   {n / t / hf_tok_s:5.2f}x transformers   "
+              f"{n / t / LLAMA_CPP_TOK_S:5.2f}x llama.cpp (ANCHORS.md, {LLAMA_CPP_TOK_S})")
+    print(f"  greedy tokens identical to transformers: {same}")
+    st = engine.generate([prompt[0].tolist()], n, stop_token_ids=[]).stats
+    print(f"  ours, decode steps only: {st['decode_tok_s']:,.0f} tok/s ({1e3 / st['decode_tok_s']:.2f} ms/step)")
+
+    # batch-16 against batch-1: new tokens per second over all rows
+    B = args.batch
+    prompts = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.generate(prompts, 8, stop_token_ids=[])  # warm-up at this batch size
+    best_b, _ = race({"b1": run_ours, "bB": lambda: engine.generate(prompts, n, stop_token_ids=[])}, max(2, args.repeats // 2))
+    t1, tB = n / best_b["b1"], B * n / best_b["bB"]
+    print(f"\nbatch-{B} vs batch-1 (whole generate call): {tB:,.0f} vs {t1:,.0f} tok/s = {tB / t1:.1f}x")
+
+    # prefill
+    print("\nprefill (one prompt, engine segments of 2048 tokens)")
+    for L in [512, 8192] + ([args.long] if args.long else []):
+        ids = torch.randint(0, V, (L,), generator=torch.Generator().manual_seed(2)).tolist()
+        reps = 3 if L <= 8192 else 1
+        t = min(timed(lambda: engine.generate([ids], 1, stop_token_ids=[]))[0] for _ in range(reps))
+        print(f"  {L:>6d} tokens: {L / t:10,.0f} tok/s  ({t:.2f} s)")
+
+    print("\ncache bytes per token (computed, nothing allocated; SSM state fp32, KV and conv in the dtype shown)")
+    rows = [("tiny", 8192, torch.float32), ("t9", 8192, torch.float32),
+            ("nano-30b-a3b", 262144, torch.bfloat16), ("super-120b-a12b", 1 << 20, torch.bfloat16)]
+    for name, L, dt in rows:
+        s = cache_size(nemotron3.ModelConfig.preset(name), 1, L, dtype=dt)
+        print(f"  {name:16s} at {L:>8,d} tokens ({str(dt).split('.')[-1]}): {s.per_token:10,.0f} B/token total = "
+              f"{s.kv_per_token:,} KV + {s.state_per_row:,} B of Mamba state / {L:,};  whole cache {s.total / 2**20:,.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
