@@ -106,26 +106,40 @@ def load_state(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- RNG
+def _generator_owners(model: nn.Module) -> dict[str, Any]:
+    """Objects that own per-device generators (`_generators: {device: torch.Generator}`), by a stable name:
+    modules such as NVFP4Linear, and plain helper objects a module holds (e.g. the routed experts'
+    `gemm_quantizer.layer`, kept outside the module tree so it adds no state_dict entry)."""
+    owners = {}
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "_generators", None), dict):
+            owners[name] = m
+        for attr, obj in vars(m).items():
+            if attr.startswith("_") or isinstance(obj, (nn.Module, torch.Tensor)) or not hasattr(obj, "__dict__"):
+                continue
+            for path, o in ((attr, obj), (f"{attr}.layer", getattr(obj, "layer", None))):
+                if isinstance(getattr(o, "_generators", None), dict):
+                    owners[f"{name}#{path}"] = o
+    return owners
+
+
 def rng_state(model: nn.Module) -> dict[str, Any]:
     """Every random stream a training step can draw from."""
-    modules = {}
-    for name, m in model.named_modules():
-        gens = getattr(m, "_generators", None)  # e.g. NVFP4Linear's per-device stochastic-rounding streams
-        if isinstance(gens, dict) and gens:
-            modules[name] = {str(dev): g.get_state() for dev, g in gens.items()}
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(), "modules": modules}
+    owners = {name: {str(dev): g.get_state() for dev, g in o._generators.items()} for name, o in _generator_owners(model).items()}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "generators": {k: v for k, v in owners.items() if v}}
 
 
 def set_rng_state(state: dict[str, Any], model: nn.Module) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    named = dict(model.named_modules())
-    for name, gens in state.get("modules", {}).items():
-        m = named.get(name)
-        if m is None or not isinstance(getattr(m, "_generators", None), dict):
-            raise ValueError(f"checkpoint has RNG state for module {name!r}, which this model lacks or does not own a generator")
+    owners = _generator_owners(model)
+    for name, gens in state.get("generators", {}).items():
+        if name not in owners:
+            raise ValueError(f"checkpoint has RNG state for {name!r}, which this model does not have (was it trained "
+                             f"with a different precision recipe, e.g. --nvfp4?)")
         for dev, s in gens.items():
             g = torch.Generator(device=dev)
             g.set_state(s)
-            m._generators[torch.device(dev)] = g
+            owners[name]._generators[torch.device(dev)] = g

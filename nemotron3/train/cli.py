@@ -91,7 +91,7 @@ def _corpus(args: argparse.Namespace, console: Console, tokenizer: Tokenizer | N
         per_doc = sum(map(len, tokenizer.encode_batch(task_sample))) / len(task_sample) + 2
         needed = args.steps * args.batch_size * args.seq_len * (0.5 if user else 1.0)
         task_train = D.task_texts(math.ceil(1.05 * needed / per_doc), args.seed, "train", args.difficulty)
-        task_heldout = D.task_texts(256, args.seed, "heldout", args.difficulty)
+        task_heldout = D.task_texts(120, args.seed, "heldout", args.difficulty)
     console.print(f"[bold]data[/] {len(user):,} user documents, {len(task_train):,} task documents; "
                   f"tokenizer {tokenizer.vocab_size} tokens")
     return tokenizer, user, task_train, task_heldout
@@ -152,7 +152,7 @@ def pretrain(args: argparse.Namespace, console: Console | None = None) -> dict:
     summary: dict = {}
     if rank == 0:
         final = checkpoint.save(out / "final", model, tokenizer)
-        accuracy = task_accuracy(model, tokenizer, args.eval_problems, args.difficulty, args.seed) if task_train else {}
+        accuracy = task_accuracy(model, tokenizer, args.eval_problems, args.difficulty, args.seed) if task_train and args.eval_problems > 0 else {}
         tail = result.load_ratios[-max(1, len(result.load_ratios) // 10):]
         summary = {
             "out": str(out), "final": str(final), "metrics": str(out / "metrics.jsonl"),
