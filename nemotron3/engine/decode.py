@@ -42,13 +42,12 @@ class _Mamba:
     layer: int
     norm: torch.Tensor  # (H,)
     w_in_t: torch.Tensor  # (H, d_inner + C + h)
+    in_bias: torch.Tensor  # (d_inner + C + h,): zeros, then dt_bias (added by the in_proj addmm)
     conv_w: torch.Tensor  # (C, K)
     conv_b: torch.Tensor  # (C,)
-    dt_bias: torch.Tensor  # (h,)
     A: torch.Tensor  # (h,) = -exp(A_log)
     D: torch.Tensor  # (h,)
-    gnorm: torch.Tensor  # (d_inner,)
-    w_out_t: torch.Tensor  # (d_inner, H)
+    w_out_t: torch.Tensor  # (d_inner, H), rows scaled by the gated norm's weight
     dt_min: float
     dt_max: float
 
@@ -144,9 +143,11 @@ class FastDecoder:
                 raise ValueError(f"FastDecoder does not handle projection biases (layer {i}); use the reference path")
             if block.kind == "M":
                 conv_b = mx.conv1d.bias if mx.conv1d.bias is not None else torch.zeros(mx.conv_dim)
+                in_bias = torch.cat([torch.zeros(mx.d_inner + mx.conv_dim), mx.dt_bias.float()])
                 self.layers.append(_Mamba(
-                    i, nw, t(mx.in_proj.weight), mx.conv1d.weight[:, 0].contiguous(), conv_b, mx.dt_bias,
-                    -torch.exp(mx.A_log.float()), mx.D, mx.norm.weight, t(mx.out_proj.weight), mx.dt_min, mx.dt_max))
+                    i, nw, t(mx.in_proj.weight), in_bias, mx.conv1d.weight[:, 0].contiguous(), conv_b,
+                    -torch.exp(mx.A_log.float()), mx.D, mx.norm.weight[:, None] * t(mx.out_proj.weight),
+                    mx.dt_min, mx.dt_max))
             elif block.kind == "*":
                 w_qkv = torch.cat([mx.q_proj.weight, mx.k_proj.weight, mx.v_proj.weight])
                 self.layers.append(_Attn(i, nw, t(w_qkv), t(mx.o_proj.weight)))
@@ -205,23 +206,23 @@ class FastDecoder:
     def _mamba(self, h: torch.Tensor, x: torch.Tensor, L: _Mamba, cache) -> torch.Tensor:
         B, di, C, nh, g = h.shape[0], self.d_inner, self.conv_dim, self.h, self.g
         conv_state, state = cache.conv[L.layer], cache.ssm[L.layer]  # (B, C, K-1), (B, h, p, n)
-        zxbcdt = torch.mm(x, L.w_in_t)  # (B, d_inner + C + h)
+        zxbcdt = torch.addmm(L.in_bias, x, L.w_in_t)  # (B, d_inner + C + h), dt_bias already added
         z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + C], zxbcdt[:, di + C :]
         window = torch.cat([conv_state, xbc[:, :, None]], dim=-1)  # (B, C, K)
         conv_state.copy_(window[:, :, 1:])
         xbc = F.silu(torch.sum(window * L.conv_w, dim=-1) + L.conv_b)  # (B, C)
-        gn = g * self.n
-        xs = xbc[:, :di].view(B, g, nh // g, self.p)  # (B, g, r, p)
+        gn, r = g * self.n, nh // g
+        xs = xbc[:, :di].view(B, g, r, self.p)  # (B, g, r, p)
         Bm = xbc[:, di : di + gn].view(B, g, 1, 1, self.n)
         Cm = xbc[:, di + gn :].view(B, g, 1, self.n, 1)
-        dt = F.softplus(dt + L.dt_bias).clamp_(L.dt_min, L.dt_max)  # (B, h)
-        dA = torch.exp(dt * L.A).view(B, g, -1, 1, 1)
-        s = state.view(B, g, nh // g, self.p, self.n)
-        s.mul_(dA).add_((xs * dt.view(B, g, -1, 1))[..., None] * Bm)  # S ← e^{dt·A} S + dt·x ⊗ B
+        dt = F.softplus(dt).clamp_(L.dt_min, L.dt_max)  # (B, h)
+        dA = torch.exp(dt * L.A).view(B, g, r, 1, 1)
+        s = state.view(B, g, r, self.p, self.n)
+        s.mul_(dA).addcmul_((xs * dt.view(B, g, r, 1))[..., None], Bm)  # S ← e^{dt·A} S + dt·x ⊗ B
         y = torch.matmul(s, Cm).view(B, nh, self.p)  # S·C
-        y = y.addcmul_(xs.reshape(B, nh, self.p), L.D[:, None]).view(B, di)  # + D·x
-        y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group, scale
-        y = F.rms_norm(y.view(B, g, di // g), (di // g,), None, self.eps).view(B, di) * L.gnorm
+        y = y.addcmul_(xs.view(B, nh, self.p), L.D[:, None]).view(B, di)  # + D·x
+        y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group (its weight is folded into w_out_t)
+        y = F.rms_norm(y.view(B, g, di // g), (di // g,), None, self.eps).view(B, di)
         return torch.addmm(h, y, L.w_out_t)
 
     def _attn(self, h, x, L: _Attn, cache, n: int, mask) -> torch.Tensor:
