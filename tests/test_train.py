@@ -221,3 +221,16 @@ def test_nan_guard_skips_the_step_and_says_so(tiny_run, tmp_path, monkeypatch, c
     assert records[2].get("skipped") is True and all("skipped" not in r for i, r in enumerate(records) if i != 2)
     assert math.isfinite(records[-1]["loss"]) and records[-1]["loss"] < records[0]["loss"]
     assert "step 3: non-finite loss" in capsys.readouterr().out
+
+
+def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run):
+    """The exact-match evaluation gives the same completions through the Engine's cache as through full
+    recomputation (a random model writes long, varied garbage: a demanding comparison)."""
+    from nemotron3.train.evaluate import task_accuracy
+
+    tok, _ = tiny_run
+    model = small_model(vocab=-(-tok.vocab_size // 64) * 64, seed=3)
+    fast = task_accuracy(model, tok, n_per_family=3, families=["add"])
+    slow = task_accuracy(model, tok, n_per_family=3, families=["add"], engine=False)
+    assert fast == slow
+    assert model.training  # evaluation leaves the model as it found it

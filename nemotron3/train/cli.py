@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemotron3.config import ModelConfig
+from nemotron3.commands.info import load_config
 from nemotron3.hf import load_pretrained
 from nemotron3.model import HybridLM
 from nemotron3.presets import PRESETS
@@ -35,7 +35,8 @@ from nemotron3.train.tokenizer import Tokenizer
 
 # Arguments that define the run; `--resume` restores them from the checkpoint.
 RUN_ARGS = ("config", "data", "tasks", "nvfp4", "steps", "batch_size", "micro_batch_size", "seq_len", "lr",
-            "seed", "difficulty", "eval_every", "save_every", "compile", "vocab_size")
+            "seed", "difficulty", "eval_every", "save_every", "compile", "vocab_size", "bias_update_rate",
+            "seq_aux_coeff", "mtp_depths")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,20 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--difficulty", type=int, default=1, help="task difficulty (1 = easiest)")
     p.add_argument("--vocab-size", type=int, default=0, help="BPE vocabulary cap (default: the config's)")
+    p.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-loss-free expert-bias step (0 = off)")
+    p.add_argument("--seq-aux-coeff", type=float, default=1e-4, help="sequence aux loss coefficient (0 = off)")
+    p.add_argument("--mtp-depths", type=int, default=2, help="MTP depths trained (shared weights; 0 = no MTP loss)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-problems", type=int, default=20, help="held-out problems per family for the final exact match")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0 = only final/)")
     p.add_argument("--compile", action="store_true", help="torch.compile the Mamba mixers (pays off for long runs only)")
     p.add_argument("--out", type=Path, default=Path("runs/pretrain"))
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-
-
-def _config(spec: str) -> ModelConfig:
-    if spec in PRESETS:
-        return ModelConfig.preset(spec)
-    if Path(spec).exists():
-        return ModelConfig.from_hf(spec)
-    raise SystemExit(f"error: --config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a path")
 
 
 def _convert_nvfp4(model: HybridLM) -> HybridLM:
@@ -116,7 +112,7 @@ def pretrain(args: argparse.Namespace, console: Console | None = None) -> dict:
         torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.manual_seed(args.seed)
-    config = _config(args.config)
+    config = load_config(args.config)
     tokenizer, user, task_train, task_heldout = _corpus(args, console, Tokenizer.load(ckpt) if ckpt else None,
                                                         args.vocab_size or config.vocab_size)
     train_parts, eval_parts = [], []
@@ -146,7 +142,8 @@ def pretrain(args: argparse.Namespace, console: Console | None = None) -> dict:
                   f"vocab {model.config.vocab_size}; {len(data):,} training rows of {args.seq_len} tokens; "
                   f"unigram baseline {baseline:.3f} nats")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                      lr=args.lr, eval_every=args.eval_every, save_every=args.save_every)
+                      lr=args.lr, eval_every=args.eval_every, save_every=args.save_every, mtp_depths=args.mtp_depths,
+                      bias_update_rate=args.bias_update_rate, seq_aux_coeff=args.seq_aux_coeff)
     run_info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RUN_ARGS}
     result = train(model, tokenizer, data, cfg, out, heldout, resume, run_info, console)
     summary: dict = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nemotron3.engine import Engine
 from nemotron3.rl import tasks
 from nemotron3.train.data import PackedData
 from nemotron3.train.loss import token_ce_sum
@@ -90,11 +91,13 @@ def greedy_generate_reference(model: nn.Module, prompt: list[int], max_new_token
 
 
 def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20, difficulty: int = 1, seed: int = 0,
-                  families: list[str] | None = None, batch_size: int = 32) -> dict[str, dict]:
+                  families: list[str] | None = None, batch_size: int = 32, engine: bool = True) -> dict[str, dict]:
     """Greedy exact-match accuracy on held-out problems of each family, scored by the family's verifier.
 
     The prompt is `<s>{prompt}\\n`, exactly how a pretraining document begins, and the model must write the
-    whole `<think>` trace and the answer itself. Returns {family: {"accuracy", "n", "example"}}.
+    whole `<think>` trace and the answer itself. Generation runs on the inference `Engine` (KV + SSM cache);
+    `engine=False` uses `greedy_generate` above, the cache-free definition. Returns
+    {family: {"accuracy", "n", "example"}}.
     """
     was_training = model.training
     model.eval()
@@ -103,9 +106,15 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20
         problems = tasks.generate(family, n_per_family, seed=seed, split="heldout", difficulty=difficulty)
         prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt + "\n")] for p in problems]
         budget = max(len(tokenizer.encode(p.completion())) for p in problems) * 3 // 2 + 8
+        stops = {tokenizer.eos_id, tokenizer.end_of_turn_id}
         outs = []
         for i in range(0, len(prompts), batch_size):
-            outs += greedy_generate(model, prompts[i: i + batch_size], budget, {tokenizer.eos_id, tokenizer.end_of_turn_id})
+            chunk = prompts[i: i + batch_size]
+            if engine:
+                gen = Engine(model, max_seq_len=max(map(len, chunk)) + budget)
+                outs += gen.generate(chunk, budget, stop_token_ids=sorted(stops)).tokens
+            else:
+                outs += greedy_generate(model, chunk, budget, stops)
         completions = [tokenizer.decode(o) for o in outs]
         rewards = tasks.family_reward(family)([p.prompt for p in problems], completions)
         results[family] = {"accuracy": sum(rewards) / len(rewards), "n": len(rewards),
