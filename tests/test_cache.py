@@ -8,6 +8,8 @@ import torch
 import nemotron3
 from conftest import randomize_
 from nemotron3.engine.cache import HybridCache, cache_size
+from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
+
 
 
 @pytest.mark.parametrize("preset", ["tiny", "t9"])

@@ -8,7 +8,8 @@ import torch
 import nemotron3
 from conftest import TINY_HF_CONFIGS, randomize_
 from nemotron3.engine.sampling import row_uniforms, sample, sample_reference
-from test_engine_model import build
+from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
+
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,8 +127,8 @@ def test_bad_input_is_refused_before_any_work():
         engine.generate([[1]], 2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         engine.generate([[1]], 2, temperature=1.0, top_p=0.0)
-    with pytest.raises(NotImplementedError, match="speculative"):
-        engine.generate([[1]], 2, num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        engine.generate([[1]], 2, num_speculative_tokens=-1)
     assert engine._cache is None  # nothing was allocated or run
 
 

@@ -8,7 +8,8 @@ import torch
 import nemotron3
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
-from test_engine_model import build
+from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
+
 
 
 def run_both(model, lens: list[int], steps: int = 6, seed: int = 0, traceable: bool = False, step_fn=None):

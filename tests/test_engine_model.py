@@ -10,6 +10,16 @@ from conftest import TINY_HF_CONFIGS, randomize_
 from nemotron3.engine.cache import HybridCache
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decode-sized ops gain nothing from a second thread, and on a shared 2-core machine a busy core
+    stalls every OpenMP barrier (100x slower tests); restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def build(hf_cfg: dict, seed: int = 0) -> nemotron3.HybridLM:
     config = nemotron3.ModelConfig.from_hf(dict(hf_cfg, model_type="nemotron_h"))
     torch.manual_seed(seed)

@@ -220,12 +220,18 @@ class HybridCache:
         self.rollback_limit[idx] = 0
 
     # ------------------------------------------------------------------ one forward
-    def begin(self, t: int, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> CacheView:
-        """Check that `t` more tokens fit in `rows` and describe the forward for the layers."""
+    def begin(
+        self, t: int, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None, start: torch.Tensor | None = None
+    ) -> CacheView:
+        """Check that `t` more tokens fit in `rows` and describe the forward for the layers.
+
+        `start` overrides the rows' lengths as the positions of the first new tokens: the MTP drafter
+        keeps its own positions for the MTP layers' slots (engine/speculative.py) and never commits.
+        """
         index = torch.arange(self.rows, device=self.device) if rows is None else rows.to(self.device)
         if rows is not None and rows.numel() == self.rows and torch.equal(index, torch.arange(self.rows, device=self.device)):
             rows = None  # all rows in order: the layers may work in place
-        start = self.lengths[index]
+        start = self.lengths[index] if start is None else start.to(device=self.device, dtype=torch.long)
         if t <= 0:
             raise ValueError("a cached forward needs at least one token per row")
         if int(start.max()) + t > self.max_seq_len:

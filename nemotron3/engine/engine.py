@@ -39,6 +39,7 @@ import torch
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.engine.sampling import row_uniforms, sample, validate_sampling
+from nemotron3.engine.speculative import speculative_greedy
 from nemotron3.model.hybrid import HybridLM
 
 
@@ -117,6 +118,8 @@ class Engine:
         """
         prompts = self._validate(prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if num_speculative_tokens:
+            return self._run_speculative(prompts, max_new_tokens, num_speculative_tokens, stops)
         return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, stops)
 
     # ------------------------------------------------------------------ checks
@@ -144,11 +147,14 @@ class Engine:
         validate_sampling(temperature, top_k, top_p)
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens!r}")
-        if num_speculative_tokens > 0:
+        if num_speculative_tokens > 0 and self.model.mtp is None:
+            raise ValueError("num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
+        if num_speculative_tokens > 0 and temperature > 0:
             raise NotImplementedError(
-                "MTP speculative decoding (num_speculative_tokens > 0) is not implemented yet; use 0")
+                "MTP speculative decoding is greedy only for now (lossless rejection sampling is a later issue); "
+                "use temperature=0 or num_speculative_tokens=0")
         longest = max(len(p) for p in clean)
-        if longest + max_new_tokens > self.max_seq_len:
+        if longest + max_new_tokens + (2 * num_speculative_tokens + 1 if num_speculative_tokens else 0) > self.max_seq_len:
             raise ValueError(
                 f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the engine's "
                 f"max_seq_len ({self.max_seq_len}); shorten the prompt or build Engine(model, max_seq_len=...)"
@@ -239,6 +245,42 @@ class Engine:
             if i == max_new_tokens - 1 or all(done):
                 self._finish(prompts, produced, passes, t_prefill, time.perf_counter() - t1, i + 1)
             yield out
+            if all(done):
+                break
+
+    def _run_speculative(self, prompts, max_new_tokens, k, stops) -> Iterator[list[int | None]]:
+        """Greedy MTP speculation (engine/speculative.py); each round's tokens are yielded one column at a time."""
+        B, longest = len(prompts), max(len(p) for p in prompts)
+        with torch.inference_mode():
+            # a row may overshoot max_new_tokens by k within a round, then still verifies k + 1 tokens
+            cache = HybridCache(self.config, B, longest + max_new_tokens + 2 * k + 1, self.dtype, self.device,
+                                max_rollback=k + 1, include_mtp=True)
+        stats: dict = {}
+        rounds = speculative_greedy(self.model, cache, prompts, max_new_tokens, k, self.prefill_chunk, stops, stats)
+        count, done, produced = [0] * B, [False] * B, 0
+        t0 = time.perf_counter()
+        t_prefill = None
+        while True:
+            with torch.inference_mode():
+                new = next(rounds, None)
+            if t_prefill is None:
+                t_prefill, t1 = time.perf_counter() - t0, time.perf_counter()
+            if new is None:
+                break
+            for j in range(max(len(t) for t in new)):
+                col: list[int | None] = []
+                for r in range(B):
+                    ok = j < len(new[r]) and not done[r] and count[r] < max_new_tokens
+                    col.append(new[r][j] if ok else None)
+                    if ok:
+                        count[r], produced = count[r] + 1, produced + 1
+                        done[r] = new[r][j] in stops or count[r] == max_new_tokens
+                if all(done):
+                    self._finish(prompts, produced, stats.get("forward_passes", 1), t_prefill, time.perf_counter() - t1,
+                                 stats.get("rounds", 0) + 1)
+                    self.last_stats.update({k_: v for k_, v in stats.items() if k_ != "forward_passes"})
+                if any(t is not None for t in col):
+                    yield col
             if all(done):
                 break
 
