@@ -23,9 +23,21 @@ HybridLM, else through the reference cached path `model(tokens, cache=...)`. Eve
 every row is done (static shapes; a finished row's tokens are discarded), which costs little at the
 batch sizes a CPU serves and keeps the step free of row bookkeeping.
 
-`compile=True` wraps the fast step in `torch.compile` (measured in benchmarks/decode.py; the first call
-compiles for tens of seconds, and every new batch size recompiles). The sampling rule and its
-per-row random streams are in engine/sampling.py.
+`compile=True` wraps the fast step in `torch.compile` (measured in benchmarks/decode.py: ~1.4x the eager
+step at batch 1 on T9; the first call compiles for 5-30 s, and every new batch size or cache capacity
+recompiles, so it pays for long or repeated generation, not for one short call). The engine keeps its
+cache between calls and reuses it when the batch size matches and it is large enough, so repeated calls
+neither reallocate nor recompile. The sampling rule and its per-row random streams are in
+engine/sampling.py.
+
+`num_speculative_tokens = k > 0` decodes greedily with the model's MTP block drafting k tokens per
+verify forward (engine/speculative.py); the tokens are the same as without it.
+
+Threads: decode-sized ops run on one core whatever `torch.get_num_threads()` says, and on a machine whose
+cores are busy with other work, two OpenMP threads make every parallel op wait for the slower core (we
+measured 10-100x slowdowns of the prefill and of the reference path on the shared 2-core box). Set the
+thread count for the process (`torch.set_num_threads`, `nemotron3 generate --threads`) to match what the
+machine can really give.
 """
 
 from __future__ import annotations
@@ -111,7 +123,8 @@ class Engine:
         stop_token_ids: list[int] | None = None,
         num_speculative_tokens: int = 0,
     ) -> Iterator[list[int | None]]:
-        """Yield one list per step: the new token of each row, or None for a row that has already stopped.
+        """Yield one list per step: the new token of each row, or None for a row with no token in this step
+        (it has stopped, or, with speculative decoding, it got fewer tokens from this verify forward).
 
         All arguments are checked before any work starts. `engine.last_stats` holds the stats once the
         iterator is exhausted.
