@@ -76,6 +76,8 @@ class _MoE:
     inter: int  # I, the expert width
     latent: bool
     shared: bool
+    up_e: list | None = None  # per-expert views of up_t / down_t (no slicing in the step)
+    down_e: list | None = None
 
 
 @dataclass
@@ -166,6 +168,9 @@ class FastDecoder:
                     up.permute(2, 0, 1).reshape(ell, E * inter).contiguous(),
                     down.permute(0, 2, 1).reshape(E * inter, ell).contiguous(),
                     mx.gate.e_score_correction_bias, inter, latent, shared))
+                L = self.layers[-1]
+                L.up_e = [L.up_t[:, e * inter : (e + 1) * inter] for e in range(E)]  # (ℓ, I) each
+                L.down_e = [L.down_t[e * inter : (e + 1) * inter] for e in range(E)]  # (I, ℓ) each
             else:
                 self.layers.append(_MLP(nw, t(mx.up_proj.weight), t(mx.down_proj.weight)))
         self._versions = self._signature()
@@ -235,8 +240,8 @@ class FastDecoder:
         k, v = qkv[:, hq * d : (hq + hk) * d].view(B, hk, d), qkv[:, (hq + hk) * d :].view(B, hk, d)
         K, V = cache.key[L.layer], cache.value[L.layer]  # (B, hk, T_max, d)
         if mask is None:  # all rows at the same length n - 1
-            K[:, :, n - 1] = k
-            V[:, :, n - 1] = v
+            K.select(2, n - 1).copy_(k)
+            V.select(2, n - 1).copy_(v)
         else:  # each row at its own length
             rows = torch.arange(B, device=h.device)
             K[rows, :, cache.lengths] = k
@@ -253,24 +258,25 @@ class FastDecoder:
             idx = self._grouped_topk(scores + L.bias)
         else:
             idx = torch.topk(scores + L.bias, k, dim=-1, sorted=False).indices  # (B, k)
-        w = scores.gather(1, idx)
+        w = scores.gather(1, idx)  # (B, k) router weights of the chosen experts, not yet normalised
+        ell = L.up_t.shape[0]
+        z = g[:, E : E + ell] if L.latent else x  # (B, ℓ)
+        if B * k < E and not self.traceable:  # few (row, expert) pairs: one GEMV pair each, chosen experts only
+            y = torch.zeros(B, ell)
+            for b, (experts, ws) in enumerate(zip(idx.tolist(), w.tolist())):  # weights normalised on the host
+                scale = self.scaling / (sum(ws) + 1e-20) if self.norm_topk else self.scaling
+                zb, yb = z[b : b + 1], y[b : b + 1]
+                for e, we in zip(experts, ws):
+                    yb.addmm_(torch.mm(zb, L.up_e[e]).relu_().square_(), L.down_e[e], alpha=we * scale)
+            return self._moe_out(h, g, y, L)
         if self.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         w = w * self.scaling
-        ell = L.up_t.shape[0]
-        z = g[:, E : E + ell] if L.latent else x  # (B, ℓ)
-        if B * k < E and self.traceable:  # compiled: fused indexed multiply-and-sum, no copy of the weights
+        if B * k < E:  # (traceable) compiled: fused indexed multiply-and-sum, no copy of the weights
             flat = idx.reshape(-1)  # (B·k,)
             hid = (L.up[flat] * z.repeat_interleave(k, dim=0)[:, None, :]).sum(-1).relu().square()  # (B·k, I)
             out = (L.down[flat] * hid[:, None, :]).sum(-1).view(B, k, ell)  # (B·k, ℓ)
             y = (out * w[:, :, None]).sum(1)  # (B, ℓ)
-        elif B * k < E:  # few (row, expert) pairs: one GEMV pair per pair, reading only the chosen experts
-            y = torch.zeros(B, ell)
-            for b, (experts, weights) in enumerate(zip(idx.tolist(), w.tolist())):
-                zb, yb = z[b : b + 1], y[b : b + 1]
-                for e, we in zip(experts, weights):
-                    hid = torch.mm(zb, L.up_t[:, e * I : (e + 1) * I]).relu_().square_()  # (1, I)
-                    yb.addmm_(hid, L.down_t[e * I : (e + 1) * I], alpha=we)
         elif self.traceable:  # compiled, many rows: every expert for every row, weight 0 where not chosen
             dense_w = torch.zeros(B, E).scatter_(1, idx, w)  # (B, E)
             hid = torch.mm(z, L.up_t).relu_().square_().view(B, E, I)  # (B, E, I)
@@ -283,10 +289,14 @@ class FastDecoder:
             outs = []
             for e, zs in enumerate(z.index_select(0, rows).split(counts)):
                 if counts[e]:
-                    outs.append(torch.mm(torch.mm(zs, L.up_t[:, e * I : (e + 1) * I]).relu_().square_(),
-                                         L.down_t[e * I : (e + 1) * I]))
+                    outs.append(torch.mm(torch.mm(zs, L.up_e[e]).relu_().square_(), L.down_e[e]))
             ys = torch.cat(outs).mul_(w.reshape(-1)[order, None])  # (B·k, ℓ)
             y = torch.zeros(B, ell).index_add_(0, rows, ys)
+        return self._moe_out(h, g, y, L)
+
+    def _moe_out(self, h: torch.Tensor, g: torch.Tensor, y: torch.Tensor, L: _MoE) -> torch.Tensor:
+        """Residual + fc2_latent_proj(y) + shared expert, as one addmm over [y | relu²(shared up)]."""
+        E, ell = self.E, L.up_t.shape[0]
         if L.w_out_t is None:
             return h + y
         if not L.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
