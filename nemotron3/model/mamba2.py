@@ -144,7 +144,8 @@ class Mamba2Mixer(nn.Module):
                 ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=self.D))  # state updated in place
                 if view.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
                     j = torch.clamp(last, max=i)
-                    conv_i = window.gather(-1, (j[:, None] + 1 + torch.arange(K1, device=window.device))[:, None].expand(-1, self.conv_dim, -1))
+                    cols = (j[:, None] + 1 + torch.arange(K1, device=window.device))[:, None]  # (b, 1, K-1)
+                    conv_i = window.gather(-1, cols.expand(-1, self.conv_dim, -1))  # conv state after token j
                     cache.record(layer, view.index, view.start + j, conv_i, state)
             y = torch.stack(ys, dim=1)  # (b, t, h, p)
             new_state = state
