@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nemotron3
+from conftest import TINY_HF_CONFIGS
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
@@ -51,6 +52,13 @@ def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens, tracea
                     torch.testing.assert_close(getattr(fast_cache, part)[i][b, :, :n], t[b, :, :n], atol=1e-5, rtol=0)
             else:
                 torch.testing.assert_close(getattr(fast_cache, part)[i], t, atol=1e-5, rtol=0)
+
+
+def test_traceable_dense_experts_for_many_rows():
+    """B·k > 4E: the compiled variant's dense expert path (every expert, weight 0 where not chosen)."""
+    model = build(TINY_HF_CONFIGS["moe-1group"], seed=6)  # E = 8, k = 2: 20 rows make 40 > 32 pairs
+    ref, fast, *_ = run_both(model, [5 + i % 7 for i in range(20)], steps=3, traceable=True)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
 
 
 def test_t9_batch_paths_agree():
