@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="include the synthetic reasoning tasks (default: only when --data is not given)")
     p.add_argument("--nvfp4", action="store_true", help="the NVFP4 pretraining recipe (nemotron3.quant.convert)")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences (split over ranks)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward per rank (0 = all at once)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-loss-free expert-bias step (0 = off)")
     p.add_argument("--seq-aux-coeff", type=float, default=1e-4, help="sequence aux loss coefficient (0 = off)")
     p.add_argument("--mtp-depths", type=int, default=2, help="MTP depths trained (shared weights; 0 = no MTP loss)")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-problems", type=int, default=20, help="held-out problems per family for the final exact match")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0 = only final/)")
     p.add_argument("--compile", action="store_true", help="torch.compile the Mamba mixers (pays off for long runs only)")

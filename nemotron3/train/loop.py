@@ -42,7 +42,7 @@ from nemotron3.train.tokenizer import Tokenizer
 
 @dataclass
 class TrainConfig:
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 16  # global, in sequences
     micro_batch_size: int = 0  # rows per forward on each rank; 0 = the rank's whole share at once
     lr: float = 3e-3
@@ -57,7 +57,7 @@ class TrainConfig:
     mtp_scale: float = 0.3
     bias_update_rate: float = 1e-3
     seq_aux_coeff: float = 1e-4
-    eval_every: int = 100
+    eval_every: int = 50
     save_every: int = 0  # 0 = no intermediate checkpoints
     keep_last: int = 2
     log_every: int = 25
