@@ -176,11 +176,12 @@ class Engine:
 
     # ------------------------------------------------------------------ the work
     def _cache_for(self, rows: int, tokens: int) -> HybridCache:
-        """Reuse the engine's cache when it has the same rows and room enough; allocate otherwise."""
+        """Reuse the engine's cache when it has the same rows and room enough, but not over twice the room
+        needed (the compiled step attends over the whole capacity); allocate otherwise."""
         c = self._cache
-        if c is None or c.rows != rows or c.max_seq_len < tokens:
+        capacity = min(self.max_seq_len, -(-tokens // 256) * 256)
+        if c is None or c.rows != rows or not tokens <= c.max_seq_len <= 2 * capacity:
             self._cache = None  # free the old one first
-            capacity = min(self.max_seq_len, -(-tokens // 256) * 256)
             c = self._cache = HybridCache(self.config, rows, capacity, self.dtype, self.device, include_mtp=False)
         c.reset()
         return c
