@@ -71,13 +71,13 @@ class _MoE:
     w_out_t: torch.Tensor | None  # (ℓ + I_s, H): fc2_latent | shared down, stacked
     up: torch.Tensor  # (E, I, ℓ), the model's own tensor
     down: torch.Tensor  # (E, ℓ, I), the model's own tensor
-    up_t: torch.Tensor  # (ℓ, E·I): column block e is expert e's up_projᵀ
+    up_t: torch.Tensor | None  # (ℓ, E·I): column block e is expert e's up_projᵀ (compiled dense path only)
     down_t: torch.Tensor  # (E·I, ℓ): row block e is expert e's down_projᵀ
     bias: torch.Tensor  # (E,) correction bias
     inter: int  # I, the expert width
     latent: bool
     shared: bool
-    up_e: list | None = None  # per-expert views of up_t / down_t (no slicing in the step)
+    up_e: list | None = None  # per expert: contiguous (ℓ, I) up_projᵀ and (I, ℓ) down_projᵀ
     down_e: list | None = None
 
 
@@ -164,14 +164,13 @@ class FastDecoder:
                 outs = ([mx.fc2_latent_proj.weight] if latent else []) + ([mx.shared_experts.down_proj.weight] if shared else [])
                 up, down = mx.experts.up_proj, mx.experts.down_proj  # (E, I, ℓ), (E, ℓ, I)
                 E, inter, ell = up.shape
+                up_blocks = up.transpose(1, 2).contiguous()  # (E, ℓ, I): one contiguous block per expert
+                down_t = down.transpose(1, 2).reshape(E * inter, ell).contiguous()  # (E·I, ℓ), the same per block
+                up_t = up_blocks.permute(1, 0, 2).reshape(ell, E * inter) if self.traceable else None  # dense form
                 self.layers.append(_MoE(
-                    nw, t(torch.cat(ins)), t(torch.cat(outs, dim=1)) if outs else None, up, down,
-                    up.permute(2, 0, 1).reshape(ell, E * inter).contiguous(),
-                    down.permute(0, 2, 1).reshape(E * inter, ell).contiguous(),
-                    mx.gate.e_score_correction_bias, inter, latent, shared))
-                L = self.layers[-1]
-                L.up_e = [L.up_t[:, e * inter : (e + 1) * inter] for e in range(E)]  # (ℓ, I) each
-                L.down_e = [L.down_t[e * inter : (e + 1) * inter] for e in range(E)]  # (I, ℓ) each
+                    nw, t(torch.cat(ins)), t(torch.cat(outs, dim=1)) if outs else None, up, down, up_t, down_t,
+                    mx.gate.e_score_correction_bias, inter, latent, shared,
+                    list(up_blocks.unbind(0)), list(down_t.view(E, inter, ell).unbind(0))))
             else:
                 self.layers.append(_MLP(nw, t(mx.up_proj.weight), t(mx.down_proj.weight)))
         self._versions = self._signature()
@@ -260,7 +259,7 @@ class FastDecoder:
         else:
             idx = torch.topk(scores + L.bias, k, dim=-1, sorted=False).indices  # (B, k)
         w = scores.gather(1, idx)  # (B, k) router weights of the chosen experts, not yet normalised
-        ell = L.up_t.shape[0]
+        ell = L.up.shape[-1]
         z = g[:, E : E + ell] if L.latent else x  # (B, ℓ)
         if B * k < E and not self.traceable:  # few (row, expert) pairs: one GEMV pair each, chosen experts only
             y = torch.zeros(B, ell)
@@ -273,7 +272,7 @@ class FastDecoder:
         if self.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         w = w * self.scaling
-        if B * k <= 4 * E:  # compiled, up to ~4 reads per expert: fused indexed multiply-and-sum, no weight copy
+        if self.traceable and B * k <= 4 * E:  # compiled, <= ~4 reads per expert: fused indexed multiply-and-sum
             flat = idx.reshape(-1)  # (B·k,)
             hid = (L.up[flat] * z.repeat_interleave(k, dim=0)[:, None, :]).sum(-1).relu().square()  # (B·k, I)
             out = (L.down[flat] * hid[:, None, :]).sum(-1).view(B, k, ell)  # (B·k, ℓ)
@@ -297,7 +296,7 @@ class FastDecoder:
 
     def _moe_out(self, h: torch.Tensor, g: torch.Tensor, y: torch.Tensor, L: _MoE) -> torch.Tensor:
         """Residual + fc2_latent_proj(y) + shared expert, as one addmm over [y | relu²(shared up)]."""
-        E, ell = self.E, L.up_t.shape[0]
+        E, ell = self.E, L.up.shape[-1]
         if L.w_out_t is None:
             return h + y
         if not L.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
