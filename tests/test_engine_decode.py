@@ -99,3 +99,19 @@ def test_compiled_step_equals_the_reference_cached_step():
     for lens in ([7], [4, 9]):
         ref, got, *_ = run_both(model, lens, traceable=True, step_fn=compiled)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_a_model_that_becomes_unsupported_falls_back():
+    """Swapping a Linear for a subclass (what quantization does) must route decoding to the reference path."""
+
+    class Marked(torch.nn.Linear):
+        pass
+
+    model = build(nemotron3.ModelConfig.preset("tiny").to_hf(), seed=7)
+    engine = nemotron3.Engine(model)
+    want = engine.generate([[1, 2, 3]], 4, stop_token_ids=[]).tokens
+    old = model.lm_head
+    model.lm_head = Marked(old.in_features, old.out_features, bias=False)
+    model.lm_head.weight = old.weight
+    out = engine.generate([[1, 2, 3]], 4, stop_token_ids=[])
+    assert out.stats["path"] == "reference" and out.tokens == want

@@ -25,9 +25,11 @@ mathematics with everything that can be decided once hoisted out of the step:
 
 The maths is the reference's up to float summation order (tests/test_engine_decode.py compares the two
 step by step to 1e-4). Fused tensors are copies: `FastDecoder.is_stale()` notices in-place updates of the
-model's weights (RL updates them between rollouts) through the tensors' version counters, and the Engine
-rebuilds. Models whose layers were swapped for quantized ones (quant/convert.py) are not plain
-`nn.Linear`s: `FastDecoder.supports(model)` is False and the Engine uses the reference path.
+model's weights (RL updates them between rollouts) through the tensors' version counters, replaced
+tensors and swapped modules through their identities, and the Engine rebuilds before the next call.
+Models whose layers were swapped for quantized ones (quant/convert.py) are not plain `nn.Linear`s:
+`FastDecoder.supports(model)` is False and the Engine uses the reference path. The copies cost about
+one more copy of the model's weights in memory (experts included), fine at the sizes a CPU decodes.
 """
 
 from __future__ import annotations
@@ -123,13 +125,15 @@ class FastDecoder:
         return all(p.dtype == torch.float32 for p in model.parameters())
 
     def _signature(self) -> tuple:
-        """(identity, version) of every weight: changes when one is replaced or updated in place."""
+        """(identity, version) of every weight, and the identity of every module: changes when a weight is
+        replaced or updated in place, or a module swapped (quantization)."""
         tensors = list(self.model.parameters())
         tensors += [b for name, b in self.model.named_buffers() if name.endswith("e_score_correction_bias")]
-        return tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors)
+        return tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors) + tuple(
+            id(m) for m in self.model.modules())
 
     def is_stale(self) -> bool:
-        """True if a weight of the model changed (in place, or replaced) since the fused copies were made."""
+        """True if a weight or module of the model changed since the fused copies were made."""
         return self._signature() != self._versions
 
     @torch.no_grad()

@@ -209,9 +209,12 @@ class Engine:
         """(tokens (B,), cache) -> logits (B, V), advancing every row by one token."""
         if self.fast is None:
             return lambda tokens, cache: self.model(tokens[:, None], cache=cache)[:, 0]
-        if self.fast.is_stale():
-            self.fast.refresh()
+        if self.fast.is_stale():  # weights updated or modules swapped (quantized) since the last call
             self._step = None
+            if not FastDecoder.supports(self.model):
+                self.fast = None
+                return self._decode_fn(uniform)
+            self.fast.refresh()
         if self.compile:  # static shapes: attend over the whole capacity with a mask (see FastDecoder.step)
             if self._step is None:
                 self._step = torch.compile(self.fast.step, dynamic=False)
