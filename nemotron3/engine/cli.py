@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="greedy MTP speculative decoding with K drafted tokens (models with an MTP block)")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -73,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     engine = nemotron3.Engine(model, compile=args.compile)
     try:
         steps = engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_token_ids=[] if args.no_stop else None)
-    except ValueError as e:
+                              top_p=args.top_p, seed=args.seed, stop_token_ids=[] if args.no_stop else None,
+                              num_speculative_tokens=args.speculative)
+    except (ValueError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
     new: list[int] = []
     shown = ""
