@@ -234,3 +234,12 @@ def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run):
     slow = task_accuracy(model, tok, n_per_family=3, families=["add"], engine=False)
     assert fast == slow
     assert model.training  # evaluation leaves the model as it found it
+
+
+def test_metrics_log_on_resume_drops_later_and_torn_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    loop.MetricsLog(path, resume_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n'
+    loop.MetricsLog(path, resume_step=None)
+    assert path.read_text() == ""

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if not summary:  # not rank 0 under torchrun
         return 0
     pretrain_cli.print_summary(summary, console)
-    if args.data:  # the held-out set mixes in the user's text: the check below rebuilds only the task part
+    if args.data or not summary["eval_losses"]:  # user text in the held-out set, or nothing was trained
         return 0
     final = Path(summary["final"])
     model, tok = load_pretrained(final), Tokenizer.load(final)

@@ -106,10 +106,18 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if self._step_of(ln) <= resume_step]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             os.replace(tmp, path)
+
+    @staticmethod
+    def _step_of(line: str) -> float:
+        """A record's step; a line cut short by a kill (or blank) counts as past any checkpoint."""
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return math.inf
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
