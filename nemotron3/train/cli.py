@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-aux-coeff", type=float, default=1e-4, help="sequence aux loss coefficient (0 = off)")
     p.add_argument("--mtp-depths", type=int, default=2, help="MTP depths trained (shared weights; 0 = no MTP loss)")
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-problems", type=int, default=20, help="held-out problems per family for the final exact match")
+    p.add_argument("--eval-problems", type=int, default=50, help="held-out problems per family for the final exact match")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0 = only final/)")
     p.add_argument("--compile", action="store_true", help="torch.compile the Mamba mixers (pays off for long runs only)")
     p.add_argument("--out", type=Path, default=Path("runs/pretrain"))
