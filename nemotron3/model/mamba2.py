@@ -127,11 +127,13 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # (b, C, K-1+t)
-        # depthwise conv as multiply-and-sum over sliding windows: for one or a few tokens this is far cheaper
-        # than a conv1d call (oneDNN sets up a primitive per shape), and equal to it up to summation order
-        xbc = (window.unfold(-1, self.conv_kernel, 1) * self.conv1d.weight).sum(-1)  # (b, C, t)
-        if self.conv1d.bias is not None:
-            xbc = xbc + self.conv1d.bias[:, None]
+        if t > 32:  # the depthwise conv of the full forward, on [cached inputs | new inputs], no padding
+            xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, C, t)
+        else:  # multiply-and-sum over sliding windows: for a few tokens far cheaper than a conv1d call (oneDNN
+            # sets up a primitive per shape), and equal to it up to summation order
+            xbc = (window.unfold(-1, self.conv_kernel, 1) * self.conv1d.weight).sum(-1)  # (b, C, t)
+            if self.conv1d.bias is not None:
+                xbc = xbc + self.conv1d.bias[:, None]
         xbc = F.silu(xbc).transpose(1, 2)  # (b, t, C)
         x, B, C = self.split_xbc(xbc)  # (b, t, h, p), (b, t, g, n), (b, t, g, n)
         dt, A = self.discretize(dt)  # (b, t, h) fp32
