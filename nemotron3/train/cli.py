@@ -33,8 +33,11 @@ from nemotron3.train.evaluate import task_accuracy, unigram_baseline
 from nemotron3.train.loop import TrainConfig, train
 from nemotron3.train.tokenizer import Tokenizer
 
+# --nvfp4-off names -> the NVFP4Recipe field each one turns off.
+NVFP4_SWITCHES = {"rht": "rht", "sr": "stochastic_rounding", "2d": "weight_2d"}
+
 # Arguments that define the run; `--resume` restores them from the checkpoint.
-RUN_ARGS = ("config", "data", "tasks", "nvfp4", "steps", "batch_size", "micro_batch_size", "seq_len", "lr",
+RUN_ARGS = ("config", "data", "tasks", "nvfp4", "nvfp4_off", "steps", "batch_size", "micro_batch_size", "seq_len", "lr",
             "seed", "difficulty", "eval_every", "save_every", "compile", "vocab_size", "bias_update_rate",
             "seq_aux_coeff", "mtp_depths")
 
@@ -45,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="include the synthetic reasoning tasks (default: only when --data is not given)")
     p.add_argument("--nvfp4", action="store_true", help="the NVFP4 pretraining recipe (nemotron3.quant.convert)")
+    p.add_argument("--nvfp4-off", nargs="+", default=[], choices=sorted(NVFP4_SWITCHES), metavar="SWITCH",
+                   help=f"ablations of --nvfp4: turn off {', '.join(sorted(NVFP4_SWITCHES))} "
+                        "(random Hadamard transform on wgrad, stochastic rounding of gradients, 16x16 weight tiles)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences (split over ranks)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward per rank (0 = all at once)")
@@ -64,15 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
 
-def _convert_nvfp4(model: HybridLM) -> HybridLM:
-    try:
-        from nemotron3.quant.convert import convert_to_nvfp4
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("nemotron3.quant"):
-            raise SystemExit("error: --nvfp4 needs nemotron3/quant/convert.py (convert_to_nvfp4), which does not exist yet "
-                             "in this checkout; train without --nvfp4 for now") from None
-        raise
-    return convert_to_nvfp4(model) or model
+def _convert_nvfp4(model: HybridLM, off: list[str], seed: int) -> HybridLM:
+    """The NVFP4 recipe with Super's precision policy; `off` names the recipe switches to ablate."""
+    from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
+    from nemotron3.quant.nvfp4_linear import NVFP4Recipe
+
+    recipe = NVFP4Recipe(seed=seed, **{NVFP4_SWITCHES[name]: False for name in off})
+    return convert_to_nvfp4(model, PrecisionPolicy(recipe=recipe)) or model
 
 
 def _corpus(args: argparse.Namespace, console: Console, tokenizer: Tokenizer | None, vocab_cap: int):
@@ -133,8 +137,10 @@ def pretrain(args: argparse.Namespace, console: Console | None = None) -> dict:
         model = HybridLM(config)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise SystemExit(f"error: the model's vocab_size {model.config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+    if args.nvfp4_off and not args.nvfp4:
+        raise SystemExit("error: --nvfp4-off ablates the NVFP4 recipe; add --nvfp4")
     if args.nvfp4:
-        model = _convert_nvfp4(model)
+        model = _convert_nvfp4(model, args.nvfp4_off, args.seed)
     if args.compile:
         model.compile_mixers()
     baseline = unigram_baseline(data, heldout, tokenizer.vocab_size)
