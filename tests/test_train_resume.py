@@ -136,21 +136,19 @@ def test_cli_errors_name_the_file_and_line(tmp_path):
     assert "neither a preset" in _cli_error("--config", "nonexistent-preset", "--out", str(tmp_path / "o"))
 
 
-def test_nvfp4_flag_calls_the_converter_or_says_it_is_missing(tmp_path, monkeypatch):
-    try:
-        import nemotron3.quant.convert  # noqa: F401
-    except ModuleNotFoundError:
-        msg = _cli_error("--nvfp4", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-problems", "0",
-                         "--out", str(tmp_path / "o"))
-        assert "nemotron3/quant/convert.py" in msg and "convert_to_nvfp4" in msg
-        return
+def test_nvfp4_flags_build_the_recipe_they_name(tmp_path, monkeypatch):
     import nemotron3.quant.convert as convert
 
+    off = ["sr", "2d"]
     seen = []
-    monkeypatch.setattr(convert, "convert_to_nvfp4", lambda model, *a, **k: seen.append(model) or model)
-    main(["pretrain", "--nvfp4", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-problems", "0",
-          "--out", str(tmp_path / "o")])
-    assert len(seen) == 1
+    monkeypatch.setattr(convert, "convert_to_nvfp4", lambda model, policy=None: seen.append(policy) or model)
+    main(["pretrain", "--nvfp4", "--nvfp4-off", *off, "--seed", "3", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+          "--eval-problems", "0", "--out", str(tmp_path / "o")])
+    (policy,) = seen
+    r = policy.recipe
+    assert (r.rht, r.stochastic_rounding, r.weight_2d) == ("rht" not in off, "sr" not in off, "2d" not in off)
+    assert r.seed == 3 and policy.high_precision_tail == convert.PrecisionPolicy().high_precision_tail
+    assert "add --nvfp4" in _cli_error("--nvfp4-off", "rht", "--out", str(tmp_path / "p"))
 
 
 def test_user_text_trains_and_holds_out_a_tail(tmp_path):
