@@ -161,16 +161,43 @@ def _table(f: ElementFormat, device: torch.device) -> torch.Tensor:
 _EXP_FIELD = 0x7F800000
 
 
-def _exponent_field(a: torch.Tensor, f: ElementFormat) -> torch.Tensor:
+class _DeviceConstant:
+    """A 0-dim int32 tensor per device (for ops whose scalar must be the first operand)."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.by_device = value, {}
+
+    def get(self, device: torch.device) -> torch.Tensor:
+        if device not in self.by_device:
+            self.by_device[device] = torch.tensor(self.value, dtype=torch.int32, device=device)
+        return self.by_device[device]
+
+
+_INV_BIAS = _DeviceConstant(255 << 23)   # (255 << 23) - field: the exponent field of 1/2^(e-1)
+
+
+def scratch(buf: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A `dtype` tensor of `like`'s shape: a view of the flat 4-byte buffer `buf` (at least
+    like.numel() elements) or, without one, a fresh tensor. Chunked loops allocate their
+    temporaries once per call and reuse them for every chunk (see `row_chunks`)."""
+    if buf is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    if buf.dtype != dtype:
+        buf = buf.view(dtype)
+    return buf[: like.numel()].view(like.shape)
+
+
+def _exponent_field(a: torch.Tensor, f: ElementFormat, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 exponent field (bits 30..23) of each a >= 0, clamped to the format's normal range."""
-    return torch.bitwise_and(a.view(torch.int32), _EXP_FIELD).clamp_((127 + f.emin) << 23, (127 + f.emax) << 23)
+    e = torch.bitwise_and(a.view(torch.int32), _EXP_FIELD, out=out)
+    return e.clamp_((127 + f.emin) << 23, (127 + f.emax) << 23)
 
 
-def _magic_add_(a: torch.Tensor, f: ElementFormat) -> torch.Tensor:
-    """a <- a + magic in place; returns magic's bits (int32). magic = 1.5·2^23·step, where
-    step = 2^(e - mbits) is the grid spacing at a's (clamped) exponent e. The sum lands in a
+def _magic_add_(a: torch.Tensor, f: ElementFormat, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a <- a + magic in place; returns magic's bits (int32, in `out` if given). magic = 1.5·2^23·step,
+    where step = 2^(e - mbits) is the grid spacing at a's (clamped) exponent e. The sum lands in a
     binade whose ulp is `step`, so the adder itself rounds a to the grid, ties to even."""
-    magic = _exponent_field(a, f).add_(((23 - f.mbits) << 23) | 0x400000)
+    magic = _exponent_field(a, f, out).add_(((23 - f.mbits) << 23) | 0x400000)
     a.add_(magic.view(torch.float32))
     return magic
 
@@ -209,36 +236,47 @@ def random_bytes(n: int, generator: torch.Generator | None = None, device: torch
 
 def round_magnitude_(
     a: torch.Tensor, fmt: str | ElementFormat, generator: torch.Generator | None = None,
-    stochastic: bool = False, rbits: torch.Tensor | None = None,
+    stochastic: bool = False, rbits: torch.Tensor | None = None, work: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """In place: round magnitudes a >= 0 (fp32) to the grid, saturating at max; returns a.
 
-    RNE by default. `stochastic` (E2M1 only) is TE's stochastic rounding: t = a + u·step(a)
-    with u = rbits/256 (8 random bits per element; drawn from `generator` if not given), then
-    t rounded down to the grid of t's own binade.
+    RNE by default: any format here, E4M3 and E5M2 included (for a >= 0 and NaN it equals
+    PyTorch's float8 cast after the clamp to max, checked on every fp32 value up to max).
+    `stochastic` (E2M1 only) is TE's stochastic rounding: t = a + u·step(a) with u = rbits/256
+    (8 random bits per element; drawn from `generator` if not given), then t rounded down to
+    the grid of t's own binade. `work`: up to two flat 4-byte scratch buffers (see `scratch`).
     """
     f = element_format(fmt)
-    a.clamp_(max=f.max)                                                # satfinite
+    w0, w1 = (*work, None, None)[:2]
     if not stochastic:
-        return a.sub_(_magic_add_(a, f).view(torch.float32))           # RNE in the adder
+        a.clamp_(max=f.max)                                            # satfinite
+        return a.sub_(_magic_add_(a, f, scratch(w0, a, torch.int32)).view(torch.float32))  # RNE in the adder
     if f.name != "e2m1":
         raise ValueError(f"stochastic rounding is implemented for e2m1 only, not {f.name}")
     if rbits is None:
         rbits = random_bytes(a.numel(), generator, a.device).view(a.shape)
-    u = rbits.to(torch.float32).mul_(1.0 / 256)
-    # step(x) = 0.5 below 2, 1 below 4, else 2 = 2^(e - 1): the exponent field minus one binade
-    t = u.mul_(_exponent_field(a, f).sub_(1 << 23).view(torch.float32))  # u*step: exact
+    # step(x) = 0.5 below 2, 1 below 4, else 2 = 2^(e - 1): the exponent field minus one binade;
+    # u·step = rbits · (step/256), exact (an integer < 256 times a power of two). No clamp to
+    # max first: a > 6 has step 2 and t >= a > 6 floors to at least 6, so the final clamp saturates it.
+    field = _exponent_field(a, f, scratch(w1, a, torch.int32))
+    t = torch.mul(rbits, field.sub_(9 << 23).view(torch.float32), out=scratch(w0, a))  # rbits may be strided
     a.add_(t)                                                          # = fmaf(u, step, a)
-    inv_step_t = _exponent_field(a, f).neg_().add_(255 << 23).view(torch.float32)  # 2^(1 - e_t)
+    field = _exponent_field(a, f, field)
+    inv_step_t = torch.sub(_INV_BIAS.get(field.device), field, out=field).view(torch.float32)  # 2^(1 - e_t)
     return a.mul_(inv_step_t).floor_().div_(inv_step_t).clamp_(max=f.max)
 
 
-def round_to_format(v: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
-    """Round fp32 values to a sub-byte format's grid: RNE, saturating to ±max, sign kept.
+def round_to_format(
+    v: torch.Tensor, fmt: str | ElementFormat, work: tuple[torch.Tensor, ...] = ()
+) -> torch.Tensor:
+    """Round fp32 values to a format's grid: RNE, saturating to ±max, sign kept.
 
-    Returns fp32 values (not codes). NaN stays NaN here; the codes map it to +max.
+    Returns fp32 values (not codes); for E4M3/E5M2 the float8 cast's values. NaN stays NaN
+    here; the sub-byte codes map it to +max. `work`: two flat scratch buffers (see `scratch`),
+    the first of which holds the result.
     """
-    return round_magnitude_(v.abs(), fmt).copysign_(v)
+    w0, *rest = (*work, None)
+    return round_magnitude_(torch.abs(v, out=scratch(w0, v)), fmt, work=tuple(rest)).copysign_(v)
 
 
 def round_e2m1(
@@ -309,7 +347,7 @@ def decode_e8m0(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.float32)
 
 
-def row_chunks(x: torch.Tensor, align: int = 1, target: int = 1 << 17) -> list[slice]:
+def row_chunks(x: torch.Tensor, align: int = 1, target: int = 1 << 18) -> list[slice]:
     """Row ranges of a 2-D tensor holding about `target` elements each, `align`-row aligned.
 
     The block quantizers work chunk by chunk: every temporary then stays in cache and small
@@ -320,6 +358,13 @@ def row_chunks(x: torch.Tensor, align: int = 1, target: int = 1 << 17) -> list[s
     step = max(1, target // max(1, k))
     step = max(align, step - step % align)
     return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def chunk_workspace(x: torch.Tensor, chunks: list[slice], n: int) -> tuple[torch.Tensor, ...]:
+    """`n` flat fp32 scratch buffers as large as the biggest of `chunks` (row ranges of 2-D x,
+    from `row_chunks`: the first is the biggest), for `scratch` views shared by all chunks."""
+    numel = (chunks[0].stop - chunks[0].start) * x.shape[1] if chunks else 0
+    return tuple(torch.empty(numel, dtype=torch.float32, device=x.device) for _ in range(n))
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from nemotron3.quant.fp_codecs import chunk_workspace, row_chunks, scratch
+
 __all__ = ["TE_SIGN_VECTOR", "hadamard_matrix", "rht", "inverse_rht"]
 
 RHT_SIZE = 16
@@ -58,17 +60,22 @@ def hadamard_matrix_reference(size: int = RHT_SIZE, signs: tuple[int, ...] | Non
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _butterfly(v: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """v (G, 16, L) fp32 -> (v · scale) transformed by H16 along dim 1, in a new tensor."""
-    a = v * scale if scale is not None else v.clone()
-    b = torch.empty_like(a)
+def _butterfly(
+    v: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor
+) -> None:
+    """out <- (v · scale) transformed by H16 along dim 1, for v (G, 16, L) fp32. a and b are
+    scratch tensors of v's shape; `out` (fp32, v's shape) is written by the last stage."""
+    if scale is not None:
+        torch.mul(v, scale, out=a)
+    else:
+        a.copy_(v)
     g, _, n = a.shape
     for h in (1, 2, 4, 8):                                    # pairs h apart: (a + b, a - b)
-        va, vb = a.view(g, 8 // h, 2, h, n), b.view(g, 8 // h, 2, h, n)
+        dst = out if h == 8 else b
+        va, vb = a.view(g, 8 // h, 2, h, n), dst.view(g, 8 // h, 2, h, n)
         torch.add(va[:, :, 0], va[:, :, 1], out=vb[:, :, 0])
         torch.sub(va[:, :, 0], va[:, :, 1], out=vb[:, :, 1])
         a, b = b, a
-    return a
 
 
 def _transform(x: torch.Tensor, axis: int, scale: torch.Tensor | None, round_to_bf16: bool) -> torch.Tensor:
@@ -78,15 +85,17 @@ def _transform(x: torch.Tensor, axis: int, scale: torch.Tensor | None, round_to_
     if dim % RHT_SIZE:
         raise ValueError(f"RHT needs dimension {axis} to be a multiple of {RHT_SIZE}, got shape {tuple(x.shape)}")
     x2d = x.reshape(-1, x.shape[-1]) if axis == -1 else x
-    rows, k = x2d.shape
     out = torch.empty(x2d.shape, dtype=torch.float32, device=x.device)
-    # chunks of ~2^17 elements keep the temporaries in cache (16-row aligned for axis=-2)
-    step = max(1, (1 << 17) // k) if axis == -1 else max(RHT_SIZE, ((1 << 17) // k) // RHT_SIZE * RHT_SIZE)
-    for r in range(0, rows, step):
-        c = x2d[r:r + step].to(torch.float32)
-        groups = c.reshape(-1, RHT_SIZE, 1) if axis == -1 else c.view(-1, RHT_SIZE, k)
-        y = _butterfly(groups, scale).view(c.shape)
-        out[r:r + step] = y.to(torch.bfloat16) if round_to_bf16 else y    # BF16 rounding, per chunk
+    chunks = row_chunks(x2d, 1 if axis == -1 else RHT_SIZE)
+    wa, wb = chunk_workspace(x2d, chunks, 2)
+    wbf = torch.empty(wa.shape, dtype=torch.bfloat16, device=x.device) if round_to_bf16 else None
+    for rows in chunks:   # chunks keep the temporaries in cache (16-row aligned for axis=-2)
+        c = x2d[rows].to(torch.float32)
+        groups = c.reshape(-1, RHT_SIZE, 1) if axis == -1 else c.view(-1, RHT_SIZE, c.shape[1])
+        y = out[rows]
+        _butterfly(groups, scale, scratch(wa, groups), scratch(wb, groups), y.view(groups.shape))
+        if round_to_bf16:                                     # BF16 rounding, per chunk
+            y.copy_(scratch(wbf, y, torch.bfloat16).copy_(y))
     return out.view(x.shape)
 
 
