@@ -97,6 +97,30 @@ def test_fp8_codecs_saturate_and_keep_nan():
     assert formats.decode(e5, "e5m2").tolist() == [57344.0, -57344.0, 57344.0, 57344.0]
 
 
+@pytest.mark.parametrize("fmt,dtype", [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])
+def test_fp8_round_to_format_equals_the_float8_cast(fmt, dtype):
+    """The fast paths round block scales and MXFP8 elements in fp32 (round_to_format) instead of
+    PyTorch's slow CPU float8 cast: same values, on a stride through every fp32 bit pattern up to
+    max (subnormals included), each grid point and midpoint and their fp32 neighbours, values
+    above max, ±0, ±Inf and NaN, both signs. (Checked once on every fp32 value up to max.)"""
+    f = formats.element_format(fmt)
+    top = int(torch.tensor(f.max).view(torch.int32))
+    strided = torch.arange(0, top + (1 << 22), 997, dtype=torch.int32).view(torch.float32)
+    grid = formats.decode(torch.arange(128, dtype=torch.uint8), fmt)
+    grid = grid[torch.isfinite(grid)]
+    mids = (grid[:-1] + grid[1:]) / 2
+    pts = torch.cat([grid, mids])
+    specials = torch.tensor([0.0, f.max * 1.01, 1e30, math.inf, math.nan])
+    v = torch.cat([strided, pts, torch.nextafter(pts, torch.tensor(math.inf)),
+                   torch.nextafter(pts, torch.tensor(0.0)), specials])
+    v = torch.cat([v, -v])
+    ref = v.clamp(-f.max, f.max).to(dtype).to(torch.float32)
+    ours = formats.round_to_format(v, fmt)
+    nan = torch.isnan(ref)
+    assert torch.equal(nan, torch.isnan(ours))
+    assert torch.equal(ours[~nan].view(torch.int32), ref[~nan].view(torch.int32))   # -0.0 included
+
+
 def test_e8m0_encode_rules():
     tiny = 2.0 ** -127                                       # an fp32 subnormal: mantissa 0x400000
     just_above = torch.tensor(tiny).view(torch.int32).add(1).view(torch.float32).item()

@@ -192,8 +192,8 @@ def test_columnwise_axis_equals_transposed_quantization():
 
 
 def test_stochastic_rounding_bytes_are_row_major_whatever_the_chunking():
-    # 20000 x 16 is processed in three chunks; the bytes must be one row-major stream
-    x = torch.randn(20000, 16)
+    # 40000 x 16 is processed in three chunks; the bytes must be one row-major stream
+    x = torch.randn(40000, 16)
     ours = formats.nvfp4_fake_quantize(x, stochastic_rounding=True, generator=torch.Generator().manual_seed(9))
     rbits = formats.random_bytes(x.numel(), torch.Generator().manual_seed(9)).view(x.shape)
     s_enc, s_dec = formats.te_global_scales(x.abs().max())
@@ -203,6 +203,33 @@ def test_stochastic_rounding_bytes_are_row_major_whatever_the_chunking():
     mag = formats.round_magnitude_((x.abs().view(-1, 16) * enc).view(x.shape), "e2m1", stochastic=True, rbits=rbits)
     ref = (mag.copysign(x).view(-1, 16) * (s_dec * s_b)).view(x.shape)
     assert torch.equal(ours, ref)
+
+
+def test_fake_quantize_and_rht_do_not_depend_on_the_chunking(monkeypatch):
+    """Chunks share scratch buffers and the last one is shorter (208 rows in 32-row chunks; 200 for
+    the 16x16 tiles, the last one partial): the results must be those of one chunk, bit for bit."""
+    import nemotron3.quant.fp_codecs as fp_codecs
+    import nemotron3.quant.hadamard as hadamard
+    import nemotron3.quant.mx as mx
+    import nemotron3.quant.nvfp4 as nvfp4
+
+    x = torch.randn(208, 64, generator=torch.Generator().manual_seed(5)) * torch.logspace(-3, 3, 64)
+    sr = lambda: {"stochastic_rounding": True, "generator": torch.Generator().manual_seed(6)}  # noqa: E731
+    cases = [
+        lambda: formats.nvfp4_fake_quantize(x), lambda: formats.nvfp4_fake_quantize(x, axis=-2),
+        lambda: formats.nvfp4_fake_quantize(x[:200], block_2d=True), lambda: formats.nvfp4_fake_quantize(x, **sr()),
+        lambda: formats.nvfp4_fake_quantize(x, axis=-2, **sr()), lambda: formats.nvfp4_quantize(x, **sr()).packed,
+        lambda: formats.mx_fake_quantize(x[:192], "fp8_e4m3", "rceil", axis=-2),
+        lambda: formats.mx_fake_quantize(x, "fp6_e2m3", "floor"), lambda: formats.rht(x, axis=-2),
+        lambda: formats.rht(x, round_to_bf16=False),
+    ]
+    whole = [f() for f in cases]                              # 13312 elements: one chunk each
+    small = lambda t, align=1: fp_codecs.row_chunks(t, align, target=2048)  # noqa: E731
+    for module in (nvfp4, mx, hadamard):
+        monkeypatch.setattr(module, "row_chunks", small)
+    assert [r.stop - r.start for r in small(x, 16)] == [32] * 6 + [16]
+    for f, ref in zip(cases, whole):
+        assert torch.equal(f(), ref)
 
 
 def test_nvfp4_errors():
