@@ -268,17 +268,13 @@ def round_magnitude_(
     return a.mul_(inv_step_t).floor_().div_(inv_step_t).clamp_(max=f.max)
 
 
-def round_to_format(
-    v: torch.Tensor, fmt: str | ElementFormat, work: tuple[torch.Tensor, ...] = ()
-) -> torch.Tensor:
+def round_to_format(v: torch.Tensor, fmt: str | ElementFormat) -> torch.Tensor:
     """Round fp32 values to a format's grid: RNE, saturating to ±max, sign kept.
 
     Returns fp32 values (not codes); for E4M3/E5M2 the float8 cast's values. NaN stays NaN
-    here; the sub-byte codes map it to +max. `work`: two flat scratch buffers (see `scratch`),
-    the first of which holds the result.
+    here; the sub-byte codes map it to +max.
     """
-    w0, *rest = (*work, None)
-    return round_magnitude_(torch.abs(v, out=scratch(w0, v)), fmt, work=tuple(rest)).copysign_(v)
+    return round_magnitude_(v.abs(), fmt).copysign_(v)
 
 
 def round_e2m1(

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from nemotron3.quant.fp_codecs import (
-    ELEMENT_FORMATS, _check_float, chunk_workspace, decode, decode_e8m0, encode, encode_e8m0, pack_fp4,
-    round_to_format, row_chunks, scratch, unpack_fp4,
+    ELEMENT_FORMATS, ElementFormat, _check_float, chunk_workspace, decode, decode_e8m0, encode, encode_e8m0,
+    pack_fp4, round_magnitude_, row_chunks, scratch, unpack_fp4,
 )
 
 __all__ = ["MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize", "mx_scale_reference"]
@@ -96,32 +96,35 @@ def _blocks(t: torch.Tensor, axis: int, block_size: int) -> tuple[torch.Tensor, 
     return t.unflatten(0, (-1, block_size)), 1
 
 
-def _scale_and_scale_values(
-    xb: torch.Tensor, name: str, mode: str, bdim: int, work: tuple[torch.Tensor, ...] = (None, None)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E8M0 bits uint8, x scaled into the element range fp32) for fp32 blocks xb; the bits
-    keep the block axis `bdim` as size 1, so they broadcast against xb. `work`: two flat
-    scratch buffers (`fp_codecs.scratch`); the scaled values live in the second."""
-    fmt = ELEMENT_FORMATS[MX_ELEM_DTYPES[name]]
-    amax = torch.abs(xb, out=scratch(work[0], xb)).amax(bdim, keepdim=True)   # NaN if any NaN
-    v = scratch(work[1], xb)
+def _block_scale(
+    xabs: torch.Tensor, fmt: ElementFormat, mode: str, bdim: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(E8M0 bits uint8, factor, divide) for |x| in blocks: x is scaled into the element range
+    as x / factor if `divide` (floor) else x · factor (rceil). Bits and factor keep the block
+    axis `bdim` as size 1, so they broadcast against the blocks."""
+    amax = xabs.amax(bdim, keepdim=True)                               # NaN if any NaN
     if mode == "floor":
         exp = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - fmt.emax  # floor(log2 amax) - emax
         bits = (exp.clamp_(-127, 128) + 127)
         bits = torch.where(torch.isnan(amax), 255, bits)
         scale = (bits << 23).view(torch.float32).clamp(min=2.0 ** -126)  # 0xFF -> +inf
-        torch.div(xb, scale, out=v)
-        if fmt.torch_dtype is not None:
-            v = v.clamp_(-fmt.max, fmt.max)
-        return bits.to(torch.uint8), v
+        return bits.to(torch.uint8), scale, True
     descale = amax / fmt.max
     bits = encode_e8m0(descale, "ceil").to(torch.int32)                # NaN 255, Inf 254
     rcp = ((254 - bits).clamp_(min=1) << 23).view(torch.float32)       # 2^(127-b) for 1 <= b <= 253
     rcp = torch.where(bits == 0, 1.0, rcp)
     rcp = torch.where(bits == 254, 2.0 ** -127, rcp)
     rcp = torch.where(bits == 255, descale, rcp)                       # NaN
-    torch.mul(xb, rcp, out=v).clamp_(-fmt.max, fmt.max)
-    return bits.to(torch.uint8), v
+    return bits.to(torch.uint8), rcp, False
+
+
+def _scale_and_scale_values(xb: torch.Tensor, name: str, mode: str, bdim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E8M0 bits uint8, x scaled into the element range and clamped to ±max, fp32) for fp32
+    blocks xb; the bits keep the block axis `bdim` as size 1, so they broadcast against xb."""
+    fmt = ELEMENT_FORMATS[MX_ELEM_DTYPES[name]]
+    bits, factor, divide = _block_scale(xb.abs(), fmt, mode, bdim)
+    v = xb / factor if divide else xb * factor
+    return bits, v.clamp_(-fmt.max, fmt.max)        # the sub-byte encoders saturate the same way
 
 
 def _prepare(x: torch.Tensor, elem_dtype: str | torch.dtype, mode: str, block_size: int, axis: int = -1) -> str:
@@ -166,7 +169,7 @@ def mx_fake_quantize(
     codes; their block scale is NaN, so the dequantized value is NaN either way. axis=-2
     (2-D x) puts the blocks down the columns: `mx_fake_quantize(x.mT).mT` without the copy.
     Works through chunks of rows with reused scratch buffers (see `fp_codecs.row_chunks`).
-    FP8 elements are rounded by `round_to_format`, which gives the float8 cast's values
+    FP8 elements are rounded by `round_magnitude_`, which gives the float8 cast's values
     (fp_codecs) several times faster than PyTorch's CPU cast kernel.
     """
     name = _prepare(x, elem_dtype, mode, block_size, axis)
@@ -174,11 +177,16 @@ def mx_fake_quantize(
     x2d = x.to(torch.float32).contiguous().reshape(-1, x.shape[-1])    # (R, K)
     out = torch.empty_like(x2d)
     chunks = row_chunks(x2d, block_size if axis == -2 else 1)
-    w0, w1, w2 = chunk_workspace(x2d, chunks, 3)
+    w0, w1 = chunk_workspace(x2d, chunks, 2)
     for rows in chunks:
         xb, bdim = _blocks(x2d[rows], axis, block_size)
-        bits, v = _scale_and_scale_values(xb, name, mode, bdim, (w0, w1))
-        q = round_to_format(v, fmt, (w0, w2))
+        a = torch.abs(xb, out=scratch(w0, xb))
+        bits, factor, divide = _block_scale(a, fmt, mode, bdim)
+        if divide:                                                     # |x| scaled = |x scaled|
+            a.div_(factor)
+        else:
+            a.mul_(factor)
+        q = round_magnitude_(a, fmt, work=(w1,)).copysign_(xb)          # saturates at ±max
         torch.mul(q, decode_e8m0(bits), out=_blocks(out[rows], axis, block_size)[0])
     return out.view(x.shape)
 
