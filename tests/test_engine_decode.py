@@ -51,7 +51,7 @@ def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens, tracea
                 for b, n in enumerate(ref_cache.lengths.tolist()):
                     torch.testing.assert_close(getattr(fast_cache, part)[i][b, :, :n], t[b, :, :n], atol=1e-5, rtol=0)
             else:
-                torch.testing.assert_close(getattr(fast_cache, part)[i], t, atol=1e-5, rtol=0)
+                torch.testing.assert_close(getattr(fast_cache, part)[i], t, atol=1e-5, rtol=1e-5)  # states reach ~10: float eps
 
 
 def test_traceable_dense_experts_for_many_rows():

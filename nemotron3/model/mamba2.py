@@ -1,7 +1,7 @@
 """The Mamba-2 mixer of an `M` layer (ARCHITECTURE.md §2).
 
     in_proj: H -> [z (d_inner) | xBC (d_inner + 2·G·N) | dt (heads)]
-    xBC <- silu(causal depthwise conv1d(xBC))        kernel 4, left-padded, with bias
+    xBC <- silu(causal depthwise conv1d(xBC))        kernel 4, left-padded, with bias (model/conv.py)
     x, B, C <- split(xBC)
     dt <- clamp(softplus(dt + dt_bias), dt_min, dt_max);  A = -exp(A_log)
     y <- SSD(x, dt, A, B, C) + D·x                   (ssd.py)
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron3.config import ModelConfig
+from nemotron3.model.conv import causal_conv1d
 from nemotron3.model.norms import GatedRMSNorm
 from nemotron3.model.ssd import ssd_chunked, ssd_step
 
@@ -102,12 +103,23 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
         return dt, -torch.exp(self.A_log.float())
 
+    def conv(self, window: torch.Tensor) -> torch.Tensor:
+        """window (b, K-1+t, C) -> (b, t, C): the causal depthwise conv (model/conv.py), before the SiLU."""
+        return causal_conv1d(window, self.conv1d.weight[:, 0], self.conv1d.bias)
+
+    def _conv_state_after(self, window: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """window (b, K-1+t, C), j (b,) -> (b, C, K-1): the K-1 conv inputs ending at each row's new token j."""
+        K1 = self.conv_kernel - 1
+        rows = (j[:, None] + 1 + torch.arange(K1, device=window.device))[:, :, None]  # (b, K-1, 1)
+        return window.gather(1, rows.expand(-1, -1, window.shape[-1])).transpose(1, 2)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (b, t, H) -> (b, t, H), the whole sequence from a zero state."""
         b, t, _ = hidden.shape
         zxbcdt = self.in_proj(hidden)  # (b, t, d_inner + conv_dim + heads)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :t].transpose(1, 2))  # (b, t, conv_dim)
+        window = F.pad(xbc, (0, 0, self.conv_kernel - 1, 0))  # (b, K-1+t, conv_dim): zero history
+        xbc = F.silu(self.conv(window))  # (b, t, conv_dim)
         x, B, C = self.split_xbc(xbc)
         dt, A = self.discretize(dt)
         y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
@@ -120,21 +132,14 @@ class Mamba2Mixer(nn.Module):
         `view` is a `CacheView` (engine/cache.py); `layer` the index of this layer's slots in the cache.
         """
         b, t, _ = hidden.shape
-        cache, K1 = view.cache, self.conv_kernel - 1
+        cache = view.cache
         conv_all, ssm_all = cache.conv[layer], cache.ssm[layer]  # (rows, C, K-1), (rows, h, p, n)
         conv_state = conv_all if view.rows is None else conv_all[view.index]
         state = ssm_all if view.rows is None else ssm_all[view.index]  # (b, h, p, n)
         zxbcdt = self.in_proj(hidden)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # (b, C, K-1+t)
-        if t > 32:  # the depthwise conv of the full forward, on [cached inputs | new inputs], no padding
-            xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, C, t)
-        else:  # multiply-and-sum over sliding windows: for a few tokens far cheaper than a conv1d call (oneDNN
-            # sets up a primitive per shape), and equal to it up to summation order
-            xbc = (window.unfold(-1, self.conv_kernel, 1) * self.conv1d.weight).sum(-1)  # (b, C, t)
-            if self.conv1d.bias is not None:
-                xbc = xbc + self.conv1d.bias[:, None]
-        xbc = F.silu(xbc).transpose(1, 2)  # (b, t, C)
+        window = torch.cat([conv_state.transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # (b, K-1+t, C): history first
+        xbc = F.silu(self.conv(window))  # (b, t, C)
         x, B, C = self.split_xbc(xbc)  # (b, t, h, p), (b, t, g, n), (b, t, g, n)
         dt, A = self.discretize(dt)  # (b, t, h) fp32
         last = view.last  # (b,) index of each row's last real token
@@ -146,18 +151,16 @@ class Mamba2Mixer(nn.Module):
                 ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=self.D))  # state updated in place
                 if view.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
                     j = torch.clamp(last, max=i)
-                    cols = (j[:, None] + 1 + torch.arange(K1, device=window.device))[:, None]  # (b, 1, K-1)
-                    conv_i = window.gather(-1, cols.expand(-1, self.conv_dim, -1))  # conv state after token j
+                    conv_i = self._conv_state_after(window, j)  # conv state after token j
                     cache.record(layer, view.index, view.start + j, conv_i, state)
             y = torch.stack(ys, dim=1)  # (b, t, h, p)
             new_state = state
         else:
             y, new_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state)
         if view.valid is None:
-            new_conv = window[..., t:]  # (b, C, K-1)
+            new_conv = window[:, t:].transpose(1, 2)  # (b, C, K-1)
         else:
-            offsets = (last[:, None] + 1 + torch.arange(K1, device=window.device))[:, None].expand(-1, self.conv_dim, -1)
-            new_conv = window.gather(-1, offsets)
+            new_conv = self._conv_state_after(window, last)
         if cache.max_rollback and not view.per_step:
             cache.record(layer, view.index, view.start + last, new_conv, new_state)
         if view.rows is None:
