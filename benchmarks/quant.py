@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/quant.py            # a few seconds per line on 2 CPU cores
     .venv/bin/python benchmarks/quant.py --quick    # smaller tensors
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quant.py --threads 1   # one core (shared machine)
 
 Part 1 quantizes the same tensors with ours and with torchao 0.18 (bit-identical outputs,
 checked here too) and prints elements/s and the ratio ours/torchao (goal >= 1).
@@ -80,6 +81,7 @@ def bench_quantize(rows: int, cols: int, repeats: int) -> None:
 
 def bench_linear(shapes: list[tuple[int, int, int]], repeats: int) -> None:
     print("\n== one training step (fwd + bwd), fp32 activations: ms, and ratio to nn.Linear ==")
+    worst = {"NVFP4": 0.0, "MXFP8": 0.0}
     print(f"{'tokens x in -> out':24s} {'nn.Linear':>10s} {'NVFP4':>9s} {'ratio':>7s} {'MXFP8':>9s} {'ratio':>7s}")
     for M, K, N in shapes:
         torch.manual_seed(0)
@@ -103,6 +105,9 @@ def bench_linear(shapes: list[tuple[int, int, int]], repeats: int) -> None:
         t_lin = min(t_lin, t_lin2)
         print(f"{M:5d} x {K:5d} -> {N:5d}     {t_lin * 1e3:10.1f} {t_nv * 1e3:9.1f} {t_nv / t_lin:6.2f}x "
               f"{t_mx * 1e3:9.1f} {t_mx / t_lin:6.2f}x")
+        worst = {"NVFP4": max(worst["NVFP4"], t_nv / t_lin), "MXFP8": max(worst["MXFP8"], t_mx / t_lin)}
+    for name, r in worst.items():
+        print(f"{name}: at most {r:.2f}x nn.Linear (goal <= 2x): {'met' if r <= 2 else 'NOT met'}")
 
 
 def main() -> None:
@@ -110,14 +115,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller tensors, fewer repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
+    ap.add_argument("--part", choices=("all", "quantize", "step"), default="all", help="run one part only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_quantize(*((1024, 2048) if args.quick else (2048, 4096)), repeats)
-    shapes = [(2048, 1024, 1024), (2048, 1024, 4096), (4096, 2048, 512)]
-    bench_linear(shapes[:1] if args.quick else shapes, repeats)
+    if args.part in ("all", "quantize"):
+        bench_quantize(*((1024, 2048) if args.quick else (2048, 4096)), repeats)
+    if args.part in ("all", "step"):
+        shapes = [(2048, 1024, 1024), (2048, 1024, 4096), (4096, 2048, 512)]
+        bench_linear(shapes[:1] if args.quick else shapes, repeats)
 
 
 if __name__ == "__main__":
