@@ -1,0 +1,65 @@
+"""The matrix-product floor of a workload: its GEMMs and attention kernels replayed alone, same shapes.
+
+    from gemm_floor import record, replay_seconds
+    calls = record(lambda: model(ids))        # every mm / addmm / bmm / SDPA kernel the call dispatches
+    replay_seconds(calls)                      # seconds those kernels alone take on fresh contiguous inputs
+
+At the sizes this machine trains and prefills (T9: d = 256, a few thousand tokens), the forward of a
+hybrid MoE model is dominated by matrix products that every implementation of the same model must do:
+the projections, the experts, the LM head, attention. Replaying exactly those kernels, without any of
+the elementwise work, indexing or Python around them, gives a floor that no implementation doing the
+same arithmetic in fp32 can beat on this CPU. Printing it beside a peer's time says how much of a
+speed ratio is left to win at all (benchmarks/forward.py uses it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+BACKWARD = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in GEMMS or func in ATTENTION or func in BACKWARD:
+            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, shapes, dict(kwargs)))
+        return func(*args, **kwargs)
+
+
+def record(fn: Callable[[], object]) -> list[tuple]:
+    """Run `fn` once and return the matrix-product kernels it dispatched: (op, argument shapes, kwargs)."""
+    rec = _Recorder()
+    with rec:
+        fn()
+    return rec.calls
+
+
+def _materialise(shapes: list, gen: torch.Generator) -> list:
+    return [torch.randn(s, generator=gen) if isinstance(s, tuple) else s for s in shapes]
+
+
+def replay_seconds(calls: list[tuple], repeats: int = 3) -> float:
+    """Best-of-`repeats` seconds of the recorded kernels, run back to back on fresh contiguous inputs."""
+    gen = torch.Generator().manual_seed(0)
+    prepared = [(op, _materialise(shapes, gen), kw) for op, shapes, kw in calls]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first pass warms up
+            t0 = time.perf_counter()
+            for op, args, kw in prepared:
+                op(*args, **kw)
+            best = min(best, time.perf_counter() - t0)
+    return best
