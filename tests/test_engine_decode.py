@@ -68,6 +68,24 @@ def test_t9_batch_paths_agree():
         torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_many_row_expert_paths_agree(padded, monkeypatch):
+    """B·k >= E: experts grouped (one GEMM pair each) or padded into one batched matmul pair."""
+    model = build(nemotron3.ModelConfig.preset("t9").to_hf(), seed=4)
+    monkeypatch.setattr(FastDecoder, "_build", _with_padded_min_pairs(0 if padded else 10**9))
+    ref, fast, *_ = run_both(model, [5 + 3 * i for i in range(9)], steps=3)  # 36 pairs over 16 experts
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+
+
+def _with_padded_min_pairs(n: int):
+    build_ = FastDecoder._build
+
+    def patched(self):
+        build_(self)
+        self.padded_min_pairs = n
+    return patched
+
+
 def test_in_place_weight_updates_are_noticed():
     model = build(nemotron3.ModelConfig.preset("tiny").to_hf(), seed=3)
     fast = FastDecoder(model)
