@@ -21,36 +21,35 @@ Cutting the sequence into chunks of length L splits M into diagonal blocks (quad
 inside a chunk, L×L per chunk) and off-diagonal blocks, which factor through the state at chunk boundaries
 (a_cum is the running sum of a inside each chunk):
 
-  1. intra-chunk:   Y_diag = (CBᵀ ∘ exp(a_cum[l] − a_cum[s])) · (x·dt)       per chunk, (L×L)·(L×P)
+  1. intra-chunk:   Y_diag = (CBᵀ ∘ exp(a_cum[l] − a_cum[s])) · (x·dt)       per chunk and head, (L×L)·(L×P)
   2. chunk states:  S_c    = Σ_s exp(a_{s+1..end}) · (x_s·dt_s) ⊗ B_s        state each chunk contributes
-  3. inter-chunk:   S'_c   = Σ_{z≤c} exp(sum of chunk decays z+1..c) · S_z    state entering each chunk
-  4. off-diagonal:  Y_off  = exp(a_{start..t}) · S'_{c-1} · C_t
+  3. inter-chunk:   S'_c   = exp(a_cum[end] of chunk c-1) · S'_{c-1} + S_{c-1}   state entering each chunk
+  4. off-diagonal:  Y_off  = exp(a_cum[l]) · S'_c · C_l
 
-Work is O(T·L) instead of O(T²), and every step is a batched matmul. Inside a chunk the decay is the
-difference of two running sums, as in mamba_ssm's kernel (one subtraction, one exp). Across chunks, where
-the sums grow with the sequence length, `segsum` builds each entry as a masked cumulative sum of only the
-terms it needs, so no large running sums cancel. Everything runs in fp32 (inputs are upcast): the decays
-exp(Σ a) span many orders of magnitude.
+Work is O(T·L) instead of O(T²), and steps 1, 2 and 4 are batched matmuls. Inside a chunk the decay is
+the difference of two running sums, as in mamba_ssm's kernel (one subtraction, one exp, both ≤ 0 in the
+lower triangle). Step 3 is the recurrence itself at chunk granularity, one multiply-add per chunk: it only
+ever multiplies by decays ≤ 1, so nothing cancels however long the sequence. Everything runs in fp32
+(inputs are upcast): the decays exp(Σ a) span many orders of magnitude.
+
+Memory layout (what makes this fast on a CPU, where these tensors do not fit in cache and every pass over
+them costs). x arrives as (b, t, h, p), straight out of the in_proj: "natural" order, time outside heads.
+Steps 2 and 4 work per (chunk, group) on matrices whose rows are time and whose columns are the r·p
+channels of the group's heads: in natural order those are strided views, which `bmm` takes without a
+copy, one call per group. Only step 1 needs heads outside time (its L×L matrix differs per head), so x·dt
+is copied once into that order. The output is assembled in natural order in one pass. Against the
+earlier all-heads-first formulation (which copied x, B and C into broadcast layouts before each matmul
+and built the chunk recurrence as a (c+1)×(c+1) decay matrix), T9's whole Mamba layer, eager, 1 thread:
+1.24x faster forward at 1×2048 tokens, 1.13x faster forward + backward at 4×256.
 
 Shapes: b batch, t time, c chunks, l/s positions in a chunk, g groups, r heads per group (h = g·r), p head
-dim, n state size. Heads are kept as (g, r) so B and C are never repeated across the heads of a group.
+dim, n state size.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """(..., L) -> (..., L, L) with out[i, j] = a[j+1] + … + a[i] for i ≥ j and −inf above the diagonal."""
-    L = a.size(-1)
-    x = a[..., None].expand(*a.shape, L)  # x[..., k, j] = a[k]
-    strictly_lower = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)
-    x = x.masked_fill(~strictly_lower, 0.0)  # keep terms k > j
-    s = x.cumsum(-2)  # s[i, j] = Σ_{j<k≤i} a[k]
-    lower = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(0)
-    return s.masked_fill(~lower, float("-inf"))
 
 
 def ssd_chunked(
@@ -80,46 +79,46 @@ def ssd_chunked(
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
     c = (t + pad) // L
+    bc = b * c
 
-    xdt = (xf * dtf[..., None]).view(b, c, L, g, r, p)  # (b, c, l, g, r, p)
-    Bc = Bf.view(b, c, L, g, n)
-    Cc = Cf.view(b, c, L, g, n)
-    a = (dtf * A.float()).view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
-    a_cum = a.cumsum(-1)  # (b, g, r, c, l)
+    a_cum = (dtf * A.float()).view(b, c, L, h).cumsum(2)  # (b, c, l, h)
+    xdt = (xf * dtf[..., None]).view(b, c, L, h, p)  # (b, c, l, h, p), natural order
+    Bc, Cc = Bf.view(b, c, L, g, n), Cf.view(b, c, L, g, n)
 
-    # 1. intra-chunk (diagonal blocks). Within one chunk the decay is exp(a_cum[l] - a_cum[s]), the form
-    # mamba_ssm's kernel uses; above the diagonal the exponent is set to -inf before exp (exp(+x) could
-    # overflow, and inf·0 would poison the backward pass).
+    # 1. intra-chunk, per head: heads outside time for the (l×s)·(s×p) products (the one copy of x·dt)
+    a_h = a_cum.transpose(2, 3)  # (b, c, h, l)
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    decay_in = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf")))
-    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # (b, g, c, l, s)
-    M = decay_in * CB[:, :, None]  # (b, g, r, c, l, s)
-    xdt_g = xdt.permute(0, 3, 4, 1, 2, 5)  # (b, g, r, c, s, p)
-    y = M @ xdt_g  # (b, g, r, c, l, p)
+    # exponent -inf above the diagonal before exp: exp(+x) could overflow there, and inf·0 poisons backward
+    decay_in = torch.exp((a_h[..., :, None] - a_h[..., None, :]).masked_fill(~causal, float("-inf")))  # (b,c,h,l,s)
+    CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # (b, c, g, l, s)
+    M = decay_in.view(b, c, g, r, L, L) * CB[:, :, :, None]  # (b, c, g, r, l, s)
+    y_diag = M.view(bc * h, L, L) @ xdt.transpose(2, 3).reshape(bc * h, L, p)  # (b·c·h, l, p)
 
-    # 2. the state each chunk adds, decayed to the chunk's end
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, g, r, c, l)
-    Bg = Bc.permute(0, 3, 1, 2, 4)[:, :, None]  # (b, g, 1, c, l, n)
-    states = (xdt_g * decay_to_end[..., None]).transpose(-1, -2) @ Bg  # (b, g, r, c, p, n)
+    # 2. state each chunk adds, per group: (r·p × s)·(s × n) on strided views of natural order
+    decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, c, l, h)
+    xs = (xdt * decay_to_end[..., None]).view(bc, L, g, r * p)  # (b·c, s, g, r·p)
+    Bg = Bc.view(bc, L, g, n)
+    states = torch.stack([xs[:, :, i].transpose(1, 2) @ Bg[:, :, i] for i in range(g)], dim=1)  # (b·c, g, r·p, n)
+    states = states.view(b, c, h, p, n)
 
-    # 3. states entering each chunk: a (c+1)×(c+1) decay matrix over chunk boundaries
-    if initial_state is None:
-        init = states.new_zeros(b, g, r, 1, p, n)
-    else:
-        init = initial_state.float().view(b, g, r, 1, p, n)
-    states = torch.cat([init, states], dim=3)  # (b, g, r, c+1, p, n)
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
-    states = torch.einsum("bgrzc,bgrcpn->bgrzpn", chunk_decay, states)
-    entering, final = states[:, :, :, :-1], states[:, :, :, -1]  # (b,g,r,c,p,n), (b,g,r,p,n)
+    # 3. states entering each chunk: the recurrence at chunk granularity
+    chunk_decay = torch.exp(a_cum[:, :, -1])[..., None, None]  # (b, c, h, 1, 1)
+    S = initial_state.float() if initial_state is not None else states.new_zeros(b, h, p, n)
+    entering = []
+    for j in range(c):
+        entering.append(S)
+        S = chunk_decay[:, j] * S + states[:, j]
+    entering = torch.stack(entering, dim=1).view(bc, g, r * p, n)  # (b·c, g, r·p, n)
 
-    # 4. contribution of the entering state to each position
-    Cg = Cc.permute(0, 3, 1, 2, 4)[:, :, None]  # (b, g, 1, c, l, n)
-    y = y + (Cg @ entering.transpose(-1, -2)) * torch.exp(a_cum)[..., None]  # (b, g, r, c, l, p)
-
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)[:, :t]  # (b, t, h, p)
+    # 4. the entering state read by every position: (l × n)·(n × r·p) per group, then natural order
+    Cg = Cc.view(bc, L, g, n)
+    y_off = torch.stack([Cg[:, :, i] @ entering[:, i].transpose(1, 2) for i in range(g)], dim=2)  # (b·c, l, g, r·p)
+    y_off = y_off.view(b, c, L, h, p)
+    y = torch.addcmul(y_diag.view(b, c, h, L, p).transpose(2, 3), y_off, torch.exp(a_cum)[..., None])  # (b,c,l,h,p)
+    y = y.reshape(b, c * L, h, p)[:, :t]
     if D is not None:
         y = y + x.float() * D.float()[:, None]
-    return y, final.reshape(b, h, p, n)
+    return y, S
 
 
 def ssd_step(
