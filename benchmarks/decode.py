@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import nemotron3
-from nemotron3.engine.cache import cache_size
+from gemm_floor import record, replay_seconds
+from nemotron3.engine.cache import HybridCache, cache_size
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "t9_config.json"
 LLAMA_CPP_TOK_S = 1260  # ANCHORS.md: llama.cpp CPU build, 2 threads, same model and machine class
@@ -122,6 +123,30 @@ def main() -> None:
                          max(3, args.repeats // 2))
         t1, tB = n / best_b["b1"], B * n / best_b["bB"]
         print(f"\nbatch-{B} vs batch-1, {name} (whole generate call): {tB:,.0f} vs {t1:,.0f} tok/s = {tB / t1:.1f}x")
+
+    # the matrix products of one decode step, replayed alone: at batch 16 the step is bound by them
+    print("\ndecode step against its GEMM floor (eager FastDecoder, 100-token rows; the floor replays the step's")
+    print("matrix products and attention kernels alone, benchmarks/gemm_floor.py)")
+    step_ms = {}
+    for rows in (1, B):
+        c = HybridCache(ours.config, rows, 512, include_mtp=False)
+        with torch.inference_mode():
+            ours(torch.randint(0, V, (rows, 100)), cache=c)
+        tok = torch.randint(0, V, (rows,))
+
+        def one_step(c=c, tok=tok):
+            c.lengths.fill_(100)
+            engine.fast.step(tok, c, 101, True)
+
+        with torch.inference_mode():
+            floor = replay_seconds(record(one_step), repeats=20)
+            one_step()
+            t = min(timed(lambda: [one_step() for _ in range(20)])[0] / 20 for _ in range(5))
+        step_ms[rows] = t * 1e3
+        print(f"  batch {rows:>2d}: step {t * 1e3:6.2f} ms, GEMM floor {floor * 1e3:6.2f} ms ({floor / t:4.0%} of the step)")
+        if rows == B:
+            print(f"  batch-{B} over batch-1 throughput, steps alone: {B * step_ms[1] / step_ms[B]:.1f}x; with the batch-{B} "
+                  f"step at its GEMM floor it would be {B * step_ms[1] / (floor * 1e3):.1f}x")
 
     # prefill
     print("\nprefill (one prompt, engine segments of 2048 tokens)")

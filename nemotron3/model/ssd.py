@@ -96,23 +96,25 @@ def ssd_chunked(
 
     # 2. state each chunk adds, per group: (r·p × s)·(s × n) on strided views of natural order
     decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, c, l, h)
-    xs = (xdt * decay_to_end[..., None]).view(bc, L, g, r * p)  # (b·c, s, g, r·p)
-    Bg = Bc.view(bc, L, g, n)
-    states = torch.stack([xs[:, :, i].transpose(1, 2) @ Bg[:, :, i] for i in range(g)], dim=1)  # (b·c, g, r·p, n)
-    states = states.view(b, c, h, p, n)
+    # (unbind, not indexing in the loops: the backward of unbind is one stack, that of each index a zero-filled
+    # tensor of the full size)
+    xs = (xdt * decay_to_end[..., None]).view(bc, L, g, r * p).unbind(2)  # g × (b·c, s, r·p)
+    Bg = Bc.view(bc, L, g, n).unbind(2)  # g × (b·c, s, n)
+    states = torch.stack([x_i.transpose(1, 2) @ B_i for x_i, B_i in zip(xs, Bg)], dim=1)  # (b·c, g, r·p, n)
+    states = states.view(b, c, h, p, n).unbind(1)  # c × (b, h, p, n)
 
     # 3. states entering each chunk: the recurrence at chunk granularity
-    chunk_decay = torch.exp(a_cum[:, :, -1])[..., None, None]  # (b, c, h, 1, 1)
-    S = initial_state.float() if initial_state is not None else states.new_zeros(b, h, p, n)
+    chunk_decay = torch.exp(a_cum[:, :, -1])[..., None, None].unbind(1)  # c × (b, h, 1, 1)
+    S = initial_state.float() if initial_state is not None else states[0].new_zeros(b, h, p, n)
     entering = []
-    for j in range(c):
+    for decay_j, state_j in zip(chunk_decay, states):
         entering.append(S)
-        S = chunk_decay[:, j] * S + states[:, j]
-    entering = torch.stack(entering, dim=1).view(bc, g, r * p, n)  # (b·c, g, r·p, n)
+        S = decay_j * S + state_j
+    entering = torch.stack(entering, dim=1).view(bc, g, r * p, n).unbind(1)  # g × (b·c, r·p, n)
 
     # 4. the entering state read by every position: (l × n)·(n × r·p) per group, then natural order
-    Cg = Cc.view(bc, L, g, n)
-    y_off = torch.stack([Cg[:, :, i] @ entering[:, i].transpose(1, 2) for i in range(g)], dim=2)  # (b·c, l, g, r·p)
+    Cg = Cc.view(bc, L, g, n).unbind(2)  # g × (b·c, l, n)
+    y_off = torch.stack([C_i @ S_i.transpose(1, 2) for C_i, S_i in zip(Cg, entering)], dim=2)  # (b·c, l, g, r·p)
     y_off = y_off.view(b, c, L, h, p)
     y = torch.addcmul(y_diag.view(b, c, h, L, p).transpose(2, 3), y_off, torch.exp(a_cum)[..., None])  # (b,c,l,h,p)
     y = y.reshape(b, c * L, h, p)[:, :t]
