@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--train-seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="torch.compile our Mamba mixers (HybridLM.compile_mixers); --no-compile for eager")
+                    help="also time our model with torch.compile'd Mamba mixers (HybridLM.compile_mixers)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,24 +65,24 @@ def main() -> None:
     hf = NemotronHForCausalLM(NemotronHConfig(**cfg))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = nemotron3.load_pretrained(tmp)
+        ours = {"eager": nemotron3.load_pretrained(tmp)}
+        if args.compile:  # the same weights again, with torch.compile'd Mamba mixers
+            ours["compiled"] = nemotron3.load_pretrained(tmp).compile_mixers()
     hf.eval()
-    n_params = ours.num_parameters()
-    print(f"model: T9 ({n_params / 1e6:.2f}M params), threads={torch.get_num_threads()}")
+    eager = ours["eager"]
+    print(f"model: T9 ({eager.num_parameters() / 1e6:.2f}M params), threads={torch.get_num_threads()}")
 
-    V = ours.config.vocab_size
+    V = eager.config.vocab_size
     ids = torch.randint(0, V, (1, args.seq))
     with torch.no_grad():
-        diff = (hf(ids[:, :256]).logits - ours(ids[:, :256])).abs().max().item()
+        diff = (hf(ids[:, :256]).logits - eager(ids[:, :256])).abs().max().item()
     print(f"sanity: max |Δlogits| on 256 tokens = {diff:.2e}")
 
-    def fwd_ours():
-        with torch.no_grad():
-            ours(ids)
-
-    def fwd_hf():
-        with torch.no_grad():
-            hf(ids)
+    def forward_of(model):
+        def fwd():
+            with torch.no_grad():
+                model(ids)
+        return fwd
 
     batch = torch.randint(0, V, (args.train_batch, args.train_seq + 1))
     x, y = batch[:, :-1], batch[:, 1:]
@@ -100,24 +100,23 @@ def main() -> None:
 
         return step
 
+    steps = {name: make_step(m, m, fused=True) for name, m in ours.items()}
     # the matrix products alone (recorded from our eager model, replayed back to back): a floor for any
     # implementation doing the same fp32 arithmetic, hence a ceiling on the ratio against transformers
-    ours_step = make_step(ours, ours, fused=True)
-    floors = {"forward": replay_seconds(record(fwd_ours)), "train": replay_seconds(record(ours_step))}
-    if args.compile:
-        ours.compile_mixers()
-    rows = []
-    t = race({"hf": fwd_hf, "ours": fwd_ours}, args.repeats)
-    rows.append((f"forward 1x{args.seq}", args.seq / t["hf"], args.seq / t["ours"]))
     ntok = args.train_batch * args.train_seq
-    t = race({"hf": make_step(hf, lambda x: hf(x).logits), "ours": ours_step}, args.repeats)
-    rows.append((f"train step {args.train_batch}x{args.train_seq}", ntok / t["hf"], ntok / t["ours"]))
+    floors = {"forward": args.seq / replay_seconds(record(forward_of(eager))), "train": ntok / replay_seconds(record(steps["eager"]))}
+    fwd_t = race({"hf": forward_of(hf), **{n: forward_of(m) for n, m in ours.items()}}, args.repeats)
+    train_t = race({"hf": make_step(hf, lambda x: hf(x).logits), **steps}, args.repeats)
 
-    print(f"{'':28s}{'transformers':>14s}{'nemotron3':>14s}{'ratio':>8s}{'GEMM floor':>14s}{'max ratio':>11s}")
-    for (name, a, b), (n_tok, floor) in zip(rows, [(args.seq, floors["forward"]), (ntok, floors["train"])]):
-        print(f"{name:28s}{a:>10,.0f} t/s{b:>10,.0f} t/s{b / a:>7.2f}x{n_tok / floor:>10,.0f} t/s{n_tok / floor / a:>10.2f}x")
-    print("GEMM floor: the same matrix products and attention kernels replayed alone (benchmarks/gemm_floor.py);\n"
-          "max ratio: that floor against transformers, the most any fp32 implementation of this model could reach.")
+    print(f"{'tokens/s':24s}{'transformers':>13s}" + "".join(f"{'ours ' + n:>15s}{'ratio':>7s}" for n in ours)
+          + f"{'GEMM floor':>12s}{'ratio':>7s}")
+    for name, n_tok, t, floor in [(f"forward 1x{args.seq}", args.seq, fwd_t, floors["forward"]),
+                                  (f"train step {args.train_batch}x{args.train_seq}", ntok, train_t, floors["train"])]:
+        hf_rate = n_tok / t["hf"]
+        cells = "".join(f"{n_tok / t[n]:>15,.0f}{n_tok / t[n] / hf_rate:>6.2f}x" for n in ours)
+        print(f"{name:24s}{hf_rate:>13,.0f}{cells}{floor:>12,.0f}{floor / hf_rate:>6.2f}x")
+    print("GEMM floor: the same matrix products and attention kernels replayed alone (benchmarks/gemm_floor.py):\n"
+          "its ratio is the most any fp32 implementation of this model could reach against transformers here.")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in GEMMS or func in ATTENTION or func in BACKWARD:
-            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+            shapes = [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args]
             self.calls.append((func, shapes, dict(kwargs)))
         return func(*args, **kwargs)
 
 
 def record(fn: Callable[[], object]) -> list[tuple]:
-    """Run `fn` once and return the matrix-product kernels it dispatched: (op, argument shapes, kwargs)."""
+    """Run `fn` once and return the matrix-product kernels it dispatched: (op, argument (shape, stride)s, kwargs)."""
     rec = _Recorder()
     with rec:
         fn()
@@ -48,11 +48,20 @@ def record(fn: Callable[[], object]) -> list[tuple]:
 
 
 def _materialise(shapes: list, gen: torch.Generator) -> list:
-    return [torch.randn(s, generator=gen) if isinstance(s, tuple) else s for s in shapes]
+    """Fresh inputs with the recorded shapes and strides (a transposed weight stays transposed)."""
+    out = []
+    for s in shapes:
+        if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], tuple):
+            shape, stride = s
+            size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+            out.append(torch.randn(size, generator=gen).as_strided(shape, stride))
+        else:
+            out.append(s)
+    return out
 
 
-def replay_seconds(calls: list[tuple], repeats: int = 3) -> float:
-    """Best-of-`repeats` seconds of the recorded kernels, run back to back on fresh contiguous inputs."""
+def replay_seconds(calls: list[tuple], repeats: int = 5) -> float:
+    """Best-of-`repeats` seconds of the recorded kernels, run back to back on fresh inputs of the same layout."""
     gen = torch.Generator().manual_seed(0)
     prepared = [(op, _materialise(shapes, gen), kw) for op, shapes, kw in calls]
     best = float("inf")
