@@ -115,11 +115,10 @@ def ssd_chunked(
     # 4. the entering state read by every position: (l × n)·(n × r·p) per group, then natural order
     Cg = Cc.view(bc, L, g, n).unbind(2)  # g × (b·c, l, n)
     y_off = torch.stack([C_i @ S_i.transpose(1, 2) for C_i, S_i in zip(Cg, entering)], dim=2)  # (b·c, l, g, r·p)
-    y_off = y_off.view(b, c, L, h, p)
-    y = torch.addcmul(y_diag.view(b, c, h, L, p).transpose(2, 3), y_off, torch.exp(a_cum)[..., None])  # (b,c,l,h,p)
-    y = y.reshape(b, c * L, h, p)[:, :t]
+    y = y_off.view(b, c, L, h, p) * torch.exp(a_cum)[..., None]  # (b, c, l, h, p), natural order
+    y = y.add_(y_diag.view(b, c, h, L, p).transpose(2, 3)).view(b, c * L, h, p)[:, :t]  # + intra-chunk part
     if D is not None:
-        y = y + x.float() * D.float()[:, None]
+        y = y.addcmul_(x.float(), D.float()[:, None])  # + D·x
     return y, S
 
 
