@@ -86,6 +86,8 @@ def test_preset_parameter_counts_are_exact():
     sup = nemotron3.count_parameters(ModelConfig.preset("super-120b-a12b").replace(num_nextn_predict_layers=0))
     assert sup["total"] == 120_668_707_840
     assert sup["active"] == 12_770_237_440
+    # with its one MTP block (`*E`): the element count of the official BF16 checkpoint (ARCHITECTURE.md §8)
+    assert nemotron3.count_parameters(ModelConfig.preset("super-120b-a12b"))["total"] == 123_611_033_088
 
 
 def test_parameter_counts_agree_with_transformers(tiny_hf_config):
