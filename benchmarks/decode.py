@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import nemotron3
-from gemm_floor import record, replay_seconds
+from gemm_floor import record, replayer
 from nemotron3.engine.cache import HybridCache, cache_size
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "t9_config.json"
@@ -139,9 +139,9 @@ def main() -> None:
             engine.fast.step(tok, c, 101, True)
 
         with torch.inference_mode():
-            floor = replay_seconds(record(one_step), repeats=20)
-            one_step()
-            t = min(timed(lambda: [one_step() for _ in range(20)])[0] / 20 for _ in range(5))
+            replay = replayer(record(one_step))
+            best, _ = race({"step": lambda: [one_step() for _ in range(20)], "floor": lambda: [replay() for _ in range(20)]}, 6)
+            t, floor = best["step"] / 20, best["floor"] / 20
         step_ms[rows] = t * 1e3
         print(f"  batch {rows:>2d}: step {t * 1e3:6.2f} ms, GEMM floor {floor * 1e3:6.2f} ms ({floor / t:4.0%} of the step)")
         if rows == B:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import nemotron3
-from gemm_floor import record, replay_seconds
+from gemm_floor import record, replayer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "t9_config.json"
 
@@ -102,11 +102,13 @@ def main() -> None:
 
     steps = {name: make_step(m, m, fused=True) for name, m in ours.items()}
     # the matrix products alone (recorded from our eager model, replayed back to back): a floor for any
-    # implementation doing the same fp32 arithmetic, hence a ceiling on the ratio against transformers
+    # implementation doing the same fp32 arithmetic, hence a ceiling on the ratio against transformers;
+    # timed in the same race, so that machine noise hits it like the rest
     ntok = args.train_batch * args.train_seq
-    floors = {"forward": args.seq / replay_seconds(record(forward_of(eager))), "train": ntok / replay_seconds(record(steps["eager"]))}
-    fwd_t = race({"hf": forward_of(hf), **{n: forward_of(m) for n, m in ours.items()}}, args.repeats)
-    train_t = race({"hf": make_step(hf, lambda x: hf(x).logits), **steps}, args.repeats)
+    floor_fwd, floor_train = replayer(record(forward_of(eager))), replayer(record(steps["eager"]))
+    fwd_t = race({"hf": forward_of(hf), **{n: forward_of(m) for n, m in ours.items()}, "floor": floor_fwd}, args.repeats)
+    train_t = race({"hf": make_step(hf, lambda x: hf(x).logits), **steps, "floor": floor_train}, args.repeats)
+    floors = {"forward": args.seq / fwd_t["floor"], "train": ntok / train_t["floor"]}
 
     print(f"{'tokens/s':24s}{'transformers':>13s}" + "".join(f"{'ours ' + n:>15s}{'ratio':>7s}" for n in ours)
           + f"{'GEMM floor':>12s}{'ratio':>7s}")
