@@ -200,3 +200,24 @@ def test_nvfp4_run_resumes_bit_identically(tmp_path):
     subprocess.run([sys.executable, "-m", "nemotron3.cli", "pretrain", "--out", str(b), "--resume"], check=True, env=ENV,
                    capture_output=True)
     assert [r.get("loss") for r in _records(a)] == [r.get("loss") for r in _records(b)]
+
+
+def test_nvfp4_high_precision_tail_switches_at_its_step_and_resumes_there(tmp_path):
+    """--nvfp4-high-precision-tail 0.5 of 4 steps: steps 1-2 are the quantized run's exactly, steps 3-4 are not;
+    a run resumed from step 2 switches where the original did."""
+    args = ["--nvfp4", "--steps", "4", "--batch-size", "2", "--seq-len", "48", "--eval-every", "100",
+            "--eval-problems", "0", "--save-every", "2"]
+    quantized, tail, resumed = tmp_path / "q", tmp_path / "t", tmp_path / "r"
+    main(["pretrain", *args, "--out", str(quantized)])
+    main(["pretrain", *args, "--nvfp4-high-precision-tail", "0.5", "--out", str(tail)])
+    lq = [r["loss"] for r in _records(quantized) if "loss" in r]
+    lt = [r["loss"] for r in _records(tail) if "loss" in r]
+    assert lt[:2] == lq[:2] and lt[2] != lq[2] and lt[3] != lq[3]
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(tail / "step-000002", resumed / "step-000002")
+    main(["pretrain", "--out", str(resumed), "--resume"])
+    assert [r["loss"] for r in _records(resumed) if "loss" in r] == lt[2:]  # steps 3 and 4
+    assert "a fraction" in _cli_error("--nvfp4", "--nvfp4-high-precision-tail", "1.5", "--out", str(tmp_path / "e"))
+    assert "add --nvfp4" in _cli_error("--nvfp4-high-precision-tail", "0.2", "--out", str(tmp_path / "e"))

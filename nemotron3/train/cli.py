@@ -37,7 +37,7 @@ from nemotron3.train.tokenizer import Tokenizer
 NVFP4_SWITCHES = {"rht": "rht", "sr": "stochastic_rounding", "2d": "weight_2d"}
 
 # Arguments that define the run; `--resume` restores them from the checkpoint.
-RUN_ARGS = ("config", "data", "tasks", "nvfp4", "nvfp4_off", "steps", "batch_size", "micro_batch_size", "seq_len", "lr",
+RUN_ARGS = ("config", "data", "tasks", "nvfp4", "nvfp4_off", "nvfp4_high_precision_tail", "steps", "batch_size", "micro_batch_size", "seq_len", "lr",
             "seed", "difficulty", "eval_every", "save_every", "compile", "vocab_size", "bias_update_rate",
             "seq_aux_coeff", "mtp_depths")
 
@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nvfp4-off", nargs="+", default=[], choices=sorted(NVFP4_SWITCHES), metavar="SWITCH",
                    help=f"ablations of --nvfp4: turn off {', '.join(sorted(NVFP4_SWITCHES))} "
                         "(random Hadamard transform on wgrad, stochastic rounding of gradients, 16x16 weight tiles)")
+    p.add_argument("--nvfp4-high-precision-tail", type=float, default=0.0, metavar="FRACTION",
+                   help="with --nvfp4: train the last FRACTION of the steps unquantized, the paper's end-of-training "
+                        "switch (App. D: the last 18%% recovers the loss gap); 0 = quantized to the end")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences (split over ranks)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward per rank (0 = all at once)")
@@ -139,6 +142,11 @@ def pretrain(args: argparse.Namespace, console: Console | None = None) -> dict:
         raise SystemExit(f"error: the model's vocab_size {model.config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
     if args.nvfp4_off and not args.nvfp4:
         raise SystemExit("error: --nvfp4-off ablates the NVFP4 recipe; add --nvfp4")
+    tail = getattr(args, "nvfp4_high_precision_tail", 0.0)
+    if not 0.0 <= tail < 1.0:
+        raise SystemExit(f"error: --nvfp4-high-precision-tail {tail} is not a fraction in [0, 1)")
+    if tail and not args.nvfp4:
+        raise SystemExit("error: --nvfp4-high-precision-tail switches the NVFP4 recipe off at the end; add --nvfp4")
     if args.nvfp4:
         model = _convert_nvfp4(model, args.nvfp4_off, args.seed)
     if args.compile:
@@ -149,7 +157,8 @@ def pretrain(args: argparse.Namespace, console: Console | None = None) -> dict:
                   f"unigram baseline {baseline:.3f} nats")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                       lr=args.lr, eval_every=args.eval_every, save_every=args.save_every, mtp_depths=args.mtp_depths,
-                      bias_update_rate=args.bias_update_rate, seq_aux_coeff=args.seq_aux_coeff)
+                      bias_update_rate=args.bias_update_rate, seq_aux_coeff=args.seq_aux_coeff,
+                      high_precision_from=round(args.steps * (1 - tail)) if tail else 0)
     run_info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RUN_ARGS}
     result = train(model, tokenizer, data, cfg, out, heldout, resume, run_info, console)
     summary: dict = {}

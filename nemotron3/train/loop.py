@@ -61,6 +61,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = no intermediate checkpoints
     keep_last: int = 2
     log_every: int = 25
+    high_precision_from: int = 0  # step from which an NVFP4 model trains unquantized (0 = never; App. D switch)
 
     def schedule(self) -> WSD:
         warmup = self.warmup if self.warmup >= 0 else max(1, self.steps // 20)
@@ -124,6 +125,19 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> bool:
+    """The end-of-training switch of the NVFP4 paper (App. D): from here on every GEMM runs unquantized.
+
+    The quantized modules are swapped for plain ones around the *same* Parameters, so the optimizer's
+    state carries over untouched. Called at the top of a step, also when a resumed run starts past the
+    switch point, so a resumed run is quantized exactly where the uninterrupted one was."""
+    from nemotron3.quant.convert import switch_to_high_precision
+
+    switch_to_high_precision(model)
+    console.print(f"step {step:5d}  [bold]switched to high precision[/] for the remaining steps")
+    return True
+
+
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
           heldout: PackedData | None = None, resume: dict | None = None, run_info: dict | None = None,
           console: Console | None = None) -> TrainResult:
@@ -151,11 +165,14 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     log = MetricsLog(out_dir / "metrics.jsonl", step if resume is not None else None) if rank == 0 else None
     result = TrainResult(steps=step, last_loss=float("nan"))
     model.train()
+    switched = False
     t_start = time.perf_counter()
     columns = (TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
+            if cfg.high_precision_from and step >= cfg.high_precision_from and not switched:
+                switched = _switch_to_high_precision(model, step, console)
             t0 = time.perf_counter()
             lr = sched.lr(step)
             for g in opt.param_groups:
