@@ -73,6 +73,13 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
             "seconds": summary["train_seconds"], "skipped": len(summary["skipped_steps"])}
 
 
+def paired(values: list[float], refs: list[float]) -> str:
+    """Mean relative difference in % over seeds, ± its standard error when there are 3 or more seeds."""
+    d = [(v / r - 1) * 100 for v, r in zip(values, refs)]
+    se = f" ± {statistics.stdev(d) / len(d) ** 0.5:.2f}" if len(d) >= 3 and any(d) else ""
+    return f"{statistics.mean(d):+.2f}{se} %"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -93,16 +100,16 @@ def main() -> None:
 
     lines = [f"NVFP4 recipe on the tiny model: {args.steps} steps x {args.batch_size} x 256 tokens, seeds {args.seeds}",
              f"fp32 held-out loss spread across seeds: {spread:.2f} % (the noise of one comparison)", "",
-             "| variant | held-out loss (per seed) | Δ vs fp32 (paired, mean) | Δ vs nvfp4 (paired, mean) "
+             "| variant | held-out loss (per seed) | Δ vs fp32 (paired, mean ± s.e.) | Δ vs nvfp4 (paired) "
              "| train loss, last 10 % | train s | skipped |",
              "|---|---|---|---|---|---|---|"]
     for v in args.variants:
         rows = [res[v, s] for s in args.seeds]
-        d_fp32 = statistics.mean((r["heldout"] / base[s]["heldout"] - 1) * 100 for r, s in zip(rows, args.seeds))
-        d_nv = (statistics.mean((r["heldout"] / res["nvfp4", s]["heldout"] - 1) * 100 for r, s in zip(rows, args.seeds))
-                if "nvfp4" in args.variants else float("nan"))
+        d_fp32 = paired([r["heldout"] for r in rows], [base[s]["heldout"] for s in args.seeds])
+        d_nv = (paired([r["heldout"] for r in rows], [res["nvfp4", s]["heldout"] for s in args.seeds])
+                if "nvfp4" in args.variants else "-")
         per_seed = " / ".join(f"{r['heldout']:.4f}" for r in rows)
-        lines.append(f"| {v} | {per_seed} | {d_fp32:+.2f} % | {d_nv:+.2f} % "
+        lines.append(f"| {v} | {per_seed} | {d_fp32} | {d_nv} "
                      f"| {statistics.mean(r['train_tail'] for r in rows):.4f} "
                      f"| {statistics.mean(r['seconds'] for r in rows):.0f} | {sum(r['skipped'] for r in rows)} |")
     if "nvfp4" in args.variants:
@@ -120,10 +127,12 @@ def main() -> None:
                 ("as the paper reports" if d * PAPER_SIGN[v] > 0 else f"the paper reports {paper}")
             consistent = "the same sign on every seed" if all(x > 0 for x in per_seed) or all(x < 0 for x in per_seed) \
                 else "the sign differs across seeds (noise)"
-            size = "larger" if len(args.seeds) > 1 and abs(d) > spread else "smaller"
+            se = statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) >= 3 else float("nan")
+            size = (f"{abs(d) / se:.1f} standard errors from zero" if se == se and se > 0
+                    else "too few seeds for a standard error")
             seeds = ", ".join(f"{x:+.2f}" for x in per_seed)
             lines.append(f"{v}: {d:+.2f} % vs the full recipe (per seed {seeds}): "
-                         f"{verdict}; {consistent}; {size} than the fp32 seed spread")
+                         f"{verdict}; {consistent}; {size}")
     text = "\n".join(lines)
     print(text)
     (args.out / "nvfp4_recipe.md").write_text(text + "\n")
