@@ -125,7 +125,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> bool:
+def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> None:
     """The end-of-training switch of the NVFP4 paper (App. D): from here on every GEMM runs unquantized.
 
     The quantized modules are swapped for plain ones around the *same* Parameters, so the optimizer's
@@ -135,7 +135,6 @@ def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> 
 
     switch_to_high_precision(model)
     console.print(f"step {step:5d}  [bold]switched to high precision[/] for the remaining steps")
-    return True
 
 
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
@@ -172,7 +171,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
             if cfg.high_precision_from and step >= cfg.high_precision_from and not switched:
-                switched = _switch_to_high_precision(model, step, console)
+                _switch_to_high_precision(model, step, console)
+                switched = True
             t0 = time.perf_counter()
             lr = sched.lr(step)
             for g in opt.param_groups:
