@@ -1,6 +1,8 @@
 """The NVFP4 pretraining recipe against unquantized training, and its ablations, on the tiny model.
 
     .venv/bin/python benchmarks/nvfp4_recipe.py                  # 5 variants x 2 seeds, ~40 min on 2 cores
+    .venv/bin/python benchmarks/nvfp4_recipe.py --jobs 2 --steps 600 --seeds 0 1 2 3 4 --variants nvfp4
+                                                                 # the longer comparison, two runs at a time
     .venv/bin/python benchmarks/nvfp4_recipe.py --seeds 0 --steps 100   # a quick look
     .venv/bin/python benchmarks/nvfp4_recipe.py --reuse          # re-print the table from finished runs
 
@@ -32,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 VARIANTS: dict[str, list[str]] = {
@@ -50,6 +54,12 @@ VARIANTS: dict[str, list[str]] = {
 PAPER_SIGN = {"nvfp4-no-rht": +1, "nvfp4-no-sr": +1, "nvfp4-no-2d": +1, "nvfp4-switch": -1}
 
 
+def say(text: str) -> None:
+    """One timestamped progress line, written in one call so that parallel runs do not interleave."""
+    sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stdout.flush()
+
+
 def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one variant (unless `--reuse` finds its summary) and return its metrics."""
     out = args.out / f"{name}-seed{seed}"
@@ -58,13 +68,14 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "nemotron3.cli", "pretrain", "--out", str(out), "--seed", str(seed),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--eval-every", str(args.steps),
                "--eval-problems", "0", *VARIANTS[name]]
-        print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(cmd[3:])}", flush=True)
+        say(f"{name} seed {seed}: {' '.join(cmd[3:])}")
         t0 = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         with (args.out / f"{name}-seed{seed}.log").open("w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{name} seed {seed} failed (exit {proc.returncode}); see {log.name}")
-        print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
+        say(f"{name} seed {seed} done in {time.perf_counter() - t0:.0f} s")
     summary = json.loads(summary_path.read_text())
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     losses = [r["loss"] for r in records if "loss" in r and not r.get("skipped")]
@@ -92,12 +103,20 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("runs/nvfp4_recipe"))
     ap.add_argument("--reuse", action="store_true", help="keep runs whose summary.json exists")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, the cores split between them (2 one-thread runs do ~1.3x the work of one "
+                         "two-thread run on this 2-core machine: the tiny model's GEMMs are too small to scale)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if "fp32" not in args.variants:
         args.variants.insert(0, "fp32")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    res = {(v, s): run_variant(v, s, args) for s in args.seeds for v in args.variants}
+    keys = [(v, s) for s in args.seeds for v in args.variants]
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on subprocesses
+        res = dict(zip(keys, pool.map(lambda k: run_variant(*k, args), keys)))
     base = {s: res["fp32", s] for s in args.seeds}
 
     def rel(v: str, ref: str) -> list[float]:
