@@ -26,7 +26,7 @@ the variant's own quantized forward), and the mean training loss over the last 1
 
 What the paper reports (LOWPREC.md §2.4): NVFP4 within ~1-1.5 % of the higher-precision loss at
 12B / 10T tokens, and removing SR, RHT or 2-D weights each worsens the loss (Fig. 4). At this scale
-(0.6M parameters, ~1M tokens) the per-GEMM quantization error matters less than the optimisation
+(1.8M parameters, 1.2M tokens at the default 300 steps) the per-GEMM quantization error matters less than the optimisation
 noise, so small ablation effects may fall inside the seed spread: the table says which do.
 """
 
