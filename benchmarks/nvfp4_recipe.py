@@ -84,6 +84,36 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
             "seconds": summary["train_seconds"], "skipped": len(summary["skipped_steps"])}
 
 
+def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, str], float]:
+    """Held-out loss of the fp32- and the NVFP4-trained checkpoint of `seed`, each under both forwards.
+
+    Separates the two ways the recipe can cost loss: weights that learned less (the NVFP4-trained
+    checkpoint is worse even when run in fp32) and rounding at evaluation time (the fp32-trained
+    checkpoint gets worse when its forward is quantized). The held-out set is rebuilt exactly as
+    `nemotron3 pretrain` builds it, so the diagonal reproduces each run's own final loss.
+    """
+    import torch
+
+    from nemotron3.hf import load_pretrained
+    from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
+    from nemotron3.train import data as D
+    from nemotron3.train.evaluate import eval_loss
+    from nemotron3.train.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads * args.jobs)
+    losses: dict[tuple[str, str], float] = {}
+    for trained in ("fp32", "nvfp4"):
+        final = args.out / f"{trained}-seed{seed}" / "final"
+        tokenizer = Tokenizer.load(final)
+        part = D.build(tokenizer, D.task_texts(120, seed, "heldout", 1), 256, seed)
+        heldout = D.PackedData(part.rows, part.mask, seed)
+        model = load_pretrained(final, dtype=torch.float32)
+        losses[trained, "fp32"] = eval_loss(model, heldout)
+        convert_to_nvfp4(model, PrecisionPolicy())
+        losses[trained, "nvfp4"] = eval_loss(model, heldout)
+    return losses
+
+
 def standard_error(d: list[float]) -> float:
     """Standard error of the mean of `d`; NaN below 3 seeds (too few to estimate a spread)."""
     return statistics.stdev(d) / len(d) ** 0.5 if len(d) >= 3 else float("nan")
@@ -103,6 +133,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("runs/nvfp4_recipe"))
     ap.add_argument("--reuse", action="store_true", help="keep runs whose summary.json exists")
+    ap.add_argument("--cross-eval", action="store_true",
+                    help="also evaluate each seed's fp32 and nvfp4 checkpoints under both forwards "
+                         "(is the gap in the learned weights or in evaluation-time rounding?)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once, the cores split between them (2 one-thread runs do ~1.3x the work of one "
                          "two-thread run on this 2-core machine: the tiny model's GEMMs are too small to scale)")
@@ -157,6 +190,18 @@ def main() -> None:
             seeds = ", ".join(f"{x:+.2f}" for x in per_seed)
             lines.append(f"{v}: {d:+.2f} % vs the full recipe (per seed {seeds}): "
                          f"{verdict}; {consistent}; {size}")
+    if args.cross_eval and "nvfp4" in args.variants:
+        ce = {s: cross_eval(s, args) for s in args.seeds}
+
+        def pct(trained: str, fwd: str) -> str:
+            return paired_text([(ce[s][trained, fwd] / ce[s]["fp32", "fp32"] - 1) * 100 for s in args.seeds])
+        lines += ["", "Held-out loss by how the weights were trained (rows) and how the forward runs (columns), "
+                  "vs the fp32-trained model in fp32:", "",
+                  "| trained \\ forward | fp32 | NVFP4 (the policy's layers) |", "|---|---|---|"]
+        for trained in ("fp32", "nvfp4"):
+            cells = [" / ".join(f"{ce[s][trained, fwd]:.4f}" for s in args.seeds) + f" ({pct(trained, fwd)})"
+                     for fwd in ("fp32", "nvfp4")]
+            lines.append(f"| {trained} | {cells[0]} | {cells[1]} |")
     text = "\n".join(lines)
     print(text)
     (args.out / "nvfp4_recipe.md").write_text(text + "\n")
