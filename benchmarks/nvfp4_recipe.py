@@ -84,33 +84,43 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
             "seconds": summary["train_seconds"], "skipped": len(summary["skipped_steps"])}
 
 
-def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, str], float]:
-    """Held-out loss of the fp32- and the NVFP4-trained checkpoint of `seed`, each under both forwards.
+def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], float]:
+    """Held-out loss of the fp32- and the NVFP4-trained checkpoint of `seed`, each under both forwards,
+    and under its own forward per task family (keys (trained, forward) and (trained, family)).
 
     Separates the two ways the recipe can cost loss: weights that learned less (the NVFP4-trained
     checkpoint is worse even when run in fp32) and rounding at evaluation time (the fp32-trained
     checkpoint gets worse when its forward is quantized). The held-out set is rebuilt exactly as
-    `nemotron3 pretrain` builds it, so the diagonal reproduces each run's own final loss.
+    `nemotron3 pretrain` builds it, so the diagonal reproduces each run's own final loss; the
+    family sets are its 20 problems per family (`tasks.mixture` draws them with `tasks.generate`).
     """
     import torch
 
     from nemotron3.hf import load_pretrained
     from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
+    from nemotron3.rl import tasks
     from nemotron3.train import data as D
     from nemotron3.train.evaluate import eval_loss
     from nemotron3.train.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads * args.jobs)
-    losses: dict[tuple[str, str], float] = {}
+    losses: dict[tuple[str, ...], float] = {}
     for trained in ("fp32", "nvfp4"):
         final = args.out / f"{trained}-seed{seed}" / "final"
         tokenizer = Tokenizer.load(final)
-        part = D.build(tokenizer, D.task_texts(120, seed, "heldout", 1), 256, seed)
-        heldout = D.PackedData(part.rows, part.mask, seed)
+
+        def rows(texts: list[str]) -> D.PackedData:
+            part = D.build(tokenizer, texts, 256, seed)
+            return D.PackedData(part.rows, part.mask, seed)
         model = load_pretrained(final, dtype=torch.float32)
-        losses[trained, "fp32"] = eval_loss(model, heldout)
-        convert_to_nvfp4(model, PrecisionPolicy())
-        losses[trained, "nvfp4"] = eval_loss(model, heldout)
+        for fwd in ("fp32", "nvfp4"):
+            if fwd == "nvfp4":
+                convert_to_nvfp4(model, PrecisionPolicy())
+            losses[trained, fwd] = eval_loss(model, rows(D.task_texts(120, seed, "heldout", 1)))
+            if fwd == trained:
+                for family in sorted(tasks.FAMILIES):
+                    texts = [p.text() for p in tasks.generate(family, 20, seed, "heldout", 1)]
+                    losses[trained, family] = eval_loss(model, rows(texts))
     return losses
 
 
@@ -202,6 +212,13 @@ def main() -> None:
             cells = [" / ".join(f"{ce[s][trained, fwd]:.4f}" for s in args.seeds) + f" ({pct(trained, fwd)})"
                      for fwd in ("fp32", "nvfp4")]
             lines.append(f"| {trained} | {cells[0]} | {cells[1]} |")
+        lines += ["", "Held-out loss of the NVFP4 run vs the fp32 run by task family (each under its own forward), "
+                  "per seed:", "", "| family | fp32 | nvfp4 | Δ per seed | Δ (paired) |", "|---|---|---|---|---|"]
+        for family in sorted({k[1] for s in ce for k in ce[s]} - {"fp32", "nvfp4"}):
+            d = [(ce[s]["nvfp4", family] / ce[s]["fp32", family] - 1) * 100 for s in args.seeds]
+            lines.append(f"| {family} | {statistics.mean(ce[s]['fp32', family] for s in args.seeds):.4f} "
+                         f"| {statistics.mean(ce[s]['nvfp4', family] for s in args.seeds):.4f} "
+                         f"| {' / '.join(f'{x:+.1f}' for x in d)} | {paired_text(d)} |")
     text = "\n".join(lines)
     print(text)
     (args.out / "nvfp4_recipe.md").write_text(text + "\n")
