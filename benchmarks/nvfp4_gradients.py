@@ -71,6 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not (args.checkpoint / "config.json").is_file():
+        raise SystemExit(f"error: {args.checkpoint} is not a checkpoint folder (no config.json); "
+                         "pass a run's final/ or step-NNNNNN/")
     tokenizer = Tokenizer.load(args.checkpoint)
     part = D.build(tokenizer, D.task_texts(20 * args.batches * args.batch_size, args.seed + 1000, "train", 1),
                    256, args.seed)
