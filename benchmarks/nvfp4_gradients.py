@@ -29,9 +29,7 @@ from pathlib import Path
 import torch
 
 from nemotron3.hf import load_pretrained
-from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
-from nemotron3.quant.mxfp8_linear import MXFP8Linear
-from nemotron3.quant.nvfp4_linear import NVFP4Linear
+from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4, module_precision
 from nemotron3.quant.nvfp4_linear import NVFP4Recipe
 from nemotron3.train import data as D
 from nemotron3.train.loss import token_ce_sum
@@ -55,10 +53,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def precision(model: torch.nn.Module, param: str) -> str:
     """The format the GEMM owning `param` runs in after conversion (conv and router weights: 'high')."""
-    module = model.get_submodule(param.rsplit(".", 1)[0])
-    if isinstance(module, NVFP4Linear) or getattr(module, "gemm_quantizer", None) is not None:
-        return "nvfp4"
-    return "mxfp8" if isinstance(module, MXFP8Linear) else "high"
+    return module_precision(model.get_submodule(param.rsplit(".", 1)[0])) or "high"
 
 
 def main() -> None:

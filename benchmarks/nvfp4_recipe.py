@@ -103,7 +103,6 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
     from nemotron3.train.evaluate import eval_loss
     from nemotron3.train.tokenizer import Tokenizer
 
-    torch.set_num_threads(args.threads * args.jobs)
     losses: dict[tuple[str, ...], float] = {}
     for trained in ("fp32", "nvfp4"):
         final = args.out / f"{trained}-seed{seed}" / "final"
@@ -116,12 +115,18 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
         for fwd in ("fp32", "nvfp4"):
             if fwd == "nvfp4":
                 convert_to_nvfp4(model, PrecisionPolicy())
-            losses[trained, fwd] = eval_loss(model, rows(D.task_texts(120, seed, "heldout", 1)))
+            losses[trained, fwd] = eval_loss(model, rows(D.task_texts(D.HELDOUT_TASK_PROBLEMS, seed, "heldout", 1)))
             if fwd == trained:
+                per_family = D.HELDOUT_TASK_PROBLEMS // len(tasks.FAMILIES)
                 for family in sorted(tasks.FAMILIES):
-                    texts = [p.text() for p in tasks.generate(family, 20, seed, "heldout", 1)]
+                    texts = [p.text() for p in tasks.generate(family, per_family, seed, "heldout", 1)]
                     losses[trained, family] = eval_loss(model, rows(texts))
     return losses
+
+
+def rel_pct(x: float, ref: float) -> float:
+    """`x` relative to `ref`, in %."""
+    return (x / ref - 1) * 100
 
 
 def standard_error(d: list[float]) -> float:
@@ -164,7 +169,7 @@ def main() -> None:
 
     def rel(v: str, ref: str) -> list[float]:
         """Per-seed held-out loss of variant `v` relative to variant `ref`, in %."""
-        return [(res[v, s]["heldout"] / res[ref, s]["heldout"] - 1) * 100 for s in args.seeds]
+        return [rel_pct(res[v, s]["heldout"], res[ref, s]["heldout"]) for s in args.seeds]
     spread = (max(b["heldout"] for b in base.values()) - min(b["heldout"] for b in base.values())) / \
         statistics.mean(b["heldout"] for b in base.values()) * 100 if len(args.seeds) > 1 else float("nan")
 
@@ -204,7 +209,7 @@ def main() -> None:
         ce = {s: cross_eval(s, args) for s in args.seeds}
 
         def pct(trained: str, fwd: str) -> str:
-            return paired_text([(ce[s][trained, fwd] / ce[s]["fp32", "fp32"] - 1) * 100 for s in args.seeds])
+            return paired_text([rel_pct(ce[s][trained, fwd], ce[s]["fp32", "fp32"]) for s in args.seeds])
         lines += ["", "Held-out loss by how the weights were trained (rows) and how the forward runs (columns), "
                   "vs the fp32-trained model in fp32:", "",
                   "| trained \\ forward | fp32 | NVFP4 (the policy's layers) |", "|---|---|---|"]
@@ -215,7 +220,7 @@ def main() -> None:
         lines += ["", "Held-out loss of the NVFP4 run vs the fp32 run by task family (each under its own forward), "
                   "per seed:", "", "| family | fp32 | nvfp4 | Δ per seed | Δ (paired) |", "|---|---|---|---|---|"]
         for family in sorted({k[1] for s in ce for k in ce[s]} - {"fp32", "nvfp4"}):
-            d = [(ce[s]["nvfp4", family] / ce[s]["fp32", family] - 1) * 100 for s in args.seeds]
+            d = [rel_pct(ce[s]["nvfp4", family], ce[s]["fp32", family]) for s in args.seeds]
             lines.append(f"| {family} | {statistics.mean(ce[s]['fp32', family] for s in args.seeds):.4f} "
                          f"| {statistics.mean(ce[s]['nvfp4', family] for s in args.seeds):.4f} "
                          f"| {' / '.join(f'{x:+.1f}' for x in d)} | {paired_text(d)} |")

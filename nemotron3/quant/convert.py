@@ -41,7 +41,7 @@ from nemotron3.quant.mxfp8_linear import MXFP8Linear, MXFP8Recipe
 from nemotron3.quant.nvfp4_linear import NVFP4Linear, NVFP4Recipe
 from nemotron3.quant.qlinear import QuantizedLinear, _QuantizedLinearFn
 
-__all__ = ["PrecisionPolicy", "convert_to_nvfp4", "switch_to_high_precision", "precision_summary"]
+__all__ = ["PrecisionPolicy", "convert_to_nvfp4", "switch_to_high_precision", "module_precision", "precision_summary"]
 
 _LAYER_RE = re.compile(r"^backbone\.layers\.(\d+)\.")
 
@@ -151,17 +151,22 @@ def switch_to_high_precision(model: nn.Module) -> nn.Module:
     return model
 
 
+def module_precision(mod: nn.Module) -> str | None:
+    """'nvfp4', 'mxfp8' or 'high' for a module that owns GEMM weights (a Linear or routed Experts), else None."""
+    if isinstance(mod, Experts):
+        return "nvfp4" if mod.__dict__.get("gemm_quantizer") is not None else "high"
+    if isinstance(mod, NVFP4Linear):
+        return "nvfp4"
+    if isinstance(mod, MXFP8Linear):
+        return "mxfp8"
+    return "high" if isinstance(mod, nn.Linear) else None
+
+
 def precision_summary(model: nn.Module) -> dict[str, int]:
     """Parameter counts per precision: {'nvfp4': ..., 'mxfp8': ..., 'high': ...} (linear weights and experts)."""
     counts: Counter[str] = Counter()
     for mod in model.modules():
-        if isinstance(mod, Experts):
-            kind = "nvfp4" if mod.__dict__.get("gemm_quantizer") is not None else "high"
-            counts[kind] += mod.up_proj.numel() + mod.down_proj.numel()
-        elif isinstance(mod, NVFP4Linear):
-            counts["nvfp4"] += mod.weight.numel()
-        elif isinstance(mod, MXFP8Linear):
-            counts["mxfp8"] += mod.weight.numel()
-        elif isinstance(mod, nn.Linear):
-            counts["high"] += mod.weight.numel()
+        kind = module_precision(mod)
+        if kind is not None:
+            counts[kind] += mod.up_proj.numel() + mod.down_proj.numel() if isinstance(mod, Experts) else mod.weight.numel()
     return dict(counts)

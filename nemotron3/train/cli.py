@@ -94,7 +94,7 @@ def _corpus(args: argparse.Namespace, console: Console, tokenizer: Tokenizer | N
         per_doc = sum(map(len, tokenizer.encode_batch(task_sample))) / len(task_sample) + 2
         needed = args.steps * args.batch_size * args.seq_len * (0.5 if user else 1.0)
         task_train = D.task_texts(math.ceil(1.05 * needed / per_doc), args.seed, "train", args.difficulty)
-        task_heldout = D.task_texts(120, args.seed, "heldout", args.difficulty)
+        task_heldout = D.task_texts(D.HELDOUT_TASK_PROBLEMS, args.seed, "heldout", args.difficulty)
     console.print(f"[bold]data[/] {len(user):,} user documents, {len(task_train):,} task documents; "
                   f"tokenizer {tokenizer.vocab_size} tokens")
     return tokenizer, user, task_train, task_heldout

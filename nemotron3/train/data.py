@@ -47,6 +47,9 @@ class Document:
 
 
 # ----------------------------------------------------------------------------------------- sources
+# Held-out task problems `nemotron3 pretrain` evaluates on (20 per family), drawn from the held-out split.
+HELDOUT_TASK_PROBLEMS = 120
+
 def task_texts(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[str]:
     """`n` task documents (prompt, <think> trace </think>, answer) mixed evenly over every family."""
     return [p.text() for p in tasks.mixture(n, seed=seed, split=split, difficulty=difficulty)]
