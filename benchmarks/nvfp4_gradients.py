@@ -31,14 +31,14 @@ import torch
 from nemotron3.hf import load_pretrained
 from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4, module_precision
 from nemotron3.quant.nvfp4_linear import NVFP4Recipe
-from nemotron3.train import data as D
+from nemotron3.train import data as train_data
 from nemotron3.train.loss import token_ce_sum
 from nemotron3.train.tokenizer import Tokenizer
 
 RECIPES = {"recipe": {}, "no-sr": {"stochastic_rounding": False}, "no-rht": {"rht": False}, "no-2d": {"weight_2d": False}}
 
 
-def gradients(model: torch.nn.Module, batch: D.Batch) -> tuple[float, dict[str, torch.Tensor]]:
+def gradients(model: torch.nn.Module, batch: train_data.Batch) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean masked cross-entropy of `batch` and the gradient of every weight matrix."""
     model.zero_grad(set_to_none=True)
     loss = token_ce_sum(model(batch.inputs), batch.targets, batch.mask) / batch.mask.sum()
@@ -70,9 +70,9 @@ def main() -> None:
         raise SystemExit(f"error: {args.checkpoint} is not a checkpoint folder (no config.json); "
                          "pass a run's final/ or step-NNNNNN/")
     tokenizer = Tokenizer.load(args.checkpoint)
-    part = D.build(tokenizer, D.task_texts(20 * args.batches * args.batch_size, args.seed + 1000, "train", 1),
+    part = train_data.build(tokenizer, train_data.task_texts(20 * args.batches * args.batch_size, args.seed + 1000, "train", 1),
                    256, args.seed)
-    rows = D.PackedData(part.rows, part.mask, args.seed)
+    rows = train_data.PackedData(part.rows, part.mask, args.seed)
     if len(rows) < 2 * args.batches * args.batch_size:
         raise SystemExit(f"error: only {len(rows)} task rows for {args.batches} x 2 batches of {args.batch_size}")
     base = load_pretrained(args.checkpoint, dtype=torch.float32)

@@ -98,8 +98,8 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
 
     from nemotron3.hf import load_pretrained
     from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
-    from nemotron3.rl import tasks
-    from nemotron3.train import data as D
+    from nemotron3 import tasks
+    from nemotron3.train import data as train_data
     from nemotron3.train.evaluate import eval_loss
     from nemotron3.train.tokenizer import Tokenizer
 
@@ -108,16 +108,16 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
         final = args.out / f"{trained}-seed{seed}" / "final"
         tokenizer = Tokenizer.load(final)
 
-        def rows(texts: list[str]) -> D.PackedData:
-            part = D.build(tokenizer, texts, 256, seed)
-            return D.PackedData(part.rows, part.mask, seed)
+        def rows(texts: list[str]) -> train_data.PackedData:
+            part = train_data.build(tokenizer, texts, 256, seed)
+            return train_data.PackedData(part.rows, part.mask, seed)
         model = load_pretrained(final, dtype=torch.float32)
         for fwd in ("fp32", "nvfp4"):
             if fwd == "nvfp4":
                 convert_to_nvfp4(model, PrecisionPolicy())
-            losses[trained, fwd] = eval_loss(model, rows(D.task_texts(D.HELDOUT_TASK_PROBLEMS, seed, "heldout", 1)))
+            losses[trained, fwd] = eval_loss(model, rows(train_data.task_texts(train_data.HELDOUT_TASK_PROBLEMS, seed, "heldout", 1)))
             if fwd == trained:
-                per_family = D.HELDOUT_TASK_PROBLEMS // len(tasks.FAMILIES)
+                per_family = train_data.HELDOUT_TASK_PROBLEMS // len(tasks.FAMILIES)
                 for family in sorted(tasks.FAMILIES):
                     texts = [p.text() for p in tasks.generate(family, per_family, seed, "heldout", 1)]
                     losses[trained, family] = eval_loss(model, rows(texts))

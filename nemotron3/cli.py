@@ -1,43 +1,140 @@
-"""`nemotron3 <command>`: the command-line entry point.
+"""`nemotron3 <command>`: every subcommand, its flags built from its stage's config dataclass.
 
-Each command lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int | None`;
-this file only lists them, so adding a command never means editing another command's code.
+Each command is a stage module with a config dataclass (fields declared with `nemotron3.options.option`) and a
+`main(cfg) -> int` that runs the stage and prints its report; the stage's logic is a plain function of the
+config (`nemotron3.pretrain.pretrain(cfg)`), which the pipeline and the tests call directly. A field becomes a
+flag (`seq_len` -> `--seq-len`, booleans as `--x/--no-x`, lists as several values), with the dataclass's
+default, so every default lives in one place; only the flags a user gives reach the dataclass.
+
+Errors: a wrong flag, config field, checkpoint or data file ends in one line, `error: ...`, naming the culprit,
+and exit status 1 (argparse's own usage errors: 2); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+import traceback
+import typing
+from pathlib import Path
+from typing import Any
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("nemotron3.commands.run", "the main job: the whole recipe on the embedded default"),
-    "info": ("nemotron3.commands.info", "describe a preset, a config.json or a checkpoint folder"),
-    "pretrain": ("nemotron3.train.cli", "pretrain a model (NVFP4 recipe, MTP) on the embedded tasks or your text"),
-    "generate": ("nemotron3.engine.cli", "generate text from a checkpoint"),
+from nemotron3.options import flag_of, optional_inner, type_hints
+
+# command -> (stage module, config class, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("nemotron3.run", "RunConfig", "the main job: the whole recipe on the embedded default"),
+    "info": ("nemotron3.info", "InfoConfig", "describe presets, config.json files or checkpoint folders"),
+    "pretrain": ("nemotron3.pretrain", "PretrainConfig",
+                 "pretrain a model (NVFP4 recipe, MTP) on the embedded tasks or your text"),
+    "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
 }
+
+# What a command may fail with that is the user's to fix: shown as one line, not a traceback.
+EXPECTED_ERRORS = (ValueError, OSError)
+
+
+def _groups(parser: argparse.ArgumentParser, config_cls: type) -> dict[str, Any]:
+    """An argument group per class of the config's hierarchy that declares fields, the most derived first
+    (`PretrainConfig`'s own flags, then the training loop's)."""
+    groups: dict[str, Any] = {}
+    for cls in config_cls.__mro__:
+        own = [name for name in vars(cls).get("__annotations__", {}) if name not in groups]
+        if own and dataclasses.is_dataclass(cls):
+            title = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
+            group = parser.add_argument_group(f"{title} ({cls.__name__})")
+            for name in own:
+                groups[name] = group
+    return groups
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One argument per field of `config_cls` (except fields declared with cli=False)."""
+    hints = type_hints(config_cls)
+    groups = _groups(parser, config_cls)
+    for f in dataclasses.fields(config_cls):
+        parser_or_group = groups.get(f.name, parser)
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        hint, _ = optional_inner(hints[f.name])
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        text = (meta.get("help") or "").replace("%", "%%")
+        if default is not dataclasses.MISSING and default not in (None, [], (), False, ""):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            text += f" (default: {shown})"
+        kw: dict[str, Any] = {"help": text}
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if meta.get("parse"):
+            kw["type"] = str  # converted after parsing (see _config_from), so the parser's error reaches the user
+        elif hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin in (list, tuple):
+            elem = args[0] if args else str
+            kw["type"] = elem if elem in (int, float, str, Path) else str
+            fixed = origin is tuple and len(args) > 1 and args[1] is not Ellipsis
+            kw["nargs"] = len(args) if fixed else ("*" if meta.get("positional") else "+")
+        else:
+            kw["type"] = hint if hint in (int, float, str, Path) else str
+        if meta.get("choices") is not None:
+            kw["choices"] = list(meta["choices"])
+        if meta.get("positional"):
+            parser_or_group.add_argument(f.name, **kw)
+        else:
+            if default is dataclasses.MISSING:
+                kw["required"] = True
+            parser_or_group.add_argument(flag_of(f), dest=f.name, **kw)
+
+
+def _config_from(config_cls: type, given: dict[str, Any]) -> Any:
+    """The dataclass from the flags a user gave (defaults are the dataclass's own)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    values = {}
+    for name, value in given.items():
+        parse = fields[name].metadata.get("parse")
+        values[name] = parse(value) if parse is not None and isinstance(value, str) else value
+    return config_cls(**values)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="nemotron3", description=__doc__.splitlines()[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modules = {}
+    for name, (module_name, config_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = (module, getattr(module, config_name))
+        doc = (module.__doc__ or help_text).strip()
+        p = sub.add_parser(name, help=help_text, description=doc, parents=[common], argument_default=argparse.SUPPRESS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_arguments(p, modules[name][1])
+    return parser, modules
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nemotron3", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = {}
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if not (e.name and (module_name == e.name or module_name.startswith(e.name + "."))):
-                raise  # a real missing dependency inside an existing command
-            continue  # a command whose module is not written yet is simply not offered
-        modules[name] = module
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
-        module.add_arguments(p)
-    args = parser.parse_args(argv)
+    parser, modules = build_parser()
+    args = vars(parser.parse_args(argv))
+    command, debug = args.pop("command"), args.pop("debug", False)
+    module, config_cls = modules[command]
     try:
-        return int(modules[args.command].run(args) or 0)
+        cfg = _config_from(config_cls, args)
+        return int(module.main(cfg) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except EXPECTED_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        message = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 
-from nemotron3.train import data as D
+from nemotron3.train import data as train_data
 from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.train(D.task_texts(600, seed=0), vocab_size=600)
+    return Tokenizer.train(train_data.task_texts(600, seed=0), vocab_size=600)
 
 
 def test_tokenizer_roundtrips_any_text_and_splits_digits(tok):
@@ -35,11 +35,11 @@ def test_special_tokens_have_fixed_ids_and_encode_as_one_token(tok):
 
 
 def test_tokenizer_training_is_deterministic_and_saves_losslessly(tok, tmp_path):
-    again = Tokenizer.train(D.task_texts(600, seed=0), vocab_size=600)
+    again = Tokenizer.train(train_data.task_texts(600, seed=0), vocab_size=600)
     assert again.tk.to_str() == tok.tk.to_str()
     tok.save(tmp_path)
     loaded = Tokenizer.load(tmp_path)
-    text = D.task_texts(5, seed=3)[4]
+    text = train_data.task_texts(5, seed=3)[4]
     assert loaded.encode(text) == tok.encode(text)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
@@ -80,11 +80,11 @@ def _naive_pack(docs, T, bos, eos, pad):
 
 def test_packing_preserves_every_token_and_matches_the_naive_definition():
     rng = random.Random(0)
-    docs = [D.Document([rng.randint(10, 99) for _ in range(rng.randint(1, 40))],
+    docs = [train_data.Document([rng.randint(10, 99) for _ in range(rng.randint(1, 40))],
                        [rng.randint(0, 1) for _ in range(0)] or None) for _ in range(50)]
-    docs[3] = D.Document([5, 6, 7], [0, 1, 0])  # an SFT-style mask
+    docs[3] = train_data.Document([5, 6, 7], [0, 1, 0])  # an SFT-style mask
     for T in (7, 16, 64, 1000):
-        rows, mask = D.pack(docs, T, bos_id=1, eos_id=2, pad_id=0)
+        rows, mask = train_data.pack(docs, T, bos_id=1, eos_id=2, pad_id=0)
         ref_rows, ref_mask = _naive_pack(docs, T, 1, 2, 0)
         assert rows.tolist() == ref_rows and mask.tolist() == ref_mask
         # every target of the stream appears exactly once, in order
@@ -99,14 +99,14 @@ def test_packing_preserves_every_token_and_matches_the_naive_definition():
 
 def test_packed_order_is_a_seeded_permutation_per_epoch():
     rows = torch.arange(10)[:, None].repeat(1, 5)
-    data = D.PackedData(rows, torch.ones_like(rows, dtype=torch.bool), seed=3)
+    data = train_data.PackedData(rows, torch.ones_like(rows, dtype=torch.bool), seed=3)
     first = data.indices(0, 10)
     assert sorted(first) == list(range(10))  # each row once per epoch
     assert sorted(data.indices(10, 10)) == list(range(10)) and data.indices(10, 10) != first
     assert data.indices(7, 6) == first[7:] + data.indices(10, 3)  # a batch may span epochs
-    fresh = D.PackedData(rows, torch.ones_like(rows, dtype=torch.bool), seed=3)
+    fresh = train_data.PackedData(rows, torch.ones_like(rows, dtype=torch.bool), seed=3)
     assert fresh.indices(13, 4) == data.indices(13, 4)  # a pure function of the position
-    other = D.PackedData(rows, torch.ones_like(rows, dtype=torch.bool), seed=4)
+    other = train_data.PackedData(rows, torch.ones_like(rows, dtype=torch.bool), seed=4)
     assert other.indices(0, 10) != first and other.fingerprint() != data.fingerprint()
     b = data.batch(0, 3)
     assert b.inputs.shape == (3, 4) and torch.equal(b.targets[:, :-1], b.inputs[:, 1:])
@@ -119,33 +119,33 @@ def test_read_texts_from_txt_jsonl_parquet_and_folders(tmp_path):
     (tmp_path / "a.txt").write_text("first document\nline two")
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
     pq.write_table(pa.table({"text": ["p1", "p2"], "n": [1, 2]}), tmp_path / "c.parquet")
-    assert D.read_texts([tmp_path]) == ["first document\nline two", "one", "two", "p1", "p2"]
-    assert D.read_texts([tmp_path / "b.jsonl", tmp_path / "a.txt"]) == ["one", "two", "first document\nline two"]
+    assert train_data.read_texts([tmp_path]) == ["first document\nline two", "one", "two", "p1", "p2"]
+    assert train_data.read_texts([tmp_path / "b.jsonl", tmp_path / "a.txt"]) == ["one", "two", "first document\nline two"]
 
 
 def test_bad_data_paths_and_lines_name_the_file_and_line(tmp_path):
-    with pytest.raises(D.DataError, match=r"nothere\.txt: no such file"):
-        D.read_texts([tmp_path / "nothere.txt"])
+    with pytest.raises(train_data.DataError, match=r"nothere\.txt: no such file"):
+        train_data.read_texts([tmp_path / "nothere.txt"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": broken}\n')
-    with pytest.raises(D.DataError, match=r"bad\.jsonl:3: malformed JSON"):
-        D.read_texts([bad])
+    with pytest.raises(train_data.DataError, match=r"bad\.jsonl:3: malformed JSON"):
+        train_data.read_texts([bad])
     bad.write_text('{"text": "ok"}\n{"content": "x"}\n')
-    with pytest.raises(D.DataError, match=r"bad\.jsonl:2: expected an object with a string field 'text'"):
-        D.read_texts([bad])
+    with pytest.raises(train_data.DataError, match=r"bad\.jsonl:2: expected an object with a string field 'text'"):
+        train_data.read_texts([bad])
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(D.DataError, match=r"x\.csv: unsupported file type"):
-        D.read_texts([tmp_path / "x.csv"])
+    with pytest.raises(train_data.DataError, match=r"x\.csv: unsupported file type"):
+        train_data.read_texts([tmp_path / "x.csv"])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
-    with pytest.raises(D.DataError, match=r"d\.parquet: parquet file has no 'text' column"):
-        D.read_texts([tmp_path / "d.parquet"])
+    with pytest.raises(train_data.DataError, match=r"d\.parquet: parquet file has no 'text' column"):
+        train_data.read_texts([tmp_path / "d.parquet"])
 
 
 def test_split_tail_holds_out_a_contiguous_tail():
     rows = torch.arange(100)[:, None].repeat(1, 3)
-    data = D.PackedData(rows, torch.ones_like(rows, dtype=torch.bool))
-    train, held = D.split_tail(data, 0.05)
+    data = train_data.PackedData(rows, torch.ones_like(rows, dtype=torch.bool))
+    train, held = train_data.split_tail(data, 0.05)
     assert len(train) == 95 and held.rows[:, 0].tolist() == list(range(95, 100))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from nemotron3.rl import tasks
+from nemotron3 import tasks
 
 FAMILIES = sorted(tasks.FAMILIES)
 

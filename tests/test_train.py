@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from nemotron3 import HybridLM, ModelConfig
 from nemotron3.model.moe import MoE
 from nemotron3.train import balance as B
-from nemotron3.train import data as D
+from nemotron3.train import data as train_data
 from nemotron3.train import loop
-from nemotron3.train.evaluate import greedy_generate, greedy_generate_reference
+from nemotron3.evaluate import greedy_generate, greedy_generate_reference
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import WSD, build_optimizer, param_groups
 from nemotron3.train.tokenizer import Tokenizer
@@ -28,11 +28,11 @@ def small_model(vocab: int = 96, seed: int = 0, **kw) -> HybridLM:
     return HybridLM(cfg)
 
 
-def random_batch(vocab: int, b: int = 4, t: int = 24, seed: int = 0) -> D.Batch:
+def random_batch(vocab: int, b: int = 4, t: int = 24, seed: int = 0) -> train_data.Batch:
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(3, vocab, (b, t + 1), generator=g)
     mask = torch.rand(b, t + 1, generator=g) > 0.2
-    return D.Batch(rows[:, :-1], rows[:, 1:], mask[:, 1:])
+    return train_data.Batch(rows[:, :-1], rows[:, 1:], mask[:, 1:])
 
 
 # ----------------------------------------------------------------------------------------- optimizer
@@ -188,8 +188,8 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time():
 # ----------------------------------------------------------------------------------------- loop
 @pytest.fixture(scope="module")
 def tiny_run():
-    tok = Tokenizer.train(D.task_texts(300, seed=0), vocab_size=400)
-    data = D.build(tok, D.task_texts(300, seed=0), seq_len=32, seed=0)
+    tok = Tokenizer.train(train_data.task_texts(300, seed=0), vocab_size=400)
+    data = train_data.build(tok, train_data.task_texts(300, seed=0), seq_len=32, seed=0)
     return tok, data
 
 
@@ -226,7 +226,7 @@ def test_nan_guard_skips_the_step_and_says_so(tiny_run, tmp_path, monkeypatch, c
 def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run):
     """The exact-match evaluation gives the same completions through the Engine's cache as through full
     recomputation (a random model writes long, varied garbage: a demanding comparison)."""
-    from nemotron3.train.evaluate import task_accuracy
+    from nemotron3.evaluate import task_accuracy
 
     tok, _ = tiny_run
     model = small_model(vocab=-(-tok.vocab_size // 64) * 64, seed=3)

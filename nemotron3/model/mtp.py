@@ -1,7 +1,7 @@
 """Multi-token prediction (MTP): the DeepSeek-V3-style block Nemotron 3 Super uses for speculative drafts.
 
 One MTP *module* is a short stack of ordinary blocks (`mtp_pattern`, `*E` for Super: one attention layer,
-one LatentMoE layer) with a fusion step before it and a norm after it (ARCHITECTURE.md §6):
+one LatentMoE layer) with a fusion step before it and a norm after it (docs/architecture.md §6):
 
     u   = eh_proj( concat[ enorm(Emb(token_{t+k})), hnorm(h_{k-1}[t]) ] )     2H -> H, order [embedding, hidden]
     u   = u + mixer(RMSNorm(u))      for each character of mtp_pattern
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from nemotron3.config import ModelConfig
+from nemotron3.model.block import Block
 from nemotron3.model.norms import RMSNorm
 
 
@@ -43,8 +44,6 @@ class MTPModule:
 class MTP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        from nemotron3.model.hybrid import Block  # hybrid imports this module
-
         H, eps = config.hidden_size, config.layer_norm_epsilon
         n = len(config.mtp_pattern)
         self.layers = nn.ModuleList()

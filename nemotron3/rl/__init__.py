@@ -1,5 +1,9 @@
-"""Reinforcement learning and the verifiable tasks it trains on (tasks.py; GRPO arrives in a later issue)."""
+"""Reinforcement learning on verifiable rewards (GRPO and iGRPO arrive here; docs/architecture.md §10).
 
-from nemotron3.rl.tasks import FAMILIES, Problem, extract_answer, family_reward, generate, mixture, reward
+The task families moved to `nemotron3.tasks`; `nemotron3.rl.tasks` stays an alias of it for code written
+against nemotron3 0.1.
+"""
 
-__all__ = ["FAMILIES", "Problem", "extract_answer", "family_reward", "generate", "mixture", "reward"]
+from nemotron3 import tasks
+
+__all__ = ["tasks"]

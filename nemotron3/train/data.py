@@ -4,7 +4,7 @@
 (`Document.mask` all ones); SFT will build chat-formatted documents whose mask is 1 only on assistant
 tokens, and the same packing and loop train on them. Sources:
 
-- the synthetic reasoning tasks of `nemotron3.rl.tasks` (the embedded default: no download);
+- the synthetic reasoning tasks of `nemotron3.tasks` (the embedded default: no download);
 - `.txt` files (one document per file), `.jsonl` files (one JSON object per line with a string field
   `text`), `.parquet` files (a string column `text`, read with pyarrow), or folders of such files.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from nemotron3.rl import tasks
+from nemotron3 import tasks
 from nemotron3.train.tokenizer import Tokenizer
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")

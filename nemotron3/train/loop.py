@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from nemotron3.options import StageConfig, fail, option, to_dict
 from nemotron3.train import checkpoint
 from nemotron3.train.balance import ExpertBalance
 from nemotron3.train.data import PackedData
@@ -41,27 +42,48 @@ from nemotron3.train.tokenizer import Tokenizer
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16  # global, in sequences
-    micro_batch_size: int = 0  # rows per forward on each rank; 0 = the rank's whole share at once
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.01
-    warmup: int = -1  # -1 = 5% of the steps
-    decay_fraction: float = 0.2
-    decay_shape: str = "minus_sqrt"
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    mtp_depths: int = 2
-    mtp_scale: float = 0.3
-    bias_update_rate: float = 1e-3
-    seq_aux_coeff: float = 1e-4
-    eval_every: int = 50
-    save_every: int = 0  # 0 = no intermediate checkpoints
-    keep_last: int = 2
-    log_every: int = 25
-    high_precision_from: int = 0  # step from which an NVFP4 model trains unquantized (0 = never; App. D switch)
+class TrainConfig(StageConfig):
+    """The training loop: steps, batch, schedule, optimizer, losses, evaluation and checkpoints.
+
+    Every default of the loop lives here. The stage configs (`PretrainConfig`, later `SFTConfig`) extend it with their data and model fields, so
+    these fields are also their command-line flags (`--batch-size`, `--lr`, ...).
+    """
+
+    steps: int = option(300, "optimizer steps", min=1)
+    batch_size: int = option(16, "global batch in sequences (split over ranks and micro-batches)", min=1)
+    micro_batch_size: int = option(0, "rows per forward on each rank (0 = the rank's whole share at once)", min=0)
+    lr: float = option(3e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
+    min_lr_ratio: float = option(0.01, "final learning rate as a fraction of the peak", min=0.0, max=1.0)
+    warmup: int = option(-1, "warmup steps (-1 = 5% of the steps)", min=-1)
+    decay_fraction: float = option(0.2, "fraction of the steps spent decaying the learning rate", min=0.0, max=1.0)
+    decay_shape: str = option("minus_sqrt", "shape of the decay", choices=("minus_sqrt", "linear"))
+    weight_decay: float = option(0.1, "AdamW weight decay of the matrices", min=0.0)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas", min=0.0, max=1.0)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    mtp_depths: int = option(2, "MTP depths trained, shared weights (0 = no MTP loss)", min=0)
+    mtp_scale: float = option(0.3, "weight of the mean MTP loss", min=0.0)
+    bias_update_rate: float = option(1e-3, "aux-loss-free expert-bias step (0 = off)", min=0.0)
+    seq_aux_coeff: float = option(1e-4, "sequence-level load-balancing loss coefficient (0 = off)", min=0.0)
+    nvfp4_high_precision_tail: float = option(
+        0.0, "with an NVFP4 model: train the last FRACTION of the steps unquantized, the NVFP4 paper's "
+        "end-of-training switch (0 = quantized to the end)", min=0.0, metavar="FRACTION")
+    eval_every: int = option(50, "held-out loss every K steps", min=1)
+    save_every: int = option(0, "checkpoint every K steps (0 = only final/)", min=0)
+    keep_last: int = option(2, "training checkpoints kept (0 = all)", min=0)
+    log_every: int = option(25, "print a line every K steps", min=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.nvfp4_high_precision_tail >= 1.0:
+            fail(self, "nvfp4_high_precision_tail", "must be a fraction in [0, 1)")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            fail(self, "micro_batch_size", f"does not divide --batch-size {self.batch_size}")
+
+    @property
+    def high_precision_from(self) -> int:
+        """The step from which an NVFP4 model trains unquantized (0 = never)."""
+        tail = self.nvfp4_high_precision_tail
+        return round(self.steps * (1 - tail)) if tail else 0
 
     def schedule(self) -> WSD:
         warmup = self.warmup if self.warmup >= 0 else max(1, self.steps // 20)
@@ -138,7 +160,7 @@ def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> 
 
 
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
-          heldout: PackedData | None = None, resume: dict | None = None, run_info: dict | None = None,
+          heldout: PackedData | None = None, resume: dict | None = None,
           console: Console | None = None) -> TrainResult:
     """Train `model` in place for `cfg.steps` optimizer steps (from `resume["step"]` when resuming)."""
     out_dir, console = Path(out_dir), console or Console()
@@ -231,7 +253,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
                 if rank == 0:
                     state = {"step": step, "data_position": position, "optimizer": opt.state_dict(),
                              "schedule": asdict(sched), "rng": checkpoint.rng_state(model),
-                             "data_fingerprint": data.fingerprint(), "train_config": asdict(cfg), "run": run_info or {}}
+                             "data_fingerprint": data.fingerprint(), "run": to_dict(cfg)}
                     checkpoint.save(checkpoint.step_dir(out_dir, step), model, tokenizer, state)
                     checkpoint.prune(out_dir, cfg.keep_last)
                 if world > 1:

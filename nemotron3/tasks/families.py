@@ -1,4 +1,4 @@
-"""The six task families of `nemotron3.rl.tasks`: how each one makes, renders, parses, solves and verifies a
+"""The six task families of `nemotron3.tasks`: how each one makes, renders, parses, solves and verifies a
 problem. A family is stateless; `tasks.generate` drives it with a seeded `random.Random`.
 
     add        multi-digit addition / subtraction, column by column with carries and borrows

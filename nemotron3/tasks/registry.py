@@ -1,4 +1,4 @@
-"""Synthetic, verifiable reasoning tasks: the embedded pretraining corpus, and later SFT, RL and eval data.
+"""The task families by name, seeded generation with disjoint train / held-out splits, and TRL-style rewards.
 
 Each family generates a `Problem` from a `random.Random` and a difficulty (an int ≥ 1): a prompt, a
 step-by-step reasoning trace, and a final answer. Every family can *verify* an answer string from the prompt
@@ -13,7 +13,7 @@ works on plain strings or on conversational message lists.
     countdown  reach a target from given numbers with + - * (any correct expression is accepted)
     word       multi-step word problems built from sentence templates
 
-Text layout (the reasoning-on assistant turn of POSTTRAIN.md §5, minus the chat wrapper):
+Text layout (the reasoning-on assistant turn of docs/post-training.md §2, minus the chat wrapper):
 
     {prompt}
     <think>
@@ -34,8 +34,7 @@ import random
 import re
 from typing import Any, Callable
 
-from nemotron3.rl.families import (Add, Countdown, Family, ModPow, Mul, Problem, Sort, Word,  # noqa: F401
-                                   evaluate_arithmetic)
+from nemotron3.tasks.families import Add, Countdown, Family, ModPow, Mul, Problem, Sort, Word
 
 HELDOUT_PER_MILLE = 100  # share of the problem space reserved for evaluation
 

@@ -1,1 +1,0 @@
-"""Subcommands of the `nemotron3` CLI that do not belong to one subsystem."""

@@ -1,0 +1,142 @@
+"""The generation stage: text from a checkpoint folder, streamed token by token as the engine produces it.
+
+    from nemotron3.generate import GenerateConfig, generate
+    result = generate(GenerateConfig(model="runs/x/final", prompt="What is 2 + 3?", max_new_tokens=64))
+    result.text, result.tokens, result.stats
+
+    nemotron3 generate --model DIR --prompt "Once upon a time" --max-new-tokens 64
+    nemotron3 generate --model DIR --ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 0
+
+The tokenizer is the folder's `tokenizer.json` (Hugging Face `tokenizers` format). With `ids` the prompt is
+raw token ids and the output is printed as ids too (and decoded when the folder has a tokenizer). Stats
+(prefill and decode tokens/s, forward passes) go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tokenizers import Tokenizer
+
+from nemotron3.engine import Engine
+from nemotron3.hf import load_pretrained
+from nemotron3.options import ConfigError, StageConfig, fail, option
+
+
+def parse_ids(text: str) -> list[int]:
+    """`"1,2,3"` -> [1, 2, 3] (the `--ids` flag)."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"ids (--ids) = {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    return ids
+
+
+@dataclass
+class GenerateConfig(StageConfig):
+    """One generation call: the checkpoint, the prompt (text or ids) and the sampling settings."""
+
+    model: Path = option(help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    prompt: str | None = option(None, "prompt text, tokenized with the folder's tokenizer.json")
+    ids: list[int] | None = option(None, "prompt as comma-separated token ids, e.g. 1,2,3", metavar="IDS",
+                                   parse=parse_ids)
+    max_new_tokens: int = option(64, "tokens to generate at most", min=1)
+    temperature: float = option(0.0, "sampling temperature (0 = greedy)", min=0.0)
+    top_k: int = option(0, "keep the k most likely tokens (0 = off)", min=0)
+    top_p: float = option(1.0, "nucleus sampling mass (1 = off)", min=0.0, max=1.0)
+    seed: int | None = option(None, "seed of the sampling streams (default: a fresh one)", min=0)
+    no_stop: bool = option(False, "ignore the checkpoint's end-of-sequence ids")
+    dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
+    compile: bool = option(False, "torch.compile the decode step (slow first call)")
+    speculative: int = option(0, "MTP speculative decoding with K drafted tokens (greedy; models with an MTP "
+                              "block)", min=0, metavar="K")
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.prompt is None) == (self.ids is None):
+            raise ConfigError("give exactly one of --prompt TEXT and --ids 1,2,3")
+        if self.ids is not None and not self.ids:
+            fail(self, "ids", "is empty; give at least one token id")
+        if self.prompt is not None and not self.prompt:
+            fail(self, "prompt", "is empty")
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[int]  # the new token ids (a stop token ends them and is included)
+    text: str | None  # their decoding, when the checkpoint has a tokenizer
+    stats: dict = field(default_factory=dict)  # the engine's stats of the call
+
+
+def load_tokenizer(folder: Path) -> Tokenizer | None:
+    """The folder's tokenizer.json (any `tokenizers` file, not only ours), or None when it has none."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ConfigError(f"{path} is not a readable tokenizer file: {e}") from None
+
+
+def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResult:
+    """Generate from `cfg.model`; the new text (or ids) is written to `stream` as it comes, when given."""
+    folder = Path(cfg.model)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model (--model) {folder} is not a checkpoint folder (no config.json)")
+    tok = load_tokenizer(folder)
+    if cfg.prompt is not None:
+        if tok is None:
+            raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
+        ids = tok.encode(cfg.prompt).ids
+        if not ids:
+            fail(cfg, "prompt", "tokenizes to nothing")
+    else:
+        ids = list(cfg.ids)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = load_pretrained(folder, dtype=getattr(torch, cfg.dtype))
+    engine = Engine(model, compile=cfg.compile)
+    steps = engine.stream([ids], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                          seed=cfg.seed, stop_token_ids=[] if cfg.no_stop else None,
+                          num_speculative_tokens=cfg.speculative)
+    new: list[int] = []
+    shown = ""
+    for step in steps:
+        if step[0] is None:
+            break
+        new.append(step[0])
+        if stream is None:
+            continue
+        if cfg.prompt is not None:  # print the text's new suffix, holding back an unfinished UTF-8 character
+            text = tok.decode(new)
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                stream.write(text[len(shown):])
+                stream.flush()
+                shown = text
+        else:
+            stream.write(f"{step[0]},")
+            stream.flush()
+    text = tok.decode(new) if tok is not None else None
+    if stream is not None:
+        if cfg.prompt is not None:
+            stream.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+        stream.write("\n")
+        if cfg.ids is not None and tok is not None:
+            stream.write(text + "\n")
+    return GenerateResult(new, text, dict(engine.last_stats))
+
+
+def main(cfg: GenerateConfig) -> int:
+    """`nemotron3 generate`: stream to stdout, stats to stderr."""
+    result = generate(cfg, stream=sys.stdout)
+    s = result.stats
+    print(f"[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new; prefill {s['prefill_tok_s']:.0f} tok/s, "
+          f"decode {s['decode_tok_s']:.0f} tok/s, {s['forward_passes']} forward passes, {s['path']} path]",
+          file=sys.stderr)
+    return 0
