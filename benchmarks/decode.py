@@ -4,7 +4,7 @@
 
 Builds the T9 benchmark model with transformers (seed 0), saves it, loads the same weights into
 nemotron3, and prints:
-  * batch-1 greedy decode, 70-token prompt, 128 new tokens (ANCHORS.md): tokens/s of the whole
+  * batch-1 greedy decode, 70-token prompt, 128 new tokens (docs/results.md, Peers): tokens/s of the whole
     `generate` call for both systems, timed alternately (the machine is shared and noisy; best of
     `--repeats`), the ratio, and whether the greedy tokens are identical;
   * batch-16 against batch-1 throughput of our engine (new tokens per second over all rows);
@@ -25,16 +25,12 @@ import torch
 
 import nemotron3
 from gemm_floor import record, replayer
+from t9 import T9_CONFIG, t9_hf_config
 from nemotron3.engine.cache import HybridCache, cache_size
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "t9_config.json"
-LLAMA_CPP_TOK_S = 1260  # ANCHORS.md: llama.cpp CPU build, 2 threads, same model and machine class
-
-
-def t9_hf_config(path: Path | None) -> dict:
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
-    return nemotron3.ModelConfig.preset("t9").to_hf()
+# llama.cpp's CPU build on the same T9 weights, 2 threads, this machine class (docs/results.md, Peers): a figure
+# measured separately, not in this run, so the ratio against it is only indicative
+LLAMA_CPP_TOK_S = 1260
 
 
 def timed(fn) -> tuple[float, object]:
@@ -55,7 +51,7 @@ def race(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--config", type=Path, default=T9_CONFIG)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=70)
     ap.add_argument("--new", type=int, default=128)
@@ -109,7 +105,7 @@ def main() -> None:
     print(f"\nbatch-1 greedy, {args.prompt_len}-token prompt, {n} new tokens (whole generate call, best of {args.repeats})")
     for name, t in best.items():
         print(f"  {name:20s}{n / t:10,.0f} tok/s   {n / t / hf_tok_s:5.2f}x transformers   "
-              f"{n / t / LLAMA_CPP_TOK_S:5.2f}x llama.cpp (ANCHORS.md, {LLAMA_CPP_TOK_S})")
+              f"{n / t / LLAMA_CPP_TOK_S:5.2f}x llama.cpp (docs/results.md, {LLAMA_CPP_TOK_S}; not this run)")
     print(f"  greedy tokens identical to transformers: {same}")
     for key, v in decode_tok_s.items():
         print(f"  ours {key}, decode steps only (prefill excluded): {v:,.0f} tok/s ({1e3 / v:.2f} ms/step)")

@@ -1,6 +1,6 @@
 """Forward and training-step throughput of nemotron3 against transformers, same weights, one run.
 
-    python benchmarks/forward.py [--config ../shared/bench/t9_config.json] [--seq 2048] [--repeats 5]
+    python benchmarks/forward.py [--config benchmarks/t9_config.json] [--seq 2048] [--repeats 5]
 
 Builds the T9 benchmark model with transformers (seed 0), saves it, loads the same weights into
 nemotron3, and times, alternating the two systems so that machine noise hits both alike:
@@ -21,15 +21,8 @@ import torch
 
 import nemotron3
 from gemm_floor import record, replayer
+from t9 import T9_CONFIG, t9_hf_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "t9_config.json"
-
-
-def t9_hf_config(path: Path | None) -> dict:
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
-    # the same model, from our preset, when ../shared is not beside the checkout
-    return nemotron3.ModelConfig.preset("t9").to_hf()
 
 
 def race(fns: dict, repeats: int) -> dict:
@@ -47,7 +40,7 @@ def race(fns: dict, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--config", type=Path, default=T9_CONFIG)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-seq", type=int, default=256)

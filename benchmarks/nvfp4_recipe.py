@@ -24,7 +24,7 @@ same order, so the differences are paired: each is reported as its mean over see
 error of that mean (from 3 seeds on), and the seed-to-seed spread of the fp32 run is printed for scale. The metric is the final held-out loss (main head, nats, computed with
 the variant's own quantized forward), and the mean training loss over the last 10 % of steps.
 
-What the paper reports (LOWPREC.md §2.4): NVFP4 within ~1-1.5 % of the higher-precision loss at
+What the paper reports (docs/low-precision.md §5): NVFP4 within ~1-1.5 % of the higher-precision loss at
 12B / 10T tokens, and removing SR, RHT or 2-D weights each worsens the loss (Fig. 4). At this scale
 (1.8M parameters, 1.2M tokens at the default 300 steps) the per-GEMM quantization error matters less than the optimisation
 noise, so small ablation effects may fall inside the seed spread: the table says which do.

@@ -32,8 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
 }
 
-# What a command may fail with that is the user's to fix: shown as one line, not a traceback.
-EXPECTED_ERRORS = (ValueError, OSError)
+# What a command may fail with that is the user's to fix: shown as one line, not a traceback. ValueError covers
+# ConfigError, CheckpointError, DataError and the checks of ModelConfig and the Engine; OSError a missing file, a
+# full disk or a permission; NotImplementedError a combination of features that is not supported (yet).
+EXPECTED_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 def _groups(parser: argparse.ArgumentParser, config_cls: type) -> dict[str, Any]:
@@ -72,8 +74,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             kw["metavar"] = meta["metavar"]
         if meta.get("parse"):
             kw["type"] = str  # converted after parsing (see _config_from), so the parser's error reaches the user
-        elif hint is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+        elif hint is bool:  # `--x` for a switch that is off by default, `--x/--no-x` otherwise
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif origin in (list, tuple):
             elem = args[0] if args else str
             kw["type"] = elem if elem in (int, float, str, Path) else str
@@ -101,11 +103,18 @@ def _config_from(config_cls: type, given: dict[str, Any]) -> Any:
     return config_cls(**values)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in two lines instead of the whole usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the flags)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
-    parser = argparse.ArgumentParser(prog="nemotron3", description=__doc__.splitlines()[0], parents=[common])
+    parser = _Parser(prog="nemotron3", description=__doc__.splitlines()[0], parents=[common])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
     for name, (module_name, config_name, help_text) in COMMANDS.items():

@@ -47,10 +47,12 @@ from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
 from nemotron3.train.evaluate import unigram_baseline
 from nemotron3.train.loop import TrainConfig, train
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # --nvfp4-off names -> the NVFP4Recipe field each one turns off.
 NVFP4_SWITCHES = {"rht": "rht", "sr": "stochastic_rounding", "2d": "weight_2d"}
+
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # Fields that only decide what is saved, logged or reported: a resumed run may change them.
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume")
@@ -86,6 +88,9 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if 0 < self.vocab_size < MIN_VOCAB:
+            fail(self, "vocab_size", f"a byte-level BPE needs at least {MIN_VOCAB} tokens (256 bytes + "
+                 f"{len(SPECIAL_TOKENS)} special tokens); 0 = the model config's")
         if self.nvfp4_off and not self.nvfp4:
             fail(self, "nvfp4_off", "ablates the NVFP4 recipe; add --nvfp4")
         if self.nvfp4_high_precision_tail and not self.nvfp4:

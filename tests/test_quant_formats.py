@@ -1,5 +1,5 @@
 """NVFP4 and MX quantizers: bit-identical to torchao 0.18, and the `te` convention against
-hand-worked vectors and a naive per-block loop written from LOWPREC.md §1.2."""
+hand-worked vectors and a naive per-block loop written from docs/low-precision.md §1."""
 
 import math
 
@@ -61,7 +61,7 @@ def test_nvfp4_torchao_convention_bit_identical(name, with_scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# NVFP4, te convention: hand-worked vectors (LOWPREC §1.2)
+# NVFP4, te convention: hand-worked vectors (docs/low-precision.md §1)
 
 
 def test_te_ties_and_saturation_hand_vectors():

@@ -1,4 +1,4 @@
-"""Grouped-query causal self-attention of a `*` layer (ARCHITECTURE.md §3).
+"""Grouped-query causal self-attention of a `*` layer (docs/architecture.md §3).
 
 No positional embedding of any kind: Nemotron 3 gets position from its Mamba layers, and the configs'
 `rope_theta` is unused (transformers, vLLM and Megatron-Bridge all agree). No biases, scale 1/√head_dim.

@@ -1,4 +1,4 @@
-"""The Mamba-2 mixer of an `M` layer (ARCHITECTURE.md §2).
+"""The Mamba-2 mixer of an `M` layer (docs/architecture.md §2).
 
     in_proj: H -> [z (d_inner) | xBC (d_inner + 2·G·N) | dt (heads)]
     xBC <- silu(causal depthwise conv1d(xBC))        kernel 4, left-padded, with bias (model/conv.py)

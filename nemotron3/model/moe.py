@@ -1,4 +1,4 @@
-"""MoE and LatentMoE of an `E` layer (ARCHITECTURE.md §4-5).
+"""MoE and LatentMoE of an `E` layer (docs/architecture.md §4-5).
 
     scores  = sigmoid(x W_rᵀ)                           fp32, on the full hidden state
     experts = top-k(scores + e_score_correction_bias)   the bias steers *selection* only

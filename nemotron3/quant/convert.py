@@ -1,6 +1,6 @@
 """Put a built model on the NVFP4 training recipe (and take it off again), by module name.
 
-Which layers Nemotron 3 Super keeps out of NVFP4 (NS3 / white paper §2.4, ARCHITECTURE.md §9):
+Which layers Nemotron 3 Super keeps out of NVFP4 (NVIDIA's Super recipe and the Nemotron 3 white paper §2.4; docs/low-precision.md §5):
 
     what                                   precision here          why
     last ~15% of the layers                high (fp32 master)      the paper: loss diverges without a BF16 tail

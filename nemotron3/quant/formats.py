@@ -17,7 +17,7 @@ The implementation is split by concept:
 
 Each of those files opens with the numerics: which reference it reproduces bit for bit
 (TransformerEngine's kernels for `te`, torchao 0.18 for `torchao` and MX), and why every
-rounding step sits where it does. LOWPREC.md §1-§5 is the spec they follow.
+rounding step sits where it does. docs/low-precision.md §1-§6 is the spec they follow.
 """
 
 from nemotron3.quant.fp_codecs import (  # noqa: F401

@@ -4,7 +4,7 @@ Everything in NVFP4 and MX is "scale the block, then round every element to a
 tiny float format". This file is the second half: how an fp32 value becomes a
 code of a few bits, and back.
 
-The formats (OCP MX v1.0 via torchao `constants.py`, LOWPREC.md §1.1 and §3.1)
+The formats (OCP MX v1.0 via torchao `constants.py`, docs/low-precision.md §1 and §3)
 ==============================================================================
   name  ebits mbits bias  max     min normal  special values
   e2m1    2     1    1    6.0     1.0         none
@@ -17,7 +17,7 @@ The formats (OCP MX v1.0 via torchao `constants.py`, LOWPREC.md §1.1 and §3.1)
 Codes are sign-magnitude: the top bit of an E2M1 code (bit 3) is the sign, so
 code 8 is -0. We keep the sign of -0.0 (code 8), as torchao, compressed-tensors
 and vLLM do; TransformerEngine's *Python* reference maps an exact -0.0 input to
-code 0 (LOWPREC §5.3). Both decode to zero, so no GEMM can tell them apart.
+code 0 (docs/low-precision.md §6). Both decode to zero, so no GEMM can tell them apart.
 
 Round to nearest, ties to even, saturating (the `cvt.rn.satfinite` semantics)
 =============================================================================
@@ -43,7 +43,7 @@ compare everything except those positions. E4M3/E5M2 go through PyTorch's own
 float8 casts (RNE), after a clamp to ±max so they saturate the same way on
 every PyTorch version; NaN stays NaN.
 
-Stochastic rounding (LOWPREC §2.3)
+Stochastic rounding (docs/low-precision.md §1)
 ==================================
 `round_magnitude_(a, "e2m1", stochastic=True, ...)` emulates TE's software fallback
 for `cvt.rs.satfinite.e2m1x4.f32` bit for bit given the random bytes: with

@@ -1,4 +1,4 @@
-"""The 16-point random Hadamard transform (RHT) of the NVFP4 recipe (LOWPREC §2.2).
+"""The 16-point random Hadamard transform (RHT) of the NVFP4 recipe (docs/low-precision.md §4).
 
 Before the weight-gradient GEMM  dW = dYᵀ X  (contraction over tokens), both operands are
 multiplied, 16 tokens at a time, by the same orthogonal matrix

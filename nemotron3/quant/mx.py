@@ -1,6 +1,6 @@
 """MX (OCP Microscaling v1.0): 32 elements share one E8M0 (power-of-two) scale.
 
-Element types: fp8_e4m3, fp8_e5m2, fp6_e2m3, fp6_e3m2, fp4_e2m1 (LOWPREC §3.1). The
+Element types: fp8_e4m3, fp8_e5m2, fp6_e2m3, fp6_e3m2, fp4_e2m1 (docs/low-precision.md §3). The
 result keeps real low-bit data: float8 tensors for MXFP8, one uint8 code per element for
 MXFP6 (as torchao stores it), packed uint8 pairs for MXFP4, and the scales as
 float8_e8m0fnu bits. Every formula below reproduces torchao 0.18's `to_mx` (eager path)

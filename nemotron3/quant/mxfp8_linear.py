@@ -1,7 +1,7 @@
 """MXFP8 training for the layers the recipe keeps out of NVFP4 (Mamba out_proj).
 
 Nemotron 3 Super runs its Mamba output projections in MXFP8 rather than NVFP4 (NVFP4
-flushed up to 40% of their values to zero on Nano; ARCHITECTURE.md §9). `MXFP8Linear`
+flushed up to 40% of their values to zero on Nano; docs/low-precision.md §5). `MXFP8Linear`
 quantizes all six operand copies of the three GEMMs (qlinear.py) to MXFP8: FP8 elements
 with one E8M0 scale per 32 elements along each GEMM's contraction dimension, no per-tensor
 scale, no Hadamard transform, round-to-nearest-even everywhere.

@@ -4,11 +4,11 @@ A value is stored as  x ≈ q · s_b · S_dec  with q an E2M1 code (±{0,.5,1,1.
 s_b the block's E4M3 scale and S_dec the per-tensor fp32 decode scale. The two-level
 scale exists because E4M3 alone spans only 2^-9..448: S_dec moves the whole tensor
 so that its largest block scale lands at 448, and the E4M3 block scales then keep
-every block's amax to about 6% (LOWPREC §1.2, paper §2).
+every block's amax to about 6% (docs/low-precision.md §1, paper §2).
 
 Two conventions, named after the code they reproduce bit for bit
 ================================================================
-`te` (the default; TransformerEngine's kernel arithmetic, LOWPREC §1.2):
+`te` (the default; TransformerEngine's kernel arithmetic, docs/low-precision.md §1):
 
     S_enc = min(448·6 / amax, FLT_MAX); S_enc = 1 if amax == 0 or S_enc == 0
     S_dec = 1 / S_enc
@@ -34,7 +34,7 @@ Two conventions, named after the code they reproduce bit for bit
 Both then clamp to ±6 and round to nearest even in E2M1 (fp_codecs). Dequantization is
 `q · (S_dec · fp32(s_b))`, the product order of torchao's `NVFP4Tensor.dequantize`.
 
-2-D (16×16) block scaling for weights (LOWPREC §2.1)
+2-D (16×16) block scaling for weights (docs/low-precision.md §4)
 ====================================================
 With `block_2d=True` the block amax is taken over 16×16 tiles (16 rows × 16 columns) and
 the scale is replicated to each of the tile's 16 rows, so `.scales` keeps the plain

@@ -1,4 +1,4 @@
-"""NVFP4 training: the recipe Nemotron 3 Super was pretrained with (arXiv 2509.25149, LOWPREC §2).
+"""NVFP4 training: the recipe Nemotron 3 Super was pretrained with (arXiv 2509.25149, docs/low-precision.md §4).
 
 `NVFP4Linear` is an nn.Linear whose three GEMMs (fprop, dgrad, wgrad; see qlinear.py for the
 shared autograd.Function) take NVFP4 operands quantized exactly as the paper and

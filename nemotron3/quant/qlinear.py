@@ -22,7 +22,7 @@ memory: a transpose copy costs as much as the quantization itself on a CPU):
 The GEMM itself is emulated: dequantize both quantized operands to fp32 and matmul. The
 tensor-core GEMM multiplies the same decoded values and accumulates in fp32, so this is the
 same computation up to the order of fp32 additions (TE's own reference compares its
-kernels to this kind of emulation at atol=rtol=8e-3, LOWPREC §1.3).
+kernels to this kind of emulation at atol=rtol=8e-3, docs/low-precision.md §2).
 
 Every contraction dim is zero-padded to a multiple of the recipe's block size before
 quantizing (columns for the rowwise copies, rows for the columnwise ones) (TE's reference pads the same way). Zeros cannot raise a block amax, add nothing

@@ -1,4 +1,4 @@
-"""Expert load balancing: the aux-loss-free bias update and the sequence-level aux loss (ARCHITECTURE.md §4).
+"""Expert load balancing: the aux-loss-free bias update and the sequence-level aux loss (docs/architecture.md §4).
 
 **Bias update (DeepSeek-V3, Megatron `get_updated_expert_bias`).** Each router selects experts by
 `sigmoid score + e_score_correction_bias`; the bias steers selection only, never the combine weights. After

@@ -102,7 +102,11 @@ def load_state(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_FILE}); `final/` cannot be resumed")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a damaged file: torch raises RuntimeError, pickle UnpicklingError, EOFError, ...
+        raise ValueError(f"{path}: cannot read the training state ({type(e).__name__}: {e}); resume from an "
+                         f"older step-NNNNNN/ folder (delete {path.parent.name}/) or start a new run") from None
 
 
 # ----------------------------------------------------------------------------------------- RNG

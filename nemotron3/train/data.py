@@ -72,15 +72,24 @@ def _files(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line: {e.reason}); re-encode the file "
+                        "as UTF-8") from None
+
+
 def read_texts(paths: list[str | Path]) -> list[str]:
     """All documents of the given files and folders, in sorted file order."""
     texts: list[str] = []
     for f in _files(paths):
         if f.suffix == ".txt":
-            texts.append(f.read_text(encoding="utf-8"))
+            texts.append(_utf8(f.read_bytes(), str(f)))
         elif f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
+            with f.open("rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    line = _utf8(raw, f"{f}:{lineno}")
                     if not line.strip():
                         continue
                     try:
@@ -91,9 +100,13 @@ def read_texts(paths: list[str | Path]) -> list[str]:
                         raise DataError(f"{f}:{lineno}: expected an object with a string field 'text'")
                     texts.append(obj["text"])
         else:
-            import pyarrow.parquet as pq  # only parquet needs pyarrow
+            import pyarrow as pa  # only parquet needs pyarrow
+            import pyarrow.parquet as pq
 
-            table = pq.read_table(f)
+            try:
+                table = pq.read_table(f)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{f}: not a readable parquet file ({e})") from None
             if "text" not in table.column_names:
                 raise DataError(f"{f}: parquet file has no 'text' column (columns: {table.column_names})")
             for i, t in enumerate(table.column("text").to_pylist()):

@@ -8,7 +8,7 @@ one big batch: accumulation steps and world size change how the batch is split, 
 Targets are masked by the batch's loss mask (document starts, padding, and in SFT everything but the
 assistant's tokens).
 
-**MTP (ARCHITECTURE.md §6).** `model.forward_mtp(ids, D)` returns one logits tensor per depth k = 1..D;
+**MTP (docs/architecture.md §6).** `model.forward_mtp(ids, D)` returns one logits tensor per depth k = 1..D;
 depth k at position t predicts input token t+k+1, i.e. `targets[t+k]`. The last k positions read a wrapped
 embedding and have no target, so depth k's loss uses logits[:, :T-k] against targets[:, k:] under
 mask[:, k:]. Megatron scales the summed depth losses by `mtp_loss_scaling_factor / mtp_num_layers`: the

@@ -1,6 +1,6 @@
 """AdamW with parameter groups, and the warmup-stable-decay (WSD) learning-rate schedule.
 
-**Groups.** Weight decay (0.1 in the recipe, ARCHITECTURE.md §9) shrinks matrices toward zero; applied to
+**Groups.** Weight decay (0.1 in the recipe, docs/architecture.md §9) shrinks matrices toward zero; applied to
 a norm's gain it would pull the gain toward 0 instead of its natural value 1, and on a bias or a per-head
 scalar (Mamba's `A_log`, `D`, `dt_bias`) it is a prior with no reason behind it. So: decay every parameter
 with two or more dimensions (linear weights, the 3-D expert tensors, the conv kernel, embeddings, head,

@@ -14,7 +14,7 @@ Special tokens, ids fixed in this order (`pad`/`bos`/`eos` = 0/1/2, the `ModelCo
 
 The turn markers are ChatML's, which the Nemotron Nano templates in the wild use (`<|im_start|>system\\n`);
 roles (`system`, `user`, `assistant`, `tool`) are plain text after `<|im_start|>`. The exact Nemotron 3
-role tokens are UNCONFIRMED (POSTTRAIN.md §5): the names are data here, in `SPECIAL_TOKENS`.
+role tokens are UNCONFIRMED (docs/post-training.md §1): the names are data here, in `SPECIAL_TOKENS`.
 """
 
 from __future__ import annotations

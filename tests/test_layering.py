@@ -1,0 +1,95 @@
+"""The package's layering (docs/architecture.md §10): every module imports only from layers below its own.
+
+Read from the source with `ast`, so imports inside functions count too. A new top-level module or package
+must be given a layer here, which is the point: where it sits is a decision, not an accident.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nemotron3"
+
+# top-level component of nemotron3 -> layer; a module may import its own component and any lower layer
+LAYERS = {
+    "presets": 0, "tasks": 0, "options": 0,  # data and the stage-config helpers: no nemotron3 imports
+    "config": 1,
+    "model": 2,
+    "hf": 3,
+    "quant": 4, "engine": 4,
+    "train": 5,
+    "evaluate": 6,
+    "rl": 7,
+    "pretrain": 8, "generate": 8, "info": 8,  # the stages
+    "run": 9,  # the pipeline: chains the stages
+    "cli": 10,
+}
+
+
+def component(module: str) -> str | None:
+    """`nemotron3.train.loop` -> `train`; None for modules outside the package or the package root."""
+    parts = module.split(".")
+    if parts[0] != "nemotron3" or len(parts) == 1:
+        return None
+    return parts[1]
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every import in a file; `from nemotron3 import x` names `nemotron3.x`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # the package uses absolute imports only, so that this check can read them
+                out.append((node.lineno, "." * node.level + base))
+            elif base == "nemotron3":
+                out += [(node.lineno, f"nemotron3.{alias.name}") for alias in node.names]
+            else:
+                out.append((node.lineno, base))
+    return out
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
+
+
+def test_every_component_has_a_layer():
+    found = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in modules()}
+    assert not found - set(LAYERS), f"give these a layer in LAYERS and docs/architecture.md §10: {found - set(LAYERS)}"
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_from_a_layer_above_or_beside_it(path):
+    mine = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    bad = []
+    for line, name in imports_of(path):
+        if name.startswith("."):
+            bad.append(f"line {line}: relative import {name!r}; use an absolute nemotron3.… import")
+            continue
+        other = component(name)
+        if other is None:
+            if name == "nemotron3":
+                bad.append(f"line {line}: imports the package root (the public API); import the module itself")
+            continue
+        if other == mine:
+            continue
+        if other not in LAYERS:
+            bad.append(f"line {line}: {name} has no layer")
+        elif LAYERS[other] >= LAYERS[mine]:
+            bad.append(f"line {line}: {name} (layer {LAYERS[other]}) from {mine} (layer {LAYERS[mine]})")
+    assert not bad, f"{path.relative_to(PACKAGE.parent)}:\n  " + "\n  ".join(bad)
+
+
+def test_the_checker_sees_imports_inside_functions_and_from_the_package(tmp_path):
+    fake = tmp_path / "planted.py"
+    fake.write_text("import torch\ndef f():\n    from nemotron3 import engine\n    import nemotron3.train.loop\n"
+                    "    from nemotron3.model.moe import MoE\n")
+    names = [n for _, n in imports_of(fake)]
+    assert names == ["torch", "nemotron3.engine", "nemotron3.train.loop", "nemotron3.model.moe"]
+    assert [component(n) for n in names] == [None, "engine", "train", "model"]
