@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import nemotron3
 from conftest import randomize_
-from nemotron3.engine.cache import HybridCache, cache_size
 from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
+import nemotron3
+from nemotron3.engine.cache import HybridCache, cache_size
 
 
 @pytest.mark.parametrize("preset", ["tiny", "t9"])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import nemotron3
 from conftest import TINY_HF_CONFIGS, randomize_
-from nemotron3.engine.sampling import row_uniforms, sample, sample_reference
 from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
 
+import nemotron3
+from nemotron3.engine.sampling import row_uniforms, sample, sample_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,12 +77,14 @@ def test_seeded_sampling_is_reproducible_and_rows_sample_independently():
     assert engine.generate([prompt], 16, seed=123, **kw).tokens[0] == a[0]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 40, 0.5), (0.0, 0, 1.0)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 40, 0.5), (0.0, 0, 1.0)])
 def test_sampler_equals_the_row_by_row_reference(temperature, top_k, top_p):
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(64, 100, generator=gen) * 3
     u = row_uniforms(7, 64, 1)[:, 0]
-    assert sample(logits, temperature, top_k, top_p, u).tolist() == sample_reference(logits, temperature, top_k, top_p, u)
+    want = sample_reference(logits, temperature, top_k, top_p, u)
+    assert sample(logits, temperature, top_k, top_p, u).tolist() == want
 
 
 def test_stop_tokens_end_rows_and_streaming_yields_the_same_tokens():
@@ -145,7 +146,8 @@ n, chunk = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)  # as the rest of the engine tests (see test_engine_model.one_thread)
 cfg = nemotron3.ModelConfig(pattern="M*ME", vocab_size=64, hidden_size=32, num_attention_heads=1, num_key_value_heads=1,
     head_dim=8, mamba_num_heads=2, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=64, n_routed_experts=4,
-    num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, max_position_embeddings=n + 8)
+    num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+    max_position_embeddings=n + 8)
 torch.manual_seed(0)
 model = nemotron3.HybridLM(cfg).eval()
 ids = torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(1))
@@ -166,7 +168,8 @@ def run_long_prompt(n: int, chunk: int) -> dict:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", LONG_PROMPT_SCRIPT, str(n), str(chunk)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", LONG_PROMPT_SCRIPT, str(n), str(chunk)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

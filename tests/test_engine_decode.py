@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import nemotron3
 from conftest import TINY_HF_CONFIGS
-from nemotron3.engine.cache import HybridCache
-from nemotron3.engine.decode import FastDecoder
 from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
 
+import nemotron3
+from nemotron3.engine.cache import HybridCache
+from nemotron3.engine.decode import FastDecoder
 
 
 def run_both(model, lens: list[int], steps: int = 6, seed: int = 0, traceable: bool = False, step_fn=None):
@@ -39,7 +38,8 @@ def run_both(model, lens: list[int], steps: int = 6, seed: int = 0, traceable: b
 
 
 @pytest.mark.parametrize("traceable", [False, True])
-@pytest.mark.parametrize("lens", [[9], [20, 20, 20, 20, 20, 20], [3, 17, 8]])  # B=1 gathers experts, B=6 runs them densely
+# B=1 gathers experts, B=6 runs them densely
+@pytest.mark.parametrize("lens", [[9], [20, 20, 20, 20, 20, 20], [3, 17, 8]])
 def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens, traceable):
     name, cfg = tiny_hf_config
     model = build(cfg, seed=1)
@@ -51,7 +51,8 @@ def test_fast_step_equals_the_reference_cached_step(tiny_hf_config, lens, tracea
                 for b, n in enumerate(ref_cache.lengths.tolist()):
                     torch.testing.assert_close(getattr(fast_cache, part)[i][b, :, :n], t[b, :, :n], atol=1e-5, rtol=0)
             else:
-                torch.testing.assert_close(getattr(fast_cache, part)[i], t, atol=1e-5, rtol=1e-5)  # states reach ~10: float eps
+                # the states reach ~10, where 1e-5 is a few float eps
+                torch.testing.assert_close(getattr(fast_cache, part)[i], t, atol=1e-5, rtol=1e-5)
 
 
 def test_traceable_dense_experts_for_many_rows():
@@ -110,7 +111,7 @@ def test_unsupported_models_fall_back_to_the_reference_path():
 
 @pytest.mark.slow
 def test_compiled_step_equals_the_reference_cached_step():
-    """torch.compile of the traceable step (20-40 s of compilation, hence slow)."""
+    """torch.compile of the traceable step (compiling takes far longer than the test itself, hence slow)."""
     model = build(nemotron3.ModelConfig.preset("tiny").to_hf(), seed=5)
     fast = FastDecoder(model, traceable=True)
     compiled = torch.compile(fast.step, dynamic=False)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_HF_CONFIGS, randomize_
 
 import nemotron3
-from conftest import TINY_HF_CONFIGS, randomize_
 from nemotron3.engine.cache import HybridCache
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Decode-sized ops gain nothing from a second thread, and on a shared 2-core machine a busy core
-    stalls every OpenMP barrier (100x slower tests); restored after each test."""
+    """Decode-sized ops gain nothing from a second thread, and on a machine whose cores are busy with other
+    work every OpenMP barrier waits for the slowest thread; restored after each test."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

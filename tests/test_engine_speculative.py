@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import nemotron3
 from conftest import randomize_
-from nemotron3.engine.speculative import MTPDrafter
 from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
+import nemotron3
+from nemotron3.engine.speculative import MTPDrafter
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +44,11 @@ def test_oracle_drafts_are_accepted_and_wrong_ones_rolled_back(engine, monkeypat
     seqs = [p + w + [0] * 4 * n for p, w in zip(PROMPTS, longer)]  # rows that run ahead draft zeros
 
     def oracle(self, cache, h1, start, k_):
-        L = cache.lengths.tolist()  # the last emitted token sits at position L[b]
-        d = torch.tensor([seqs[b][L[b] + 1 : L[b] + 1 + k_] for b in range(len(L))])
+        lengths = cache.lengths.tolist()  # the last emitted token sits at position lengths[b]
+        drafts = torch.tensor([seqs[b][n + 1 : n + 1 + k_] for b, n in enumerate(lengths)])
         if wrong_at is not None:
-            d[1, wrong_at] = (d[1, wrong_at] + 1) % engine.config.vocab_size
-        return d
+            drafts[1, wrong_at] = (drafts[1, wrong_at] + 1) % engine.config.vocab_size
+        return drafts
 
     monkeypatch.setattr(MTPDrafter, "draft", oracle)
     out = engine.generate(PROMPTS, n, stop_token_ids=[], num_speculative_tokens=k)
@@ -63,6 +62,7 @@ def test_oracle_drafts_are_accepted_and_wrong_ones_rolled_back(engine, monkeypat
 def test_speculation_needs_an_mtp_block_and_greedy_decoding(engine):
     with pytest.raises(NotImplementedError, match="greedy"):
         engine.generate([[1, 2]], 4, temperature=0.5, num_speculative_tokens=2)
-    no_mtp = nemotron3.Engine(nemotron3.HybridLM(nemotron3.ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)))
+    config = nemotron3.ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)
+    no_mtp = nemotron3.Engine(nemotron3.HybridLM(config))
     with pytest.raises(ValueError, match="MTP block"):
         no_mtp.generate([[1, 2]], 4, num_speculative_tokens=2)

@@ -1,6 +1,6 @@
 """HybridCache: everything a Nemotron 3 model remembers about the sequences it is decoding.
 
-Two kinds of memory, one per mixer kind (ARCHITECTURE.md §2-3):
+Two kinds of memory, one per mixer kind (docs/architecture.md §2-3; the design: docs/inference.md §1):
 
     '*' attention    key and value of every past token        (rows, kv_heads, max_seq_len, head_dim)
     'M' Mamba-2      the last conv_kernel-1 conv inputs         (rows, conv_dim, conv_kernel - 1)
@@ -168,18 +168,17 @@ class HybridCache:
         self.conv_hist: dict[int, torch.Tensor] = {}
         self.ssm_hist: dict[int, torch.Tensor] = {}
         kw = dict(dtype=dtype, device=self.device)
+        ssm_kw = dict(dtype=self.ssm_dtype, device=self.device)
         for i, kind in enumerate(self.kinds):
             if kind == "*":  # zeros, not empty: masked-out garbage must never be NaN (0 · NaN = NaN)
                 self.key[i] = torch.zeros(rows, c.num_key_value_heads, max_seq_len, c.head_dim, **kw)
                 self.value[i] = torch.zeros_like(self.key[i])
             elif kind == "M":
                 self.conv[i] = torch.zeros(rows, c.mamba_conv_dim, c.conv_kernel - 1, **kw)
-                self.ssm[i] = torch.zeros(
-                    rows, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, dtype=self.ssm_dtype, device=self.device
-                )
+                self.ssm[i] = torch.zeros(rows, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, **ssm_kw)
                 if max_rollback:
                     self.conv_hist[i] = torch.zeros(max_rollback + 1, *self.conv[i].shape, **kw)
-                    self.ssm_hist[i] = torch.zeros(max_rollback + 1, *self.ssm[i].shape, dtype=self.ssm_dtype, device=self.device)
+                    self.ssm_hist[i] = torch.zeros(max_rollback + 1, *self.ssm[i].shape, **ssm_kw)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.rollback_limit = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.in_use = [False] * rows
@@ -221,7 +220,11 @@ class HybridCache:
 
     # ------------------------------------------------------------------ one forward
     def begin(
-        self, t: int, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None, start: torch.Tensor | None = None
+        self,
+        t: int,
+        rows: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
     ) -> CacheView:
         """Check that `t` more tokens fit in `rows` and describe the forward for the layers.
 
@@ -229,7 +232,8 @@ class HybridCache:
         keeps its own positions for the MTP layers' slots (engine/speculative.py) and never commits.
         """
         index = torch.arange(self.rows, device=self.device) if rows is None else rows.to(self.device)
-        if rows is not None and rows.numel() == self.rows and torch.equal(index, torch.arange(self.rows, device=self.device)):
+        if (rows is not None and rows.numel() == self.rows
+                and torch.equal(index, torch.arange(self.rows, device=self.device))):
             rows = None  # all rows in order: the layers may work in place
         start = self.lengths[index] if start is None else start.to(device=self.device, dtype=torch.long)
         if t <= 0:
@@ -258,33 +262,37 @@ class HybridCache:
             self.rollback_limit[view.index] = 0
 
     # ------------------------------------------------------------------ rollback
-    def record(self, layer: int, rows: torch.Tensor | None, positions: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+    def record(
+        self, layer: int, rows: torch.Tensor | None, positions: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor
+    ) -> None:
         """Store the states (b, ...) reached after token `positions` (b,) of `rows` in the layer's ring."""
         if not self.max_rollback:
             return
-        r = torch.arange(self.rows, device=self.device) if rows is None else rows
+        index = torch.arange(self.rows, device=self.device) if rows is None else rows
         slot = positions % (self.max_rollback + 1)
-        self.conv_hist[layer][slot, r] = conv.to(self.dtype)
-        self.ssm_hist[layer][slot, r] = ssm.to(self.ssm_dtype)
+        self.conv_hist[layer][slot, index] = conv.to(self.dtype)
+        self.ssm_hist[layer][slot, index] = ssm.to(self.ssm_dtype)
 
     def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None) -> None:
         """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0."""
-        r = torch.arange(self.rows, device=self.device) if rows is None else torch.as_tensor(rows, device=self.device)
-        n = torch.as_tensor(n, dtype=torch.long, device=self.device).expand(r.shape)
-        if (n < 0).any() or (n > self.lengths[r]).any():
-            raise ValueError(f"cannot roll back {n.tolist()} tokens from rows of lengths {self.lengths[r].tolist()}")
-        if self.conv and (n > self.rollback_limit[r]).any():
+        dev = self.device
+        index = torch.arange(self.rows, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
+        n = torch.as_tensor(n, dtype=torch.long, device=dev).expand(index.shape)
+        if (n < 0).any() or (n > self.lengths[index]).any():
             raise ValueError(
-                f"rollback of {n.tolist()} tokens exceeds what the Mamba history holds ({self.rollback_limit[r].tolist()}); "
-                "build the cache with a larger max_rollback, and decode the tokens to undo in steps of at most "
-                "max_rollback + 1 tokens"
+                f"cannot roll back {n.tolist()} tokens from rows of lengths {self.lengths[index].tolist()}")
+        if self.conv and (n > self.rollback_limit[index]).any():
+            raise ValueError(
+                f"rollback of {n.tolist()} tokens exceeds what the Mamba history holds "
+                f"({self.rollback_limit[index].tolist()}); build the cache with a larger max_rollback, and decode "
+                "the tokens to undo in steps of at most max_rollback + 1 tokens"
             )
         moved = n > 0
         if self.conv and moved.any():
-            rr, nn_ = r[moved], n[moved]
-            slot = (self.lengths[rr] - 1 - nn_) % (self.max_rollback + 1)
+            moved_rows, moved_n = index[moved], n[moved]
+            slot = (self.lengths[moved_rows] - 1 - moved_n) % (self.max_rollback + 1)
             for i in self.conv:
-                self.conv[i][rr] = self.conv_hist[i][slot, rr]
-                self.ssm[i][rr] = self.ssm_hist[i][slot, rr]
-        self.lengths[r] -= n
-        self.rollback_limit[r] -= torch.minimum(n, self.rollback_limit[r])
+                self.conv[i][moved_rows] = self.conv_hist[i][slot, moved_rows]
+                self.ssm[i][moved_rows] = self.ssm_hist[i][slot, moved_rows]
+        self.lengths[index] -= n
+        self.rollback_limit[index] -= torch.minimum(n, self.rollback_limit[index])

@@ -2,12 +2,12 @@
 
 Why a second implementation
 ---------------------------
-At the sizes a CPU serves, a decode step does almost no arithmetic: T9 (9M parameters) reads ~20 MB of
-weights per token and multiplies matrices by a single vector. What costs is the number of tensor ops,
-~5-15 µs of dispatch each in eager PyTorch, and the reference cached path (`HybridLM.forward` with a
-cache) spends hundreds of them on generality: row gathers and scatters, padding masks, fp32 casts,
-separate q/k/v projections, the grouped MoE with its sort and `.tolist()`. This module runs the same
-mathematics with everything that can be decided once hoisted out of the step:
+At the sizes a CPU serves, a decode step does almost no arithmetic: it multiplies the weight matrices by
+one vector per row. What costs is the number of tensor ops, each paying a fixed dispatch cost in eager
+PyTorch, and the reference cached path (`HybridLM.forward` with a cache) spends hundreds of them on
+generality: row gathers and scatters, padding masks, fp32 casts, separate q/k/v projections, the grouped
+MoE with its sort and `.tolist()`. This module runs the same mathematics with everything that can be
+decided once hoisted out of the step (docs/inference.md §3):
 
 * weights fused at build time, from the model's own tensors: q|k|v in one matrix; for each MoE layer
   router | fc1_latent_proj | shared up_proj in one matrix (all three read the same normed input) and
@@ -18,21 +18,23 @@ mathematics with everything that can be decided once hoisted out of the step:
 * routed experts: for a handful of tokens (B·k < E) one GEMV pair per (row, chosen expert), reading
   only those experts; for more rows the pairs are grouped by expert and each expert runs one GEMM pair
   on its rows (every expert's weights read once, no wasted FLOPs); from B·k >= 2E (`padded_min_pairs`)
-  all experts run as one padded batched matmul pair, two calls instead of ~2E (the whole step on T9,
-  1 thread, interleaved: 0.91x the grouped step's speed at batch 4, 1.10x at 8, 1.03x at 16, 1.04x at
-  32). The compiled variant (below) cannot
-  sync with the host: it reads the chosen experts by indexing inside one fused loop while that reads
-  each expert at most ~4 times (B·k <= 4E; at T9's batch 16 that is 1.4x faster than the dense form),
-  and beyond runs every expert densely with weight 0 for the ones not chosen;
-* S·C as a multiply-and-sum (a batched matmul of 64×64 by 64×1 matrices is 4× slower on CPU).
+  all experts run as one padded batched matmul pair, two calls instead of ~2E (the measurements behind
+  that threshold: docs/results.md). The compiled variant (below) cannot sync with the host: it reads
+  the chosen experts by indexing inside one fused loop while that reads each expert at most ~4 times
+  (B·k <= 4E), and beyond runs every expert densely with weight 0 for the ones not chosen;
+* S·C as a multiply-and-sum, which is cheaper on CPU than a batched matmul of P×N by N×1 matrices.
 
 The maths is the reference's up to float summation order (tests/test_engine_decode.py compares the two
 step by step to 1e-4). Fused tensors are copies: `FastDecoder.is_stale()` notices in-place updates of the
 model's weights (RL updates them between rollouts) through the tensors' version counters, replaced
 tensors and swapped modules through their identities, and the Engine rebuilds before the next call.
-Models whose layers were swapped for quantized ones (quant/convert.py) are not plain `nn.Linear`s:
-`FastDecoder.supports(model)` is False and the Engine uses the reference path. The copies cost about
-one more copy of the model's weights in memory (experts included), fine at the sizes a CPU decodes.
+The copies cost about one more copy of the model's weights in memory (experts included), fine at the
+sizes a CPU decodes.
+
+`FastDecoder.supports(model)` is False, and the Engine uses the reference path, for models this module
+does not cover: layers swapped for quantized ones (quant/convert.py; they are not plain `nn.Linear`s),
+dtypes other than fp32, and projection biases (`mlp_bias` / `use_bias`, which the Nemotron 3 checkpoints
+do not use, so the step does not carry them).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from nemotron3.model.hybrid import HybridLM
 
 @dataclass
 class _Mamba:
-    layer: int
+    index: int  # the layer's index in the cache
     norm: torch.Tensor  # (H,)
     w_in_t: torch.Tensor  # (H, d_inner + C + h)
     in_bias: torch.Tensor  # (d_inner + C + h,): zeros, then dt_bias (added by the in_proj addmm)
@@ -63,7 +65,7 @@ class _Mamba:
 
 @dataclass
 class _Attn:
-    layer: int
+    index: int  # the layer's index in the cache
     norm: torch.Tensor
     w_qkv_t: torch.Tensor  # (H, (hq + 2 hk)·d)
     w_o_t: torch.Tensor  # (hq·d, H)
@@ -76,14 +78,14 @@ class _MoE:
     w_out_t: torch.Tensor | None  # (ℓ + I_s, H): fc2_latent | shared down, stacked
     up: torch.Tensor  # (E, I, ℓ), the model's own tensor
     down: torch.Tensor  # (E, ℓ, I), the model's own tensor
-    up_t: torch.Tensor | None  # (ℓ, E·I): column block e is expert e's up_projᵀ (compiled dense path only)
+    up_t: torch.Tensor | None  # (ℓ, E·I): column block e is expert e's up_projᵀ (compiled dense path)
     down_t: torch.Tensor  # (E·I, ℓ): row block e is expert e's down_projᵀ
-    bias: torch.Tensor  # (E,) correction bias
+    correction_bias: torch.Tensor  # (E,) the router's e_score_correction_bias (steers the selection only)
     inter: int  # I, the expert width
     latent: bool
     shared: bool
     up_blocks: torch.Tensor | None = None  # (E, ℓ, I): block e is expert e's up_projᵀ, contiguous
-    down_blocks: torch.Tensor | None = None  # (E, I, ℓ): block e is expert e's down_projᵀ (a view of down_t)
+    down_blocks: torch.Tensor | None = None  # (E, I, ℓ): block e is expert e's down_projᵀ (view of down_t)
 
     def __post_init__(self) -> None:
         self.up_e = list(self.up_blocks.unbind(0))  # per-expert views, for the few-pair GEMV loop
@@ -107,7 +109,8 @@ class FastDecoder:
 
     def __init__(self, model: HybridLM, traceable: bool = False) -> None:
         if not self.supports(model):
-            raise ValueError("FastDecoder needs an fp32 HybridLM of plain nn.Linear layers; use the reference path")
+            raise ValueError(
+                "FastDecoder needs an fp32 HybridLM of plain nn.Linear layers without biases; use the reference path")
         c = model.config
         self.model = model
         self.traceable = traceable
@@ -118,15 +121,17 @@ class FastDecoder:
         self.scaling, self.norm_topk = float(c.routed_scaling_factor), c.norm_topk_prob
         self.grouped_routing = c.n_group > 1
         self.hq, self.hk, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.h, self.p, self.g, self.n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
+        self.mamba_heads, self.mamba_head_dim = c.mamba_num_heads, c.mamba_head_dim
+        self.mamba_groups, self.state_size = c.n_groups, c.ssm_state_size
         self.d_inner, self.conv_dim = c.mamba_intermediate_size, c.mamba_conv_dim
         self._build()
 
     @staticmethod
     def supports(model: HybridLM) -> bool:
-        """Plain fp32 modules only (quantized or bf16 models run the reference cached path)."""
+        """Plain fp32 modules without projection biases only (quantized or bf16 models, and models built
+        with `mlp_bias` / `use_bias`, run the reference cached path)."""
         for mod in model.modules():
-            if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear:
+            if isinstance(mod, nn.Linear) and (type(mod) is not nn.Linear or mod.bias is not None):
                 return False
             if mod.__dict__.get("gemm_quantizer") is not None:
                 return False
@@ -146,45 +151,44 @@ class FastDecoder:
 
     @torch.no_grad()
     def _build(self) -> None:
-        m = self.model
+        model = self.model
 
-        def t(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> contiguous (in, out): x @ Wᵀ as a plain GEMV
+        def transposed(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> contiguous (in, out): x @ Wᵀ as a GEMV
             return w.t().contiguous()
 
-        self.emb = m.backbone.embeddings.weight
-        self.norm_f = m.backbone.norm_f.weight
-        self.head_t = t(m.lm_head.weight)  # (H, V)
+        self.emb = model.backbone.embeddings.weight
+        self.norm_f = model.backbone.norm_f.weight
+        self.head_t = transposed(model.lm_head.weight)  # (H, V)
         self.layers: list = []
-        for i, block in enumerate(m.backbone.layers):
-            mx, nw = block.mixer, block.norm.weight
-            if any(lin.bias is not None for lin in mx.modules() if isinstance(lin, nn.Linear)):
-                raise ValueError(f"FastDecoder does not handle projection biases (layer {i}); use the reference path")
+        for i, block in enumerate(model.backbone.layers):
+            mixer, norm = block.mixer, block.norm.weight
             if block.kind == "M":
-                conv_b = mx.conv1d.bias if mx.conv1d.bias is not None else torch.zeros(mx.conv_dim)
-                in_bias = torch.cat([torch.zeros(mx.d_inner + mx.conv_dim), mx.dt_bias.float()])
+                conv_b = mixer.conv1d.bias if mixer.conv1d.bias is not None else torch.zeros(mixer.conv_dim)
+                in_bias = torch.cat([torch.zeros(mixer.d_inner + mixer.conv_dim), mixer.dt_bias.float()])
+                w_out_t = mixer.norm.weight[:, None] * transposed(mixer.out_proj.weight)  # gated norm's weight folded
                 self.layers.append(_Mamba(
-                    i, nw, t(mx.in_proj.weight), in_bias, mx.conv1d.weight[:, 0].contiguous(), conv_b,
-                    -torch.exp(mx.A_log.float()), mx.D, mx.norm.weight[:, None] * t(mx.out_proj.weight),
-                    mx.dt_min, mx.dt_max))
+                    i, norm, transposed(mixer.in_proj.weight), in_bias, mixer.conv1d.weight[:, 0].contiguous(), conv_b,
+                    -torch.exp(mixer.A_log.float()), mixer.D, w_out_t, mixer.dt_min, mixer.dt_max))
             elif block.kind == "*":
-                w_qkv = torch.cat([mx.q_proj.weight, mx.k_proj.weight, mx.v_proj.weight])
-                self.layers.append(_Attn(i, nw, t(w_qkv), t(mx.o_proj.weight)))
+                w_qkv = torch.cat([mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight])
+                self.layers.append(_Attn(i, norm, transposed(w_qkv), transposed(mixer.o_proj.weight)))
             elif block.kind == "E":
-                latent, shared = mx.fc1_latent_proj is not None, mx.shared_experts is not None
-                ins = [mx.gate.weight] + ([mx.fc1_latent_proj.weight] if latent else [])
-                ins += [mx.shared_experts.up_proj.weight] if shared else []
-                outs = ([mx.fc2_latent_proj.weight] if latent else []) + ([mx.shared_experts.down_proj.weight] if shared else [])
-                up, down = mx.experts.up_proj, mx.experts.down_proj  # (E, I, ℓ), (E, ℓ, I)
+                latent, shared = mixer.fc1_latent_proj is not None, mixer.shared_experts is not None
+                ins = [mixer.gate.weight] + ([mixer.fc1_latent_proj.weight] if latent else [])
+                ins += [mixer.shared_experts.up_proj.weight] if shared else []
+                outs = [mixer.fc2_latent_proj.weight] if latent else []
+                outs += [mixer.shared_experts.down_proj.weight] if shared else []
+                up, down = mixer.experts.up_proj, mixer.experts.down_proj  # (E, I, ℓ), (E, ℓ, I)
                 E, inter, ell = up.shape
                 up_blocks = up.transpose(1, 2).contiguous()  # (E, ℓ, I): one contiguous block per expert
                 down_t = down.transpose(1, 2).reshape(E * inter, ell).contiguous()  # (E·I, ℓ), the same per block
                 up_t = up_blocks.permute(1, 0, 2).reshape(ell, E * inter) if self.traceable else None  # dense form
                 self.layers.append(_MoE(
-                    nw, t(torch.cat(ins)), t(torch.cat(outs, dim=1)) if outs else None, up, down, up_t, down_t,
-                    mx.gate.e_score_correction_bias, inter, latent, shared,
+                    norm, transposed(torch.cat(ins)), transposed(torch.cat(outs, dim=1)) if outs else None, up, down,
+                    up_t, down_t, mixer.gate.e_score_correction_bias, inter, latent, shared,
                     up_blocks, down_t.view(E, inter, ell)))
             else:
-                self.layers.append(_MLP(nw, t(mx.up_proj.weight), t(mx.down_proj.weight)))
+                self.layers.append(_MLP(norm, transposed(mixer.up_proj.weight), transposed(mixer.down_proj.weight)))
         self._versions = self._signature()
 
     def refresh(self) -> None:
@@ -204,53 +208,55 @@ class FastDecoder:
         once per step, not per layer).
         """
         if cache.max_rollback:
-            raise ValueError("FastDecoder does not record rollback history; decode this cache with model(..., cache=)")
+            raise ValueError(
+                "FastDecoder does not record rollback history; decode this cache with model(..., cache=)")
         B = tokens.shape[0]
         n = cache.max_seq_len if n_keys is None else n_keys
         mask = None if (uniform and n_keys is not None) else (
             torch.arange(n, device=tokens.device) <= cache.lengths[:, None]).view(B, 1, 1, n)
         h = F.embedding(tokens, self.emb)  # (B, H)
-        for L in self.layers:
-            x = F.rms_norm(h, (h.shape[-1],), L.norm, self.eps)
-            if isinstance(L, _Mamba):
-                h = self._mamba(h, x, L, cache)
-            elif isinstance(L, _Attn):
-                h = self._attn(h, x, L, cache, n, mask)
-            elif isinstance(L, _MoE):
-                h = self._moe(h, x, L)
+        for layer in self.layers:
+            x = F.rms_norm(h, (h.shape[-1],), layer.norm, self.eps)
+            if isinstance(layer, _Mamba):
+                h = self._mamba(h, x, layer, cache)
+            elif isinstance(layer, _Attn):
+                h = self._attn(h, x, layer, cache, n, mask)
+            elif isinstance(layer, _MoE):
+                h = self._moe(h, x, layer)
             else:
-                h = torch.addmm(h, torch.mm(x, L.w_up_t).relu_().square_(), L.w_down_t)
+                h = torch.addmm(h, torch.mm(x, layer.w_up_t).relu_().square_(), layer.w_down_t)
         h = F.rms_norm(h, (h.shape[-1],), self.norm_f, self.eps)
         return torch.mm(h, self.head_t)
 
-    def _mamba(self, h: torch.Tensor, x: torch.Tensor, L: _Mamba, cache) -> torch.Tensor:
-        B, di, C, nh, g = h.shape[0], self.d_inner, self.conv_dim, self.h, self.g
-        conv_state, state = cache.conv[L.layer], cache.ssm[L.layer]  # (B, C, K-1), (B, h, p, n)
-        zxbcdt = torch.addmm(L.in_bias, x, L.w_in_t)  # (B, d_inner + C + h), dt_bias already added
+    def _mamba(self, h: torch.Tensor, x: torch.Tensor, layer: _Mamba, cache) -> torch.Tensor:
+        B, di, C = h.shape[0], self.d_inner, self.conv_dim
+        nh, g, p, n = self.mamba_heads, self.mamba_groups, self.mamba_head_dim, self.state_size
+        conv_state, state = cache.conv[layer.index], cache.ssm[layer.index]  # (B, C, K-1), (B, h, p, n)
+        zxbcdt = torch.addmm(layer.in_bias, x, layer.w_in_t)  # (B, d_inner + C + h), dt_bias already added
         z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + C], zxbcdt[:, di + C :]
         window = torch.cat([conv_state, xbc[:, :, None]], dim=-1)  # (B, C, K)
         conv_state.copy_(window[:, :, 1:])
-        xbc = F.silu(torch.sum(window * L.conv_w, dim=-1) + L.conv_b)  # (B, C)
-        gn, r = g * self.n, nh // g
-        xs = xbc[:, :di].view(B, g, r, self.p)  # (B, g, r, p)
-        Bm = xbc[:, di : di + gn].view(B, g, 1, 1, self.n)
+        xbc = F.silu(torch.sum(window * layer.conv_w, dim=-1) + layer.conv_b)  # (B, C)
+        gn, r = g * n, nh // g
+        xs = xbc[:, :di].view(B, g, r, p)  # (B, g, r, p)
+        Bm = xbc[:, di : di + gn].view(B, g, 1, 1, n)
         Cm = xbc[:, di + gn :]
-        dt = F.softplus(dt).clamp_(L.dt_min, L.dt_max)  # (B, h)
-        dA = torch.exp(dt * L.A).view(B, g, r, 1, 1)
-        s = state.view(B, g, r, self.p, self.n)
+        dt = F.softplus(dt).clamp_(layer.dt_min, layer.dt_max)  # (B, h)
+        dA = torch.exp(dt * layer.A).view(B, g, r, 1, 1)
+        s = state.view(B, g, r, p, n)
         s.mul_(dA).addcmul_((xs * dt.view(B, g, r, 1))[..., None], Bm)  # S ← e^{dt·A} S + dt·x ⊗ B
-        y = (s * Cm.view(B, g, 1, 1, self.n)).sum(-1).view(B, nh, self.p)  # S·C (4x faster than a batched matmul here)
-        y = y.addcmul_(xs.view(B, nh, self.p), L.D[:, None]).view(B, di)  # + D·x
+        y = (s * Cm.view(B, g, 1, 1, n)).sum(-1).view(B, nh, p)  # S·C as a multiply-and-sum, not a batched matmul
+        y = y.addcmul_(xs.view(B, nh, p), layer.D[:, None]).view(B, di)  # + D·x
         y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group (its weight is folded into w_out_t)
         y = F.rms_norm(y.view(B, g, di // g), (di // g,), None, self.eps).view(B, di)
-        return torch.addmm(h, y, L.w_out_t)
+        return torch.addmm(h, y, layer.w_out_t)
 
-    def _attn(self, h, x, L: _Attn, cache, n: int, mask) -> torch.Tensor:
+    def _attn(self, h, x, layer: _Attn, cache, n: int, mask) -> torch.Tensor:
         B, hq, hk, d = h.shape[0], self.hq, self.hk, self.d
-        qkv = torch.mm(x, L.w_qkv_t)  # (B, (hq + 2hk)·d)
+        qkv = torch.mm(x, layer.w_qkv_t)  # (B, (hq + 2hk)·d)
         q = qkv[:, : hq * d].view(B, hq, 1, d)
         k, v = qkv[:, hq * d : (hq + hk) * d].view(B, hk, d), qkv[:, (hq + hk) * d :].view(B, hk, d)
-        K, V = cache.key[L.layer], cache.value[L.layer]  # (B, hk, T_max, d)
+        K, V = cache.key[layer.index], cache.value[layer.index]  # (B, hk, T_max, d)
         if mask is None:  # all rows at the same length n - 1
             K.select(2, n - 1).copy_(k)
             V.select(2, n - 1).copy_(v)
@@ -260,46 +266,46 @@ class FastDecoder:
             V[rows, :, cache.lengths] = v
         y = F.scaled_dot_product_attention(
             q, K[:, :, :n], V[:, :, :n], attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hk)
-        return torch.addmm(h, y.view(B, hq * d), L.w_o_t)
+        return torch.addmm(h, y.view(B, hq * d), layer.w_o_t)
 
-    def _moe(self, h, x, L: _MoE) -> torch.Tensor:
-        B, E, k, I = h.shape[0], self.E, self.k, L.inter
-        g = torch.mm(x, L.w_in_t)  # (B, E + ℓ + I_s)
-        scores = torch.sigmoid(g[:, :E])  # (B, E)
+    def _moe(self, h, x, layer: _MoE) -> torch.Tensor:
+        B, E, k, inter = h.shape[0], self.E, self.k, layer.inter
+        fused = torch.mm(x, layer.w_in_t)  # (B, E + ℓ + I_s): router logits | latent input | shared up_proj
+        scores = torch.sigmoid(fused[:, :E])  # (B, E)
         if self.grouped_routing:  # rare (n_group > 1): the reference router's selection rule
-            idx = self._grouped_topk(scores + L.bias)
+            idx = self._grouped_topk(scores + layer.correction_bias)
         else:
-            idx = torch.topk(scores + L.bias, k, dim=-1, sorted=False).indices  # (B, k)
+            idx = torch.topk(scores + layer.correction_bias, k, dim=-1, sorted=False).indices  # (B, k)
         w = scores.gather(1, idx)  # (B, k) router weights of the chosen experts, not yet normalised
-        ell = L.up.shape[-1]
-        z = g[:, E : E + ell] if L.latent else x  # (B, ℓ)
+        ell = layer.up.shape[-1]
+        z = fused[:, E : E + ell] if layer.latent else x  # (B, ℓ)
         if B * k < E and not self.traceable:  # few (row, expert) pairs: one GEMV pair each, chosen experts only
             y = torch.zeros(B, ell)
             for b, (experts, ws) in enumerate(zip(idx.tolist(), w.tolist())):  # weights normalised on the host
                 scale = self.scaling / (sum(ws) + 1e-20) if self.norm_topk else self.scaling
                 zb, yb = z[b : b + 1], y[b : b + 1]
                 for e, we in zip(experts, ws):
-                    yb.addmm_(torch.mm(zb, L.up_e[e]).relu_().square_(), L.down_e[e], alpha=we * scale)
-            return self._moe_out(h, g, y, L)
+                    yb.addmm_(torch.mm(zb, layer.up_e[e]).relu_().square_(), layer.down_e[e], alpha=we * scale)
+            return self._moe_out(h, fused, y, layer)
         if self.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         w = w * self.scaling
         if self.traceable and B * k <= 4 * E:  # compiled, <= ~4 reads per expert: fused indexed multiply-and-sum
             flat = idx.reshape(-1)  # (B·k,)
-            hid = (L.up[flat] * z.repeat_interleave(k, dim=0)[:, None, :]).sum(-1).relu().square()  # (B·k, I)
-            out = (L.down[flat] * hid[:, None, :]).sum(-1).view(B, k, ell)  # (B·k, ℓ)
+            hid = (layer.up[flat] * z.repeat_interleave(k, dim=0)[:, None, :]).sum(-1).relu().square()  # (B·k, I)
+            out = (layer.down[flat] * hid[:, None, :]).sum(-1).view(B, k, ell)  # (B·k, ℓ)
             y = (out * w[:, :, None]).sum(1)  # (B, ℓ)
         elif self.traceable:  # compiled, many more rows: every expert for every row, weight 0 where not chosen
             dense_w = torch.zeros(B, E).scatter_(1, idx, w)  # (B, E)
-            hid = torch.mm(z, L.up_t).relu_().square_().view(B, E, I)  # (B, E, I)
-            y = torch.mm((hid * dense_w[:, :, None]).view(B, E * I), L.down_t)  # (B, ℓ)
+            hid = torch.mm(z, layer.up_t).relu_().square_().view(B, E, inter)  # (B, E, I)
+            y = torch.mm((hid * dense_w[:, :, None]).view(B, E * inter), layer.down_t)  # (B, ℓ)
         elif B * k < self.padded_min_pairs:  # several rows: one GEMM pair per chosen expert on its rows
-            y = self._experts_grouped(z, idx, w, L)
+            y = self._experts_grouped(z, idx, w, layer)
         else:  # many rows: every expert runs its rows as one slice of a padded batched matmul pair
-            y = self._experts_padded(z, idx, w, L)
-        return self._moe_out(h, g, y, L)
+            y = self._experts_padded(z, idx, w, layer)
+        return self._moe_out(h, fused, y, layer)
 
-    def _experts_grouped(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, L: _MoE) -> torch.Tensor:
+    def _experts_grouped(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, layer: _MoE) -> torch.Tensor:
         """z (B, ℓ), idx (B, k), w (B, k) -> (B, ℓ): the (row, expert) pairs sorted by expert, one GEMM pair
         per expert that has rows (only the chosen experts' weights are read)."""
         B, k = idx.shape
@@ -310,18 +316,18 @@ class FastDecoder:
         outs = []
         for e, zs in enumerate(z.index_select(0, rows).split(counts)):
             if counts[e]:
-                outs.append(torch.mm(torch.mm(zs, L.up_e[e]).relu_().square_(), L.down_e[e]))
+                outs.append(torch.mm(torch.mm(zs, layer.up_e[e]).relu_().square_(), layer.down_e[e]))
         ys = torch.cat(outs).mul_(w.reshape(-1)[order, None])  # (B·k, ℓ)
         return torch.zeros(B, z.shape[1]).index_add_(0, rows, ys)
 
-    def _experts_padded(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, L: _MoE) -> torch.Tensor:
-        """z (B, ℓ), idx (B, k), w (B, k) combine weights -> routed output (B, ℓ), for B·k >= E pairs.
+    def _experts_padded(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, layer: _MoE) -> torch.Tensor:
+        """z (B, ℓ), idx (B, k), w (B, k) combine weights -> routed output (B, ℓ), for B·k >= padded_min_pairs.
 
         Pair i = (row b, slot j) gets slot `pos` = how many earlier pairs chose the same expert, so expert e's
         rows sit in X[e, :count_e]; X is (E, m, ℓ) with m = the largest count, and two `bmm`s run every
         expert at once. Unused slots are zero rows (relu² of 0 is 0, so they stay zero and are never read).
-        Measured at T9's batch 16 (m ≈ 8 of a possible 16): 2.3x faster than one GEMM pair per expert, whose
-        ~32 small calls per layer are dispatch-bound, for at most m·E / (B·k) times the useful FLOPs.
+        Two calls replace the ~2E small, dispatch-bound calls of one GEMM pair per expert, for at most
+        m·E / (B·k) times the useful FLOPs.
         """
         B, k = idx.shape
         E, ell = self.E, z.shape[-1]
@@ -331,19 +337,20 @@ class FastDecoder:
         m = int(onehot.sum(0).max())
         X = z.new_zeros(E, m, ell)
         X[flat, pos] = z.repeat_interleave(k, dim=0)
-        Y = torch.bmm(torch.bmm(X, L.up_blocks).relu_().square_(), L.down_blocks)  # (E, m, ℓ)
+        Y = torch.bmm(torch.bmm(X, layer.up_blocks).relu_().square_(), layer.down_blocks)  # (E, m, ℓ)
         return (Y[flat, pos].view(B, k, ell) * w[:, :, None]).sum(1)
 
-    def _moe_out(self, h: torch.Tensor, g: torch.Tensor, y: torch.Tensor, L: _MoE) -> torch.Tensor:
-        """Residual + fc2_latent_proj(y) + shared expert, as one addmm over [y | relu²(shared up)]."""
-        E, ell = self.E, L.up.shape[-1]
-        if L.w_out_t is None:
+    def _moe_out(self, h: torch.Tensor, fused: torch.Tensor, y: torch.Tensor, layer: _MoE) -> torch.Tensor:
+        """Residual + fc2_latent_proj(y) + shared expert, as one addmm over [y | relu²(shared up)]; `fused` is
+        the output of the layer's fused in-projection (router logits | latent input | shared up_proj)."""
+        E, ell = self.E, layer.up.shape[-1]
+        if layer.w_out_t is None:
             return h + y
-        if not L.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
-            return torch.addmm(h + y, g[:, E:].relu().square_(), L.w_out_t)
-        if L.shared:
-            y = torch.cat([y, g[:, E + ell :].relu().square_()], dim=1)  # (B, ℓ + I_s)
-        return torch.addmm(h, y, L.w_out_t)
+        if not layer.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
+            return torch.addmm(h + y, fused[:, E:].relu().square_(), layer.w_out_t)
+        if layer.shared:
+            y = torch.cat([y, fused[:, E + ell :].relu().square_()], dim=1)  # (B, ℓ + I_s)
+        return torch.addmm(h, y, layer.w_out_t)
 
     def _grouped_topk(self, choice: torch.Tensor) -> torch.Tensor:
         c = self.config

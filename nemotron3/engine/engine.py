@@ -9,35 +9,36 @@
 
 One call runs in two phases.
 
-Prefill. The prompts are right-padded into one (B, T) batch and run through the model in segments of
-`prefill_chunk` columns, each segment continuing from the cache the previous one filled; rows whose
-prompt has ended drop out of later segments. Padding is exact (the padded positions get dt = 0 in the
-Mamba layers and are never visible to a real query; see Mamba2Mixer.forward_cached), so each row's
-tokens are the ones it would get alone (tests/test_engine.py checks it). Memory is bounded by the
-segment length: the chunked SSD is linear in it, and attention materialises at most SCORE_BUDGET scores
-at a time (model/attention.py). Only each row's last position goes through the LM head.
+Prefill (docs/inference.md §2). The prompts are right-padded into one (B, T) batch and run through the
+model in segments of `prefill_chunk` columns, each segment continuing from the cache the previous one
+filled; rows whose prompt has ended drop out of later segments. Padding is exact (the padded positions
+get dt = 0 in the Mamba layers and are never visible to a real query; see Mamba2Mixer.forward_cached), so
+each row's tokens are the ones it would get alone (tests/test_engine.py checks it). Memory is bounded by
+the segment length: the chunked SSD is linear in it, and attention materialises at most SCORE_BUDGET
+scores at a time (model/attention.py). Only each row's last position goes through the LM head.
 
-Decode. One token per row per forward pass, through `FastDecoder` (engine/decode.py: fused weights,
-in-place state updates, no per-step allocation that can be avoided) when the model is a plain fp32
-HybridLM, else through the reference cached path `model(tokens, cache=...)`. Every row decodes until
-every row is done (static shapes; a finished row's tokens are discarded), which costs little at the
-batch sizes a CPU serves and keeps the step free of row bookkeeping.
+Decode. One token per row per forward pass, through `FastDecoder` (engine/decode.py, docs/inference.md §3:
+fused weights, in-place state updates, no per-step allocation that can be avoided) when
+`FastDecoder.supports(model)` (a plain fp32 HybridLM without projection biases), else through the
+reference cached path `model(tokens, cache=...)`. Every row decodes until every row is done (static
+shapes; a finished row's tokens are discarded), which costs little at the batch sizes a CPU serves and
+keeps the step free of row bookkeeping.
 
-`compile=True` wraps the fast step in `torch.compile` (measured in benchmarks/decode.py: ~1.4x the eager
-step at batch 1 on T9; the first call compiles for 5-30 s, and every new batch size or cache capacity
-recompiles, so it pays for long or repeated generation, not for one short call). The engine keeps its
-cache between calls and reuses it when the batch size matches and it is large enough, so repeated calls
-neither reallocate nor recompile. The sampling rule and its per-row random streams are in
-engine/sampling.py.
+`compile=True` wraps the fast step in `torch.compile` (its speed against the eager step is measured by
+benchmarks/decode.py, see docs/results.md). The first call compiles, which takes far longer than a step,
+and every new batch size or cache capacity recompiles, so it pays for long or repeated generation, not
+for one short call. The engine keeps its cache between calls and reuses it when the batch size matches
+and it is large enough, so repeated calls neither reallocate nor recompile. The sampling rule and its
+per-row random streams are in engine/sampling.py (docs/inference.md §4).
 
 `num_speculative_tokens = k > 0` decodes greedily with the model's MTP block drafting k tokens per
-verify forward (engine/speculative.py); the tokens are the same as without it.
+verify forward (engine/speculative.py, docs/inference.md §5); the tokens are the same as without it.
 
 Threads: decode-sized ops run on one core whatever `torch.get_num_threads()` says, and on a machine whose
-cores are busy with other work, two OpenMP threads make every parallel op wait for the slower core (we
-measured 10-100x slowdowns of the prefill and of the reference path on the shared 2-core box). Set the
-thread count for the process (`torch.set_num_threads`, `nemotron3 generate --threads`) to match what the
-machine can really give.
+cores are busy with other work, every parallel op of the prefill and of the reference path waits at its
+OpenMP barrier for the slowest thread, so an extra thread on a busy core costs far more than it gives.
+Set the thread count for the process (`torch.set_num_threads`, `nemotron3 generate --threads`) to what
+the machine can really give.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class Engine:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
         if all(isinstance(t, int) for t in prompts):
-            raise ValueError("prompts must be a list of prompts, each a list of token ids: wrap one prompt as [ids]")
+            raise ValueError(
+                "prompts must be a list of prompts, each a list of token ids: wrap one prompt as [ids]")
         V = self.config.vocab_size
         clean = []
         for i, p in enumerate(prompts):
@@ -161,13 +163,15 @@ class Engine:
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens!r}")
         if num_speculative_tokens > 0 and self.model.mtp is None:
-            raise ValueError("num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
+            raise ValueError(
+                "num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
         if num_speculative_tokens > 0 and temperature > 0:
             raise NotImplementedError(
                 "MTP speculative decoding is greedy only for now (lossless rejection sampling is a later issue); "
                 "use temperature=0 or num_speculative_tokens=0")
         longest = max(len(p) for p in clean)
-        if longest + max_new_tokens + (2 * num_speculative_tokens + 1 if num_speculative_tokens else 0) > self.max_seq_len:
+        overshoot = 2 * num_speculative_tokens + 1 if num_speculative_tokens else 0  # see _run_speculative
+        if longest + max_new_tokens + overshoot > self.max_seq_len:
             raise ValueError(
                 f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the engine's "
                 f"max_seq_len ({self.max_seq_len}); shorten the prompt or build Engine(model, max_seq_len=...)"
@@ -178,13 +182,13 @@ class Engine:
     def _cache_for(self, rows: int, tokens: int) -> HybridCache:
         """Reuse the engine's cache when it has the same rows and room enough, but not over twice the room
         needed (the compiled step attends over the whole capacity); allocate otherwise."""
-        c = self._cache
+        cache = self._cache
         capacity = min(self.max_seq_len, -(-tokens // 256) * 256)
-        if c is None or c.rows != rows or not tokens <= c.max_seq_len <= 2 * capacity:
+        if cache is None or cache.rows != rows or not tokens <= cache.max_seq_len <= 2 * capacity:
             self._cache = None  # free the old one first
-            c = self._cache = HybridCache(self.config, rows, capacity, self.dtype, self.device, include_mtp=False)
-        c.reset()
-        return c
+            cache = self._cache = HybridCache(self.config, rows, capacity, self.dtype, self.device, include_mtp=False)
+        cache.reset()
+        return cache
 
     def _prefill(self, cache: HybridCache, prompts: list[list[int]]) -> tuple[torch.Tensor, int]:
         """Run every prompt into the cache; returns each row's last-position logits (B, V) and the pass count."""
@@ -284,7 +288,7 @@ class Engine:
                 t_prefill, t1 = time.perf_counter() - t0, time.perf_counter()
             if new is None:
                 break
-            for j in range(max(len(t) for t in new)):
+            for j in range(max(len(row) for row in new)):
                 col: list[int | None] = []
                 for r in range(B):
                     ok = j < len(new[r]) and not done[r] and count[r] < max_new_tokens
@@ -293,9 +297,9 @@ class Engine:
                         count[r], produced = count[r] + 1, produced + 1
                         done[r] = new[r][j] in stops or count[r] == max_new_tokens
                 if all(done):
-                    self._finish(prompts, produced, stats.get("forward_passes", 1), t_prefill, time.perf_counter() - t1,
-                                 stats.get("rounds", 0) + 1)
-                    self.last_stats.update({k_: v for k_, v in stats.items() if k_ != "forward_passes"})
+                    self._finish(prompts, produced, stats.get("forward_passes", 1), t_prefill,
+                                 time.perf_counter() - t1, stats.get("rounds", 0) + 1)
+                    self.last_stats.update({name: v for name, v in stats.items() if name != "forward_passes"})
                 if any(t is not None for t in col):
                     yield col
             if all(done):

@@ -17,6 +17,7 @@ logits), never on which other rows share the batch. Two rows with the same promp
 independently, and the same call with the same seed gives the same tokens.
 
 `sample_reference` is the same rule written one row at a time with Python loops, for the tests.
+docs/inference.md §4 explains the choices.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def row_uniforms(seed: int | None, rows: int, steps: int) -> torch.Tensor:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's global RNG: torch.manual_seed governs it
     out = torch.empty(rows, steps, dtype=torch.float64)
     for i in range(rows):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63 - 1))
-        out[i] = torch.rand(steps, generator=g, dtype=torch.float64)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63 - 1))
+        out[i] = torch.rand(steps, generator=gen, dtype=torch.float64)
     return out
 
 
@@ -75,7 +76,9 @@ def sample(
     return tokens.clamp_(max=logits.shape[-1] - 1).view(-1)
 
 
-def sample_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor) -> list[int]:
+def sample_reference(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor
+) -> list[int]:
     """One row at a time, straight from the definitions in the module docstring."""
     out = []
     for row, u in zip(logits.double(), uniforms.tolist()):

@@ -1,9 +1,9 @@
 """Greedy MTP speculative decoding: the model's own MTP block drafts k tokens, one forward verifies them.
 
-One round, for every row at once (POSTTRAIN.md §4, greedy case):
+One round, for every row at once (docs/inference.md §5, greedy case; the MTP block: docs/architecture.md §6):
 
     draft     d1 = argmax head(MTP_1(h0[L-1], Emb(x)))          x: the last emitted token, at position L
-              d_j = argmax head(MTP_j(h_{j-1}, Emb(d_{j-1})))   j = 2..k, the same weights again (ARCHITECTURE §6)
+              d_j = argmax head(MTP_j(h_{j-1}, Emb(d_{j-1})))   j = 2..k, the same weights again
     verify    g = argmax head(model([x, d1, …, dk]))            one forward of k+1 tokens from the cache
     accept    a = number of leading i with d_{i+1} = g_i;  emit d_1..d_a and then g_a (the correction, or a
               bonus token when all k were right)
@@ -37,7 +37,8 @@ class MTPDrafter:
 
     def __init__(self, model: HybridLM) -> None:
         if model.mtp is None:
-            raise ValueError("num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
+            raise ValueError(
+                "num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
         if "M" in model.config.mtp_pattern:
             raise NotImplementedError("MTP blocks with Mamba layers are not supported by the drafter")
         self.model = model
@@ -47,15 +48,15 @@ class MTPDrafter:
     def __call__(self, cache: HybridCache, start: torch.Tensor, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
                  valid: torch.Tensor | None = None, rows: torch.Tensor | None = None, depth: int = 1) -> torch.Tensor:
         """prev_hidden (b, t, H), next_ids (b, t) at MTP positions start[b] + i -> h_depth (b, t, H)."""
-        m = (depth - 1) % self.model.mtp.num_modules
-        layers = list(self.model.mtp.layers)[m * self.width : (m + 1) * self.width]
+        module = (depth - 1) % self.model.mtp.num_modules
+        layers = list(self.model.mtp.layers)[module * self.width : (module + 1) * self.width]
         view = cache.begin(next_ids.shape[1], rows, valid, start=start)
         first, last = layers[0], layers[-1]
         emb = self.model.backbone.embeddings(next_ids)
-        u = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(prev_hidden)], dim=-1))
+        hidden = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(prev_hidden)], dim=-1))
         for j, block in enumerate(layers):
-            u = block.forward_cached(u, view, self.base + m * self.width + j)
-        return last.final_layernorm(u)
+            hidden = block.forward_cached(hidden, view, self.base + module * self.width + j)
+        return last.final_layernorm(hidden)
 
     def draft(self, cache: HybridCache, h1: torch.Tensor, start: torch.Tensor, k: int) -> torch.Tensor:
         """k greedy drafts per row (B, k): d1 from the depth-1 hidden h1 (B, H), then depths 2..k recursively."""
@@ -89,7 +90,8 @@ def speculative_greedy(model: HybridLM, cache: HybridCache, prompts: list[list[i
     for s in range(0, T, prefill_chunk):
         rows = (lens > s).nonzero().view(-1)
         valid = torch.clamp(lens[rows] - s, max=min(prefill_chunk, T - s))
-        hidden[rows, s : s + prefill_chunk] = model.hidden_states_cached(ids[rows, s : s + prefill_chunk], cache, rows, valid)
+        seg = ids[rows, s : s + prefill_chunk]
+        hidden[rows, s : s + prefill_chunk] = model.hidden_states_cached(seg, cache, rows, valid)
         passes += 1
     x = head(hidden[ar, lens - 1]).float().argmax(-1)  # (B,) first new token
     yield [[t] for t in x.tolist()]
@@ -99,8 +101,8 @@ def speculative_greedy(model: HybridLM, cache: HybridCache, prompts: list[list[i
     for s in range(0, T, prefill_chunk):
         rows = (lens > s).nonzero().view(-1)
         valid = torch.clamp(lens[rows] - s, max=min(prefill_chunk, T - s))
-        out = drafter(cache, torch.full_like(rows, s), hidden[rows, s : s + prefill_chunk], nxt[rows, s : s + prefill_chunk],
-                      valid, rows)
+        out = drafter(cache, torch.full_like(rows, s), hidden[rows, s : s + prefill_chunk],
+                      nxt[rows, s : s + prefill_chunk], valid, rows)
         ends = lens[rows] <= s + prefill_chunk
         h1[rows[ends]] = out[ends.nonzero().view(-1), (valid - 1)[ends]]
     mtp_start = lens.clone()
@@ -109,18 +111,18 @@ def speculative_greedy(model: HybridLM, cache: HybridCache, prompts: list[list[i
     drafted, accepted, rounds = 0, 0, 0
 
     while not bool(done.all()):
-        D = drafter.draft(cache, h1, mtp_start, k)  # (B, k)
-        H = model.hidden_states_cached(torch.cat([x[:, None], D], 1), cache)  # (B, k+1, H), verify
-        g = head(H).float().argmax(-1)  # (B, k+1)
-        a = (D == g[:, :k]).long().cumprod(1).sum(1)  # (B,) accepted drafts
+        drafts = drafter.draft(cache, h1, mtp_start, k)  # (B, k): d_1..d_k
+        verified = model.hidden_states_cached(torch.cat([x[:, None], drafts], 1), cache)  # (B, k+1, H), verify
+        greedy = head(verified).float().argmax(-1)  # (B, k+1): the main model's tokens g_0..g_k
+        a = (drafts == greedy[:, :k]).long().cumprod(1).sum(1)  # (B,) accepted drafts
         cache.rollback(torch.where(done, k + 1, k - a))  # a finished row keeps its length (it stays in the batch)
-        x = torch.where(done, x, g[ar, a])
-        out = [[] if done[b] else D[b, : a[b]].tolist() + [int(x[b])] for b in range(B)]
-        nxt = torch.cat([D, D[:, :1]], 1)
+        x = torch.where(done, x, greedy[ar, a])
+        out = [[] if done[b] else drafts[b, : a[b]].tolist() + [int(x[b])] for b in range(B)]
+        nxt = torch.cat([drafts, drafts[:, :1]], 1)
         nxt[ar, a] = x
-        hm = drafter(cache, mtp_start, H, nxt, a + 1)  # MTP positions of the kept tokens; next round's draft
+        mtp_hidden = drafter(cache, mtp_start, verified, nxt, a + 1)  # MTP positions of the kept tokens
         grown = torch.where(done, 0, a + 1)
-        h1, mtp_start, produced = hm[ar, a], mtp_start + grown, produced + grown
+        h1, mtp_start, produced = mtp_hidden[ar, a], mtp_start + grown, produced + grown  # h1: next round's draft
         passes, rounds = passes + 1, rounds + 1
         live = int((~done).sum())
         drafted, accepted = drafted + live * k, accepted + int(a[~done].sum())
@@ -128,6 +130,7 @@ def speculative_greedy(model: HybridLM, cache: HybridCache, prompts: list[list[i
         for b in range(B):
             done[b] |= any(t in stops for t in out[b])
         stats.update(forward_passes=passes, drafted=drafted, accepted=accepted, rounds=rounds,
-                     acceptance_rate=accepted / max(drafted, 1), tokens_per_verify=1 + accepted / max(drafted / k, 1))
+                     acceptance_rate=accepted / max(drafted, 1),
+                     tokens_per_verify=1 + accepted / max(drafted / k, 1))
         yield out
     stats.setdefault("forward_passes", passes)

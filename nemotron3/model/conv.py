@@ -11,9 +11,9 @@ convolution is four multiply-adds over contiguous memory, and so is its backward
     ∂bias[c] = Σ_{b,t} ∂y[b, t, c]
 
 Why not `nn.Conv1d`: it wants (batch, channels, time), so the in_proj output has to be transposed to it
-and back (two full copies), and oneDNN's depthwise backward on CPU is slow (measured on T9's 4×256
-training step: ~18 ms per layer for the conv's backward, its gradient zero-fill and the silu backward
-on the transposed output, against ~3 ms here). `causal_conv1d_reference` is `F.conv1d` on the same
+and back (two full copies), and oneDNN's depthwise backward on CPU is slow (its backward, gradient
+zero-fill and the silu backward on the transposed output cost several times the multiply-adds here;
+docs/results.md). `causal_conv1d_reference` is `F.conv1d` on the same
 window, kept beside it for tests.
 """
 

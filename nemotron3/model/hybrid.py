@@ -125,9 +125,9 @@ class HybridLM(nn.Module):
     def compile_mixers(self, dynamic: bool = False) -> "HybridLM":
         """torch.compile each Mamba-2 mixer in place, fusing the elementwise work around the SSD matmuls.
 
-        Measured in benchmarks/forward.py; worth it for long runs at fixed shapes (training, benchmark
-        prefill), not for short varying ones (each new shape recompiles, ~20-40 s on a CPU). MoE layers are
-        left eager: their per-expert split is data-dependent.
+        Worth it for long runs at fixed shapes (training, benchmark prefill), not for short varying ones:
+        each new shape recompiles, which takes tens of seconds (benchmarks/forward.py, docs/results.md).
+        MoE layers are left eager: their per-expert split is data-dependent.
         """
         for block in self.backbone.layers:
             if block.kind == "M":

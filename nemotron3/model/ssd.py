@@ -37,10 +37,9 @@ them costs). x arrives as (b, t, h, p), straight out of the in_proj: "natural" o
 Steps 2 and 4 work per (chunk, group) on matrices whose rows are time and whose columns are the r·p
 channels of the group's heads: in natural order those are strided views, which `bmm` takes without a
 copy, one call per group. Only step 1 needs heads outside time (its L×L matrix differs per head), so x·dt
-is copied once into that order. The output is assembled in natural order in one pass. Against the
-earlier all-heads-first formulation (which copied x, B and C into broadcast layouts before each matmul
-and built the chunk recurrence as a (c+1)×(c+1) decay matrix), T9's whole Mamba layer, eager, 1 thread:
-1.24x faster forward at 1×2048 tokens, 1.13x faster forward + backward at 4×256.
+is copied once into that order. The output is assembled in natural order in one pass: no broadcast
+copies of x, B and C before each matmul, and the chunk recurrence is a scan, not a (c+1)×(c+1) decay
+matrix (the speed of this layout is in docs/results.md).
 
 Shapes: b batch, t time, c chunks, l/s positions in a chunk, g groups, r heads per group (h = g·r), p head
 dim, n state size.

@@ -56,9 +56,9 @@ Speed: the work goes through chunks of ~2^18 elements (`fp_codecs.row_chunks`) w
 three scratch buffers reused by every chunk; no Python loop touches a block. Block maxima
 are max_pool1d (1×16) or an amax over the 16-row axis (16×1, 16×16); the E4M3 block scales
 are rounded in fp32 (`round_magnitude_(.., "e4m3")`, the cast's values) and cast to float8
-only for `nvfp4_quantize`'s `.scales`. torch.compile of the elementwise part was measured and
-not kept: ~2x on the RNE kernel alone, but no faster over a whole training step (the block
-and per-tensor reductions and the RHT stay eager) and a recompile for every new shape.
+only for `nvfp4_quantize`'s `.scales`. torch.compile of the elementwise part is not used: it
+speeds up the RNE kernel alone but not a whole training step (the block and per-tensor
+reductions and the RHT stay eager), and it recompiles for every new shape.
 `nvfp4_quantize_reference` at the bottom is the slow one: TE's formulas block by block in
 numpy float32 scalars.
 """
@@ -139,7 +139,7 @@ def _block_amax(a: torch.Tensor, block_2d: bool, axis: int) -> torch.Tensor:
 
     1×16 along K, 16×16 tiles (replicated to each of the tile's rows), or 16×1 down the rows
     (axis -2). The fastest exact CPU block max differs by layout: max_pool1d for 16 contiguous
-    values, amax over a strided middle axis for 16 rows (30x faster than max_pool2d, which
+    values, amax over a strided middle axis for 16 rows (much faster than max_pool2d, which
     also computes indices). Both propagate NaN like amax.
     """
     if axis == -2:

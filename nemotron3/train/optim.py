@@ -7,9 +7,8 @@ with two or more dimensions (linear weights, the 3-D expert tensors, the conv ke
 router), no decay on 1-D parameters (norm gains, biases, Mamba per-head scalars), Megatron's rule. The
 router's correction bias is a buffer, not a parameter: the optimizer never sees it (balance.py moves it).
 
-**Fused AdamW.** torch's `fused=True` runs the whole update in one kernel per dtype; measured on the tiny
-model on this 2-core CPU it is ~3× faster than `foreach` (2 ms vs 7 ms per step), a small share of a
-~600 ms step but free. It computes the same AdamW update (not bit-identical to foreach: a different
+**Fused AdamW.** torch's `fused=True` runs the whole update in one kernel per dtype, several times faster
+than `foreach` (docs/results.md) though a small share of a training step. It computes the same AdamW update (not bit-identical to foreach: a different
 operation order), and is used both in a run and in its resumption, which is what bit-identity needs.
 
 **WSD.** Linear warmup to the peak, constant, then decay to `min_lr` over the last `decay_fraction` of
