@@ -16,16 +16,15 @@ With --compile the torch.compile'd decode step is timed too (its compilation tim
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-import nemotron3
 from gemm_floor import record, replayer
 from t9 import T9_CONFIG, t9_hf_config
+
+import nemotron3
 from nemotron3.engine.cache import HybridCache, cache_size
 
 # llama.cpp's CPU build on the same T9 weights, 2 threads, this machine class (docs/results.md, Peers): a figure
@@ -102,7 +101,8 @@ def main() -> None:
     best, outs = race(fns, args.repeats)
     same = all(o == outs["transformers"] for o in outs.values())
     hf_tok_s = n / best["transformers"]
-    print(f"\nbatch-1 greedy, {args.prompt_len}-token prompt, {n} new tokens (whole generate call, best of {args.repeats})")
+    print(f"\nbatch-1 greedy, {args.prompt_len}-token prompt, {n} new tokens "
+          f"(whole generate call, best of {args.repeats})")
     for name, t in best.items():
         print(f"  {name:20s}{n / t:10,.0f} tok/s   {n / t / hf_tok_s:5.2f}x transformers   "
               f"{n / t / LLAMA_CPP_TOK_S:5.2f}x llama.cpp (docs/results.md, {LLAMA_CPP_TOK_S}; not this run)")
@@ -115,7 +115,8 @@ def main() -> None:
     prompts = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
     for name, eng in [("eager", engine)] + ([("compiled", compiled)] if compiled else []):
         eng.generate(prompts, 8, stop_token_ids=[])  # warm-up (and compilation) at this batch size
-        best_b, _ = race({"b1": lambda: run_ours(eng), "bB": lambda: eng.generate(prompts, n, stop_token_ids=[])},
+        best_b, _ = race({"b1": lambda eng=eng: run_ours(eng),
+                          "bB": lambda eng=eng: eng.generate(prompts, n, stop_token_ids=[])},
                          max(3, args.repeats // 2))
         t1, tB = n / best_b["b1"], B * n / best_b["bB"]
         print(f"\nbatch-{B} vs batch-1, {name} (whole generate call): {tB:,.0f} vs {t1:,.0f} tok/s = {tB / t1:.1f}x")
@@ -136,20 +137,22 @@ def main() -> None:
 
         with torch.inference_mode():
             replay = replayer(record(one_step))
-            best, _ = race({"step": lambda: [one_step() for _ in range(20)], "floor": lambda: [replay() for _ in range(20)]}, 6)
+            best, _ = race({"step": lambda one_step=one_step: [one_step() for _ in range(20)],
+                            "floor": lambda replay=replay: [replay() for _ in range(20)]}, 6)
             t, floor = best["step"] / 20, best["floor"] / 20
         step_ms[rows] = t * 1e3
-        print(f"  batch {rows:>2d}: step {t * 1e3:6.2f} ms, GEMM floor {floor * 1e3:6.2f} ms ({floor / t:4.0%} of the step)")
+        print(f"  batch {rows:>2d}: step {t * 1e3:6.2f} ms, GEMM floor {floor * 1e3:6.2f} ms "
+              f"({floor / t:4.0%} of the step)")
         if rows == B:
-            print(f"  batch-{B} over batch-1 throughput, steps alone: {B * step_ms[1] / step_ms[B]:.1f}x; with the batch-{B} "
-                  f"step at its GEMM floor it would be {B * step_ms[1] / (floor * 1e3):.1f}x")
+            print(f"  batch-{B} over batch-1 throughput, steps alone: {B * step_ms[1] / step_ms[B]:.1f}x; "
+                  f"with the batch-{B} step at its GEMM floor it would be {B * step_ms[1] / (floor * 1e3):.1f}x")
 
     # prefill
     print("\nprefill (one prompt, engine segments of 2048 tokens)")
     for L in [512, 8192] + ([args.long] if args.long else []):
         ids = torch.randint(0, V, (L,), generator=torch.Generator().manual_seed(2)).tolist()
         reps = 3 if L <= 8192 else 1
-        t = min(timed(lambda: engine.generate([ids], 1, stop_token_ids=[]))[0] for _ in range(reps))
+        t = min(timed(lambda ids=ids: engine.generate([ids], 1, stop_token_ids=[]))[0] for _ in range(reps))
         print(f"  {L:>6d} tokens: {L / t:10,.0f} tok/s  ({t:.2f} s)")
 
     print("\ncache bytes per token (computed, nothing allocated; SSM state fp32, KV and conv in the dtype shown)")
@@ -158,7 +161,8 @@ def main() -> None:
     for name, L, dt in rows:
         s = cache_size(nemotron3.ModelConfig.preset(name), 1, L, dtype=dt)
         print(f"  {name:16s} at {L:>8,d} tokens ({str(dt).split('.')[-1]}): {s.per_token:10,.0f} B/token total = "
-              f"{s.kv_per_token:,} KV + {s.state_per_row:,} B of Mamba state / {L:,};  whole cache {s.total / 2**20:,.1f} MiB")
+              f"{s.kv_per_token:,} KV + {s.state_per_row:,} B of Mamba state / {L:,};  "
+              f"whole cache {s.total / 2**20:,.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,15 @@ Prints tokens/s of each and the ratio ours / transformers. Best of `--repeats` r
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-import nemotron3
 from gemm_floor import record, replayer
 from t9 import T9_CONFIG, t9_hf_config
 
+import nemotron3
 
 
 def race(fns: dict, repeats: int) -> dict:
@@ -99,7 +97,8 @@ def main() -> None:
     # timed in the same race, so that machine noise hits it like the rest
     ntok = args.train_batch * args.train_seq
     floor_fwd, floor_train = replayer(record(forward_of(eager))), replayer(record(steps["eager"]))
-    fwd_t = race({"hf": forward_of(hf), **{n: forward_of(m) for n, m in ours.items()}, "floor": floor_fwd}, args.repeats)
+    fwd_t = race({"hf": forward_of(hf), **{n: forward_of(m) for n, m in ours.items()}, "floor": floor_fwd},
+                 args.repeats)
     train_t = race({"hf": make_step(hf, lambda x: hf(x).logits), **steps, "floor": floor_train}, args.repeats)
     floors = {"forward": args.seq / fwd_t["floor"], "train": ntok / train_t["floor"]}
 

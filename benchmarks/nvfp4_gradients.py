@@ -35,7 +35,8 @@ from nemotron3.train import data as train_data
 from nemotron3.train.loss import token_ce_sum
 from nemotron3.train.tokenizer import Tokenizer
 
-RECIPES = {"recipe": {}, "no-sr": {"stochastic_rounding": False}, "no-rht": {"rht": False}, "no-2d": {"weight_2d": False}}
+RECIPES = {"recipe": {}, "no-sr": {"stochastic_rounding": False}, "no-rht": {"rht": False},
+           "no-2d": {"weight_2d": False}}
 
 
 def gradients(model: torch.nn.Module, batch: train_data.Batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -70,8 +71,8 @@ def main() -> None:
         raise SystemExit(f"error: {args.checkpoint} is not a checkpoint folder (no config.json); "
                          "pass a run's final/ or step-NNNNNN/")
     tokenizer = Tokenizer.load(args.checkpoint)
-    part = train_data.build(tokenizer, train_data.task_texts(20 * args.batches * args.batch_size, args.seed + 1000, "train", 1),
-                   256, args.seed)
+    texts = train_data.task_texts(20 * args.batches * args.batch_size, args.seed + 1000, "train", 1)
+    part = train_data.build(tokenizer, texts, 256, args.seed)
     rows = train_data.PackedData(part.rows, part.mask, args.seed)
     if len(rows) < 2 * args.batches * args.batch_size:
         raise SystemExit(f"error: only {len(rows)} task rows for {args.batches} x 2 batches of {args.batch_size}")
@@ -104,7 +105,8 @@ def main() -> None:
     print(f"\ncosine with the fp32 gradient of the same batch (mean of {args.batches})\n")
     print(f"| weight | runs in | {' | '.join(cols)} |\n|---|---|{'---|' * len(cols)}")
     for n in names:
-        print(f"| {n.removeprefix('backbone.layers.')} | {precision(models['recipe'], n)} | " + " | ".join(f"{statistics.mean(cos[n, c]):.3f}" for c in cols) + " |")
+        print(f"| {n.removeprefix('backbone.layers.')} | {precision(models['recipe'], n)} | "
+              + " | ".join(f"{statistics.mean(cos[n, c]):.3f}" for c in cols) + " |")
     means = {c: statistics.mean(statistics.mean(cos[n, c]) for n in names) for c in cols}
     print("| **mean** | | " + " | ".join(f"**{means[c]:.3f}**" for c in cols) + " |")
 

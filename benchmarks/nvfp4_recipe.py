@@ -21,13 +21,15 @@ format), run as a subprocess into `--out/<variant>-seed<N>/`:
 
 Within a seed every variant starts from the same initial weights and sees the same batches in the
 same order, so the differences are paired: each is reported as its mean over seeds ± the standard
-error of that mean (from 3 seeds on), and the seed-to-seed spread of the fp32 run is printed for scale. The metric is the final held-out loss (main head, nats, computed with
-the variant's own quantized forward), and the mean training loss over the last 10 % of steps.
+error of that mean (from 3 seeds on), and the seed-to-seed spread of the fp32 run is printed for scale.
+The metric is the final held-out loss (main head, nats, computed with the variant's own quantized
+forward), and the mean training loss over the last 10 % of steps.
 
 What the paper reports (docs/low-precision.md §5): NVFP4 within ~1-1.5 % of the higher-precision loss at
 12B / 10T tokens, and removing SR, RHT or 2-D weights each worsens the loss (Fig. 4). At this scale
-(1.8M parameters, 1.2M tokens at the default 300 steps) the per-GEMM quantization error matters less than the optimisation
-noise, so small ablation effects may fall inside the seed spread: the table says which do.
+(1.8M parameters, 1.2M tokens at the default 300 steps) the per-GEMM quantization error matters less
+than the optimisation noise, so small ablation effects may fall inside the seed spread: the table says
+which do.
 """
 
 from __future__ import annotations
@@ -96,9 +98,9 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
     """
     import torch
 
+    from nemotron3 import tasks
     from nemotron3.hf import load_pretrained
     from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
-    from nemotron3 import tasks
     from nemotron3.train import data as train_data
     from nemotron3.train.evaluate import eval_loss
     from nemotron3.train.tokenizer import Tokenizer
@@ -108,14 +110,15 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
         final = args.out / f"{trained}-seed{seed}" / "final"
         tokenizer = Tokenizer.load(final)
 
-        def rows(texts: list[str]) -> train_data.PackedData:
+        def rows(texts: list[str], tokenizer: Tokenizer = tokenizer) -> train_data.PackedData:
             part = train_data.build(tokenizer, texts, 256, seed)
             return train_data.PackedData(part.rows, part.mask, seed)
         model = load_pretrained(final, dtype=torch.float32)
         for fwd in ("fp32", "nvfp4"):
             if fwd == "nvfp4":
                 convert_to_nvfp4(model, PrecisionPolicy())
-            losses[trained, fwd] = eval_loss(model, rows(train_data.task_texts(train_data.HELDOUT_TASK_PROBLEMS, seed, "heldout", 1)))
+            heldout = train_data.task_texts(train_data.HELDOUT_TASK_PROBLEMS, seed, "heldout", 1)
+            losses[trained, fwd] = eval_loss(model, rows(heldout))
             if fwd == trained:
                 per_family = train_data.HELDOUT_TASK_PROBLEMS // len(tasks.FAMILIES)
                 for family in sorted(tasks.FAMILIES):

@@ -93,7 +93,7 @@ def bench_linear(shapes: list[tuple[int, int, int]], repeats: int) -> None:
         x = torch.randn(M, K, requires_grad=True)
         dy = torch.randn(M, N)
 
-        def step(layer):
+        def step(layer, x=x, dy=dy):
             def run():
                 x.grad = None
                 layer.weight.grad = None

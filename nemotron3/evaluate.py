@@ -22,7 +22,8 @@ from nemotron3.train.tokenizer import Tokenizer
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                    stop_ids: set[int]) -> list[list[int]]:
     """Greedy continuation of each prompt (ids), up to `max_new_tokens` or a stop token (included)."""
     lens = torch.tensor([len(p) for p in prompts])
     if int(lens.min()) < 1:
@@ -53,7 +54,8 @@ def _stop_end(row: torch.Tensor, start: int, end: int, stop: torch.Tensor) -> in
 
 
 @torch.no_grad()
-def greedy_generate_reference(model: nn.Module, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+def greedy_generate_reference(model: nn.Module, prompt: list[int], max_new_tokens: int,
+                              stop_ids: set[int]) -> list[int]:
     """One prompt, one token at a time: the definition `greedy_generate` must match."""
     ids, out = list(prompt), []
     for _ in range(max_new_tokens):
@@ -93,7 +95,8 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20
         completions = [tokenizer.decode(o) for o in outs]
         rewards = tasks.family_reward(family)([p.prompt for p in problems], completions)
         results[family] = {"accuracy": sum(rewards) / len(rewards), "n": len(rewards),
-                           "example": {"prompt": problems[0].prompt, "completion": completions[0], "reward": rewards[0]}}
+                           "example": {"prompt": problems[0].prompt, "completion": completions[0],
+                                       "reward": rewards[0]}}
     model.train(was_training)
     return results
 

@@ -88,7 +88,8 @@ def optional_inner(hint: Any) -> tuple[Any, bool]:
     origin, args = _parts(hint)
     if origin is typing.Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        # a Union built at run time from a tuple: `X | Y` has no such form, and would print differently
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007
     return hint, False
 
 

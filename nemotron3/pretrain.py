@@ -129,7 +129,8 @@ def restore(cfg: PretrainConfig, saved: dict, where: Path) -> PretrainConfig:
 def _corpus(cfg: PretrainConfig, console: Console, tokenizer: Tokenizer | None, vocab_cap: int):
     """Texts for training and evaluation, and the tokenizer (trained here unless resuming)."""
     user = train_data.read_texts(cfg.data) if cfg.data else []
-    task_sample = train_data.task_texts(cfg.tokenizer_sample, cfg.seed, "train", cfg.difficulty) if cfg.use_tasks else []
+    task_sample = (train_data.task_texts(cfg.tokenizer_sample, cfg.seed, "train", cfg.difficulty)
+                   if cfg.use_tasks else [])
     if tokenizer is None:
         tokenizer = Tokenizer.train(user + task_sample, vocab_cap)
     task_train, task_heldout = [], []

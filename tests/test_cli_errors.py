@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import randomize_
 
 import nemotron3
-from conftest import randomize_
 from nemotron3.cli import main
 from nemotron3.train.tokenizer import Tokenizer
 

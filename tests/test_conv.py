@@ -21,7 +21,8 @@ def test_conv_and_its_gradients_equal_conv1d(K, bias, t):
     grad = torch.randn(b, t, C, generator=g)
     outs = []
     for fn in (causal_conv1d, causal_conv1d_reference):
-        leaves = [window.clone().requires_grad_(), w.clone().requires_grad_()] + ([bb.clone().requires_grad_()] if bias else [])
+        leaves = ([window.clone().requires_grad_(), w.clone().requires_grad_()]
+                  + ([bb.clone().requires_grad_()] if bias else []))
         y = fn(leaves[0], leaves[1], leaves[2] if bias else None)
         y.backward(grad)
         outs.append([y.detach()] + [x.grad for x in leaves])

@@ -120,7 +120,8 @@ def test_read_texts_from_txt_jsonl_parquet_and_folders(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
     pq.write_table(pa.table({"text": ["p1", "p2"], "n": [1, 2]}), tmp_path / "c.parquet")
     assert train_data.read_texts([tmp_path]) == ["first document\nline two", "one", "two", "p1", "p2"]
-    assert train_data.read_texts([tmp_path / "b.jsonl", tmp_path / "a.txt"]) == ["one", "two", "first document\nline two"]
+    assert train_data.read_texts([tmp_path / "b.jsonl", tmp_path / "a.txt"]) == [
+        "one", "two", "first document\nline two"]
 
 
 def test_bad_data_paths_and_lines_name_the_file_and_line(tmp_path):

@@ -6,12 +6,11 @@ import re
 
 import pytest
 import torch
-
-import nemotron3
 from conftest import randomize_
-from nemotron3.cli import main
 from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
+import nemotron3
+from nemotron3.cli import main
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -46,7 +45,8 @@ def test_prompt_text_streams_the_engines_greedy_tokens(checkpoint, capsys):
 
 def test_raw_ids_and_sampling_flags(checkpoint, capsys):
     folder, model, _ = checkpoint
-    argv = ["generate", "--model", str(folder), "--ids", "1,2,3", "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "3"]
+    argv = ["generate", "--model", str(folder), "--ids", "1,2,3", "--max-new-tokens", "4", "--temperature", "0.9",
+            "--seed", "3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out.splitlines()[0]
     want = nemotron3.Engine(model).generate([[1, 2, 3]], 4, temperature=0.9, seed=3).tokens[0]

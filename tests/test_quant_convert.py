@@ -39,9 +39,9 @@ def test_converted_model_is_close_trains_and_switches_back_exactly(tmp_path):
     ids = torch.randint(0, 2048, (2, 40))
     with torch.no_grad():
         ref = model(ids)
-    params_before = {n: p for n, p in model.named_parameters()}
+    params_before = dict(model.named_parameters())
     convert_to_nvfp4(model, PrecisionPolicy(high_precision_tail=0.0))
-    assert {n: p for n, p in model.named_parameters()} == params_before  # same Parameter objects, same names
+    assert dict(model.named_parameters()) == params_before  # same Parameter objects, same names
     with torch.no_grad():
         q = model(ids)
     rel = (q - ref).norm() / ref.norm()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+# torchao 0.18 is a pinned test dependency: a missing torchao must fail, not skip
+import torchao.prototype.mx_formats.mx_tensor as mx_ao
+import torchao.prototype.mx_formats.nvfp4_tensor as nvfp4_ao
+from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
 from nemotron3.quant import formats
 from nemotron3.quant.mx import mx_scale_reference
 from nemotron3.quant.nvfp4 import nvfp4_quantize_reference
-
-# torchao 0.18 is a pinned test dependency: a missing torchao must fail, not skip
-import torchao.prototype.mx_formats.mx_tensor as mx_ao  # noqa: E402
-import torchao.prototype.mx_formats.nvfp4_tensor as nvfp4_ao  # noqa: E402
-from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
 
 f32 = np.float32
 
@@ -288,7 +288,8 @@ def test_mx_bit_identical_to_torchao(elem, mode):
             assert ours.qdata.dtype == ref.qdata.dtype
         # sub-byte formats cannot encode NaN: torchao's code there depends on the NaN payload
         # (ours is +max); those elements sit in blocks whose scale is NaN (0xFF), checked above.
-        comparable = ~torch.isnan(ref_deq) if elem.startswith(("fp4", "fp6")) else torch.ones_like(ref_deq, dtype=torch.bool)
+        comparable = (~torch.isnan(ref_deq) if elem.startswith(("fp4", "fp6"))
+                      else torch.ones_like(ref_deq, dtype=torch.bool))
         assert torch.equal(ours_codes[comparable], ref_codes[comparable]), name
         assert torch.equal(ours.dequantize().nan_to_num(7.0), ref_deq.nan_to_num(7.0)), name
         fake = formats.mx_fake_quantize(x, elem, mode)

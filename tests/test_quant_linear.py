@@ -94,10 +94,12 @@ def _run_layer(layer, x, dy):
     return y.detach(), x.grad, layer.weight.grad
 
 
-RECIPES = [NVFP4Recipe(rht=r, stochastic_rounding=s, weight_2d=w) for r, s, w in itertools.product([True, False], repeat=3)]
+RECIPES = [NVFP4Recipe(rht=r, stochastic_rounding=s, weight_2d=w)
+           for r, s, w in itertools.product([True, False], repeat=3)]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"rht{int(r.rht)}-sr{int(r.stochastic_rounding)}-2d{int(r.weight_2d)}")
+@pytest.mark.parametrize("recipe", RECIPES,
+                         ids=lambda r: f"rht{int(r.rht)}-sr{int(r.stochastic_rounding)}-2d{int(r.weight_2d)}")
 @pytest.mark.parametrize("shape", [(48, 64, 32), (37, 40, 24)], ids=["aligned", "padded"])
 def test_nvfp4_linear_matches_independent_emulation(recipe, shape):
     M, K, N = shape

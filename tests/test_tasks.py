@@ -58,7 +58,8 @@ def test_reward_rejects_corrupted_answers(family):
     else:
         assert scores == [0.0] * len(problems)
     assert tasks.family_reward(family)(prompts, ["" for _ in prompts]) == [0.0] * len(prompts)
-    assert tasks.family_reward(family)(prompts, ["<think>\nno idea\n</think>\n" for _ in prompts]) == [0.0] * len(prompts)
+    thinking_only = ["<think>\nno idea\n</think>\n" for _ in prompts]
+    assert tasks.family_reward(family)(prompts, thinking_only) == [0.0] * len(prompts)
 
 
 def test_reward_reads_the_answer_after_the_think_block_and_conversational_format():
@@ -76,7 +77,10 @@ def test_reward_reads_the_answer_after_the_think_block_and_conversational_format
 
 def test_countdown_verifier_checks_the_numbers_used():
     p = "Reach 24 using 3 4 8 with + - *."
-    score = lambda ans: tasks.reward([p], [ans])[0]
+
+    def score(ans):
+        return tasks.reward([p], [ans])[0]
+
     assert score("3*8") == 1.0  # a subset of the numbers is allowed
     assert score("(8-4)*3*2") == 0.0  # 2 is not given
     assert score("8*3*1") == 0.0
@@ -140,7 +144,8 @@ def test_traces_spell_out_the_steps():
     p = tasks.FAMILIES["mul"].problem((47, 36))
     assert p.answer == str(47 * 36) and p.trace.splitlines()[-1] == "282+1410=1692"
     p = tasks.FAMILIES["modpow"].problem((3, 4, 7))
-    assert p.answer == str(pow(3, 4, 7)) and p.trace.splitlines() == ["3^1=3", "3^2=3*3=9=2", "3^3=2*3=6", "3^4=6*3=18=4"]
+    assert p.answer == str(pow(3, 4, 7))
+    assert p.trace.splitlines() == ["3^1=3", "3^2=3*3=9=2", "3^3=2*3=6", "3^4=6*3=18=4"]
     p = tasks.FAMILIES["sort"].problem((5, 3, 9))
     assert p.answer == "3 5 9"
 

@@ -35,7 +35,8 @@ def _records(out: Path) -> list[dict]:
 def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if metrics.exists() and any(json.loads(ln)["step"] >= step for ln in metrics.read_text().splitlines() if ln.endswith("}")):
+        if metrics.exists() and any(json.loads(ln)["step"] >= step
+                                    for ln in metrics.read_text().splitlines() if ln.endswith("}")):
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (code {proc.returncode}) before step {step}: {proc.stderr.read()}")
@@ -58,7 +59,8 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     ra, rb = _records(a), _records(b)
     train_a = [(r["step"], r["loss"], r["grad_norm"]) for r in ra if "loss" in r]
     train_b = [(r["step"], r["loss"], r["grad_norm"]) for r in rb if "loss" in r]
-    assert [s for s, *_ in train_b] == list(range(1, 17))  # steps the killed run logged past its checkpoint were dropped
+    # steps the killed run logged past its checkpoint were dropped
+    assert [s for s, *_ in train_b] == list(range(1, 17))
     assert train_a == train_b  # exact float equality, every step
     assert [r for r in ra if "eval_loss" in r] == [r for r in rb if "eval_loss" in r]
     assert (a / "final" / "model.safetensors").read_bytes() == (b / "final" / "model.safetensors").read_bytes()
@@ -91,7 +93,8 @@ _CRASH_DURING_SAVE = textwrap.dedent("""
 
 
 def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_loadable(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _CRASH_DURING_SAVE, str(tmp_path)], env=ENV, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _CRASH_DURING_SAVE, str(tmp_path)], env=ENV, capture_output=True,
+                          text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert "step-000004" in leftovers and "step-000008" not in leftovers
@@ -149,8 +152,8 @@ def test_nvfp4_flags_build_the_recipe_they_name(tmp_path, monkeypatch):
     off = ["sr", "2d"]
     seen = []
     monkeypatch.setattr(convert, "convert_to_nvfp4", lambda model, policy=None: seen.append(policy) or model)
-    main(["pretrain", "--nvfp4", "--nvfp4-off", *off, "--seed", "3", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
-          "--eval-problems", "0", "--out", str(tmp_path / "o")])
+    main(["pretrain", "--nvfp4", "--nvfp4-off", *off, "--seed", "3", "--steps", "1", "--batch-size", "2",
+          "--seq-len", "32", "--eval-problems", "0", "--out", str(tmp_path / "o")])
     (policy,) = seen
     r = policy.recipe
     assert (r.rht, r.stochastic_rounding, r.weight_2d) == ("rht" not in off, "sr" not in off, "2d" not in off)
@@ -181,7 +184,8 @@ def test_world_size_changes_only_the_split_not_the_result(tmp_path):
     subprocess.run([sys.executable, "-m", "nemotron3.cli", "pretrain", *args, "--out", str(one)], check=True, env=ENV,
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "nemotron3.cli", "pretrain", *args, "--out", str(two)], env=ENV, capture_output=True, text=True)
+                           "-m", "nemotron3.cli", "pretrain", *args, "--out", str(two)],
+                          env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ra, rb = _records(one), _records(two)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
@@ -204,8 +208,8 @@ def test_nvfp4_run_resumes_bit_identically(tmp_path):
 
     shutil.copytree(a / "step-000002", b / "step-000002")
     (b / "metrics.jsonl").write_text("".join(ln + "\n" for ln in (a / "metrics.jsonl").read_text().splitlines()[:2]))
-    subprocess.run([sys.executable, "-m", "nemotron3.cli", "pretrain", "--out", str(b), "--resume"], check=True, env=ENV,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "nemotron3.cli", "pretrain", "--out", str(b), "--resume"], check=True,
+                   env=ENV, capture_output=True)
     assert [r.get("loss") for r in _records(a)] == [r.get("loss") for r in _records(b)]
 
 

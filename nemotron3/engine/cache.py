@@ -109,7 +109,7 @@ class CacheView:
     layers update the state tensors in place instead of gathering and scattering rows.
     """
 
-    cache: "HybridCache"
+    cache: HybridCache
     rows: torch.Tensor | None  # (b,) cache rows, or None for all rows
     index: torch.Tensor  # (b,) cache rows, always a tensor
     start: torch.Tensor  # (b,) each row's length before this forward = position of its first new token

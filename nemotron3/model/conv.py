@@ -68,7 +68,8 @@ def causal_conv1d(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return _CausalConv1d.apply(window, weight, bias)
 
 
-def causal_conv1d_reference(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv1d_reference(window: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """The same convolution as `F.conv1d` computes it (channels-first, groups = C, no padding)."""
     C = weight.shape[0]
     return F.conv1d(window.transpose(1, 2), weight[:, None, :], bias, groups=C).transpose(1, 2)

@@ -97,7 +97,8 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         view = cache.begin(input_ids.shape[1], rows, valid)
         if view.index.numel() != input_ids.shape[0]:
-            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the forward covers {view.index.numel()} cache rows")
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the forward covers "
+                             f"{view.index.numel()} cache rows")
         h = self.backbone.embeddings(input_ids)  # (B, T, H)
         for i, block in enumerate(self.backbone.layers):
             h = block.forward_cached(h, view, i)
@@ -122,7 +123,7 @@ class HybridLM(nn.Module):
             out.append(self.lm_head(h).float())
         return logits, out
 
-    def compile_mixers(self, dynamic: bool = False) -> "HybridLM":
+    def compile_mixers(self, dynamic: bool = False) -> HybridLM:
         """torch.compile each Mamba-2 mixer in place, fusing the elementwise work around the SSD matmuls.
 
         Worth it for long runs at fixed shapes (training, benchmark prefill), not for short varying ones:

@@ -53,7 +53,8 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = config.chunk_size
         self.dt_min = float(config.time_step_min)
         self.dt_max = float(config.time_step_limit[1])
-        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads,
+                                 bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim,
             self.conv_dim,

@@ -88,7 +88,8 @@ class Experts(nn.Module):
         sizes = counts.tolist()
         parts = xs.split(sizes)
         ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = [self.linear(relu2(self.linear(p, ups[e])), downs[e]) for e, p in enumerate(parts) if sizes[e]]  # (n_e, ℓ)
+        # (n_e, ℓ)
+        outs = [self.linear(relu2(self.linear(p, ups[e])), downs[e]) for e, p in enumerate(parts) if sizes[e]]
         ys = torch.cat(outs).float() * w.reshape(-1)[order, None]
         y = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)
         return y.to(x.dtype), counts
@@ -118,11 +119,13 @@ class MoE(nn.Module):
         self.gate = TopKRouter(config)
         self.experts = Experts(config.n_routed_experts, config.moe_expert_dim, config.moe_intermediate_size)
         self.shared_experts = (
-            MLP(H, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias) if config.n_shared_experts else None
+            MLP(H, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias)
+            if config.n_shared_experts else None
         )
         self.fc1_latent_proj = nn.Linear(H, latent, bias=config.mlp_bias) if latent is not None else None
         self.fc2_latent_proj = nn.Linear(latent, H, bias=config.mlp_bias) if latent is not None else None
-        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
+                             persistent=False)
         self.record_scores = False
         self.last_scores: torch.Tensor | None = None
         self.last_topk: torch.Tensor | None = None

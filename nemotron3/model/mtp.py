@@ -57,7 +57,8 @@ class MTP(nn.Module):
                 if i == n - 1:
                     block.final_layernorm = RMSNorm(H, eps)
                 self.layers.append(block)
-        self.modules_ = [MTPModule(list(self.layers[m * n : (m + 1) * n])) for m in range(config.num_nextn_predict_layers)]
+        self.modules_ = [MTPModule(list(self.layers[m * n : (m + 1) * n]))
+                         for m in range(config.num_nextn_predict_layers)]
 
     @property
     def num_modules(self) -> int:

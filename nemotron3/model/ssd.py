@@ -168,7 +168,8 @@ def ssd_naive(
     ys = []
     for i in range(t):
         decay = torch.exp(dt[:, i].float() * A.float())  # (b, h)
-        S = decay[..., None, None] * S + dt[:, i].float()[..., None, None] * x[:, i].float()[..., None] * Bh[:, i, :, None, :]
+        S = (decay[..., None, None] * S
+             + dt[:, i].float()[..., None, None] * x[:, i].float()[..., None] * Bh[:, i, :, None, :])
         y = (S * Ch[:, i, :, None, :]).sum(-1)  # (b, h, p)
         if D is not None:
             y = y + D.float()[:, None] * x[:, i].float()

@@ -1,6 +1,7 @@
 """Put a built model on the NVFP4 training recipe (and take it off again), by module name.
 
-Which layers Nemotron 3 Super keeps out of NVFP4 (NVIDIA's Super recipe and the Nemotron 3 white paper §2.4; docs/low-precision.md §5):
+Which layers Nemotron 3 Super keeps out of NVFP4 (NVIDIA's Super recipe and the Nemotron 3 white paper §2.4;
+docs/low-precision.md §5):
 
     what                                   precision here          why
     last ~15% of the layers                high (fp32 master)      the paper: loss diverges without a BF16 tail
@@ -168,5 +169,6 @@ def precision_summary(model: nn.Module) -> dict[str, int]:
     for mod in model.modules():
         kind = module_precision(mod)
         if kind is not None:
-            counts[kind] += mod.up_proj.numel() + mod.down_proj.numel() if isinstance(mod, Experts) else mod.weight.numel()
+            counts[kind] += (mod.up_proj.numel() + mod.down_proj.numel() if isinstance(mod, Experts)
+                             else mod.weight.numel())
     return dict(counts)

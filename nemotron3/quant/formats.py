@@ -20,17 +20,38 @@ Each of those files opens with the numerics: which reference it reproduces bit f
 rounding step sits where it does. docs/low-precision.md §1-§6 is the spec they follow.
 """
 
-from nemotron3.quant.fp_codecs import (  # noqa: F401
-    ELEMENT_FORMATS, ElementFormat, decode, decode_e8m0, element_format, element_values, encode,
-    encode_e8m0, pack_fp4, random_bytes, round_e2m1, round_magnitude_, round_to_format, unpack_fp4,
+from nemotron3.quant.fp_codecs import (
+    ELEMENT_FORMATS,
+    ElementFormat,
+    decode,
+    decode_e8m0,
+    element_format,
+    element_values,
+    encode,
+    encode_e8m0,
+    pack_fp4,
+    random_bytes,
+    round_e2m1,
+    round_magnitude_,
+    round_to_format,
+    unpack_fp4,
     values_to_codes,
 )
-from nemotron3.quant.hadamard import TE_SIGN_VECTOR, hadamard_matrix, inverse_rht, rht  # noqa: F401
-from nemotron3.quant.mx import (  # noqa: F401
-    MX_BLOCK, MX_ELEM_DTYPES, MX_MODES, MXQuantized, mx_fake_quantize, mx_quantize,
+from nemotron3.quant.hadamard import TE_SIGN_VECTOR, hadamard_matrix, inverse_rht, rht
+from nemotron3.quant.mx import (
+    MX_BLOCK,
+    MX_ELEM_DTYPES,
+    MX_MODES,
+    MXQuantized,
+    mx_fake_quantize,
+    mx_quantize,
 )
-from nemotron3.quant.nvfp4 import (  # noqa: F401
-    CONVENTIONS, NVFP4Quantized, nvfp4_fake_quantize, nvfp4_quantize, te_global_scales,
+from nemotron3.quant.nvfp4 import (
+    CONVENTIONS,
+    NVFP4Quantized,
+    nvfp4_fake_quantize,
+    nvfp4_quantize,
+    te_global_scales,
 )
 
 __all__ = [

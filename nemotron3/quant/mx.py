@@ -40,8 +40,19 @@ from dataclasses import dataclass
 import torch
 
 from nemotron3.quant.fp_codecs import (
-    ELEMENT_FORMATS, ElementFormat, _check_float, chunk_workspace, decode, decode_e8m0, encode, encode_e8m0,
-    pack_fp4, round_magnitude_, row_chunks, scratch, unpack_fp4,
+    ELEMENT_FORMATS,
+    ElementFormat,
+    _check_float,
+    chunk_workspace,
+    decode,
+    decode_e8m0,
+    encode,
+    encode_e8m0,
+    pack_fp4,
+    round_magnitude_,
+    row_chunks,
+    scratch,
+    unpack_fp4,
 )
 
 __all__ = ["MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize", "mx_scale_reference"]

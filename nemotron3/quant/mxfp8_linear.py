@@ -47,7 +47,7 @@ class MXFP8Linear(QuantizedLinear):
     recipe_type = MXFP8Recipe
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, recipe: MXFP8Recipe | None = None) -> "MXFP8Linear":
+    def from_float(cls, linear: nn.Linear, recipe: MXFP8Recipe | None = None) -> MXFP8Linear:
         """Wrap an existing nn.Linear (its parameters are reused, as fp32)."""
         return cls._swap_from(linear, recipe=recipe)
 

@@ -72,8 +72,17 @@ import torch
 import torch.nn.functional as F
 
 from nemotron3.quant.fp_codecs import (
-    FLT_MAX, _check_float, chunk_workspace, decode, pack_fp4, random_bytes, round_magnitude_, row_chunks, scratch,
-    unpack_fp4, values_to_codes,
+    FLT_MAX,
+    _check_float,
+    chunk_workspace,
+    decode,
+    pack_fp4,
+    random_bytes,
+    round_magnitude_,
+    row_chunks,
+    scratch,
+    unpack_fp4,
+    values_to_codes,
 )
 
 __all__ = ["NVFP4Quantized", "nvfp4_quantize", "nvfp4_fake_quantize", "nvfp4_quantize_reference", "te_global_scales"]

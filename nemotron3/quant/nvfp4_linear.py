@@ -97,7 +97,7 @@ class NVFP4Linear(QuantizedLinear):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, recipe: NVFP4Recipe | None = None, seed: int | None = None) -> "NVFP4Linear":
+    def from_float(cls, linear: nn.Linear, recipe: NVFP4Recipe | None = None, seed: int | None = None) -> NVFP4Linear:
         """Wrap an existing nn.Linear (its parameters are reused, as fp32)."""
         return cls._swap_from(linear, recipe=recipe, seed=seed)
 

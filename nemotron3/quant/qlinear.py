@@ -25,9 +25,9 @@ same computation up to the order of fp32 additions (TE's own reference compares 
 kernels to this kind of emulation at atol=rtol=8e-3, docs/low-precision.md §2).
 
 Every contraction dim is zero-padded to a multiple of the recipe's block size before
-quantizing (columns for the rowwise copies, rows for the columnwise ones) (TE's reference pads the same way). Zeros cannot raise a block amax, add nothing
-to any dot product, and are sliced away from the results, so any in_features, out_features
-and token count work.
+quantizing (columns for the rowwise copies, rows for the columnwise ones) (TE's reference
+pads the same way). Zeros cannot raise a block amax, add nothing to any dot product, and
+are sliced away from the results, so any in_features, out_features and token count work.
 
 Master weights stay in fp32: the module's `weight` is an ordinary fp32 Parameter that the
 optimizer updates; quantization happens inside forward/backward on every call. The bias is
@@ -57,7 +57,7 @@ def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
 
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         bs = layer.block_size
         xq = layer.quantize_x(pad_last(x2d, bs))                            # (M, Kp) fp32
         wq = layer.quantize_w(pad_last(weight, bs))                         # (N, Kp) fp32
@@ -114,7 +114,7 @@ class QuantizedLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
-    def _swap_from(cls, linear: nn.Linear, **kwargs) -> "QuantizedLinear":
+    def _swap_from(cls, linear: nn.Linear, **kwargs) -> QuantizedLinear:
         """Build `cls` around an existing nn.Linear's parameters (fp32 copies if they are not)."""
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)

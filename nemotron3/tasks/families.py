@@ -259,7 +259,8 @@ class Word(Family):
     ITEMS = ("apples", "stamps", "marbles", "cards", "shells", "coins")
     _start = re.compile(r"^(\w+) has (\d+) (\w+)$")
     _steps = (
-        (re.compile(r"^\w+ buys (\d+) packs of (\d+) \w+$"), lambda v, a, b: (v + a * b, f"{a}*{b}={a * b}, {v}+{a * b}={v + a * b}")),
+        (re.compile(r"^\w+ buys (\d+) packs of (\d+) \w+$"),
+         lambda v, a, b: (v + a * b, f"{a}*{b}={a * b}, {v}+{a * b}={v + a * b}")),
         (re.compile(r"^\w+ gives (\d+) \w+ to \w+$"), lambda v, a: (v - a, f"{v}-{a}={v - a}")),
         (re.compile(r"^\w+ finds (\d+) more \w+$"), lambda v, a: (v + a, f"{v}+{a}={v + a}")),
         (re.compile(r"^\w+ shares them equally with (\d+) friends and keeps one share$"),

@@ -32,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nemotron3.tasks.families import Add, Countdown, Family, ModPow, Mul, Problem, Sort, Word
 

@@ -41,7 +41,8 @@ def step_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / f"step-{step:06d}"
 
 
-def save(folder: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer, state: dict[str, Any] | None = None) -> Path:
+def save(folder: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer,
+         state: dict[str, Any] | None = None) -> Path:
     """Write model + tokenizer (+ resume state) to `folder` atomically; returns `folder`."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,8 @@ def _generator_owners(model: nn.Module) -> dict[str, Any]:
 
 def rng_state(model: nn.Module) -> dict[str, Any]:
     """Every random stream a training step can draw from."""
-    owners = {name: {str(dev): g.get_state() for dev, g in o._generators.items()} for name, o in _generator_owners(model).items()}
+    owners = {name: {str(dev): g.get_state() for dev, g in o._generators.items()}
+              for name, o in _generator_owners(model).items()}
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
             "generators": {k: v for k, v in owners.items() if v}}
 

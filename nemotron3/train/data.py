@@ -119,7 +119,8 @@ def read_texts(paths: list[str | Path]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- packing
-def pack(docs: list[Document], seq_len: int, bos_id: int, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(docs: list[Document], seq_len: int, bos_id: int, eos_id: int,
+         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Documents -> rows (N, T+1) int64 and target mask (N, T+1) bool (column 0 is never a target)."""
     ids: list[int] = []
     mask: list[int] = []
@@ -146,7 +147,7 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64
     mask: torch.Tensor  # (B, T) bool: which targets count
 
-    def split(self, n: int) -> list["Batch"]:
+    def split(self, n: int) -> list[Batch]:
         """Into micro-batches of at most n rows."""
         return [Batch(i, t, m) for i, t, m in zip(self.inputs.split(n), self.targets.split(n), self.mask.split(n))]
 
@@ -206,4 +207,5 @@ def split_tail(data: PackedData, fraction: float) -> tuple[PackedData, PackedDat
     k = max(1, round(n * fraction))
     if n - k < 1:
         raise DataError(f"only {n} packed rows: too little data to hold any out for evaluation")
-    return (PackedData(data.rows[:-k], data.mask[:-k], data.seed), PackedData(data.rows[-k:], data.mask[-k:], data.seed))
+    return (PackedData(data.rows[:-k], data.mask[:-k], data.seed),
+            PackedData(data.rows[-k:], data.mask[-k:], data.seed))

@@ -45,8 +45,9 @@ from nemotron3.train.tokenizer import Tokenizer
 class TrainConfig(StageConfig):
     """The training loop: steps, batch, schedule, optimizer, losses, evaluation and checkpoints.
 
-    Every default of the loop lives here. The stage configs (`PretrainConfig`, later `SFTConfig`) extend it with their data and model fields, so
-    these fields are also their command-line flags (`--batch-size`, `--lr`, ...).
+    Every default of the loop lives here. The stage configs (`PretrainConfig`, later `SFTConfig`) extend it
+    with their data and model fields, so these fields are also their command-line flags (`--batch-size`,
+    `--lr`, ...).
     """
 
     steps: int = option(300, "optimizer steps", min=1)
@@ -179,7 +180,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     step, position = 0, 0
     if resume is not None:
         if resume["data_fingerprint"] != data.fingerprint():
-            raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): resume with the same data and seed")
+            raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): "
+                             "resume with the same data and seed")
         opt.load_state_dict(resume["optimizer"])
         checkpoint.set_rng_state(resume["rng"], model)
         step, position = resume["step"], resume["data_position"]
@@ -188,7 +190,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     model.train()
     switched = False
     t_start = time.perf_counter()
-    columns = (TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = (TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
@@ -212,7 +215,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             balance.active = False
             _all_reduce_([p.grad for p in params if p.grad is not None] + [sums])
             balance.all_reduce()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             loss = float(sums[0])
             total = loss + cfg.mtp_scale * float(sums[1]) + float(sums[2])
             finite = math.isfinite(total) and math.isfinite(grad_norm)
@@ -235,7 +239,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             if not finite:
                 record["skipped"] = True
                 result.skipped.append(step)
-                console.print(f"[bold red]step {step}: non-finite loss {total} or gradient norm {grad_norm}: update skipped[/]")
+                console.print(f"[bold red]step {step}: non-finite loss {total} or gradient norm {grad_norm}: "
+                              "update skipped[/]")
             else:
                 result.last_loss = loss
             if log:

@@ -40,9 +40,10 @@ class Normalizer:
     sequences: int
 
     @classmethod
-    def of(cls, mask: torch.Tensor, mtp_depths: int) -> "Normalizer":
+    def of(cls, mask: torch.Tensor, mtp_depths: int) -> Normalizer:
         """mask (B, T) of the whole global batch."""
-        return cls(max(1, int(mask.sum())), [max(1, int(mask[:, k:].sum())) for k in range(1, mtp_depths + 1)], mask.shape[0])
+        return cls(max(1, int(mask.sum())), [max(1, int(mask[:, k:].sum())) for k in range(1, mtp_depths + 1)],
+                   mask.shape[0])
 
 
 @dataclass

@@ -8,8 +8,9 @@ router), no decay on 1-D parameters (norm gains, biases, Mamba per-head scalars)
 router's correction bias is a buffer, not a parameter: the optimizer never sees it (balance.py moves it).
 
 **Fused AdamW.** torch's `fused=True` runs the whole update in one kernel per dtype, several times faster
-than `foreach` (docs/results.md) though a small share of a training step. It computes the same AdamW update (not bit-identical to foreach: a different
-operation order), and is used both in a run and in its resumption, which is what bit-identity needs.
+than `foreach` (docs/results.md) though a small share of a training step. It computes the same AdamW
+update (not bit-identical to foreach: a different operation order), and is used both in a run and in its
+resumption, which is what bit-identity needs.
 
 **WSD.** Linear warmup to the peak, constant, then decay to `min_lr` over the last `decay_fraction` of
 the steps. Nemotron 3 Super decays with "minus-sqrt" over the last 5T of 25T tokens (20%), peak 4.5e-4,
@@ -39,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over `param_groups`; fused on CPU and CUDA by default (see the module docstring)."""
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())

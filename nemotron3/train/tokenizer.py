@@ -51,7 +51,7 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- build / load / save
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
         """Learn up to `vocab_size` tokens (bytes + specials + merges) from `texts`; deterministic."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
@@ -68,7 +68,7 @@ class Tokenizer:
         return cls(tk)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """From a `tokenizer.json` file or a checkpoint folder holding one."""
         p = Path(path)
         if p.is_dir():
