@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from conftest import TINY_HF_CONFIGS, randomize_
 
 import nemotron3
 from nemotron3 import ModelConfig
-from conftest import TINY_HF_CONFIGS, randomize_
 
 transformers = pytest.importorskip("transformers")
 

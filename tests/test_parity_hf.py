@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_
 
 import nemotron3
-from conftest import randomize_
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
+# torchao 0.18 is a pinned test dependency: a missing torchao must fail, not skip
+import torchao.prototype.mx_formats.kernels as torchao_kernels
+from torchao.prototype.custom_fp_utils import _floatx_unpacked_to_f32
+
 from nemotron3.quant import formats
 from nemotron3.quant.fp_codecs import _encode_reference
-
-# torchao 0.18 is a pinned test dependency: a missing torchao must fail, not skip
-import torchao.prototype.mx_formats.kernels as torchao_kernels  # noqa: E402
-from torchao.prototype.custom_fp_utils import _floatx_unpacked_to_f32  # noqa: E402
 
 # torchao test_kernels.py: (input, expected value, expected exponent+mantissa bits), both signs
 AO_FP4_CASES = [
