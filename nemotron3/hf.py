@@ -15,22 +15,29 @@ Nemotron 3 checkpoints use:
     mtp.*                                                             the MTP block (Super)
 
 Our modules carry these names already, except that the routed experts of a layer live in two 3-D
-tensors; `_expand_experts` / the stacking in `load_pretrained` convert between the two layouts.
+tensors; `_state_dict_for_disk` and the stacking in `load_pretrained` convert between the two layouts.
 
 Loading is strict and memory-frugal: the model is built on the meta device, every tensor is read from a
-memory-mapped safetensors file, checked against the expected name and shape, cast, and assigned in place
-(`load_state_dict(assign=True)`), so a checkpoint never exists twice in RAM.
+memory-mapped safetensors file, checked against the expected name, shape and kind of dtype, cast, and assigned in
+place (`load_state_dict(assign=True)`). A tensor that needs no conversion stays a view into the file's mapping. The
+per-expert tensors are copied into the stacked 3-D tensors (as is anything cast or moved to another device), and the
+file pages they were read from are then dropped from the process (madvise(MADV_DONTNEED) on Linux): otherwise those
+pages would stay resident, next to the copies, for as long as the mapping lives, which is as long as any view into
+the file does. So after loading, about one checkpoint's worth of memory is resident, not two.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -42,12 +49,12 @@ from nemotron3.config import ModelConfig
 from nemotron3.model.hybrid import HybridLM
 
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(up_proj|down_proj)$")
-_DISK_EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
 _FP32_ALWAYS = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype (as transformers does)
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not match the model its config describes."""
+    """A checkpoint does not match the model its config describes, or one of its files cannot be read."""
 
 
 def _state_dict_for_disk(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
@@ -61,32 +68,106 @@ def _state_dict_for_disk(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
+def _checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder, and the index's tensor -> file map when it is sharded."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map'")
+        try:
+            raw = json.loads(index.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON: {e}") from e
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to shard file names")
         files = sorted({folder / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")
-        return files
+        return files, weight_map
     single = folder / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {folder}")
-    return files
+    return files, None
 
 
-def _has_mtp_tensors(files: list[Path]) -> bool:
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if any(k.startswith("mtp.") for k in f.keys()):
-                return True
-    return False
+def _libc_madvise() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_MADVISE = _libc_madvise()
+
+
+class _Shard:
+    """One open safetensors file.
+
+    Reads turn safetensors' own exceptions into CheckpointError naming the file (and the tensor). safetensors
+    hands out tensors that are views into a private memory map of the whole file; `release(t)` drops the pages
+    under `t` from this process once `t` has been copied (madvise(MADV_DONTNEED) on the pages lying wholly inside
+    `t`). The pages are clean, so if anything read them again they would be faulted in from the file; dropping them
+    matters because the mapping lives as long as any uncopied tensor of the file does, and every page read from it
+    would otherwise stay resident next to the copy.
+    """
+
+    def __init__(self, file: Path, stack: ExitStack) -> None:
+        self.file = file
+        try:
+            self._f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            self.keys: list[str] = list(self._f.keys())
+        except Exception as e:  # safetensors raises its own error type, a bare Exception subclass
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+        self._maps: list[tuple[int, int]] | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(self._f.get_slice(name).get_shape())
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.file}: {e}") from e
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.file}: {e}") from e
+
+    def _mappings(self) -> list[tuple[int, int]]:
+        """Address ranges where this process maps the file (from /proc/self/maps)."""
+        if self._maps is None:
+            self._maps = []
+            real = os.path.realpath(self.file)
+            try:
+                with open("/proc/self/maps") as maps:
+                    for line in maps:
+                        parts = line.split(maxsplit=5)
+                        if len(parts) == 6 and parts[5].rstrip("\n") == real:
+                            lo, hi = parts[0].split("-")
+                            self._maps.append((int(lo, 16), int(hi, 16)))
+            except OSError:
+                pass
+        return self._maps
+
+    def release(self, t: torch.Tensor) -> None:
+        if _MADVISE is None or t.device.type != "cpu" or not t.is_contiguous():
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self._mappings()):
+            return  # not a view into this file's mapping: leave it alone
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page
+        if last > first:
+            _MADVISE(first, last - first, _MADV_DONTNEED)  # best effort: a failure only costs memory
 
 
 def load_pretrained(
@@ -98,84 +179,111 @@ def load_pretrained(
     """Load a `nemotron_h` checkpoint folder into a HybridLM.
 
     dtype: cast floating tensors to this dtype (the routers' correction bias stays fp32). None keeps the
-    checkpoint's dtype. device: where the weights go (default CPU). A missing, unexpected or mis-shaped
-    tensor raises CheckpointError naming it. `mtp.*` tensors are skipped when the config has no MTP block;
-    a config that declares MTP over a checkpoint without any `mtp.*` tensor (what transformers saves, as it
-    has no MTP module) loads the backbone alone, with a warning.
+    checkpoint's dtype. device: where the weights go (default CPU). A missing, unexpected, mis-shaped or
+    wrongly typed tensor, and a file that cannot be read, raise CheckpointError naming the tensor and the file.
+    `mtp.*` tensors are skipped when the config has no MTP block; a config that declares MTP over a checkpoint
+    without any `mtp.*` tensor (what transformers saves, as it has no MTP module) loads the backbone alone, with
+    a warning.
+
+    Memory: a tensor that needs no conversion stays a view into the memory-mapped file (no copy is made). The
+    per-expert tensors are copied into one preallocated 3-D tensor per projection, and so is anything cast or
+    moved; the file pages of what was copied are released right away, so about one checkpoint's worth of memory
+    is resident once the model has been used.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     config = ModelConfig.from_hf(folder)
     device = torch.device(device or "cpu")
-    files = _checkpoint_files(folder)
-    if config.num_nextn_predict_layers and not _has_mtp_tensors(files):
-        # transformers has no MTP module and saves none: load the backbone and say so
-        warnings.warn(
-            f"{folder}: config declares {config.num_nextn_predict_layers} MTP block(s) but the checkpoint has no "
-            "mtp.* tensors; loading the model without MTP", stacklevel=2)
-        config = config.replace(num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        model = HybridLM(config)
-    expected = {name: t for name, t in model.state_dict().items()}
-    # disk name -> (our name, expert index or None), and the shape the disk tensor must have
-    wanted: dict[str, tuple[str, int | None, tuple[int, ...]]] = {}
-    for name, t in expected.items():
-        m = _EXPERT_RE.match(name)
-        if m:
-            for e in range(t.shape[0]):
-                wanted[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = (name, e, tuple(t.shape[1:]))
-        else:
-            wanted[name] = (name, None, tuple(t.shape))
-    has_mtp = any(n.startswith("mtp.") for n in expected)
-
-    loaded: dict[str, torch.Tensor] = {}
-    expert_parts: dict[str, list[torch.Tensor | None]] = {}
-    seen: set[str] = set()
-    unexpected: list[str] = []
+    files, weight_map = _checkpoint_files(folder)
     with ExitStack() as stack:
-        for file in files:
-            try:
-                f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"cannot read {file}: {e}") from e
-            for disk_name in f.keys():
+        shards = [_Shard(file, stack) for file in files]
+        if weight_map is not None:
+            held = {shard.file: set(shard.keys) for shard in shards}
+            absent = [(name, fname) for name, fname in weight_map.items() if name not in held[folder / fname]]
+            if absent:
+                name, fname = absent[0]
+                raise CheckpointError(
+                    f"{folder / 'model.safetensors.index.json'} places {len(absent)} tensor(s) in files that do not "
+                    f"hold them, e.g. {name} in {fname}")
+        if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for s in shards for k in s.keys):
+            # transformers has no MTP module and saves none: load the backbone and say so
+            warnings.warn(
+                f"{folder}: config declares {config.num_nextn_predict_layers} MTP block(s) but the checkpoint has no "
+                "mtp.* tensors; loading the model without MTP", stacklevel=2)
+            config = config.replace(num_nextn_predict_layers=0)
+        with torch.device("meta"):
+            model = HybridLM(config)
+        expected = model.state_dict()
+        # disk name -> (our name, expert index or None), and the shape the disk tensor must have
+        wanted: dict[str, tuple[str, int | None, tuple[int, ...]]] = {}
+        for name, t in expected.items():
+            m = _EXPERT_RE.match(name)
+            if m:
+                for e in range(t.shape[0]):
+                    wanted[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = (name, e, tuple(t.shape[1:]))
+            else:
+                wanted[name] = (name, None, tuple(t.shape))
+        has_mtp = any(n.startswith("mtp.") for n in expected)
+
+        loaded: dict[str, torch.Tensor] = {}
+        stacked: dict[str, torch.Tensor] = {}  # our 3-D expert tensors, filled one expert at a time
+        filled: dict[str, set[int]] = {}
+        where: dict[str, Path] = {}  # disk name -> the file it came from
+        unexpected: list[str] = []
+        for shard in shards:
+            for disk_name in shard.keys:
+                if disk_name in where:
+                    raise CheckpointError(f"tensor {disk_name} is in both {where[disk_name]} and {shard.file}")
+                where[disk_name] = shard.file
                 if disk_name not in wanted:
-                    if disk_name.startswith("mtp.") and not has_mtp:
-                        continue
-                    unexpected.append(disk_name)
+                    if not (disk_name.startswith("mtp.") and not has_mtp):
+                        unexpected.append(disk_name)
                     continue
                 ours, expert, shape = wanted[disk_name]
-                got = tuple(f.get_slice(disk_name).get_shape())
+                got = shard.shape(disk_name)
                 if got != shape:
-                    raise CheckpointError(
-                        f"tensor {disk_name} in {file.name} has shape {list(got)}, but the config needs {list(shape)}"
-                    )
-                t = f.get_tensor(disk_name)
-                target = torch.float32 if ours.endswith(_FP32_ALWAYS) else (dtype or t.dtype)
-                t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
-                seen.add(disk_name)
+                    raise CheckpointError(f"tensor {disk_name} in {shard.file.name} has shape {list(got)}, but the "
+                                          f"config needs {list(shape)}")
+                t = shard.get(disk_name)
+                if t.is_floating_point() != expected[ours].is_floating_point():
+                    kind = "a floating-point" if expected[ours].is_floating_point() else "an integer"
+                    raise CheckpointError(f"tensor {disk_name} in {shard.file.name} has dtype {t.dtype}, but the "
+                                          f"model needs {kind} tensor")
+                target = t.dtype
+                if t.is_floating_point():
+                    target = torch.float32 if ours.endswith(_FP32_ALWAYS) else (dtype or t.dtype)
                 if expert is None:
-                    loaded[ours] = t
-                else:
-                    parts = expert_parts.setdefault(ours, [None] * expected[ours].shape[0])
-                    parts[expert] = t
-    missing = sorted(set(wanted) - seen)
+                    out = t.to(device=device, dtype=target)
+                    if out is not t:
+                        shard.release(t)
+                    loaded[ours] = out
+                    continue
+                if ours not in stacked:
+                    stacked[ours] = torch.empty((expected[ours].shape[0], *shape), dtype=target, device=device)
+                    filled[ours] = set()
+                elif dtype is None and target != stacked[ours].dtype:
+                    raise CheckpointError(f"tensor {disk_name} in {shard.file.name} has dtype {t.dtype}, but the other "
+                                          f"experts of {ours} are {stacked[ours].dtype}")
+                stacked[ours][expert].copy_(t)
+                shard.release(t)
+                filled[ours].add(expert)
+    missing = sorted(set(wanted) - set(where))
     if strict and (missing or unexpected):
         msg = []
-        if missing:
-            msg.append(f"missing tensors ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            msg.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        for what, names in (("missing", missing), ("unexpected", unexpected)):
+            if names:
+                msg.append(f"{what} tensors ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}")
         raise CheckpointError(f"checkpoint {folder} does not match its config: " + "; ".join(msg))
-    for ours, parts in expert_parts.items():
-        if all(p is not None for p in parts):
-            loaded[ours] = torch.stack(parts)  # type: ignore[arg-type]
-            parts.clear()
+    for ours, experts in stacked.items():
+        if len(filled[ours]) == experts.shape[0]:
+            loaded[ours] = experts
     result = model.load_state_dict(loaded, strict=strict, assign=True)
     if not strict and result.missing_keys:
-        # keep the model usable: materialise whatever was not in the checkpoint with the usual init
-        raise CheckpointError(f"checkpoint {folder} lacks {result.missing_keys[:8]} (strict=False cannot invent weights)")
+        raise CheckpointError(
+            f"checkpoint {folder} lacks {result.missing_keys[:8]} (strict=False cannot invent weights)")
     # non-persistent buffers are not in the state dict: materialise them on the target device
     for mod in model.modules():
         for bname, buf in list(mod.named_buffers(recurse=False)):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from nemotron3.config import ModelConfig
 from nemotron3.engine import cache_size
 from nemotron3.model import count_parameters
 from nemotron3.options import StageConfig, option
 from nemotron3.presets import PRESETS
-from nemotron3.pretrain import model_config
 
 CACHE_TOKENS = 8192  # the context length at which `info` reports cache bytes per token
 
@@ -35,7 +35,7 @@ def info(cfg: InfoConfig) -> list[dict]:
     """One row per model: layers by kind, hidden size, experts, total and active parameters, cache bytes."""
     rows = []
     for spec in cfg.models or sorted(PRESETS):
-        c = model_config(spec)
+        c = ModelConfig.load(spec)
         n = count_parameters(c)
         rows.append({
             "model": spec, "layers": len(c.pattern), "kinds": {k: c.pattern.count(k) for k in "M*E-"},

@@ -1,5 +1,5 @@
 """Named model configurations. Values for Nano and Super are the official `config.json` values
-(ARCHITECTURE.md §1.3); `t9` is the benchmark model of ../shared/bench/t9_config.json; `tiny` trains in
+(docs/architecture.md §1); `t9` is the benchmark model of benchmarks/t9_config.json; `tiny` trains in
 seconds on a laptop CPU and keeps every feature of Super (LatentMoE, MTP, all three mixer kinds)."""
 
 from __future__ import annotations

@@ -101,15 +101,6 @@ class PretrainConfig(TrainConfig):
         return self.tasks if self.tasks is not None else not self.data
 
 
-def model_config(spec: str) -> ModelConfig:
-    """A preset name, a config.json or a checkpoint folder -> ModelConfig."""
-    if spec in PRESETS:
-        return ModelConfig.preset(spec)
-    if Path(spec).exists():
-        return ModelConfig.from_hf(spec)
-    raise ConfigError(f"model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a path")
-
-
 def restore(cfg: PretrainConfig, saved: dict, where: Path) -> PretrainConfig:
     """The saved run's configuration, with the caller's operational fields; refuses a change of any other."""
     defaults = PretrainConfig()
@@ -202,7 +193,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
 def _pretrain(cfg: PretrainConfig, console: Console, ckpt: Path | None, resume: dict | None, rank: int,
               t_start: float) -> Path:
     torch.manual_seed(cfg.seed)
-    config = model_config(cfg.config)
+    config = ModelConfig.load(cfg.config)
     tokenizer, user, task_train, task_heldout = _corpus(cfg, console, Tokenizer.load(ckpt) if ckpt else None,
                                                         cfg.vocab_size or config.vocab_size)
     data, heldout = _packed(cfg, tokenizer, user, task_train, task_heldout)
