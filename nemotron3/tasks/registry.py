@@ -4,14 +4,8 @@ Each family generates a `Problem` from a `random.Random` and a difficulty (an in
 step-by-step reasoning trace, and a final answer. Every family can *verify* an answer string from the prompt
 alone (it re-parses the prompt and recomputes, or for countdown checks the expression), so rewards need no
 side channel: `reward(prompts, completions, **kwargs) -> list[float]` is TRL's reward-function signature and
-works on plain strings or on conversational message lists.
-
-    add        multi-digit addition / subtraction, column by column with carries and borrows
-    mul        multi-digit × one- or two-digit multiplication, digit by digit with carries
-    modpow     a^e mod m by repeated multiplication and reduction
-    sort       sort a list of numbers by repeated selection of the minimum
-    countdown  reach a target from given numbers with + - * (any correct expression is accepted)
-    word       multi-step word problems built from sentence templates
+works on plain strings or on conversational message lists. The six families (add, mul, modpow, sort,
+countdown, word) are described in families.py.
 
 Text layout (the reasoning-on assistant turn of docs/post-training.md §2, minus the chat wrapper):
 
