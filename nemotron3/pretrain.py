@@ -103,8 +103,9 @@ class PretrainConfig(TrainConfig):
 
 def restore(cfg: PretrainConfig, saved: dict, where: Path) -> PretrainConfig:
     """The saved run's configuration, with the caller's operational fields; refuses a change of any other."""
-    defaults = PretrainConfig()
-    restored = from_dict(PretrainConfig, {**saved, "out": cfg.out, "resume": True}, where=f"{where} (saved run)")
+    defaults = type(cfg)()
+    saved = {k: v for k, v in saved.items() if not (k == "data" and v is None)}  # nemotron3 0.1 saved data=None
+    restored = from_dict(type(cfg), {**saved, "out": cfg.out, "resume": True}, where=f"{where} (saved run)")
     changed = [f.name for f in dataclasses.fields(cfg) if f.name not in OPERATIONAL_FIELDS
                and getattr(cfg, f.name) != getattr(defaults, f.name)
                and getattr(cfg, f.name) != getattr(restored, f.name)]

@@ -232,3 +232,9 @@ def test_resume_refuses_a_changed_run_and_a_damaged_state(capsys, tmp_path):
 def test_debug_shows_the_traceback(capsys, tmp_path):
     assert main(["pretrain", "--debug", "--steps", "0", "--out", str(tmp_path / "o")]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_run_checks_its_flags_like_pretrain(capsys, tmp_path):
+    assert "--seq-len" in fails(capsys, "run", "--seq-len", "0", "--out", str(tmp_path / "o"))
+    assert "no-such-file" in fails(capsys, "run", "--data", str(tmp_path / "no-such-file.txt"),
+                                   "--out", str(tmp_path / "o"), *QUICK)

@@ -68,3 +68,25 @@ def test_errors_name_the_problem(checkpoint, tmp_path, capsys):
     nemotron3.save_pretrained(model, bare)
     assert re.search("no tokenizer.json.*--ids", _error(capsys, "--model", str(bare), "--prompt", "hi"))
     assert "not a checkpoint folder" in _error(capsys, "--model", str(tmp_path / "missing"), "--ids", "1")
+
+
+def test_a_model_with_projection_biases_generates(tmp_path, capsys):
+    """mlp_bias / use_bias are valid nemotron_h settings: the command decodes them (reference cached path) and
+    gives the greedy tokens of the full forward, one token at a time."""
+    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=300, mlp_bias=True, use_bias=True,
+                                                          eos_token_id=None)
+    torch.manual_seed(0)
+    model = nemotron3.HybridLM(config)
+    randomize_(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and "conv1d" not in name:
+                p.mul_(0.3)
+    nemotron3.save_pretrained(model, tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--ids", "5,6,7", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.splitlines()[0]
+    ids, want = [5, 6, 7], []
+    with torch.no_grad():
+        for _ in range(8):
+            want.append(int(model(torch.tensor([ids + want]))[0, -1].argmax()))
+    assert printed == ",".join(map(str, want)) + ","
