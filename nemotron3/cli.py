@@ -66,7 +66,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
         text = (meta.get("help") or "").replace("%", "%%")
-        if default is not dataclasses.MISSING and default not in (None, [], (), False, ""):
+        if default is not dataclasses.MISSING and default is not None and default is not False and (
+                default not in ([], (), "")):
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             text += f" (default: {shown})"
         kw: dict[str, Any] = {"help": text}
@@ -114,7 +115,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
-    parser = _Parser(prog="nemotron3", description=__doc__.splitlines()[0], parents=[common])
+    parser = _Parser(prog="nemotron3", parents=[common], epilog="`nemotron3 COMMAND --help` lists a command's flags.",
+                     description="Nemotron 3 hybrid Mamba-2 + attention LatentMoE models with MTP: pretraining "
+                     "(NVFP4 recipe), generation, model description.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
     for name, (module_name, config_name, help_text) in COMMANDS.items():
