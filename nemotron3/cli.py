@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from nemotron3.options import flag_of, optional_inner, type_hints
+from nemotron3.options import flag_of, optional_inner
 
 # command -> (stage module, config class, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -53,14 +53,12 @@ def _groups(parser: argparse.ArgumentParser, config_cls: type) -> dict[str, Any]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One argument per field of `config_cls` (except fields declared with cli=False)."""
-    hints = type_hints(config_cls)
+    """One argument per field of `config_cls`."""
+    hints = typing.get_type_hints(config_cls)
     groups = _groups(parser, config_cls)
     for f in dataclasses.fields(config_cls):
         parser_or_group = groups.get(f.name, parser)
         meta = f.metadata
-        if not meta.get("cli", True):
-            continue
         hint, _ = optional_inner(hints[f.name])
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         default = f.default if f.default is not dataclasses.MISSING else (

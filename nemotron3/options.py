@@ -39,22 +39,19 @@ def option(
     min: float | None = None,
     max: float | None = None,
     choices: typing.Sequence[Any] | None = None,
-    flag: str | None = None,
     positional: bool = False,
     metavar: str | None = None,
     parse: typing.Callable[[str], Any] | None = None,
-    cli: bool = True,
 ) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
     default: the value (lists are copied per instance); omit it for a required field. min / max: inclusive
     bounds of a number (or of each element of a list). choices: allowed values (of each element of a list).
-    flag: the flag's spelling if not `--field-name`. positional: a positional argument instead of a flag.
-    parse: turns the flag's one string into the field's value (e.g. `"1,2,3"` -> [1, 2, 3]); its errors reach
-    the user as they are. cli=False keeps a field out of the command line (set by code, not by users).
+    positional: a positional argument instead of a flag. parse: turns the flag's one string into the field's
+    value (e.g. `"1,2,3"` -> [1, 2, 3]); its errors reach the user as they are.
     """
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices is not None else None,
-            "flag": flag, "positional": positional, "metavar": metavar, "parse": parse, "cli": cli}
+            "positional": positional, "metavar": metavar, "parse": parse}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -63,16 +60,12 @@ def option(
 
 def flag_of(f: dataclasses.Field) -> str:
     """The command-line spelling of a field: `--seq-len` for `seq_len`."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return "--" + f.name.replace("_", "-")
 
 
 def describe(f: dataclasses.Field) -> str:
     """`name (--flag)`: how error messages name a field, for Python and command-line users alike."""
-    return f"{f.name} ({flag_of(f)})" if f.metadata.get("cli", True) else f.name
-
-
-def type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return f"{f.name} ({flag_of(f)})"
 
 
 def _parts(hint: Any) -> tuple[Any, tuple[Any, ...]]:
@@ -158,7 +151,7 @@ def check_fields(obj: Any) -> None:
 
     Raises ConfigError naming the first field that is wrong, its flag, the value and what was expected.
     """
-    hints = type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         try:

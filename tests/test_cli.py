@@ -61,10 +61,10 @@ def test_each_flag_sets_its_field():
                                                                                              None)
 
 
-def test_every_field_but_internal_ones_is_a_flag():
+def test_every_field_is_a_flag():
     parser, modules = build_parser()
     for command, (_, config_cls) in modules.items():
         sub = parser._subparsers._group_actions[0].choices[command]
         dests = {a.dest for a in sub._actions}
-        fields = {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)}
+        fields = {f.name for f in dataclasses.fields(config_cls)}
         assert fields <= dests, (command, fields - dests)
