@@ -24,7 +24,7 @@ def test_computed_size_equals_allocated_bytes(preset, rollback):
     n_mamba = c.pattern.count("M")
     kv = 2 * c.num_key_value_heads * c.head_dim * 4 * n_attn * 3 * 50
     state = (c.mamba_conv_dim * (c.conv_kernel - 1) + c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size) * 4
-    assert size.kv == kv and size.conv + size.ssm == state * n_mamba * 3
+    assert size.kv == kv and size.recurrent == state * n_mamba * 3
     assert size.history == (state * n_mamba * 3 * (rollback + 1) if rollback else 0)
 
 
@@ -41,7 +41,7 @@ def test_super_at_one_million_tokens_is_computed_without_allocating():
 def test_ssm_state_dtype_follows_the_config():
     config = nemotron3.ModelConfig.preset("tiny").replace(mamba_ssm_cache_dtype="bfloat16")
     cache = HybridCache(config, 1, 8)
-    assert all(t.dtype == torch.bfloat16 for t in cache.ssm.values())
+    assert all(cache.state(i, 'ssm').dtype == torch.bfloat16 for i, k in enumerate(cache.kinds) if k == 'M')
     assert cache.nbytes == cache_size(config, 1, 8).total
 
 
@@ -52,12 +52,13 @@ def test_slots_are_taken_freed_and_reused_fresh():
     assert (a, b) == (0, 1)
     with pytest.raises(RuntimeError, match="in use"):
         cache.allocate()
-    layer = next(iter(cache.ssm))
-    cache.ssm[layer][a] = 1.0
+    layer = cache.kinds.index("M")
+    ssm = cache.state(layer, "ssm")
+    ssm[a] = 1.0
     cache.lengths[a] = 5
     cache.free(a)
     assert cache.allocate() == a
-    assert cache.lengths[a] == 0 and cache.ssm[layer][a].abs().sum() == 0
+    assert cache.lengths[a] == 0 and ssm[a].abs().sum() == 0
 
 
 def _model(seed=0):

@@ -1,38 +1,47 @@
 """HybridCache: everything a Nemotron 3 model remembers about the sequences it is decoding.
 
-Two kinds of memory, one per mixer kind (docs/architecture.md §2-3; the design: docs/inference.md §1):
+The cache holds no knowledge of the mixers: each mixer class declares its per-row state (model/state.py,
+`state_spec`), and the cache allocates `rows` of it per layer. For the Nemotron 3 mixers that is
+(docs/architecture.md §2-3; the design: docs/inference.md §1):
 
-    '*' attention    key and value of every past token        (rows, kv_heads, max_seq_len, head_dim)
-    'M' Mamba-2      the last conv_kernel-1 conv inputs         (rows, conv_dim, conv_kernel - 1)
-                     the SSM state S (one P×N matrix per head)  (rows, heads, head_dim, state_size)
+    '*' attention    "key", "value": every past token           (rows, kv_heads, max_seq_len, head_dim)
+    'M' Mamba-2      "conv": the last conv_kernel-1 conv inputs  (rows, conv_dim, conv_kernel - 1)
+                     "ssm": the SSM state (P×N per head)         (rows, heads, head_dim, state_size)
+    'E', '-'         nothing (each token is processed alone)
 
-The attention part grows with the sequence, the Mamba part does not: that is why the family reaches 1M
+The sequence states grow with the sequence, the recurrent ones do not: that is why the family reaches 1M
 tokens. `cache_size(config, ...)` computes every byte without allocating anything (for Nano and Super at
 1M tokens), and `HybridCache.nbytes` is the same number for a cache that exists. The SSM state is kept in
 `config.mamba_ssm_cache_dtype` (fp32 by default, as in transformers and vLLM): it is a running sum over
-the whole sequence, and bf16 rounding would accumulate step after step. The conv state and the KV are in
-the model's dtype. `MoE` and MLP layers keep nothing. When the model has an MTP block, its attention
-layers get KV slots too (layer indices after the backbone's), so that the drafter can run incrementally.
+the whole sequence, and bf16 rounding would accumulate step after step. When the model has an MTP block,
+its layers get slots too (layer indices after the backbone's), so that the drafter can run incrementally.
 
 Rows, lengths and slots
 -----------------------
 The cache has a fixed number of rows (slots). Each row holds one sequence and its own length, so rows
 can be at different positions (batched prompts of different lengths, continuous batching). A slot is
-taken with `allocate()` and given back with `free()`; `reset(rows)` zeroes the Mamba states (a fresh
-sequence starts from S = 0 and zero conv padding) and sets the lengths to 0. Keys and values past a row's
-length are never read, so they are not cleared.
+taken with `allocate()` and given back with `free()`; `reset(rows)` zeroes the recurrent states (a fresh
+sequence starts from S = 0 and zero conv padding) and sets the lengths to 0. Sequence entries past a
+row's length are never read, so they are not cleared.
+
+One forward
+-----------
+`begin(t, rows, valid, start)` describes one cached forward of t tokens per row (a `CacheView`);
+`view.layer(i)` is layer i's handle, the only way a mixer touches its state (`read`, `write`, `append`,
+`record`; model/state.py); `commit(view)` advances the lengths once every layer has run.
 
 Rollback (speculative decoding)
 -------------------------------
-Verifying k drafted tokens appends them all, then keeps only the accepted prefix. For attention, undoing
-n positions is just `length -= n`. A Mamba state cannot be run backwards, so there are two options:
-keep the states of the last steps, or keep one snapshot and recompute the accepted tokens. We keep the
-states: with `max_rollback = R > 0`, every Mamba layer has a ring of R+1 (conv, SSM) states indexed by
-position mod (R+1), and every cached step with at most R+1 tokens per row runs token by token and writes
-the state after each token into the ring (vLLM's and SGLang's choice as well; it costs R+1 copies of the
-constant-size state and one copy per token, and no second forward pass). A longer forward (prefill)
-records only its final state, so a row can be rolled back by at most `rollback_limit[row]` positions:
-the number of positions recorded one by one since its last prefill, capped at R.
+Verifying k drafted tokens appends them all, then keeps only the accepted prefix. For sequence states,
+undoing n positions is just `length -= n`. A recurrent state cannot be run backwards, so there are two
+options: keep the states of the last steps, or keep one snapshot and recompute the accepted tokens. We
+keep the states: with `max_rollback = R > 0`, every recurrent state has a ring of R+1 copies indexed by
+position mod (R+1), and every cached forward with at most R+1 tokens per row runs token by token
+(`view.per_step`) and records the state after each token (vLLM's and SGLang's choice as well; it costs
+R+1 copies of the constant-size state and one copy per token, and no second forward pass). A longer
+forward (prefill) records only its final state, so a row can be rolled back by at most
+`rollback_limit[row]` positions: the number of positions recorded one by one since its last prefill,
+capped at R.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from dataclasses import dataclass
 import torch
 
 from nemotron3.config import ModelConfig
+from nemotron3.model.block import state_spec
+from nemotron3.model.state import StateSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,22 +65,30 @@ def cache_layer_kinds(config: ModelConfig, include_mtp: bool = True) -> list[str
     return kinds
 
 
+def layer_specs(config: ModelConfig, max_seq_len: int, include_mtp: bool = True) -> list[dict[str, StateSpec]]:
+    """Every cache layer's declared state, in cache-layer order."""
+    return [state_spec(kind, config, max_seq_len) for kind in cache_layer_kinds(config, include_mtp)]
+
+
 @dataclass(frozen=True)
 class CacheSize:
     """Bytes of a cache, by part. `per_token` is the total divided by the tokens per row it holds."""
 
-    kv: int  # all attention keys and values
-    conv: int  # all Mamba conv states
-    ssm: int  # all Mamba SSM states
+    sequence: int  # all sequence states (attention keys and values)
+    recurrent: int  # all recurrent states (Mamba conv and SSM)
     history: int  # rollback rings (0 unless max_rollback > 0)
     kv_per_token: int  # what one more token of one row adds
-    state_per_row: int  # constant per row: conv + SSM (+ history)
+    state_per_row: int  # constant per row: recurrent (+ history)
     rows: int
     seq_len: int
 
     @property
+    def kv(self) -> int:
+        return self.sequence
+
+    @property
     def total(self) -> int:
-        return self.kv + self.conv + self.ssm + self.history
+        return self.sequence + self.recurrent + self.history
 
     @property
     def per_token(self) -> float:
@@ -87,16 +106,18 @@ def cache_size(
 ) -> CacheSize:
     """The bytes `HybridCache(config, rows, seq_len, ...)` allocates, computed without allocating."""
     ssm_dtype = ssm_dtype or _DTYPES[config.mamba_ssm_cache_dtype]
-    kinds = cache_layer_kinds(config, include_mtp)
-    n_attn, n_mamba = kinds.count("*"), kinds.count("M")
-    e, es = torch.finfo(dtype).bits // 8, torch.finfo(ssm_dtype).bits // 8
-    kv_tok = 2 * config.num_key_value_heads * config.head_dim * e * n_attn
-    conv_row = config.mamba_conv_dim * (config.conv_kernel - 1) * e * n_mamba
-    ssm_row = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * es * n_mamba
-    hist_row = (conv_row + ssm_row) * (max_rollback + 1) if max_rollback > 0 else 0
+    size = {"model": torch.finfo(dtype).bits // 8, "ssm": torch.finfo(ssm_dtype).bits // 8}
+    seq_tok = rec_row = 0
+    for specs in layer_specs(config, seq_len, include_mtp):
+        for spec in specs.values():
+            if spec.kind == "sequence":
+                seq_tok += spec.numel() // seq_len * size[spec.dtype]
+            else:
+                rec_row += spec.numel() * size[spec.dtype]
+    hist_row = rec_row * (max_rollback + 1) if max_rollback > 0 else 0
     return CacheSize(
-        kv=kv_tok * rows * seq_len, conv=conv_row * rows, ssm=ssm_row * rows, history=hist_row * rows,
-        kv_per_token=kv_tok, state_per_row=conv_row + ssm_row + hist_row, rows=rows, seq_len=seq_len,
+        sequence=seq_tok * rows * seq_len, recurrent=rec_row * rows, history=hist_row * rows,
+        kv_per_token=seq_tok, state_per_row=rec_row + hist_row, rows=rows, seq_len=seq_len,
     )
 
 
@@ -104,9 +125,10 @@ def cache_size(
 class CacheView:
     """One cached forward over `b` rows of a cache, `t` tokens per row (the last t - valid[i] are padding).
 
-    Built by `HybridCache.begin` and read by the layers' cached paths (duck-typed there, so that model/
-    does not import engine/). `rows` is None when the forward covers every row in order, which lets the
-    layers update the state tensors in place instead of gathering and scattering rows.
+    Built by `HybridCache.begin`; `layer(i)` gives the handle layer i's mixer uses. `rows` is None when the
+    forward covers every row in order, which lets the layers update the state tensors in place instead of
+    gathering and scattering rows. `n_keys` and `mask` are set by the fast decoder (engine/decode.py) for
+    the attention of its fixed-shape steps.
     """
 
     cache: HybridCache
@@ -115,7 +137,9 @@ class CacheView:
     start: torch.Tensor  # (b,) each row's length before this forward = position of its first new token
     valid: torch.Tensor | None  # (b,) real tokens per row, None if all t are real
     t: int
-    per_step: bool  # Mamba layers run token by token and record every state (rollback)
+    per_step: bool  # recurrent layers run token by token and record every state (rollback)
+    n_keys: int | None = None  # attention reads positions < n_keys (default: max position + 1)
+    mask: torch.Tensor | None = None  # (b, 1, t, n_keys) attention mask, or None when no row needs one
 
     @property
     def positions(self) -> torch.Tensor:
@@ -127,13 +151,77 @@ class CacheView:
         """(b,) index in [0, t) of each row's last real token."""
         return (self.valid - 1) if self.valid is not None else torch.full_like(self.start, self.t - 1)
 
+    @property
+    def recording(self) -> bool:
+        return self.cache.max_rollback > 0
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)
+
+
+class LayerCache:
+    """Layer i's part of one cached forward: the method API of model/state.py."""
+
+    __slots__ = ("view", "i", "states")
+
+    def __init__(self, view: CacheView, i: int) -> None:
+        self.view, self.i = view, i
+        self.states = view.cache.states[i]
+
+    # the forward's geometry, for the mixer
+    t = property(lambda self: self.view.t)
+    valid = property(lambda self: self.view.valid)
+    positions = property(lambda self: self.view.positions)
+    last = property(lambda self: self.view.last)
+    per_step = property(lambda self: self.view.per_step)
+    recording = property(lambda self: self.view.recording)
+    start = property(lambda self: self.view.start)
+    mask = property(lambda self: self.view.mask)
+
+    @property
+    def n_keys(self) -> int:
+        v = self.view
+        return v.n_keys if v.n_keys is not None else int(v.start.max()) + v.t
+
+    def read(self, name: str) -> torch.Tensor:
+        s = self.states[name]
+        return s if self.view.rows is None else s[self.view.index]
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        s = self.states[name]
+        if value is s:
+            return
+        if self.view.rows is None:
+            s.copy_(value)
+        else:
+            s[self.view.index] = value.to(s.dtype)
+
+    def append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """new (b, t, *entry) at positions (b, t) -> the rows' entries [0, n_keys), (b, d1, n_keys, *rest)."""
+        s, v = self.states[name], self.view
+        n = self.n_keys
+        if v.t == 1 and v.rows is None and v.mask is None and v.n_keys is not None:  # every row at length n - 1
+            s.select(2, n - 1).copy_(new[:, 0])
+        else:
+            s[v.index[:, None], :, v.positions] = new.to(s.dtype)  # advanced indices first: (b, t, d1, *rest)
+        return s[:, :, :n] if v.rows is None else s[v.index, :, :n]
+
+    def record(self, j: torch.Tensor | int, **states: torch.Tensor) -> None:
+        """Store the recurrent states (b, ...) reached after token j (b,) of this forward in the ring."""
+        cache, v = self.view.cache, self.view
+        if not cache.max_rollback:
+            return
+        slot = (v.start + j) % (cache.max_rollback + 1)  # (b,)
+        ring = cache.history[self.i]
+        for name, value in states.items():
+            ring[name][slot, v.index] = value.to(ring[name].dtype)
+
 
 class HybridCache:
     """Preallocated per-layer state for `rows` sequences of up to `max_seq_len` tokens each.
 
-    key[i], value[i]: (rows, kv_heads, max_seq_len, head_dim)  for attention layer i
-    conv[i]:          (rows, conv_dim, conv_kernel - 1)        for Mamba layer i
-    ssm[i]:           (rows, heads, head_dim, state_size)      for Mamba layer i
+    states[i][name]:  (rows, *spec.shape)   the state `name` of cache layer i, as its mixer declares it
+    history[i][name]: (R + 1, rows, ...)    rollback ring of each recurrent state (max_rollback = R > 0)
     lengths:          (rows,) int64, tokens held by each row
     """
 
@@ -159,40 +247,39 @@ class HybridCache:
         self.ssm_dtype = ssm_dtype or _DTYPES[config.mamba_ssm_cache_dtype]
         self.device = torch.device(device)
         self.max_rollback = max_rollback
+        self.include_mtp = include_mtp
         self.kinds = cache_layer_kinds(config, include_mtp)
-        c = config
-        self.key: dict[int, torch.Tensor] = {}
-        self.value: dict[int, torch.Tensor] = {}
-        self.conv: dict[int, torch.Tensor] = {}
-        self.ssm: dict[int, torch.Tensor] = {}
-        self.conv_hist: dict[int, torch.Tensor] = {}
-        self.ssm_hist: dict[int, torch.Tensor] = {}
-        kw = dict(dtype=dtype, device=self.device)
-        ssm_kw = dict(dtype=self.ssm_dtype, device=self.device)
-        for i, kind in enumerate(self.kinds):
-            if kind == "*":  # zeros, not empty: masked-out garbage must never be NaN (0 · NaN = NaN)
-                self.key[i] = torch.zeros(rows, c.num_key_value_heads, max_seq_len, c.head_dim, **kw)
-                self.value[i] = torch.zeros_like(self.key[i])
-            elif kind == "M":
-                self.conv[i] = torch.zeros(rows, c.mamba_conv_dim, c.conv_kernel - 1, **kw)
-                self.ssm[i] = torch.zeros(rows, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, **ssm_kw)
-                if max_rollback:
-                    self.conv_hist[i] = torch.zeros(max_rollback + 1, *self.conv[i].shape, **kw)
-                    self.ssm_hist[i] = torch.zeros(max_rollback + 1, *self.ssm[i].shape, **ssm_kw)
+        dtypes = {"model": dtype, "ssm": self.ssm_dtype}
+        self.specs = layer_specs(config, max_seq_len, include_mtp)
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.history: list[dict[str, torch.Tensor]] = []
+        for specs in self.specs:
+            # zeros, not empty: masked-out garbage must never be NaN (0 · NaN = NaN)
+            self.states.append({name: torch.zeros(rows, *s.shape, dtype=dtypes[s.dtype], device=self.device)
+                                for name, s in specs.items()})
+            self.history.append({
+                name: torch.zeros(max_rollback + 1, rows, *s.shape, dtype=dtypes[s.dtype], device=self.device)
+                for name, s in specs.items() if s.kind == "recurrent" and max_rollback})
+        self._recurrent = [(i, name) for i, specs in enumerate(self.specs)
+                           for name, s in specs.items() if s.kind == "recurrent"]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.rollback_limit = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.in_use = [False] * rows
+
+    def state(self, layer: int, name: str) -> torch.Tensor:
+        """The stored state `name` of cache layer `layer`, all rows: (rows, *spec.shape)."""
+        return self.states[layer][name]
 
     # ------------------------------------------------------------------ sizes
     @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors (lengths and bookkeeping excluded)."""
-        parts = [self.key, self.value, self.conv, self.ssm, self.conv_hist, self.ssm_hist]
-        return sum(t.numel() * t.element_size() for d in parts for t in d.values())
+        return sum(t.numel() * t.element_size() for part in (self.states, self.history) for d in part
+                   for t in d.values())
 
     def size(self) -> CacheSize:
         return cache_size(self.config, self.rows, self.max_seq_len, self.dtype, self.ssm_dtype, self.max_rollback,
-                          include_mtp=len(self.kinds) > len(self.config.pattern))
+                          include_mtp=self.include_mtp)
 
     # ------------------------------------------------------------------ slots
     def allocate(self) -> int:
@@ -210,11 +297,10 @@ class HybridCache:
         self.in_use[row] = False
 
     def reset(self, rows: list[int] | torch.Tensor | None = None) -> None:
-        """Start fresh sequences in `rows` (all rows if None): zero Mamba states, length 0."""
+        """Start fresh sequences in `rows` (all rows if None): zero recurrent states, length 0."""
         idx = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        for d in (self.conv, self.ssm):
-            for t in d.values():
-                t[idx] = 0
+        for i, name in self._recurrent:
+            self.states[i][name][idx] = 0
         self.lengths[idx] = 0
         self.rollback_limit[idx] = 0
 
@@ -252,27 +338,38 @@ class HybridCache:
         per_step = self.max_rollback > 0 and t <= self.max_rollback + 1
         return CacheView(self, rows, index, start, valid, t, per_step)
 
+    def begin_all(self, t: int, n_keys: int | None, uniform: bool, start: torch.Tensor | None = None) -> CacheView:
+        """The fast decoder's forward: every row, t real tokens each, no checks (the caller sized the cache).
+
+        n_keys = max(start) + t limits attention to the keys some row holds; `uniform` says every row has
+        the same length (then a single new token needs no mask). n_keys=None attends over the whole
+        capacity with a mask: every shape is then fixed by (rows, max_seq_len), what `torch.compile` needs.
+        """
+        start = self.lengths if start is None else start
+        n = self.max_seq_len if n_keys is None else n_keys
+        view = CacheView(self, None, self._all_rows(), start, None, t, self.max_rollback > 0, n_keys=n)
+        if not (uniform and t == 1 and n_keys is not None):
+            view.mask = (torch.arange(n, device=self.device) <= view.positions[..., None])[:, None]  # (B, 1, t, n)
+        return view
+
+    def _all_rows(self) -> torch.Tensor:
+        if getattr(self, "_arange", None) is None:
+            self._arange = torch.arange(self.rows, device=self.device)
+        return self._arange
+
     def commit(self, view: CacheView) -> None:
         """Advance the rows' lengths after every layer has run the forward `view` describes."""
-        n = view.valid if view.valid is not None else torch.full_like(view.start, view.t)
-        self.lengths[view.index] = view.start + n
+        n = view.valid if view.valid is not None else view.t
+        if view.rows is None and view.valid is None:
+            self.lengths += view.t
+        else:
+            self.lengths[view.index] = view.start + n
         if view.per_step:
             self.rollback_limit[view.index] = torch.clamp(self.rollback_limit[view.index] + n, max=self.max_rollback)
         else:
             self.rollback_limit[view.index] = 0
 
     # ------------------------------------------------------------------ rollback
-    def record(
-        self, layer: int, rows: torch.Tensor | None, positions: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor
-    ) -> None:
-        """Store the states (b, ...) reached after token `positions` (b,) of `rows` in the layer's ring."""
-        if not self.max_rollback:
-            return
-        index = torch.arange(self.rows, device=self.device) if rows is None else rows
-        slot = positions % (self.max_rollback + 1)
-        self.conv_hist[layer][slot, index] = conv.to(self.dtype)
-        self.ssm_hist[layer][slot, index] = ssm.to(self.ssm_dtype)
-
     def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None) -> None:
         """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0."""
         dev = self.device
@@ -281,18 +378,17 @@ class HybridCache:
         if (n < 0).any() or (n > self.lengths[index]).any():
             raise ValueError(
                 f"cannot roll back {n.tolist()} tokens from rows of lengths {self.lengths[index].tolist()}")
-        if self.conv and (n > self.rollback_limit[index]).any():
+        if self._recurrent and (n > self.rollback_limit[index]).any():
             raise ValueError(
-                f"rollback of {n.tolist()} tokens exceeds what the Mamba history holds "
+                f"rollback of {n.tolist()} tokens exceeds what the recurrent history holds "
                 f"({self.rollback_limit[index].tolist()}); build the cache with a larger max_rollback, and decode "
                 "the tokens to undo in steps of at most max_rollback + 1 tokens"
             )
         moved = n > 0
-        if self.conv and moved.any():
+        if self._recurrent and moved.any():
             moved_rows, moved_n = index[moved], n[moved]
             slot = (self.lengths[moved_rows] - 1 - moved_n) % (self.max_rollback + 1)
-            for i in self.conv:
-                self.conv[i][moved_rows] = self.conv_hist[i][slot, moved_rows]
-                self.ssm[i][moved_rows] = self.ssm_hist[i][slot, moved_rows]
+            for i, name in self._recurrent:
+                self.states[i][name][moved_rows] = self.history[i][name][slot, moved_rows]
         self.lengths[index] -= n
         self.rollback_limit[index] -= torch.minimum(n, self.rollback_limit[index])

@@ -9,13 +9,9 @@
 
 One call runs in two phases.
 
-Prefill (docs/inference.md §2). The prompts are right-padded into one (B, T) batch and run through the
-model in segments of `prefill_chunk` columns, each segment continuing from the cache the previous one
-filled; rows whose prompt has ended drop out of later segments. Padding is exact (the padded positions
-get dt = 0 in the Mamba layers and are never visible to a real query; see Mamba2Mixer.forward_cached), so
-each row's tokens are the ones it would get alone (tests/test_engine.py checks it). Memory is bounded by
-the segment length: the chunked SSD is linear in it, and attention materialises at most SCORE_BUDGET
-scores at a time (model/attention.py). Only each row's last position goes through the LM head.
+Prefill (engine/prefill.py, docs/inference.md §2). The prompts are right-padded into one batch and run
+through the model in segments of `prefill_chunk` columns; padding is exact, so each row's tokens are the
+ones it would get alone. Only each row's last position goes through the LM head.
 
 Decode. One token per row per forward pass, through `FastDecoder` (engine/decode.py, docs/inference.md §3:
 fused weights, in-place state updates, no per-step allocation that can be avoided) when
@@ -31,8 +27,10 @@ for one short call. The engine keeps its cache between calls and reuses it when 
 and it is large enough, so repeated calls neither reallocate nor recompile. The sampling rule and its
 per-row random streams are in engine/sampling.py (docs/inference.md §4).
 
-`num_speculative_tokens = k > 0` decodes greedily with the model's MTP block drafting k tokens per
-verify forward (engine/speculative.py, docs/inference.md §5); the tokens are the same as without it.
+`num_speculative_tokens = k > 0` decodes with the model's MTP block drafting k tokens per verify forward
+(engine/speculative.py, docs/inference.md §5): greedy gives the same tokens as without it, sampling the
+same law (lossless speculative sampling). The stats then hold `acceptance_length` (tokens per verify
+forward per row, the extra token included) and `acceptance_rate_per_position`.
 
 Threads: decode-sized ops run on one core whatever `torch.get_num_threads()` says, and on a machine whose
 cores are busy with other work, every parallel op of the prefill and of the reference path waits at its
@@ -51,8 +49,9 @@ import torch
 
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.prefill import pad_prompts, prefill
 from nemotron3.engine.sampling import row_uniforms, sample, validate_sampling
-from nemotron3.engine.speculative import speculative_greedy
+from nemotron3.engine.speculative import Sampling, speculative_rounds, uniforms_per_round
 from nemotron3.model.hybrid import HybridLM
 
 
@@ -133,7 +132,8 @@ class Engine:
         prompts = self._validate(prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
         if num_speculative_tokens:
-            return self._run_speculative(prompts, max_new_tokens, num_speculative_tokens, stops)
+            return self._run_speculative(prompts, max_new_tokens, num_speculative_tokens, stops,
+                                         Sampling(float(temperature), top_k, top_p), seed)
         return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, stops)
 
     # ------------------------------------------------------------------ checks
@@ -165,10 +165,6 @@ class Engine:
         if num_speculative_tokens > 0 and self.model.mtp is None:
             raise ValueError(
                 "num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
-        if num_speculative_tokens > 0 and temperature > 0:
-            raise NotImplementedError(
-                "MTP speculative decoding is greedy only for now (lossless rejection sampling is a later issue); "
-                "use temperature=0 or num_speculative_tokens=0")
         longest = max(len(p) for p in clean)
         overshoot = 2 * num_speculative_tokens + 1 if num_speculative_tokens else 0  # see _run_speculative
         if longest + max_new_tokens + overshoot > self.max_seq_len:
@@ -192,33 +188,24 @@ class Engine:
 
     def _prefill(self, cache: HybridCache, prompts: list[list[int]]) -> tuple[torch.Tensor, int]:
         """Run every prompt into the cache; returns each row's last-position logits (B, V) and the pass count."""
-        B = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        last = torch.empty(B, self.config.vocab_size, device=self.device)
-        passes = 0
-        for s in range(0, ids.shape[1], self.prefill_chunk):
-            active = (lens > s).nonzero().view(-1)  # rows with prompt left
-            seg = ids[active, s : s + self.prefill_chunk]
-            valid = torch.clamp(lens[active] - s, max=seg.shape[1])
-            logits = self.model(seg, cache=cache, rows=active, valid=valid, last_only=True)[:, 0]  # (b, V)
-            passes += 1
-            ends = lens[active] <= s + seg.shape[1]  # rows whose last prompt token is in this segment
-            last[active[ends]] = logits[ends]
-        return last, passes
+        ids, lens = pad_prompts(prompts, self.device)
+        last, _, passes = prefill(self.model, cache, ids, lens, self.prefill_chunk)
+        return self.model.lm_head(last).float(), passes
 
-    def _decode_fn(self, uniform: bool):
-        """(tokens (B,), cache) -> logits (B, V), advancing every row by one token."""
-        if self.fast is None:
-            return lambda tokens, cache: self.model(tokens[:, None], cache=cache)[:, 0]
-        if self.fast.is_stale():  # weights updated or modules swapped (quantized) since the last call
+    def _fast_decoder(self) -> FastDecoder | None:
+        """The fast decoder, rebuilt if the model's weights changed, or None if the model no longer allows it."""
+        if self.fast is not None and self.fast.is_stale():  # weights updated or modules swapped (quantized)
             self._step = None
             if not FastDecoder.supports(self.model):
                 self.fast = None
-                return self._decode_fn(uniform)
-            self.fast.refresh()
+            else:
+                self.fast.refresh()
+        return self.fast
+
+    def _decode_fn(self, uniform: bool):
+        """(tokens (B,), cache) -> logits (B, V), advancing every row by one token."""
+        if self._fast_decoder() is None:
+            return lambda tokens, cache: self.model(tokens[:, None], cache=cache)[:, 0]
         if self.compile:  # static shapes: attend over the whole capacity with a mask (see FastDecoder.step)
             if self._step is None:
                 self._step = torch.compile(self.fast.step, dynamic=False)
@@ -269,15 +256,21 @@ class Engine:
             if all(done):
                 break
 
-    def _run_speculative(self, prompts, max_new_tokens, k, stops) -> Iterator[list[int | None]]:
-        """Greedy MTP speculation (engine/speculative.py); each round's tokens are yielded one column at a time."""
+    def _run_speculative(self, prompts, max_new_tokens, k, stops, sampling: Sampling,
+                         seed) -> Iterator[list[int | None]]:
+        """MTP speculation (engine/speculative.py); each round's tokens are yielded one column at a time."""
         B, longest = len(prompts), max(len(p) for p in prompts)
         with torch.inference_mode():
             # a row may overshoot max_new_tokens by k within a round, then still verifies k + 1 tokens
             cache = HybridCache(self.config, B, longest + max_new_tokens + 2 * k + 1, self.dtype, self.device,
                                 max_rollback=k + 1, include_mtp=True)
+            uniforms = None
+            if sampling.temperature > 0:
+                uniforms = row_uniforms(seed, B, 1 + max_new_tokens * uniforms_per_round(k))
+            fast = self._fast_decoder()
         stats: dict = {}
-        rounds = speculative_greedy(self.model, cache, prompts, max_new_tokens, k, self.prefill_chunk, stops, stats)
+        rounds = speculative_rounds(self.model, fast, cache, prompts, max_new_tokens, k, self.prefill_chunk, stops,
+                                    stats, sampling, uniforms)
         count, done, produced = [0] * B, [False] * B, 0
         t0 = time.perf_counter()
         t_prefill = None

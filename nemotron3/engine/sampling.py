@@ -70,10 +70,16 @@ def sample(
         return logits.argmax(dim=-1)
     if uniforms is None:
         raise ValueError("sampling with temperature > 0 needs one uniform per row (see row_uniforms)")
-    cdf = filtered_probs(logits, temperature, top_k, top_p).double().cumsum(-1)  # (B, V)
+    return inverse_cdf(filtered_probs(logits, temperature, top_k, top_p), uniforms)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """weights (B, V) >= 0, not necessarily normalised, uniforms (B,) in [0, 1) -> tokens (B,) int64: the
+    first token whose cumulative weight exceeds u · total (a zero-weight token is never chosen)."""
+    cdf = weights.double().cumsum(-1)  # (B, V)
     target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, target, right=True)  # first token whose cdf exceeds u·total
-    return tokens.clamp_(max=logits.shape[-1] - 1).view(-1)
+    tokens = torch.searchsorted(cdf, target, right=True)
+    return tokens.clamp_(max=weights.shape[-1] - 1).view(-1)
 
 
 def sample_reference(

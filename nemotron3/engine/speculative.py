@@ -1,136 +1,231 @@
-"""Greedy MTP speculative decoding: the model's own MTP block drafts k tokens, one forward verifies them.
+"""MTP speculative decoding: the model's own MTP block drafts k tokens, one forward verifies them, losslessly.
 
-One round, for every row at once (docs/inference.md §5, greedy case; the MTP block: docs/architecture.md §6):
+One round, for every row at once (docs/inference.md §5; the MTP block: docs/architecture.md §6):
 
-    draft     d1 = argmax head(MTP_1(h0[L-1], Emb(x)))          x: the last emitted token, at position L
-              d_j = argmax head(MTP_j(h_{j-1}, Emb(d_{j-1})))   j = 2..k, the same weights again
-    verify    g = argmax head(model([x, d1, …, dk]))            one forward of k+1 tokens from the cache
-    accept    a = number of leading i with d_{i+1} = g_i;  emit d_1..d_a and then g_a (the correction, or a
-              bonus token when all k were right)
+    draft     q_1 = T(head(MTP_1(h0[L-1], Emb(x))))        x: the last emitted token, at position L
+              q_j = T(head(MTP_j(h_{j-1}, Emb(d_{j-1}))))  j = 2..k, the same weights again;  d_j ~ q_j
+    verify    p_i = T(head(model([x, d_1, …, d_k])_i))     one forward of k+1 tokens from the cache
+    accept    d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), in order, until the first
+              rejection; a = the number accepted
+    emit      d_1..d_a, then one more token: at a rejection (a < k) drawn from normalize(max(0, p_a - q_a)),
+              after k acceptances (the bonus) from p_k
     rollback  the cache keeps x, d_1..d_a: the last k - a positions are undone (HybridCache.rollback; the
-              Mamba states of the verify steps were recorded one by one for that)
+              Mamba states of the verify tokens were recorded one by one for that)
 
-Every emitted token is the main model's argmax given the tokens before it, so the output equals plain
-greedy decoding whatever the drafts are (tests/test_engine_speculative.py checks it, with the random MTP
-block and with an oracle drafter); drafts only change how many tokens one verify forward yields.
+T is the sampling transform of the target (temperature, then top-k, then top-p: engine/sampling.py),
+applied to the draft logits too, so q is exactly the law the drafts are drawn from. This is the
+speculative sampling of Leviathan et al. and Chen et al. (2023): each emitted token has the target's
+conditional law p given the tokens before it, whatever q is; drafts only change how many tokens one
+verify forward yields. Greedy (temperature 0) is the limit where p and q are one-hot: a draft is accepted
+when it equals the target's argmax, and the extra token is the target's argmax, so the output equals
+plain greedy decoding token for token (tests/test_engine_speculative.py checks both, the sampled law with
+a chi-square test against full forwards).
+
+Randomness: each row has its own uniform stream (engine/sampling.py, `row_uniforms`), and round n of a
+row reads its 2k+1 uniforms at a fixed offset (k to draw the drafts, k for the acceptance tests, one for
+the extra token) whether or not it used them in earlier rounds, so a seeded row's tokens depend only on
+(seed, row index, its prompt), not on which rows share the batch or when they stop.
+
+Both forwards run through the fast decoder when the model allows it (engine/decode.py: the verify is
+its (k+1)-token forward, the drafts its MTP steps), else through the reference cached path.
 
 The MTP attention layer keeps its own KV slots in the cache (layer indices after the backbone's) with
 its own positions: MTP position t holds the depth-1 input (h0[t], Emb(token t+1)), written once the
 token t+1 is known: for the whole prompt after prefill, then for the a+1 accepted positions of each
 round (the same forward yields the next round's first draft). The recursive depths 2..k are written at
-the positions that follow (as vLLM runs a repeated MTP layer) and are overwritten by the next round.
-Sampling (temperature > 0) needs lossless rejection sampling and is a later issue.
+the positions that follow (as vLLM runs a repeated MTP layer) and are overwritten by the next round; the
+MTP block holds no Mamba layer, so positions written past the accepted ones need no rollback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from nemotron3.engine.cache import HybridCache
+from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.prefill import pad_prompts, prefill, segments
+from nemotron3.engine.sampling import filtered_probs, inverse_cdf
 from nemotron3.model.hybrid import HybridLM
 
 
-class MTPDrafter:
-    """The MTP block of a HybridLM run incrementally on a HybridCache that includes its layers' slots."""
+@dataclass(frozen=True)
+class Sampling:
+    """The target's sampling rule: temperature 0 is greedy."""
 
-    def __init__(self, model: HybridLM) -> None:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., V) -> the law tokens are drawn from (..., V) fp32 (one-hot at the argmax if greedy)."""
+        if self.temperature == 0:
+            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        shape = logits.shape
+        return filtered_probs(logits.reshape(-1, shape[-1]), self.temperature, self.top_k, self.top_p).view(shape)
+
+
+def uniforms_per_round(k: int) -> int:
+    """Uniforms one row reads per round: k draft draws, k acceptance tests, one extra token."""
+    return 2 * k + 1
+
+
+def accept(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor, u_extra: torch.Tensor,
+           greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verification rule. drafts (B, k), q (B, k, V) their laws, p (B, k+1, V) the target's laws,
+    u_accept (B, k), u_extra (B,) uniforms -> accepted counts a (B,) and the extra token (B,)."""
+    B, k = drafts.shape
+    ar = torch.arange(B, device=drafts.device)
+    if greedy:
+        target = p.argmax(-1)  # (B, k+1)
+        a = (drafts == target[:, :k]).long().cumprod(1).sum(1)
+        return a, target[ar, a]
+    p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # (B, k) target probability of each draft
+    q_d = q.gather(-1, drafts[..., None])[..., 0]  # > 0: the draft was drawn from q
+    ok = u_accept.to(p_d.dtype) * q_d < p_d  # u < p/q, without dividing
+    a = ok.long().cumprod(1).sum(1)  # (B,) leading acceptances
+    q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # (B, k+1, V): the bonus position has q = 0
+    residual = (p[ar, a] - q_pad[ar, a]).clamp_(min=0)  # (B, V): p itself at the bonus position
+    empty = residual.sum(-1) <= 0  # p = q up to rounding (then a rejection cannot happen): draw from p
+    residual[empty] = p[ar, a][empty]
+    return a, inverse_cdf(residual, u_extra)
+
+
+class Drafter:
+    """The verify forward and the MTP block on a cache, through the fast decoder or the reference path."""
+
+    def __init__(self, model: HybridLM, fast: FastDecoder | None) -> None:
         if model.mtp is None:
             raise ValueError(
                 "num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
         if "M" in model.config.mtp_pattern:
             raise NotImplementedError("MTP blocks with Mamba layers are not supported by the drafter")
-        self.model = model
-        self.base = len(model.config.pattern)
-        self.width = len(model.config.mtp_pattern)
+        self.model, self.fast = model, fast
 
-    def __call__(self, cache: HybridCache, start: torch.Tensor, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
-                 valid: torch.Tensor | None = None, rows: torch.Tensor | None = None, depth: int = 1) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> logits (..., V) fp32."""
+        return self.model.lm_head(hidden).float() if self.fast is None else self.fast.logits(hidden)
+
+    def verify(self, cache: HybridCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, t) appended to every row -> hidden (B, t, H); the recurrent states are recorded."""
+        if self.fast is None:
+            return self.model.hidden_states(tokens, cache)
+        B, t = tokens.shape
+        return self.fast.forward(tokens, cache, int(cache.lengths.max()) + t).view(B, t, -1)
+
+    def mtp(self, cache: HybridCache, start: torch.Tensor, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
+            depth: int = 1, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """prev_hidden (b, t, H), next_ids (b, t) at MTP positions start[b] + i -> h_depth (b, t, H)."""
-        module = (depth - 1) % self.model.mtp.num_modules
-        layers = list(self.model.mtp.layers)[module * self.width : (module + 1) * self.width]
-        view = cache.begin(next_ids.shape[1], rows, valid, start=start)
-        first, last = layers[0], layers[-1]
-        emb = self.model.backbone.embeddings(next_ids)
-        hidden = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(prev_hidden)], dim=-1))
-        for j, block in enumerate(layers):
-            hidden = block.forward_cached(hidden, view, self.base + module * self.width + j)
-        return last.final_layernorm(hidden)
-
-    def draft(self, cache: HybridCache, h1: torch.Tensor, start: torch.Tensor, k: int) -> torch.Tensor:
-        """k greedy drafts per row (B, k): d1 from the depth-1 hidden h1 (B, H), then depths 2..k recursively."""
-        head = self.model.lm_head
-        drafts, h = [head(h1).float().argmax(-1)], h1
-        for j in range(2, k + 1):
-            h = self(cache, start + j - 2, h[:, None], drafts[-1][:, None], depth=j)[:, 0]
-            drafts.append(head(h).float().argmax(-1))
-        return torch.stack(drafts, 1)
+        b, t = next_ids.shape
+        if self.fast is not None and rows is None and valid is None:
+            return self.fast.mtp(prev_hidden.reshape(b * t, -1), next_ids, cache, start, depth).view(b, t, -1)
+        view = cache.begin(t, rows, valid, start=start)
+        return self.model.mtp.depth(depth)(prev_hidden, self.model.backbone.embeddings(next_ids), view)
 
 
-def speculative_greedy(model: HybridLM, cache: HybridCache, prompts: list[list[int]], max_new_tokens: int, k: int,
-                       prefill_chunk: int, stops: set[int], stats: dict) -> Iterator[list[list[int]]]:
+def speculative_rounds(
+    model: HybridLM,
+    fast: FastDecoder | None,
+    cache: HybridCache,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    k: int,
+    prefill_chunk: int,
+    stops: set[int],
+    stats: dict,
+    sampling: Sampling = Sampling(),
+    uniforms: torch.Tensor | None = None,
+    constrain: Callable[[int, list[int]], tuple[int, int | None]] | None = None,
+) -> Iterator[list[list[int]]]:
     """Yield, per round, the new tokens of each row (a list per row, possibly empty). Fills `stats`.
 
     `cache` must have max_rollback >= k + 1: a row that has finished (max_new_tokens or a stop token) still
     runs in the batch, and undoes all its k + 1 verified tokens each round so that it stops growing.
+    `uniforms` (B, 1 + rounds·(2k+1)): each row's stream when sampling (column 0 draws the first token).
+    `constrain(row, tokens) -> (n, token)`: a hook that may cut a row's emitted tokens to the first n and
+    replace the last one by `token` (the thinking budget, engine/thinking.py); it is told every row's
+    tokens of the round in order.
     """
     B, dev = len(prompts), cache.device
-    drafter, head = MTPDrafter(model), model.lm_head
-    lens = torch.tensor([len(p) for p in prompts], device=dev)
-    T = int(lens.max())
-    ids = torch.zeros(B, T, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
+    greedy = sampling.temperature == 0
+    if not greedy and uniforms is None:
+        raise ValueError("speculative sampling needs the rows' uniform streams")
+    drafter = Drafter(model, fast)
+    ids, lens = pad_prompts(prompts, dev)
+    T = ids.shape[1]
     ar = torch.arange(B, device=dev)
 
     # prefill: main model, then the MTP block over every prompt position (h0[t], token t+1)
-    hidden = torch.zeros(B, T, model.config.hidden_size, device=dev, dtype=head.weight.dtype)
-    passes = 0
-    for s in range(0, T, prefill_chunk):
-        rows = (lens > s).nonzero().view(-1)
-        valid = torch.clamp(lens[rows] - s, max=min(prefill_chunk, T - s))
-        seg = ids[rows, s : s + prefill_chunk]
-        hidden[rows, s : s + prefill_chunk] = model.hidden_states_cached(seg, cache, rows, valid)
-        passes += 1
-    x = head(hidden[ar, lens - 1]).float().argmax(-1)  # (B,) first new token
-    yield [[t] for t in x.tolist()]
+    last, hidden, passes = prefill(model, cache, ids, lens, prefill_chunk, keep_hidden=True)
+    p0 = sampling.probs(drafter.logits(last))  # (B, V)
+    x = p0.argmax(-1) if greedy else inverse_cdf(p0, uniforms[:, 0])  # (B,) first new token
+    first = x.tolist()
+    if constrain is not None:
+        for b in range(B):
+            n, forced = constrain(b, first[b : b + 1])
+            if forced is not None:
+                first[b] = forced
+        x = torch.tensor(first, device=dev)
+    yield [[t] for t in first]
     nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
     nxt[ar, lens - 1] = x
     h1 = torch.empty(B, model.config.hidden_size, device=dev, dtype=hidden.dtype)
-    for s in range(0, T, prefill_chunk):
-        rows = (lens > s).nonzero().view(-1)
-        valid = torch.clamp(lens[rows] - s, max=min(prefill_chunk, T - s))
-        out = drafter(cache, torch.full_like(rows, s), hidden[rows, s : s + prefill_chunk],
-                      nxt[rows, s : s + prefill_chunk], valid, rows)
+    for s, rows, valid in segments(lens, T, prefill_chunk):
+        out = drafter.mtp(cache, torch.full_like(rows, s), hidden[rows, s : s + prefill_chunk],
+                          nxt[rows, s : s + prefill_chunk], rows=rows, valid=valid)
         ends = lens[rows] <= s + prefill_chunk
         h1[rows[ends]] = out[ends.nonzero().view(-1), (valid - 1)[ends]]
+    del hidden
     mtp_start = lens.clone()
     produced = torch.ones(B, dtype=torch.long, device=dev)  # new tokens per row so far
-    done = (produced >= max_new_tokens) | torch.tensor([t in stops for t in x.tolist()], device=dev)
-    drafted, accepted, rounds = 0, 0, 0
+    done = (produced >= max_new_tokens) | torch.tensor([t in stops for t in first], device=dev)
+    per_round = uniforms_per_round(k)
+    live_rounds, accepted_at = 0, torch.zeros(k, dtype=torch.long)
+    rounds = 0
 
     while not bool(done.all()):
-        drafts = drafter.draft(cache, h1, mtp_start, k)  # (B, k): d_1..d_k
-        verified = model.hidden_states_cached(torch.cat([x[:, None], drafts], 1), cache)  # (B, k+1, H), verify
-        greedy = head(verified).float().argmax(-1)  # (B, k+1): the main model's tokens g_0..g_k
-        a = (drafts == greedy[:, :k]).long().cumprod(1).sum(1)  # (B,) accepted drafts
+        u = None if greedy else uniforms[:, 1 + rounds * per_round : 1 + (rounds + 1) * per_round]  # (B, 2k+1)
+        drafts, qs, h = [], [], h1
+        for j in range(1, k + 1):
+            if j > 1:
+                h = drafter.mtp(cache, mtp_start + j - 2, h[:, None], drafts[-1][:, None], depth=j)[:, 0]
+            q = sampling.probs(drafter.logits(h))  # (B, V)
+            drafts.append(q.argmax(-1) if greedy else inverse_cdf(q, u[:, j - 1]))
+            qs.append(q)
+        drafts_t = torch.stack(drafts, 1)  # (B, k): d_1..d_k
+        verified = drafter.verify(cache, torch.cat([x[:, None], drafts_t], 1))  # (B, k+1, H)
+        p = sampling.probs(drafter.logits(verified))  # (B, k+1, V)
+        a, extra = accept(drafts_t, None if greedy else torch.stack(qs, 1), p,
+                          None if greedy else u[:, k : 2 * k], None if greedy else u[:, 2 * k], greedy)
+        out = [[] if done[b] else drafts_t[b, : a[b]].tolist() + [int(extra[b])] for b in range(B)]
+        if constrain is not None:
+            for b in range(B):
+                if out[b]:
+                    n, forced = constrain(b, out[b])
+                    if n < len(out[b]) or forced is not None:
+                        out[b] = out[b][:n]
+                        if forced is not None:
+                            out[b][-1] = forced
+                        a[b], extra[b] = n - 1, out[b][-1]
+        live = ~done
+        live_rounds += int(live.sum())
+        accepted_at += (a[live, None] > torch.arange(k, device=dev)).sum(0).cpu()
         cache.rollback(torch.where(done, k + 1, k - a))  # a finished row keeps its length (it stays in the batch)
-        x = torch.where(done, x, greedy[ar, a])
-        out = [[] if done[b] else drafts[b, : a[b]].tolist() + [int(x[b])] for b in range(B)]
-        nxt = torch.cat([drafts, drafts[:, :1]], 1)
+        x = torch.where(done, x, extra)
+        nxt = torch.cat([drafts_t, drafts_t[:, :1]], 1)
         nxt[ar, a] = x
-        mtp_hidden = drafter(cache, mtp_start, verified, nxt, a + 1)  # MTP positions of the kept tokens
+        mtp_hidden = drafter.mtp(cache, mtp_start, verified, nxt)  # MTP positions of the kept tokens
         grown = torch.where(done, 0, a + 1)
         h1, mtp_start, produced = mtp_hidden[ar, a], mtp_start + grown, produced + grown  # h1: next round's draft
         passes, rounds = passes + 1, rounds + 1
-        live = int((~done).sum())
-        drafted, accepted = drafted + live * k, accepted + int(a[~done].sum())
         done |= produced >= max_new_tokens
         for b in range(B):
             done[b] |= any(t in stops for t in out[b])
-        stats.update(forward_passes=passes, drafted=drafted, accepted=accepted, rounds=rounds,
-                     acceptance_rate=accepted / max(drafted, 1),
-                     tokens_per_verify=1 + accepted / max(drafted / k, 1))
+        rates = (accepted_at.double() / max(live_rounds, 1)).tolist()
+        stats.update(forward_passes=passes, rounds=rounds, drafted=live_rounds * k, accepted=int(accepted_at.sum()),
+                     acceptance_length=1 + sum(rates), acceptance_rate_per_position=rates,
+                     acceptance_rate=sum(rates) / k)
         yield out
     stats.setdefault("forward_passes", passes)

@@ -2,6 +2,11 @@
 
 The layer kind is one character of the pattern: `M` Mamba-2, `*` attention, `E` MoE / LatentMoE, `-` dense
 relu² MLP. The backbone and the MTP block both stack these, so they live here, below both.
+
+Every mixer has one `forward(x, cache=None)`: without a cache it processes a whole sequence from a fresh
+state; with one (a layer handle of engine/cache.py, see model/state.py) it continues the cached sequences.
+Beside each mixer, in its file, is the fused step the fast decoder runs (`Mamba2Step`, `AttentionStep`,
+`MoEStep`, `MLPStep`), tested against that forward.
 """
 
 from __future__ import annotations
@@ -14,19 +19,25 @@ from nemotron3.model.attention import Attention
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import MoE
 from nemotron3.model.norms import MLP, RMSNorm
+from nemotron3.model.state import StateSpec
+
+MIXERS: dict[str, type[nn.Module]] = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
 
 
 def build_mixer(kind: str, config: ModelConfig) -> nn.Module:
     """The mixer module of one layer kind."""
-    if kind == "M":
-        return Mamba2Mixer(config)
-    if kind == "*":
-        return Attention(config)
-    if kind == "E":
-        return MoE(config)
+    if kind not in MIXERS:
+        raise ValueError(f"unknown layer kind {kind!r}")
     if kind == "-":
         return MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-    raise ValueError(f"unknown layer kind {kind!r}")
+    return MIXERS[kind](config)
+
+
+def state_spec(kind: str, config: ModelConfig, max_len: int) -> dict[str, StateSpec]:
+    """The per-row decode state one layer of `kind` declares (model/state.py), for sequences of max_len."""
+    if kind not in MIXERS:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    return MIXERS[kind].state_spec(config, max_len)
 
 
 class Block(nn.Module):
@@ -49,12 +60,8 @@ class Block(nn.Module):
         else:
             self.mixer.init_weights(config, n_layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H)."""
-        return x + self.mixer(self.norm(x))
-
-    def forward_cached(self, x: torch.Tensor, view, layer: int) -> torch.Tensor:
-        """The same block continuing cached sequences (`view`: a CacheView; `layer`: its cache index)."""
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); `cache`: this layer's handle of a cached forward, or None."""
         if self.kind in "M*":
-            return x + self.mixer.forward_cached(self.norm(x), view, layer)
+            return x + self.mixer(self.norm(x), cache)
         return x + self.mixer(self.norm(x))  # MoE and MLP act on each token alone: nothing to cache

@@ -55,13 +55,26 @@ class HybridLM(nn.Module):
         if self.mtp is not None:
             self.mtp.init_weights(c)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, H)."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache=None, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, H).
+
+        With a `cache` (engine.HybridCache), the T tokens continue the sequences held by cache `rows`
+        (all rows in order if None; B = len(rows)), the cache advances, and `valid` (B,) says how many of
+        each row's T tokens are real (right padding, see `Mamba2Mixer.forward`).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        view = None if cache is None else cache.begin(input_ids.shape[1], rows, valid)
+        if view is not None and view.index.numel() != input_ids.shape[0]:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the forward covers "
+                             f"{view.index.numel()} cache rows")
         h = self.backbone.embeddings(input_ids)  # (B, T, H)
-        for block in self.backbone.layers:
-            h = block(h)
+        for i, block in enumerate(self.backbone.layers):
+            h = block(h, None if view is None else view.layer(i))
+        if view is not None:
+            cache.commit(view)
         return self.backbone.norm_f(h)
 
     def forward(
@@ -72,38 +85,16 @@ class HybridLM(nn.Module):
         valid: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V) in fp32.
+        """input_ids (B, T) -> logits (B, T, V) in fp32; with a `cache`, as `hidden_states` continues it.
 
-        With a `cache` (engine.HybridCache), the T tokens continue the sequences held by cache `rows`
-        (all rows in order if None; B = len(rows)), the cache advances, and `valid` (B,) says how many of
-        each row's T tokens are real (right padding, see `Mamba2Mixer.forward_cached`). `last_only`
-        returns only each row's last real position, (B, 1, V): what prefill needs, without the (T, V)
-        logits of a long prompt.
+        `last_only` returns only each row's last real position, (B, 1, V): what prefill needs, without the
+        (T, V) logits of a long prompt.
         """
-        if cache is None:
-            h = self.hidden_states(input_ids)
-        else:
-            h = self.hidden_states_cached(input_ids, cache, rows, valid)
-            if last_only:
-                last = (valid - 1) if valid is not None else torch.full((h.shape[0],), h.shape[1] - 1)
-                h = h[torch.arange(h.shape[0]), last.to(h.device)][:, None]  # (B, 1, H)
+        h = self.hidden_states(input_ids, cache, rows, valid)
+        if last_only:
+            last = (valid - 1) if valid is not None else torch.full((h.shape[0],), h.shape[1] - 1)
+            h = h[torch.arange(h.shape[0]), last.to(h.device)][:, None]  # (B, 1, H)
         return self.lm_head(h).float()
-
-    def hidden_states_cached(
-        self, input_ids: torch.Tensor, cache, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """input_ids (B, T) continuing cache `rows` -> final-normed hidden states (B, T, H); advances the cache."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
-        view = cache.begin(input_ids.shape[1], rows, valid)
-        if view.index.numel() != input_ids.shape[0]:
-            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the forward covers "
-                             f"{view.index.numel()} cache rows")
-        h = self.backbone.embeddings(input_ids)  # (B, T, H)
-        for i, block in enumerate(self.backbone.layers):
-            h = block.forward_cached(h, view, i)
-        cache.commit(view)
-        return self.backbone.norm_f(h)
 
     def forward_mtp(self, input_ids: torch.Tensor, depths: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Main logits (B, T, V) and one logits tensor per MTP depth k = 1..depths.

@@ -16,14 +16,19 @@ exactly, with the lower bound `time_step_min` (as transformers' prefill does) an
 stack clamps at time_step_min is not stated anywhere we could read.] The bounds are the attributes
 `dt_min` / `dt_max` of each mixer, so they can be changed per model.
 
-With a cache (`forward_cached`), the layer continues a sequence instead of starting one: the conv reads
-the row's last conv_kernel-1 inputs before the new ones (the zero left padding of a fresh sequence is a
-zero conv state), and the SSD starts from the row's SSM state. One new token runs the recurrent step
-(`ssd_step`); several run the chunked scan with `initial_state`, which is the same function of the
-inputs (tests/test_engine_model.py checks prefill + steps against the full forward). Right padding is
-exact: a padding token gets dt = 0, which means no input and no decay (exp(0·A) = 1), so the state after
-the padding is the state after the row's last real token, and the new conv state is read at each row's
-own last real token.
+With a cache (`forward(x, cache)`, cache a layer handle of engine/cache.py), the layer continues a
+sequence instead of starting one: the conv reads the row's last conv_kernel-1 inputs before the new ones
+(the zero left padding of a fresh sequence is a zero conv state), and the SSD starts from the row's SSM
+state. One new token runs the recurrent step (`ssd_step`); several run the chunked scan with
+`initial_state`, which is the same function of the inputs (tests/test_engine_model.py checks prefill +
+steps against the full forward). Right padding is exact: a padding token gets dt = 0, which means no
+input and no decay (exp(0·A) = 1), so the state after the padding is the state after the row's last real
+token, and the new conv state is read at each row's own last real token. When the cache records states
+for rollback (`per_step`), the tokens run one by one and the state after each is recorded.
+
+`Mamba2Step` is the same layer for the fast decoder (engine/decode.py): weights packed once (dt_bias in
+the in-projection's bias, the gated norm's weight folded into out_proj), t tokens of every cache row,
+states updated in place, S·C as a multiply-and-sum (cheaper on CPU than a batched matmul of P×N by N×1).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from nemotron3.config import ModelConfig
 from nemotron3.model.conv import causal_conv1d
 from nemotron3.model.norms import GatedRMSNorm
 from nemotron3.model.ssd import ssd_chunked, ssd_step
+from nemotron3.model.state import StateSpec
 
 
 class Mamba2Mixer(nn.Module):
@@ -114,62 +120,119 @@ class Mamba2Mixer(nn.Module):
         rows = (j[:, None] + 1 + torch.arange(K1, device=window.device))[:, :, None]  # (b, K-1, 1)
         return window.gather(1, rows.expand(-1, -1, window.shape[-1])).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (b, t, H) -> (b, t, H), the whole sequence from a zero state."""
+    @staticmethod
+    def state_spec(config: ModelConfig, max_len: int) -> dict[str, StateSpec]:
+        """Per row: the last K-1 conv inputs (conv_dim, K-1) and the SSM state (heads, head_dim, state_size)."""
+        c = config
+        return {
+            "conv": StateSpec((c.mamba_conv_dim, c.conv_kernel - 1)),
+            "ssm": StateSpec((c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size), dtype="ssm"),
+        }
+
+    def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+        """hidden (b, t, H) -> (b, t, H): the whole sequence from a zero state, or continuing `cache`'s rows."""
         b, t, _ = hidden.shape
         zxbcdt = self.in_proj(hidden)  # (b, t, d_inner + conv_dim + heads)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        window = F.pad(xbc, (0, 0, self.conv_kernel - 1, 0))  # (b, K-1+t, conv_dim): zero history
-        xbc = F.silu(self.conv(window))  # (b, t, conv_dim)
-        x, B, C = self.split_xbc(xbc)
-        dt, A = self.discretize(dt)
-        y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
-        y = self.norm(y.reshape(b, t, self.d_inner), z)
-        return self.out_proj(y.to(hidden.dtype))
-
-    def forward_cached(self, hidden: torch.Tensor, view, layer: int) -> torch.Tensor:
-        """hidden (b, t, H) of the new tokens -> (b, t, H), continuing each row from its cached state.
-
-        `view` is a `CacheView` (engine/cache.py); `layer` the index of this layer's slots in the cache.
-        """
-        b, t, _ = hidden.shape
-        cache = view.cache
-        conv_all, ssm_all = cache.conv[layer], cache.ssm[layer]  # (rows, C, K-1), (rows, h, p, n)
-        conv_state = conv_all if view.rows is None else conv_all[view.index]
-        state = ssm_all if view.rows is None else ssm_all[view.index]  # (b, h, p, n)
-        zxbcdt = self.in_proj(hidden)
-        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        window = torch.cat([conv_state.transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # (b, K-1+t, C): history first
+        if cache is None:
+            window = F.pad(xbc, (0, 0, self.conv_kernel - 1, 0))  # (b, K-1+t, C): zero history
+        else:
+            conv_state = cache.read("conv")  # (b, C, K-1)
+            window = torch.cat([conv_state.transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # history first
         xbc = F.silu(self.conv(window))  # (b, t, C)
         x, B, C = self.split_xbc(xbc)  # (b, t, h, p), (b, t, g, n), (b, t, g, n)
         dt, A = self.discretize(dt)  # (b, t, h) fp32
-        last = view.last  # (b,) index of each row's last real token
-        if view.valid is not None:  # right padding: dt = 0 is no input and no decay
+        if cache is None:
+            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
+        else:
+            y = self._continue(cache, window, x, dt, A, B, C)
+        y = self.norm(y.reshape(b, t, self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype))
+
+    def _continue(self, cache, window, x, dt, A, B, C) -> torch.Tensor:
+        """The SSD from the cached state, storing the new states; y (b, t, h, p)."""
+        t = x.shape[1]
+        state = cache.read("ssm")  # (b, h, p, n)
+        last = cache.last  # (b,) index of each row's last real token
+        if cache.valid is not None:  # right padding: dt = 0 is no input and no decay
             dt = dt * (torch.arange(t, device=dt.device) <= last[:, None])[..., None]
-        if t == 1 or view.per_step:
+        if t == 1 or cache.per_step:
             ys = []
             for i in range(t):
                 ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=self.D))  # state updated in place
-                if view.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
+                if cache.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
                     j = torch.clamp(last, max=i)
-                    conv_i = self._conv_state_after(window, j)  # conv state after token j
-                    cache.record(layer, view.index, view.start + j, conv_i, state)
-            y = torch.stack(ys, dim=1)  # (b, t, h, p)
-            new_state = state
+                    cache.record(j, conv=self._conv_state_after(window, j), ssm=state)
+            y, new_state = torch.stack(ys, dim=1), state  # (b, t, h, p)
         else:
             y, new_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state)
-        if view.valid is None:
-            new_conv = window[:, t:].transpose(1, 2)  # (b, C, K-1)
+        new_conv = window[:, t:].transpose(1, 2) if cache.valid is None else self._conv_state_after(window, last)
+        if cache.recording and not cache.per_step:
+            cache.record(last, conv=new_conv, ssm=new_state)
+        cache.write("conv", new_conv)
+        cache.write("ssm", new_state)
+        return y
+
+
+class Mamba2Step:
+    """The fused Mamba-2 layer of the fast decoder: `step(h, x, cache)` for t new tokens of every cache row.
+
+    h (B·t, H) is the residual stream and x = RMSNorm(h) (row-major: row b's tokens are b·t .. b·t+t-1);
+    returns h + mixer(x). The state tensors are updated in place; with a recording cache the state after
+    each token goes to the rollback ring. Same mathematics as `Mamba2Mixer.forward` with a cache, up to
+    float summation order (tests/test_engine_decode.py).
+    """
+
+    def __init__(self, mixer: Mamba2Mixer, eps: float) -> None:
+        def transposed(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> contiguous (in, out): x @ Wᵀ
+            return w.t().contiguous()
+
+        m = mixer
+        self.d_inner, self.conv_dim, self.K = m.d_inner, m.conv_dim, m.conv_kernel
+        self.heads, self.groups, self.p, self.n = m.num_heads, m.n_groups, m.head_dim, m.state_size
+        self.eps = eps
+        self.w_in_t = transposed(m.in_proj.weight)  # (H, d_inner + C + h)
+        self.in_bias = torch.cat([torch.zeros(m.d_inner + m.conv_dim), m.dt_bias.float()])  # dt_bias, via addmm
+        self.conv_w = m.conv1d.weight[:, 0].contiguous()  # (C, K)
+        self.conv_b = m.conv1d.bias if m.conv1d.bias is not None else torch.zeros(m.conv_dim)
+        self.A = -torch.exp(m.A_log.float())  # (h,)
+        self.D = m.D
+        self.w_out_t = m.norm.weight[:, None] * transposed(m.out_proj.weight)  # (d_inner, H), gated norm's weight
+        self.dt_min, self.dt_max = m.dt_min, m.dt_max
+
+    def __call__(self, h: torch.Tensor, x: torch.Tensor, cache) -> torch.Tensor:
+        di, C, K, t = self.d_inner, self.conv_dim, self.K, cache.t
+        nh, g, p, n = self.heads, self.groups, self.p, self.n
+        B = h.shape[0] // t
+        conv_state, state = cache.read("conv"), cache.read("ssm")  # (B, C, K-1), (B, h, p, n)
+        zxbcdt = torch.addmm(self.in_bias, x, self.w_in_t)  # (B·t, d_inner + C + h), dt_bias already added
+        z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + C], zxbcdt[:, di + C :]
+        if t == 1:
+            window = torch.cat([conv_state, xbc[:, :, None]], dim=-1)  # (B, C, K)
+            conv_state.copy_(window[:, :, 1:])
+            xbc = F.silu(torch.sum(window * self.conv_w, dim=-1) + self.conv_b)  # (B, C)
         else:
-            new_conv = self._conv_state_after(window, last)
-        if cache.max_rollback and not view.per_step:
-            cache.record(layer, view.index, view.start + last, new_conv, new_state)
-        if view.rows is None:
-            conv_all.copy_(new_conv)
-            if new_state is not ssm_all:
-                ssm_all.copy_(new_state)
-        else:
-            conv_all[view.index] = new_conv.to(conv_all.dtype)
-            ssm_all[view.index] = new_state.to(ssm_all.dtype)
-        y = self.norm(y.reshape(b, t, self.d_inner), z)
-        return self.out_proj(y.to(hidden.dtype))
+            window = torch.cat([conv_state, xbc.view(B, t, C).transpose(1, 2)], dim=-1)  # (B, C, K-1+t)
+            conv_state.copy_(window[:, :, t:])
+            taps = window.unfold(2, K, 1)  # (B, C, t, K): token i's K conv inputs
+            xbc = F.silu(torch.sum(taps * self.conv_w[:, None], dim=-1) + self.conv_b[:, None])  # (B, C, t)
+            xbc = xbc.transpose(1, 2).reshape(B * t, C)
+        gn, r = g * n, nh // g
+        xs = xbc[:, :di].view(B, t, g, r, p)
+        Bm = xbc[:, di : di + gn].view(B, t, g, 1, 1, n)
+        Cm = xbc[:, di + gn :].view(B, t, g, 1, 1, n)
+        dt = F.softplus(dt).clamp_(self.dt_min, self.dt_max).view(B, t, g, r)  # (B, t, g, r)
+        dA = torch.exp(dt * self.A.view(g, r))
+        dtx = (xs * dt[..., None])[..., None]  # (B, t, g, r, p, 1)
+        s = state.view(B, g, r, p, n)
+        ys = []
+        for i in range(t):
+            s.mul_(dA[:, i, :, :, None, None]).addcmul_(dtx[:, i], Bm[:, i])  # S ← e^{dt·A} S + dt·x ⊗ B
+            ys.append((s * Cm[:, i]).sum(-1))  # S·C as a multiply-and-sum: (B, g, r, p)
+            if cache.recording:
+                cache.record(i, conv=window[:, :, i + 1 : i + K], ssm=state)
+        y = ys[0] if t == 1 else torch.stack(ys, dim=1)  # (B, [t,] g, r, p)
+        y = y.reshape(B * t, nh, p).addcmul_(xs.reshape(B * t, nh, p), self.D[:, None]).view(B * t, di)  # + D·x
+        y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group (its weight is folded into w_out_t)
+        y = F.rms_norm(y.view(B * t, g, di // g), (di // g,), None, self.eps).view(B * t, di)
+        return torch.addmm(h, y, self.w_out_t)

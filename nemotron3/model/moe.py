@@ -11,6 +11,20 @@ Routed experts are stored as two 3-D tensors, `up_proj` (E, I, ℓ) and `down_pr
 grouped: the (token, slot) pairs are sorted by expert once, and each expert multiplies its contiguous
 slice of tokens in one matmul; no loop ever runs over tokens. `Experts.forward_reference` is the
 token-by-token definition, kept beside the fast path for tests.
+
+`MoEStep` is the same layer for the fast decoder (engine/decode.py), where a step has only B·t tokens and
+the cost is the number of tensor ops, not FLOPs:
+
+* router | fc1_latent_proj | shared up_proj fused into one matrix (all three read the same normed input)
+  and fc2_latent_proj | shared down_proj side by side (their outputs are summed, so one matmul over the
+  concatenated inputs does both); the residual add folded into that `addmm`;
+* for a handful of tokens (N·k < E) one GEMV pair per (token, chosen expert), reading only those experts
+  and normalising the router weights on the host; for more tokens the pairs are grouped by expert and
+  each expert runs one GEMM pair on its tokens; from N·k >= 2E (`padded_min_pairs`) all experts run as
+  one padded batched matmul pair, two calls instead of ~2E (the measurements: docs/results.md);
+* `traceable=True` (for `torch.compile`, which cannot sync with the host): the chosen experts are read by
+  indexing inside one fused multiply-and-sum while that reads each expert at most ~4 times (N·k <= 4E),
+  and beyond every expert runs densely with weight 0 for the ones not chosen.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.model.norms import MLP, relu2
+from nemotron3.model.state import StateSpec
 
 
 class TopKRouter(nn.Module):
@@ -130,6 +145,11 @@ class MoE(nn.Module):
         self.last_scores: torch.Tensor | None = None
         self.last_topk: torch.Tensor | None = None
 
+    @staticmethod
+    def state_spec(config: ModelConfig, max_len: int) -> dict[str, StateSpec]:
+        """Nothing: each token is routed and processed alone."""
+        return {}
+
     @torch.no_grad()
     def init_weights(self, config: ModelConfig, n_layers: int) -> None:
         std = config.initializer_range
@@ -158,3 +178,128 @@ class MoE(nn.Module):
         if self.record_scores:
             self.last_scores, self.last_topk = scores, idx
         return y.view(shape)
+
+
+class MoEStep:
+    """The fused MoE / LatentMoE layer of the fast decoder: `step(h, x, cache)` -> h + moe(x), x (N, H).
+
+    `padded_min_pairs`: N·k from which the padded batched experts run (eager); `traceable`: the variant
+    for `torch.compile` (see the module docstring).
+    """
+
+    def __init__(self, mixer: MoE, config: ModelConfig, traceable: bool = False) -> None:
+        def transposed(w: torch.Tensor) -> torch.Tensor:
+            return w.t().contiguous()
+
+        m, c = mixer, config
+        self.traceable = traceable
+        self.E, self.k = c.n_routed_experts, c.num_experts_per_tok
+        self.scaling, self.norm_topk = float(c.routed_scaling_factor), c.norm_topk_prob
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.padded_min_pairs = 2 * c.n_routed_experts
+        self.latent, self.shared = m.fc1_latent_proj is not None, m.shared_experts is not None
+        ins = [m.gate.weight] + ([m.fc1_latent_proj.weight] if self.latent else [])
+        ins += [m.shared_experts.up_proj.weight] if self.shared else []
+        outs = [m.fc2_latent_proj.weight] if self.latent else []
+        outs += [m.shared_experts.down_proj.weight] if self.shared else []
+        self.w_in_t = transposed(torch.cat(ins))  # (H, E [+ ℓ] [+ I_s]): router | fc1_latent | shared up
+        self.w_out_t = transposed(torch.cat(outs, dim=1)) if outs else None  # (ℓ + I_s, H)
+        self.up, self.down = m.experts.up_proj, m.experts.down_proj  # (E, I, ℓ), (E, ℓ, I): the model's own
+        E, inter, ell = self.up.shape
+        self.inter, self.ell = inter, ell
+        self.up_blocks = self.up.transpose(1, 2).contiguous()  # (E, ℓ, I): one contiguous block per expert
+        self.down_t = self.down.transpose(1, 2).reshape(E * inter, ell).contiguous()  # (E·I, ℓ)
+        self.down_blocks = self.down_t.view(E, inter, ell)
+        self.up_t = self.up_blocks.permute(1, 0, 2).reshape(ell, E * inter) if traceable else None  # dense form
+        self.up_e, self.down_e = list(self.up_blocks.unbind(0)), list(self.down_blocks.unbind(0))
+        self.correction_bias = m.gate.e_score_correction_bias  # (E,) steers the selection only
+
+    def __call__(self, h: torch.Tensor, x: torch.Tensor, cache=None) -> torch.Tensor:
+        N, E, k, inter, ell = h.shape[0], self.E, self.k, self.inter, self.ell
+        fused = torch.mm(x, self.w_in_t)  # (N, E + ℓ + I_s): router logits | latent input | shared up_proj
+        scores = torch.sigmoid(fused[:, :E])  # (N, E)
+        if self.n_group > 1:  # rare: the reference router's group-limited selection rule
+            idx = self._grouped_topk(scores + self.correction_bias)
+        else:
+            idx = torch.topk(scores + self.correction_bias, k, dim=-1, sorted=False).indices  # (N, k)
+        w = scores.gather(1, idx)  # (N, k) router weights of the chosen experts, not yet normalised
+        z = fused[:, E : E + ell] if self.latent else x  # (N, ℓ)
+        if N * k < E and not self.traceable:  # few (token, expert) pairs: one GEMV pair each, chosen experts only
+            y = torch.zeros(N, ell)
+            for b, (experts, ws) in enumerate(zip(idx.tolist(), w.tolist())):  # weights normalised on the host
+                scale = self.scaling / (sum(ws) + 1e-20) if self.norm_topk else self.scaling
+                zb, yb = z[b : b + 1], y[b : b + 1]
+                for e, we in zip(experts, ws):
+                    yb.addmm_(torch.mm(zb, self.up_e[e]).relu_().square_(), self.down_e[e], alpha=we * scale)
+            return self._out(h, fused, y)
+        if self.norm_topk:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * self.scaling
+        if self.traceable and N * k <= 4 * E:  # compiled, <= ~4 reads per expert: fused indexed multiply-and-sum
+            flat = idx.reshape(-1)  # (N·k,)
+            hid = (self.up[flat] * z.repeat_interleave(k, dim=0)[:, None, :]).sum(-1).relu().square()  # (N·k, I)
+            out = (self.down[flat] * hid[:, None, :]).sum(-1).view(N, k, ell)
+            y = (out * w[:, :, None]).sum(1)  # (N, ℓ)
+        elif self.traceable:  # compiled, many more tokens: every expert for every token, weight 0 where not chosen
+            dense_w = torch.zeros(N, E).scatter_(1, idx, w)  # (N, E)
+            hid = torch.mm(z, self.up_t).relu_().square_().view(N, E, inter)  # (N, E, I)
+            y = torch.mm((hid * dense_w[:, :, None]).view(N, E * inter), self.down_t)  # (N, ℓ)
+        elif N * k < self.padded_min_pairs:  # several tokens: one GEMM pair per chosen expert on its tokens
+            y = self._experts_grouped(z, idx, w)
+        else:  # many tokens: every expert runs its tokens as one slice of a padded batched matmul pair
+            y = self._experts_padded(z, idx, w)
+        return self._out(h, fused, y)
+
+    def _experts_grouped(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """z (N, ℓ), idx (N, k), w (N, k) -> (N, ℓ): the (token, expert) pairs sorted by expert, one GEMM pair
+        per expert that has tokens (only the chosen experts' weights are read)."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort()
+        rows = order // k
+        counts = torch.bincount(flat, minlength=self.E).tolist()
+        outs = []
+        for e, zs in enumerate(z.index_select(0, rows).split(counts)):
+            if counts[e]:
+                outs.append(torch.mm(torch.mm(zs, self.up_e[e]).relu_().square_(), self.down_e[e]))
+        ys = torch.cat(outs).mul_(w.reshape(-1)[order, None])  # (N·k, ℓ)
+        return torch.zeros(N, z.shape[1]).index_add_(0, rows, ys)
+
+    def _experts_padded(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """z (N, ℓ), idx (N, k), w (N, k) -> routed output (N, ℓ), for N·k >= padded_min_pairs.
+
+        Pair i = (token b, slot j) gets slot `pos` = how many earlier pairs chose the same expert, so expert
+        e's tokens sit in X[e, :count_e]; X is (E, m, ℓ) with m = the largest count, and two `bmm`s run every
+        expert at once. Unused slots are zero rows (relu² of 0 is 0, so they stay zero and are never read).
+        Two calls replace the ~2E small, dispatch-bound calls of one GEMM pair per expert, for at most
+        m·E / (N·k) times the useful FLOPs.
+        """
+        N, k = idx.shape
+        E, ell = self.E, z.shape[-1]
+        flat = idx.reshape(-1)  # (N·k,)
+        onehot = F.one_hot(flat, E)  # (N·k, E)
+        pos = (onehot.cumsum(0) - 1).gather(1, flat[:, None])[:, 0]  # (N·k,) rank within the expert
+        m = int(onehot.sum(0).max())
+        X = z.new_zeros(E, m, ell)
+        X[flat, pos] = z.repeat_interleave(k, dim=0)
+        Y = torch.bmm(torch.bmm(X, self.up_blocks).relu_().square_(), self.down_blocks)  # (E, m, ℓ)
+        return (Y[flat, pos].view(N, k, ell) * w[:, :, None]).sum(1)
+
+    def _out(self, h: torch.Tensor, fused: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Residual + fc2_latent_proj(y) + shared expert, as one addmm over [y | relu²(shared up)]."""
+        E, ell = self.E, self.ell
+        if self.w_out_t is None:
+            return h + y
+        if not self.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
+            return torch.addmm(h + y, fused[:, E:].relu().square_(), self.w_out_t)
+        if self.shared:
+            y = torch.cat([y, fused[:, E + ell :].relu().square_()], dim=1)  # (N, ℓ + I_s)
+        return torch.addmm(h, y, self.w_out_t)
+
+    def _grouped_topk(self, choice: torch.Tensor) -> torch.Tensor:
+        N = choice.shape[0]
+        grouped = choice.view(N, self.n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1).topk(self.k, dim=-1).indices

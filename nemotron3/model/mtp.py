@@ -27,17 +27,30 @@ from nemotron3.model.norms import RMSNorm
 
 
 class MTPModule:
-    """A view over one module's layers (they are registered once, in `MTP.layers`, under checkpoint names)."""
+    """A view over one module's layers (they are registered once, in `MTP.layers`, under checkpoint names).
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    `first_cache_layer`: the cache layer index of its first layer (after the backbone's and the earlier
+    modules'), so that the drafter can run it incrementally on a cache (engine/speculative.py).
+    """
+
+    def __init__(self, layers: list[nn.Module], first_cache_layer: int) -> None:
         self._layers = layers
+        self.first_cache_layer = first_cache_layer
 
-    def __call__(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
-        """prev_hidden (B, T, H) = h_{k-1}, next_embeds (B, T, H) = Emb(token_{t+k}) -> h_k (B, T, H)."""
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self._layers
+
+    def __call__(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, cache=None) -> torch.Tensor:
+        """prev_hidden (B, T, H) = h_{k-1}, next_embeds (B, T, H) = Emb(token_{t+k}) -> h_k (B, T, H).
+
+        `cache`: a CacheView (engine/cache.py) whose positions are the MTP positions of the T inputs; the
+        module's attention layers append to their own slots (the caller advances those positions).
+        """
         first, last = self._layers[0], self._layers[-1]
         u = first.eh_proj(torch.cat([first.enorm(next_embeds), first.hnorm(prev_hidden)], dim=-1))
-        for block in self._layers:
-            u = block(u)
+        for j, block in enumerate(self._layers):
+            u = block(u, None if cache is None else cache.layer(self.first_cache_layer + j))
         return last.final_layernorm(u)
 
 
@@ -57,7 +70,8 @@ class MTP(nn.Module):
                 if i == n - 1:
                     block.final_layernorm = RMSNorm(H, eps)
                 self.layers.append(block)
-        self.modules_ = [MTPModule(list(self.layers[m * n : (m + 1) * n]))
+        base = len(config.pattern)
+        self.modules_ = [MTPModule(list(self.layers[m * n : (m + 1) * n]), base + m * n)
                          for m in range(config.num_nextn_predict_layers)]
 
     @property

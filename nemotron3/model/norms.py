@@ -65,5 +65,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
+    @staticmethod
+    def state_spec(config, max_len: int) -> dict:
+        """Nothing: each token is processed alone."""
+        return {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(relu2(self.up_proj(x)))
+
+
+class MLPStep:
+    """The fused dense layer of the fast decoder: `step(h, x, cache)` -> h + down(relu(up(x))²), x (N, H)."""
+
+    def __init__(self, mlp: MLP) -> None:
+        self.w_up_t = mlp.up_proj.weight.t().contiguous()
+        self.w_down_t = mlp.down_proj.weight.t().contiguous()
+
+    def __call__(self, h: torch.Tensor, x: torch.Tensor, cache=None) -> torch.Tensor:
+        return torch.addmm(h, torch.mm(x, self.w_up_t).relu_().square_(), self.w_down_t)
