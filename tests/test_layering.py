@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nemotron3"
 
 # top-level component of nemotron3 -> layer; a module may import its own component and any lower layer
 LAYERS = {
-    "presets": 0, "tasks": 0, "options": 0,  # data and the stage-config helpers: no nemotron3 imports
+    "presets": 0, "tasks": 0, "options": 0, "chat": 0,  # data, stage-config helpers, the chat format: no imports
     "config": 1,
     "model": 2,
     "hf": 3,

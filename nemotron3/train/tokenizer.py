@@ -27,6 +27,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nemotron3.chat import CHAT_TEMPLATE
+
 SPECIAL_TOKENS = (
     "<unk>", "<s>", "</s>",
     "<|im_start|>", "<|im_end|>",
@@ -78,7 +80,8 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(str(p)))
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write `tokenizer.json` and a `tokenizer_config.json` that transformers' fast tokenizer reads."""
+        """Write `tokenizer.json` and a `tokenizer_config.json` that transformers' fast tokenizer reads, with the
+        chat template (`nemotron3.chat.CHAT_TEMPLATE`), so `apply_chat_template` renders as `chat.render` does."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(folder / "tokenizer.json"))
@@ -87,6 +90,7 @@ class Tokenizer:
             "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>",
             "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
             "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
