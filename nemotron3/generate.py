@@ -53,8 +53,8 @@ class GenerateConfig(StageConfig):
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
     threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
     compile: bool = option(False, "torch.compile the decode step (slow first call)")
-    speculative: int = option(0, "MTP speculative decoding with K drafted tokens (greedy; models with an MTP "
-                              "block)", min=0, metavar="K")
+    speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward (lossless, "
+                              "greedy or sampled; models with an MTP block)", min=0, metavar="K")
 
     def validate(self) -> None:
         super().validate()
@@ -139,4 +139,8 @@ def main(cfg: GenerateConfig) -> int:
     print(f"[{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new; prefill {s['prefill_tok_s']:.0f} tok/s, "
           f"decode {s['decode_tok_s']:.0f} tok/s, {s['forward_passes']} forward passes, {s['path']} path]",
           file=sys.stderr)
+    if "acceptance_length" in s:
+        rates = ", ".join(f"{r:.2f}" for r in s["acceptance_rate_per_position"])
+        print(f"[speculative: {s['acceptance_length']:.2f} tokens per verify forward; acceptance by draft "
+              f"position {rates}]", file=sys.stderr)
     return 0
