@@ -191,15 +191,22 @@ def speculative_rounds(
         for j in range(1, k + 1):
             if j > 1:
                 h = drafter.mtp(cache, mtp_start + j - 2, h[:, None], drafts[-1][:, None], depth=j)[:, 0]
-            q = sampling.probs(drafter.logits(h))  # (B, V)
-            drafts.append(q.argmax(-1) if greedy else inverse_cdf(q, u[:, j - 1]))
-            qs.append(q)
+            logits = drafter.logits(h)  # (B, V)
+            if greedy:
+                drafts.append(logits.argmax(-1))
+            else:
+                qs.append(sampling.probs(logits))
+                drafts.append(inverse_cdf(qs[-1], u[:, j - 1]))
         drafts_t = torch.stack(drafts, 1)  # (B, k): d_1..d_k
         verified = drafter.verify(cache, torch.cat([x[:, None], drafts_t], 1))  # (B, k+1, H)
-        p = sampling.probs(drafter.logits(verified))  # (B, k+1, V)
-        a, extra = accept(drafts_t, None if greedy else torch.stack(qs, 1), p,
-                          None if greedy else u[:, k : 2 * k], None if greedy else u[:, 2 * k], greedy)
-        out = [[] if done[b] else drafts_t[b, : a[b]].tolist() + [int(extra[b])] for b in range(B)]
+        logits = drafter.logits(verified)  # (B, k+1, V)
+        if greedy:  # the target's argmax: accept while the drafts agree, then its token
+            a, extra = accept(drafts_t, None, logits, None, None, greedy=True)
+        else:
+            a, extra = accept(drafts_t, torch.stack(qs, 1), sampling.probs(logits), u[:, k : 2 * k], u[:, 2 * k],
+                              greedy=False)
+        a_l, extra_l, done_l, drafts_l = a.tolist(), extra.tolist(), done.tolist(), drafts_t.tolist()
+        out = [[] if done_l[b] else drafts_l[b][: a_l[b]] + [extra_l[b]] for b in range(B)]
         if constrain is not None:
             for b in range(B):
                 if out[b]:
@@ -208,9 +215,10 @@ def speculative_rounds(
                         out[b] = out[b][:n]
                         if forced is not None:
                             out[b][-1] = forced
-                        a[b], extra[b] = n - 1, out[b][-1]
+                        a_l[b], extra_l[b] = n - 1, out[b][-1]
+            a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
         live = ~done
-        live_rounds += int(live.sum())
+        live_rounds += B - sum(done_l)
         accepted_at += (a[live, None] > torch.arange(k, device=dev)).sum(0).cpu()
         cache.rollback(torch.where(done, k + 1, k - a))  # a finished row keeps its length (it stays in the batch)
         x = torch.where(done, x, extra)
@@ -220,9 +228,10 @@ def speculative_rounds(
         grown = torch.where(done, 0, a + 1)
         h1, mtp_start, produced = mtp_hidden[ar, a], mtp_start + grown, produced + grown  # h1: next round's draft
         passes, rounds = passes + 1, rounds + 1
-        done |= produced >= max_new_tokens
-        for b in range(B):
-            done[b] |= any(t in stops for t in out[b])
+        done = (produced >= max_new_tokens) | done
+        hit = [any(t in stops for t in row) for row in out]
+        if any(hit):
+            done |= torch.tensor(hit, device=dev)
         rates = (accepted_at.double() / max(live_rounds, 1)).tolist()
         stats.update(forward_passes=passes, rounds=rounds, drafted=live_rounds * k, accepted=int(accepted_at.sum()),
                      acceptance_length=1 + sum(rates), acceptance_rate_per_position=rates,
