@@ -52,6 +52,7 @@ from nemotron3.engine.decode import FastDecoder
 from nemotron3.engine.prefill import pad_prompts, prefill
 from nemotron3.engine.sampling import row_uniforms, sample, validate_sampling
 from nemotron3.engine.speculative import Sampling, speculative_rounds, uniforms_per_round
+from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
 from nemotron3.model.hybrid import HybridLM
 
 
@@ -66,7 +67,8 @@ class Engine:
 
     max_seq_len: the most tokens (prompt + new) one row may hold; default the config's
     `max_position_embeddings`. prefill_chunk: prompt tokens per prefill forward. fast: use FastDecoder
-    when the model allows it. compile: torch.compile the fast decode step.
+    when the model allows it. compile: torch.compile the fast decode step. think_tokens: the ids a thinking
+    budget needs (engine/thinking.py; default nemotron3's `<think>` / `</think>` ids and no newline ids).
     """
 
     def __init__(
@@ -76,8 +78,10 @@ class Engine:
         prefill_chunk: int = 2048,
         fast: bool = True,
         compile: bool = False,
+        think_tokens: ThinkTokens | None = None,
     ) -> None:
         self.model = model.eval()
+        self.think_tokens = think_tokens or ThinkTokens()
         self.config = model.config
         self.max_seq_len = int(max_seq_len or self.config.max_position_embeddings)
         if prefill_chunk <= 0:
@@ -102,11 +106,18 @@ class Engine:
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
         num_speculative_tokens: int = 0,
+        max_thinking_tokens: int | list[int] | None = None,
+        thinking_grace: float = 0.1,
     ) -> Generation:
-        """New tokens for each prompt (a stop token ends its row and is included) and the call's stats."""
+        """New tokens for each prompt (a stop token ends its row and is included) and the call's stats.
+
+        `max_thinking_tokens` (one budget, or one per prompt) caps each row's reasoning inside `<think>`
+        (engine/thinking.py): after N thinking tokens, `</think>` is forced after the next newline within
+        `thinking_grace · N` more tokens, else at once.
+        """
         out: list[list[int]] = [[] for _ in prompts]
         for step in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
-                                num_speculative_tokens):
+                                num_speculative_tokens, max_thinking_tokens, thinking_grace):
             for row, tok in enumerate(step):
                 if tok is not None:
                     out[row].append(tok)
@@ -122,6 +133,8 @@ class Engine:
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
         num_speculative_tokens: int = 0,
+        max_thinking_tokens: int | list[int] | None = None,
+        thinking_grace: float = 0.1,
     ) -> Iterator[list[int | None]]:
         """Yield one list per step: the new token of each row, or None for a row with no token in this step
         (it has stopped, or, with speculative decoding, it got fewer tokens from this verify forward).
@@ -131,10 +144,15 @@ class Engine:
         """
         prompts = self._validate(prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        budget = None
+        if max_thinking_tokens is not None:
+            budgets = max_thinking_tokens if isinstance(max_thinking_tokens, (list, tuple)) else \
+                [max_thinking_tokens] * len(prompts)
+            budget = ThinkingBudget(self.think_tokens, list(budgets), prompts, thinking_grace)
         if num_speculative_tokens:
             return self._run_speculative(prompts, max_new_tokens, num_speculative_tokens, stops,
-                                         Sampling(float(temperature), top_k, top_p), seed)
-        return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, stops)
+                                         Sampling(float(temperature), top_k, top_p), seed, budget)
+        return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, stops, budget)
 
     # ------------------------------------------------------------------ checks
     def _validate(self, prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens) -> list[list[int]]:
@@ -222,7 +240,8 @@ class Engine:
             return logits
         return fast
 
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stops) -> Iterator[list[int | None]]:
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stops,
+             budget: ThinkingBudget | None = None) -> Iterator[list[int | None]]:
         B = len(prompts)
         with torch.inference_mode():
             cache = self._cache_for(B, max(len(p) for p in prompts) + max_new_tokens)
@@ -242,6 +261,11 @@ class Engine:
                     passes += 1
                     tok = sample(logits, temperature, top_k, top_p, None if uniforms is None else uniforms[:, i])
             toks = tok.tolist()
+            if budget is not None:  # a forced </think> replaces the sampled token, and is what the model reads next
+                forced = [None if done[r] else budget(r, toks[r : r + 1])[1] for r in range(B)]
+                if any(f is not None for f in forced):
+                    toks = [t if f is None else f for t, f in zip(toks, forced)]
+                    tok = torch.tensor(toks, device=tok.device)
             out: list[int | None] = []
             for r in range(B):
                 if done[r]:
@@ -251,13 +275,13 @@ class Engine:
                 produced += 1
                 done[r] = toks[r] in stops
             if i == max_new_tokens - 1 or all(done):
-                self._finish(prompts, produced, passes, t_prefill, time.perf_counter() - t1, i + 1)
+                self._finish(prompts, produced, passes, t_prefill, time.perf_counter() - t1, i + 1, budget)
             yield out
             if all(done):
                 break
 
-    def _run_speculative(self, prompts, max_new_tokens, k, stops, sampling: Sampling,
-                         seed) -> Iterator[list[int | None]]:
+    def _run_speculative(self, prompts, max_new_tokens, k, stops, sampling: Sampling, seed,
+                         budget: ThinkingBudget | None = None) -> Iterator[list[int | None]]:
         """MTP speculation (engine/speculative.py); each round's tokens are yielded one column at a time."""
         B, longest = len(prompts), max(len(p) for p in prompts)
         with torch.inference_mode():
@@ -270,7 +294,7 @@ class Engine:
             fast = self._fast_decoder()
         stats: dict = {}
         rounds = speculative_rounds(self.model, fast, cache, prompts, max_new_tokens, k, self.prefill_chunk, stops,
-                                    stats, sampling, uniforms)
+                                    stats, sampling, uniforms, budget)
         count, done, produced = [0] * B, [False] * B, 0
         t0 = time.perf_counter()
         t_prefill = None
@@ -291,14 +315,14 @@ class Engine:
                         done[r] = new[r][j] in stops or count[r] == max_new_tokens
                 if all(done):
                     self._finish(prompts, produced, stats.get("forward_passes", 1), t_prefill,
-                                 time.perf_counter() - t1, stats.get("rounds", 0) + 1)
+                                 time.perf_counter() - t1, stats.get("rounds", 0) + 1, budget)
                     self.last_stats.update({name: v for name, v in stats.items() if name != "forward_passes"})
                 if any(t is not None for t in col):
                     yield col
             if all(done):
                 break
 
-    def _finish(self, prompts, produced, passes, t_prefill, t_decode, steps) -> None:
+    def _finish(self, prompts, produced, passes, t_prefill, t_decode, steps, budget=None) -> None:
         n_prompt = sum(len(p) for p in prompts)
         self.last_stats = {
             "batch": len(prompts),
@@ -312,3 +336,5 @@ class Engine:
             "forward_passes": passes,
             "path": ("compiled " if self.compile and self.fast else "") + ("fast" if self.fast else "reference"),
         }
+        if budget is not None:
+            self.last_stats["thinking_forced"] = list(budget.forced)  # times each row's </think> was forced
