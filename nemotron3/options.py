@@ -203,6 +203,29 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return cls(**data)
 
 
+def restore_config(cfg: T, saved: dict[str, Any], where: Any, operational: typing.Collection[str]) -> T:
+    """The configuration a resumed run continues with: the saved run's (`saved`, its JSON form), plus the caller's
+    `operational` fields (those that only decide what is saved, logged or reported) where the caller set them.
+
+    A field outside `operational` that the caller set (to something other than its default) and that differs
+    from the saved value is refused with ConfigError: it would change what the run computes, so the result
+    would match neither run.
+    """
+    cls = type(cfg)
+    defaults = cls()
+    restored = from_dict(cls, {**saved, "out": cfg.out, "resume": True}, where=f"{where} (saved run)")
+    changed = [f.name for f in dataclasses.fields(cfg) if f.name not in operational
+               and getattr(cfg, f.name) != getattr(defaults, f.name)
+               and getattr(cfg, f.name) != getattr(restored, f.name)]
+    if changed:
+        diffs = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)!r} (saved: {getattr(restored, n)!r})"
+                          for n in changed)
+        raise ConfigError(f"--resume continues the run saved in {where} with its own configuration; {diffs} would "
+                          "change what the run computes. Drop these flags, or start a new run in another --out.")
+    return dataclasses.replace(restored, **{n: getattr(cfg, n) for n in operational
+                                            if getattr(cfg, n) != getattr(defaults, n)})
+
+
 @dataclasses.dataclass
 class StageConfig:
     """Base of the stage configs: `__post_init__` runs `check_fields` and then the stage's own `validate()`."""

@@ -26,7 +26,6 @@ message. Fields that only decide what is saved or reported (`eval_every`, `save_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -41,12 +40,12 @@ from nemotron3.config import ModelConfig
 from nemotron3.evaluate import task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.model import HybridLM
-from nemotron3.options import ConfigError, fail, from_dict, option, to_dict
+from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
 from nemotron3.presets import PRESETS
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
 from nemotron3.train.evaluate import unigram_baseline
-from nemotron3.train.loop import TrainConfig, train
+from nemotron3.train.loop import TrainConfig, process_group, train
 from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # --nvfp4-off names -> the NVFP4Recipe field each one turns off.
@@ -103,19 +102,8 @@ class PretrainConfig(TrainConfig):
 
 def restore(cfg: PretrainConfig, saved: dict, where: Path) -> PretrainConfig:
     """The saved run's configuration, with the caller's operational fields; refuses a change of any other."""
-    defaults = type(cfg)()
     saved = {k: v for k, v in saved.items() if not (k == "data" and v is None)}  # nemotron3 0.1 saved data=None
-    restored = from_dict(type(cfg), {**saved, "out": cfg.out, "resume": True}, where=f"{where} (saved run)")
-    changed = [f.name for f in dataclasses.fields(cfg) if f.name not in OPERATIONAL_FIELDS
-               and getattr(cfg, f.name) != getattr(defaults, f.name)
-               and getattr(cfg, f.name) != getattr(restored, f.name)]
-    if changed:
-        diffs = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)!r} (saved: {getattr(restored, n)!r})"
-                          for n in changed)
-        raise ConfigError(f"--resume continues the run saved in {where} with its own configuration; {diffs} would "
-                          "change what the run computes. Drop these flags, or start a new run in another --out.")
-    return dataclasses.replace(restored, **{n: getattr(cfg, n) for n in OPERATIONAL_FIELDS
-                                            if getattr(cfg, n) != getattr(defaults, n)})
+    return restore_config(cfg, saved, where, OPERATIONAL_FIELDS)
 
 
 def _corpus(cfg: PretrainConfig, console: Console, tokenizer: Tokenizer | None, vocab_cap: int):
@@ -173,22 +161,12 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     t_start = time.perf_counter()
     resume, ckpt = None, None
     if cfg.resume:
-        ckpt = checkpoint.latest(cfg.out)
-        if ckpt is None:
-            raise ConfigError(f"--resume: no complete checkpoint (step-NNNNNN/ with {checkpoint.STATE_FILE}) in "
-                              f"{cfg.out}; save some with --save-every")
-        resume = checkpoint.load_state(ckpt)
+        ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore(cfg, resume.get("run", {}), ckpt)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
         checkpoint.clean_temporaries(cfg.out)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    try:
+    with process_group() as rank:
         return _pretrain(cfg, console, ckpt, resume, rank, t_start)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _pretrain(cfg: PretrainConfig, console: Console, ckpt: Path | None, resume: dict | None, rank: int,

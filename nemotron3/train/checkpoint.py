@@ -98,6 +98,16 @@ def clean_temporaries(out_dir: str | os.PathLike) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def resume_point(out_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The newest complete training checkpoint in `out_dir` and its resume state (`--resume`); ValueError when
+    there is none."""
+    ckpt = latest(out_dir)
+    if ckpt is None:
+        raise ValueError(f"--resume: no complete checkpoint (step-NNNNNN/ with {STATE_FILE}) in {out_dir}; save "
+                         "some with --save-every")
+    return ckpt, load_state(ckpt)
+
+
 def load_state(folder: str | os.PathLike) -> dict[str, Any]:
     """The resume state of a training checkpoint (our own pickle: RNG states are Python objects)."""
     path = Path(folder) / STATE_FILE

@@ -1,5 +1,5 @@
-"""The training loop, one for pretraining and SFT: what differs between them is only the data (SFT's
-documents carry a loss mask over the assistant's tokens; data.py and loss.py apply it).
+"""The training loop, one for pretraining and SFT: what differs between them is only the data (SFT's rows,
+train/sft_data.py, carry a loss mask over the assistant's tokens, which loss.py applies).
 
 One optimizer step:
 
@@ -23,6 +23,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from nemotron3.train.tokenizer import Tokenizer
 class TrainConfig(StageConfig):
     """The training loop: steps, batch, schedule, optimizer, losses, evaluation and checkpoints.
 
-    Every default of the loop lives here. The stage configs (`PretrainConfig`, later `SFTConfig`) extend it
+    Every default of the loop lives here. The stage configs (`PretrainConfig`, `SFTConfig`) extend it
     with their data and model fields, so these fields are also their command-line flags (`--batch-size`,
     `--lr`, ...).
     """
@@ -108,6 +110,19 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+@contextmanager
+def process_group() -> Iterator[int]:
+    """A stage's span in torchrun's process group (gloo), joined when launched by torchrun (WORLD_SIZE > 1) and
+    left at the end; yields this process's rank (0 without torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    try:
+        yield _dist()[0]
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def _all_reduce_(tensors: list[torch.Tensor]) -> None:
     """Sum in place over ranks, as one flat buffer (one collective instead of one per tensor)."""
     if _dist()[1] == 1 or not tensors:
@@ -161,9 +176,10 @@ def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> 
 
 
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
-          heldout: PackedData | None = None, resume: dict | None = None,
-          console: Console | None = None) -> TrainResult:
-    """Train `model` in place for `cfg.steps` optimizer steps (from `resume["step"]` when resuming)."""
+          heldout: PackedData | None = None, resume: dict | None = None, console: Console | None = None,
+          stage: str = "pretrain") -> TrainResult:
+    """Train `model` in place for `cfg.steps` optimizer steps (from `resume["step"]` when resuming); `stage` names
+    the run in the progress bar."""
     out_dir, console = Path(out_dir), console or Console()
     rank, world = _dist()
     if cfg.batch_size % world:
@@ -190,7 +206,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     model.train()
     switched = False
     t_start = time.perf_counter()
-    columns = (TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    columns = (TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
