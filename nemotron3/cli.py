@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("nemotron3.info", "InfoConfig", "describe presets, config.json files or checkpoint folders"),
     "pretrain": ("nemotron3.pretrain", "PretrainConfig",
                  "pretrain a model (NVFP4 recipe, MTP) on the embedded tasks or your text"),
+    "sft": ("nemotron3.sft", "SFTConfig",
+            "supervised fine-tuning on chat conversations, reasoning on / off / budgeted, loss on the assistant"),
     "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
 }
 
@@ -115,7 +117,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
                         help="show the full traceback of an error")
     parser = _Parser(prog="nemotron3", parents=[common], epilog="`nemotron3 COMMAND --help` lists a command's flags.",
                      description="Nemotron 3 hybrid Mamba-2 + attention LatentMoE models with MTP: pretraining "
-                     "(NVFP4 recipe), generation, model description.")
+                     "(NVFP4 recipe), supervised fine-tuning, generation, model description.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
     for name, (module_name, config_name, help_text) in COMMANDS.items():

@@ -7,16 +7,20 @@ tokens ≤ t and the padding after them never matters: the result equals generat
 (`greedy_generate_reference`, tested). Each step recomputes the whole prefix: quadratic in length, the
 cache-free definition that the engine's cached generation is checked against.
 
-`task_accuracy` scores what the model writes with each family's verifier (nemotron3.tasks). It sits above
-`train/` (loss-only evaluation) because it runs the engine; RL and the pipeline call it too.
+`task_accuracy` scores what the model writes with each family's verifier (nemotron3.tasks), prompted as a
+pretraining document begins; `accuracy_by_mode` asks the same held-out problems as a chat, with reasoning on, off,
+and under thinking budgets (docs/post-training.md §4). They sit above `train/` (loss-only evaluation) because they
+run the engine; SFT, RL and the pipeline call them.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from nemotron3 import tasks
+from nemotron3 import chat, tasks
 from nemotron3.engine import Engine
 from nemotron3.train.tokenizer import Tokenizer
 
@@ -67,6 +71,26 @@ def greedy_generate_reference(model: nn.Module, prompt: list[int], max_new_token
     return out
 
 
+def _exact_match(model: nn.Module, tokenizer: Tokenizer, family: str, problems: list[tasks.Problem],
+                 prompts: list[list[int]], batch_size: int, engine: bool = True, engine_kwargs: dict | None = None,
+                 generate_kwargs: dict | None = None) -> dict:
+    """Greedy completions of `prompts` scored by the family's verifier: {"accuracy", "n", "example"}."""
+    budget = max(len(tokenizer.encode(p.completion())) for p in problems) * 3 // 2 + 8
+    stops = {tokenizer.eos_id, tokenizer.end_of_turn_id}
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        if engine:
+            gen = Engine(model, max_seq_len=max(map(len, chunk)) + budget, **(engine_kwargs or {}))
+            outs += gen.generate(chunk, budget, stop_token_ids=sorted(stops), **(generate_kwargs or {})).tokens
+        else:
+            outs += greedy_generate(model, chunk, budget, stops)
+    completions = [tokenizer.decode(o) for o in outs]
+    rewards = tasks.family_reward(family)([p.prompt for p in problems], completions)
+    return {"accuracy": sum(rewards) / len(rewards), "n": len(rewards),
+            "example": {"prompt": problems[0].prompt, "completion": completions[0], "reward": rewards[0]}}
+
+
 def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20, difficulty: int = 1, seed: int = 0,
                   families: list[str] | None = None, batch_size: int = 32, engine: bool = True) -> dict[str, dict]:
     """Greedy exact-match accuracy on held-out problems of each family, scored by the family's verifier.
@@ -82,21 +106,58 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20
     for family in families or sorted(tasks.FAMILIES):
         problems = tasks.generate(family, n_per_family, seed=seed, split="heldout", difficulty=difficulty)
         prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt + "\n")] for p in problems]
-        budget = max(len(tokenizer.encode(p.completion())) for p in problems) * 3 // 2 + 8
-        stops = {tokenizer.eos_id, tokenizer.end_of_turn_id}
-        outs = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i: i + batch_size]
-            if engine:
-                gen = Engine(model, max_seq_len=max(map(len, chunk)) + budget)
-                outs += gen.generate(chunk, budget, stop_token_ids=sorted(stops)).tokens
-            else:
-                outs += greedy_generate(model, chunk, budget, stops)
-        completions = [tokenizer.decode(o) for o in outs]
-        rewards = tasks.family_reward(family)([p.prompt for p in problems], completions)
-        results[family] = {"accuracy": sum(rewards) / len(rewards), "n": len(rewards),
-                           "example": {"prompt": problems[0].prompt, "completion": completions[0],
-                                       "reward": rewards[0]}}
+        results[family] = _exact_match(model, tokenizer, family, problems, prompts, batch_size, engine)
     model.train(was_training)
     return results
 
+
+# ----------------------------------------------------------------------------------------- by reasoning mode
+def budget_supported() -> bool:
+    """Whether the engine takes a thinking budget, `Engine.generate(..., max_thinking_tokens=N)`."""
+    return "max_thinking_tokens" in inspect.signature(Engine.generate).parameters
+
+
+def mode_names(budgets: list[int] | tuple[int, ...] = ()) -> list[str]:
+    """`on`, `off`, then `budget_N` for each thinking budget N."""
+    return ["on", "off", *(f"budget_{n}" for n in budgets)]
+
+
+def chat_prompt(tokenizer: Tokenizer, prompt: str, thinking: bool = True) -> list[int]:
+    """`<s>` + a one-user-turn conversation with the generation prompt (docs/post-training.md §1)."""
+    text = chat.render([{"role": "user", "content": prompt}], enable_thinking=thinking, add_generation_prompt=True)
+    return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20, difficulty: int = 1,
+                     seed: int = 0, budgets: list[int] | tuple[int, ...] = (), families: list[str] | None = None,
+                     batch_size: int = 32) -> dict[str, dict[str, dict]]:
+    """Greedy exact match on held-out problems of each family, asked as a chat, in each reasoning mode.
+
+    Modes: `on` (the generation prompt ends in `<think>\\n`: the model writes its reasoning, closes it and
+    answers), `off` (the prompt ends in `<think></think>`: the answer directly), and `budget_N` for each N in
+    `budgets` (reasoning on, with `Engine.generate(..., max_thinking_tokens=N)` closing the think block after N
+    reasoning tokens, at a newline when one comes within the grace window). Generation stops at `<|im_end|>`
+    (or `</s>`); the family's verifier reads the answer after the last `</think>`. Held-out problems are the same
+    in every mode and as `task_accuracy`'s for the same seed. Returns {mode: {family: {"accuracy", "n",
+    "example"}}}. Raises NotImplementedError for budgets when the engine has no thinking budget.
+    """
+    if budgets and not budget_supported():
+        raise NotImplementedError("thinking budgets need Engine.generate(..., max_thinking_tokens=N)")
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict[str, dict]] = {m: {} for m in mode_names(budgets)}
+    think_kwargs: dict = {}
+    if budgets:
+        from nemotron3.engine.thinking import ThinkTokens
+
+        think_kwargs = {"think_tokens": ThinkTokens.from_tokenizer(tokenizer.tk)}
+    for family in families or sorted(tasks.FAMILIES):
+        problems = tasks.generate(family, n_per_family, seed=seed, split="heldout", difficulty=difficulty)
+        for mode in results:
+            prompts = [chat_prompt(tokenizer, p.prompt, thinking=mode != "off") for p in problems]
+            kwargs = {"max_thinking_tokens": int(mode.split("_")[1])} if mode.startswith("budget_") else {}
+            results[mode][family] = _exact_match(model, tokenizer, family, problems, prompts, batch_size,
+                                                 engine_kwargs=think_kwargs if kwargs else None,
+                                                 generate_kwargs=kwargs)
+    model.train(was_training)
+    return results

@@ -12,6 +12,7 @@ from nemotron3.cli import COMMANDS, _config_from, build_parser
 from nemotron3.generate import GenerateConfig
 from nemotron3.pretrain import PretrainConfig
 from nemotron3.run import RunConfig
+from nemotron3.sft import SFTConfig
 
 # flags that scripts outside this repository use: they must keep working
 PUBLIC_FLAGS = {
@@ -21,6 +22,8 @@ PUBLIC_FLAGS = {
                  "--eval-problems", "--save-every", "--compile", "--out", "--resume"],
     "generate": ["--model", "--prompt", "--ids", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                  "--no-stop", "--dtype", "--threads", "--compile", "--speculative"],
+    "sft": ["--model", "--out", "--data", "--steps", "--resume", "--tasks", "--batch-size", "--lr", "--seq-len",
+            "--reasoning-off-share", "--budget-share", "--eval-problems", "--eval-budgets", "--save-every"],
     "run": ["--out", "--steps", "--nvfp4", "--resume"],
     "info": [],
 }
@@ -45,6 +48,7 @@ def test_public_flags_exist(command):
 def test_unset_flags_take_the_dataclass_defaults():
     assert parse(["pretrain"]) == PretrainConfig()
     assert parse(["run"]) == RunConfig() and RunConfig().out == Path("runs/latest")
+    assert parse(["sft"]) == SFTConfig()
     assert parse(["generate", "--model", "m", "--ids", "1"]) == GenerateConfig(model=Path("m"), ids=[1])
 
 
@@ -55,6 +59,10 @@ def test_each_flag_sets_its_field():
                                data=[Path("a.txt"), Path("b.jsonl")], tasks=False, betas=(0.8, 0.9), out=Path("x"),
                                nvfp4_high_precision_tail=0.2)
     assert cfg == want
+    cfg = parse(["sft", "--model", "m", "--data", "a.jsonl", "--steps", "3", "--budget-share", "0.3",
+                 "--eval-budgets", "4", "16", "--resume"])
+    assert cfg == dataclasses.replace(SFTConfig(), model=Path("m"), data=[Path("a.jsonl")], steps=3, budget_share=0.3,
+                                      eval_budgets=[4, 16], resume=True)
     cfg = parse(["generate", "--model", "m", "--prompt", "hi", "--temperature", "0.7", "--no-stop", "--speculative",
                  "2", "--seed", "5"])
     assert (cfg.prompt, cfg.temperature, cfg.no_stop, cfg.speculative, cfg.seed, cfg.ids) == ("hi", 0.7, True, 2, 5,

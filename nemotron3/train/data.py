@@ -1,8 +1,8 @@
 """Training data: documents from the embedded tasks or the user's files, packed into fixed-length rows.
 
 **Documents.** A document is token ids plus a per-token loss mask. Pretraining documents are plain text
-(`Document.mask` all ones); SFT will build chat-formatted documents whose mask is 1 only on assistant
-tokens, and the same packing and loop train on them. Sources:
+(`Document.mask` all ones). (SFT's chat conversations, masked to the assistant's tokens, are rows of their
+own, one conversation per row: train/sft_data.py.) Sources:
 
 - the synthetic reasoning tasks of `nemotron3.tasks` (the embedded default: no download);
 - `.txt` files (one document per file), `.jsonl` files (one JSON object per line with a string field

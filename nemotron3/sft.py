@@ -1,0 +1,230 @@
+"""The SFT stage: supervised fine-tuning of a checkpoint on chat conversations, with reasoning on, off and cut to
+budgets, the loss on the assistant's tokens only.
+
+    from nemotron3.sft import SFTConfig, sft
+    final = sft(SFTConfig(model="runs/pretrain/final", out="runs/sft"))     # -> runs/sft/final
+
+    nemotron3 sft                                          the embedded default: `nemotron3 pretrain`'s checkpoint,
+                                                           conversations from the task families (a few minutes)
+    nemotron3 sft --model DIR --data chats.jsonl           your conversations: {"messages": [...], "tools": [...]}
+    nemotron3 sft --out runs/s --save-every 50 --resume    continue the newest checkpoint exactly
+
+Layout of `out`, as for `nemotron3 pretrain`: metrics.jsonl (one JSON object per step, plus eval records),
+step-NNNNNN/ (checkpoint + trainer_state.pt), final/ (a checkpoint folder whose tokenizer_config.json carries
+the chat template), summary.json.
+
+What a run does: load the model and its tokenizer from `--model`; read the conversations (train/sft_data.py)
+and draw each one's mode: reasoning off (`--reasoning-off-share`), reasoning cut to a random token budget and
+closed early (`--budget-share`), or as written; render them with the chat template (nemotron3/chat.py), one
+conversation per row with the loss mask on the assistant's tokens; measure held-out exact match by reasoning
+mode (nemotron3/evaluate.py: on, off, and at `--eval-budgets` when the engine has a thinking budget); train with
+the pretraining loop (train/loop.py: the same optimizer, schedule, MTP loss, expert balancing, checkpoints and
+bit-for-bit resume); save final/; measure again; write summary.json with both. docs/post-training.md §3-4.
+
+**Resume** restores the configuration saved in the checkpoint; as for pretraining, only the fields that decide
+what is saved or reported (`eval_every`, `save_every`, `keep_last`, `log_every`, `eval_problems`,
+`eval_budgets`) may change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from nemotron3.evaluate import accuracy_by_mode, budget_supported, task_accuracy
+from nemotron3.hf import load_pretrained
+from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
+from nemotron3.train import checkpoint, sft_data
+from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
+from nemotron3.train.loop import TrainConfig, process_group, train
+from nemotron3.train.tokenizer import Tokenizer
+
+OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "eval_budgets", "out",
+                      "resume")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Checkpoint, conversations, reasoning modes and evaluation of an SFT run (and the loop's TrainConfig)."""
+
+    model: Path = option(Path("runs/pretrain/final"), "checkpoint folder to fine-tune (weights + tokenizer.json; "
+                         "default: the final/ of `nemotron3 pretrain`)", metavar="DIR")
+    data: list[Path] = option([], "OpenAI-messages .jsonl files or folders of them (default: conversations built "
+                              "from the embedded task families)", metavar="PATH")
+    tasks: bool | None = option(None, "include the task conversations (default: only when --data is not given)")
+    conversations: int = option(0, "task conversations to train on (0 = one per row the run reads)", min=0)
+    difficulty: int = option(1, "task difficulty (1 = easiest)", min=1)
+    seq_len: int = option(256, "most tokens of one conversation (one per row; longer ones are skipped and counted)",
+                          min=2)
+    seed: int = option(0, "seed of the data order, the reasoning modes and budgets, and the task problems", min=0)
+    reasoning_off_share: float = option(0.2, "share of the conversations trained with reasoning off (empty think "
+                                        "block, the answer only)", min=0.0, max=1.0)
+    budget_share: float = option(0.1, "share of the conversations whose reasoning is cut to a random token budget "
+                                 "and closed early with </think>, then the answer", min=0.0, max=1.0)
+    eval_problems: int = option(30, "held-out problems per task family for the exact match by reasoning mode, "
+                                "before and after (0 = none)", min=0)
+    eval_budgets: list[int] = option([8, 24], "thinking budgets (tokens) of the exact match by mode", min=1,
+                                     metavar="N")
+    heldout_fraction: float = option(0.02, "fraction of the --data conversations held out for the held-out loss",
+                                     min=0.0, max=0.5)
+    heldout_task_problems: int = option(HELDOUT_TASK_PROBLEMS, "held-out task conversations in the held-out loss",
+                                        min=1)
+    out: Path = option(Path("runs/sft"), "output folder (metrics.jsonl, step-NNNNNN/, final/, summary.json)")
+    resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
+    # the training loop's defaults, for fine-tuning
+    steps: int = option(200, "optimizer steps", min=1)
+    lr: float = option(1e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reasoning_off_share + self.budget_share > 1:
+            fail(self, "budget_share", f"with --reasoning-off-share {self.reasoning_off_share} the shares exceed 1")
+
+    @property
+    def use_tasks(self) -> bool:
+        return self.tasks if self.tasks is not None else not self.data
+
+
+def _data(cfg: SFTConfig, tokenizer: Tokenizer, console: Console) -> tuple[sft_data.SFTRows, sft_data.SFTRows]:
+    """Training rows (in their drawn modes) and held-out rows (reasoning on)."""
+    train_convs, heldout_convs = [], []
+    user = sft_data.read_conversations(cfg.data) if cfg.data else []
+    if user:
+        k = max(1, round(len(user) * cfg.heldout_fraction)) if len(user) > 1 else 0
+        train_convs, heldout_convs = user[: len(user) - k], user[len(user) - k:]
+    if cfg.use_tasks:
+        n = cfg.conversations or math.ceil(cfg.steps * cfg.batch_size * (0.5 if user else 1.0))
+        train_convs += sft_data.task_conversations(n, cfg.seed, "train", cfg.difficulty)
+        heldout_convs += sft_data.task_conversations(cfg.heldout_task_problems, cfg.seed, "heldout", cfg.difficulty)
+    if not train_convs:
+        raise ConfigError("no training data: give --data files or keep the task conversations (--tasks)")
+    rows = sft_data.build(train_convs, tokenizer, cfg.seq_len, cfg.seed, cfg.reasoning_off_share, cfg.budget_share)
+    heldout = sft_data.build(heldout_convs, tokenizer, cfg.seq_len, cfg.seed)
+    if not len(rows.data):
+        raise DataError(f"every conversation is longer than --seq-len {cfg.seq_len} tokens or has no assistant "
+                        "turn: nothing to train on")
+    console.print(f"[bold]data[/] {len(rows.data):,} conversations ({len(user):,} from files), modes "
+                  f"{rows.modes}, rows of {rows.data.seq_len + 1} tokens; skipped: {rows.skipped_too_long} longer "
+                  f"than {cfg.seq_len} tokens, {rows.skipped_no_assistant} without an assistant turn")
+    return rows, heldout
+
+
+def _accuracy(cfg: SFTConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> dict:
+    """{mode: {family: accuracy}} by reasoning mode, plus `raw` (the pretraining prompt of task_accuracy)."""
+    budgets = cfg.eval_budgets if budget_supported() else []
+    by_mode = accuracy_by_mode(model, tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed, budgets)
+    raw = task_accuracy(model, tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed)
+    table = {mode: {f: r["accuracy"] for f, r in fams.items()} for mode, fams in by_mode.items()}
+    table["raw"] = {f: r["accuracy"] for f, r in raw.items()}
+    examples = {f: r["example"] for f, r in by_mode["on"].items()}
+    return {"accuracy": table, "examples": examples}
+
+
+def sft(cfg: SFTConfig, console: Console | None = None) -> Path:
+    """Run (or resume) one SFT run; returns its `final/` checkpoint folder.
+
+    Writes `cfg.out`: metrics.jsonl, step-NNNNNN/ checkpoints, final/, summary.json (see the module docstring).
+    Under torchrun every rank trains its share of each batch and rank 0 writes the files.
+    """
+    console = console or Console()
+    t_start = time.perf_counter()
+    resume, ckpt = None, None
+    if cfg.resume:
+        ckpt, resume = checkpoint.resume_point(cfg.out)
+        cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
+        console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
+        checkpoint.clean_temporaries(cfg.out)
+    with process_group() as rank:
+        return _sft(cfg, console, ckpt, resume, rank, t_start)
+
+
+def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | None, rank: int,
+         t_start: float) -> Path:
+    torch.manual_seed(cfg.seed)
+    source = ckpt or cfg.model
+    tokenizer = Tokenizer.load(source)
+    model = load_pretrained(source, dtype=torch.float32)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{source}: the model's vocab_size {model.config.vocab_size} < its tokenizer's "
+                          f"{tokenizer.vocab_size}")
+    rows, heldout = _data(cfg, tokenizer, console)
+    evaluate = rank == 0 and cfg.use_tasks and cfg.eval_problems > 0
+    before = {}
+    # a resumed run measures the checkpoint the run started from, as the uninterrupted run did
+    if evaluate and (ckpt is None or (cfg.model / "config.json").is_file()):
+        t0 = time.perf_counter()
+        before = _accuracy(cfg, model if ckpt is None else load_pretrained(cfg.model, dtype=torch.float32), tokenizer)
+        console.print(f"[bold]before SFT[/] exact match by mode measured in {time.perf_counter() - t0:.0f} s")
+    elif evaluate:
+        console.print(f"[yellow]{cfg.model} (the checkpoint the run started from) is gone: no 'before' accuracy[/]")
+    torch.manual_seed(cfg.seed)  # the training run's random streams do not depend on whether it evaluated first
+    console.print(f"[bold]model[/] {source}: {model.config.pattern}, {model.num_parameters():,} parameters; "
+                  f"{cfg.steps} steps of {cfg.batch_size} conversations")
+    result = train(model, tokenizer, rows.data, cfg, cfg.out, heldout.data if len(heldout.data) else None, resume,
+                   console, stage="sft")
+    final = cfg.out / "final"
+    if rank == 0:
+        checkpoint.save(final, model, tokenizer)
+        after = _accuracy(cfg, model, tokenizer) if evaluate else {}
+        summary = {
+            "out": str(cfg.out), "final": str(final), "metrics": str(cfg.out / "metrics.jsonl"),
+            "model": str(cfg.model), "parameters": model.num_parameters(), "steps": result.steps,
+            "seconds": round(time.perf_counter() - t_start, 1), "train_seconds": round(result.seconds, 1),
+            "last_train_loss": result.last_loss, "eval_losses": result.eval_losses,
+            "conversations": {"train": len(rows.data), "heldout": len(heldout.data), "modes": rows.modes,
+                              "skipped_too_long": rows.skipped_too_long + heldout.skipped_too_long,
+                              "skipped_no_assistant": rows.skipped_no_assistant + heldout.skipped_no_assistant,
+                              "row_tokens": rows.data.seq_len + 1},
+            "budget_modes": bool(budget_supported()),
+            "accuracy_before": before.get("accuracy", {}), "accuracy_after": after.get("accuracy", {}),
+            "examples": after.get("examples", {}),
+            "skipped_steps": result.skipped,
+            "config": to_dict(cfg),
+        }
+        (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return final
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    """The end-of-run report of `nemotron3 sft`, from its summary.json."""
+    console.rule("[bold]SFT summary")
+    conv = summary["conversations"]
+    console.print(f"{summary['steps']} steps in {summary['train_seconds']} s ({summary['seconds']} s in all) on "
+                  f"{conv['train']:,} conversations (modes {conv['modes']}); skipped: {conv['skipped_too_long']} "
+                  f"too long, {conv['skipped_no_assistant']} without an assistant turn")
+    if summary["eval_losses"]:
+        curve = "  ".join(f"{s}:{v:.3f}" for s, v in summary["eval_losses"])
+        console.print(f"held-out loss (assistant tokens) by step  {curve}")
+    before, after = summary["accuracy_before"], summary["accuracy_after"]
+    if after:
+        modes = list(after)
+        families = list(after[modes[0]])
+        console.print("held-out exact match by reasoning mode, before -> after SFT")
+        console.print(f"  {'family':10s}" + "".join(f"{m:>16s}" for m in modes))
+        for fam in families:
+            cells = "".join((f"{before[m][fam]:7.0%}" if fam in before.get(m, {}) else f"{'-':>7s}") +
+                            f" -> {after[m][fam]:4.0%}" for m in modes)
+            console.print(f"  {fam:10s}{cells}")
+        if not summary["budget_modes"]:
+            console.print("  (budget modes: the engine has no max_thinking_tokens yet)")
+    if summary["skipped_steps"]:
+        console.print(f"[red]skipped (non-finite) steps: {summary['skipped_steps']}[/]")
+    console.print(f"checkpoint: {summary['final']}\nmetrics:    {summary['metrics']}\n"
+                  f"summary:    {summary['out']}/summary.json")
+
+
+def main(cfg: SFTConfig) -> int:
+    """`nemotron3 sft`: run, then print the summary (rank 0)."""
+    console = Console()
+    final = sft(cfg, console)
+    summary_file = final.parent / "summary.json"
+    if summary_file.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        print_summary(json.loads(summary_file.read_text()), console)
+    return 0
