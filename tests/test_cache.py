@@ -72,16 +72,16 @@ def _model(seed=0):
 def test_rollback_restores_the_state_of_the_shorter_sequence():
     model = _model()
     ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
-    cache = HybridCache(model.config, 2, 40, max_rollback=4, include_mtp=False)
+    cache = HybridCache(model.config, 2, 40, max_rollback=5, include_mtp=False)
     model(ids[:, :20], cache=cache)  # prefill: chunked, records its final state
-    model(ids[:, 20:25], cache=cache)  # 5 = max_rollback + 1 tokens: run and recorded one by one
-    cache.rollback([3, 4], rows=None)  # row 0 keeps 22 tokens, row 1 keeps 21 (4 = max_rollback: the most)
-    assert cache.lengths.tolist() == [22, 21]
+    model(ids[:, 20:25], cache=cache)  # 5 = max_rollback tokens: run and recorded one by one
+    cache.rollback([3, 5], rows=None)  # row 0 keeps 22 tokens, row 1 keeps 20 (all 5 of the forward)
+    assert cache.lengths.tolist() == [22, 20]
     # continuing after the rollback must equal the full forward of the kept prefix + the new token
     nxt = torch.tensor([[7], [9]])
     got = model(nxt, cache=cache)[:, 0]
     want0 = model(torch.cat([ids[:1, :22], nxt[:1]], 1))[0, -1]
-    want1 = model(torch.cat([ids[1:, :21], nxt[1:]], 1))[0, -1]
+    want1 = model(torch.cat([ids[1:, :20], nxt[1:]], 1))[0, -1]
     torch.testing.assert_close(got, torch.stack([want0, want1]), atol=1e-4, rtol=0)
 
 

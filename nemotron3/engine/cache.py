@@ -35,13 +35,14 @@ Rollback (speculative decoding)
 Verifying k drafted tokens appends them all, then keeps only the accepted prefix. For sequence states,
 undoing n positions is just `length -= n`. A recurrent state cannot be run backwards, so there are two
 options: keep the states of the last steps, or keep one snapshot and recompute the accepted tokens. We
-keep the states: with `max_rollback = R > 0`, every recurrent state has a ring of R+1 copies indexed by
-position mod (R+1), and every cached forward with at most R+1 tokens per row runs token by token
-(`view.per_step`) and records the state after each token (vLLM's and SGLang's choice as well; it costs
-R+1 copies of the constant-size state and one copy per token, and no second forward pass). A longer
-forward (prefill) records only its final state, so a row can be rolled back by at most
-`rollback_limit[row]` positions: the number of positions recorded one by one since its last prefill,
-capped at R.
+keep the states: with `max_rollback = R > 0`, every recurrent state has R+1 history slots, and every
+cached forward of at most R tokens per row (`view.per_step`) runs token by token and records, for each
+row, slot 0 = the state before the forward and slot i+1 = the state after its token i (vLLM's and SGLang's
+choice as well; it costs R+1 copies of the constant-size state and no second forward pass). The slots are
+indexed by token within the forward, the same for every row whatever its length, so the fast decoder
+writes them as plain slices while it runs the recurrence (no scatter per token). `rollback(n)` restores
+slot `rollback_limit[row] - n`; a row can be rolled back by at most `rollback_limit[row]` positions, the
+tokens of its last recorded forward not yet rolled back (0 after a longer forward, such as a prefill).
 """
 
 from __future__ import annotations
@@ -206,15 +207,22 @@ class LayerCache:
             s[v.index[:, None], :, v.positions] = new.to(s.dtype)  # advanced indices first: (b, t, d1, *rest)
         return s[:, :, :n] if v.rows is None else s[v.index, :, :n]
 
-    def record(self, j: torch.Tensor | int, **states: torch.Tensor) -> None:
-        """Store the recurrent states (b, ...) reached after token j (b,) of this forward in the ring."""
+    def record(self, i: int, **states: torch.Tensor) -> None:
+        """Store the recurrent states (b, ...) after token i of this forward (i = -1: before it) in slot i+1."""
         cache, v = self.view.cache, self.view
-        if not cache.max_rollback:
+        if not v.per_step:
             return
-        slot = (v.start + j) % (cache.max_rollback + 1)  # (b,)
-        ring = cache.history[self.i]
+        hist = cache.history[self.i]
         for name, value in states.items():
-            ring[name][slot, v.index] = value.to(ring[name].dtype)
+            if v.rows is None:
+                hist[name][i + 1].copy_(value)
+            else:
+                hist[name][i + 1, v.index] = value.to(hist[name].dtype)
+
+    def history(self, name: str) -> torch.Tensor:
+        """The history slots (R+1, rows, ...) of a recurrent state, for a forward over every row in order
+        (the fast decoder writes slot 0 and slots 1..t itself)."""
+        return self.view.cache.history[self.i][name]
 
 
 class HybridCache:
@@ -335,7 +343,7 @@ class HybridCache:
                 raise ValueError(f"valid must hold one count in [1, {t}] per row, got {valid.tolist()}")
             if bool((valid == t).all()):
                 valid = None
-        per_step = self.max_rollback > 0 and t <= self.max_rollback + 1
+        per_step = self.max_rollback > 0 and t <= self.max_rollback
         return CacheView(self, rows, index, start, valid, t, per_step)
 
     def begin_all(self, t: int, n_keys: int | None, uniform: bool, start: torch.Tensor | None = None) -> CacheView:
@@ -347,6 +355,9 @@ class HybridCache:
         """
         start = self.lengths if start is None else start
         n = self.max_seq_len if n_keys is None else n_keys
+        if t > self.max_rollback > 0:
+            raise ValueError(f"a recording cache (max_rollback={self.max_rollback}) takes at most that many tokens "
+                             f"per fast forward, got {t}")
         view = CacheView(self, None, self._all_rows(), start, None, t, self.max_rollback > 0, n_keys=n)
         if not (uniform and t == 1 and n_keys is not None):
             view.mask = (torch.arange(n, device=self.device) <= view.positions[..., None])[:, None]  # (B, 1, t, n)
@@ -364,10 +375,12 @@ class HybridCache:
             self.lengths += view.t
         else:
             self.lengths[view.index] = view.start + n
-        if view.per_step:
-            self.rollback_limit[view.index] = torch.clamp(self.rollback_limit[view.index] + n, max=self.max_rollback)
-        else:
+        if not view.per_step:
             self.rollback_limit[view.index] = 0
+        elif view.rows is None and view.valid is None:
+            self.rollback_limit.fill_(view.t)
+        else:
+            self.rollback_limit[view.index] = n
 
     # ------------------------------------------------------------------ rollback
     def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None) -> None:
@@ -381,14 +394,13 @@ class HybridCache:
         if self._recurrent and (n > self.rollback_limit[index]).any():
             raise ValueError(
                 f"rollback of {n.tolist()} tokens exceeds what the recurrent history holds "
-                f"({self.rollback_limit[index].tolist()}); build the cache with a larger max_rollback, and decode "
-                "the tokens to undo in steps of at most max_rollback + 1 tokens"
+                f"({self.rollback_limit[index].tolist()}: the tokens of each row's last forward of at most "
+                f"max_rollback={self.max_rollback} tokens); build the cache with a larger max_rollback"
             )
         moved = n > 0
         if self._recurrent and moved.any():
-            moved_rows, moved_n = index[moved], n[moved]
-            slot = (self.lengths[moved_rows] - 1 - moved_n) % (self.max_rollback + 1)
+            rows_, slot = index[moved], (self.rollback_limit[index] - n)[moved]  # slot j: after token j-1
             for i, name in self._recurrent:
-                self.states[i][name][moved_rows] = self.history[i][name][slot, moved_rows]
+                self.states[i][name][rows_] = self.history[i][name][slot, rows_]
         self.lengths[index] -= n
         self.rollback_limit[index] -= torch.minimum(n, self.rollback_limit[index])

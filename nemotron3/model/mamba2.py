@@ -157,18 +157,17 @@ class Mamba2Mixer(nn.Module):
         if cache.valid is not None:  # right padding: dt = 0 is no input and no decay
             dt = dt * (torch.arange(t, device=dt.device) <= last[:, None])[..., None]
         if t == 1 or cache.per_step:
+            if cache.per_step:  # slot 0: the states before this forward
+                cache.record(-1, conv=self._conv_state_after(window, torch.full_like(last, -1)), ssm=state)
             ys = []
             for i in range(t):
                 ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D=self.D))  # state updated in place
                 if cache.per_step:  # padding re-records the last real token's state (dt = 0 left it unchanged)
-                    j = torch.clamp(last, max=i)
-                    cache.record(j, conv=self._conv_state_after(window, j), ssm=state)
+                    cache.record(i, conv=self._conv_state_after(window, torch.clamp(last, max=i)), ssm=state)
             y, new_state = torch.stack(ys, dim=1), state  # (b, t, h, p)
         else:
             y, new_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state)
         new_conv = window[:, t:].transpose(1, 2) if cache.valid is None else self._conv_state_after(window, last)
-        if cache.recording and not cache.per_step:
-            cache.record(last, conv=new_conv, ssm=new_state)
         cache.write("conv", new_conv)
         cache.write("ssm", new_state)
         return y
@@ -224,13 +223,21 @@ class Mamba2Step:
         dt = F.softplus(dt).clamp_(self.dt_min, self.dt_max).view(B, t, g, r)  # (B, t, g, r)
         dA = torch.exp(dt * self.A.view(g, r))
         dtx = (xs * dt[..., None])[..., None]  # (B, t, g, r, p, 1)
-        s = state.view(B, g, r, p, n)
         ys = []
-        for i in range(t):
-            s.mul_(dA[:, i, :, :, None, None]).addcmul_(dtx[:, i], Bm[:, i])  # S ← e^{dt·A} S + dt·x ⊗ B
-            ys.append((s * Cm[:, i]).sum(-1))  # S·C as a multiply-and-sum: (B, g, r, p)
-            if cache.recording:
-                cache.record(i, conv=window[:, :, i + 1 : i + K], ssm=state)
+        if cache.per_step:  # the recurrence runs in the history slots: slot i+1 = the state after token i
+            hist, conv_hist = cache.history("ssm"), cache.history("conv")  # (R+1, B, h, p, n), (R+1, B, C, K-1)
+            conv_hist[: t + 1].copy_(window.unfold(2, K - 1, 1).permute(2, 0, 1, 3))  # slot i: window[i : i+K-1]
+            hist[0].copy_(state)
+            for i in range(t):
+                s = torch.mul(hist[i].view(B, g, r, p, n), dA[:, i, :, :, None, None], out=hist[i + 1].view(B, g, r, p, n))
+                s.addcmul_(dtx[:, i], Bm[:, i])  # S ← e^{dt·A} S + dt·x ⊗ B
+                ys.append((s * Cm[:, i]).sum(-1))
+            state.copy_(hist[t])
+        else:
+            s = state.view(B, g, r, p, n)
+            for i in range(t):
+                s.mul_(dA[:, i, :, :, None, None]).addcmul_(dtx[:, i], Bm[:, i])  # S ← e^{dt·A} S + dt·x ⊗ B
+                ys.append((s * Cm[:, i]).sum(-1))  # S·C as a multiply-and-sum: (B, g, r, p)
         y = ys[0] if t == 1 else torch.stack(ys, dim=1)  # (B, [t,] g, r, p)
         y = y.reshape(B * t, nh, p).addcmul_(xs.reshape(B * t, nh, p), self.D[:, None]).view(B * t, di)  # + D·x
         y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group (its weight is folded into w_out_t)
