@@ -130,7 +130,7 @@ def chat_prompt(tokenizer: Tokenizer, prompt: str, thinking: bool = True) -> lis
 
 def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20, difficulty: int = 1,
                      seed: int = 0, budgets: list[int] | tuple[int, ...] = (), families: list[str] | None = None,
-                     batch_size: int = 32) -> dict[str, dict[str, dict]]:
+                     batch_size: int = 64) -> dict[str, dict[str, dict]]:
     """Greedy exact match on held-out problems of each family, asked as a chat, in each reasoning mode.
 
     Modes: `on` (the generation prompt ends in `<think>\\n`: the model writes its reasoning, closes it and

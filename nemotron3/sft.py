@@ -68,7 +68,7 @@ class SFTConfig(TrainConfig):
                                         "block, the answer only)", min=0.0, max=1.0)
     budget_share: float = option(0.1, "share of the conversations whose reasoning is cut to a random token budget "
                                  "and closed early with </think>, then the answer", min=0.0, max=1.0)
-    eval_problems: int = option(30, "held-out problems per task family for the exact match by reasoning mode, "
+    eval_problems: int = option(50, "held-out problems per task family for the exact match by reasoning mode, "
                                 "before and after (0 = none)", min=0)
     eval_budgets: list[int] = option([8, 24], "thinking budgets (tokens) of the exact match by mode", min=1,
                                      metavar="N")
@@ -79,8 +79,8 @@ class SFTConfig(TrainConfig):
     out: Path = option(Path("runs/sft"), "output folder (metrics.jsonl, step-NNNNNN/, final/, summary.json)")
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
     # the training loop's defaults, for fine-tuning
-    steps: int = option(200, "optimizer steps", min=1)
-    lr: float = option(1e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
+    steps: int = option(300, "optimizer steps", min=1)
+    lr: float = option(2e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
 
     def validate(self) -> None:
         super().validate()

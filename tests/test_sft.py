@@ -176,7 +176,7 @@ def test_resume_continues_bit_for_bit(pretrained, tmp_path, monkeypatch):
                           for r, x in zip(records(b), records(a))]
     assert (a / "final" / "model.safetensors").read_bytes() == (b / "final" / "model.safetensors").read_bytes()
     code, err = run("--out", str(b), "--resume", "--lr", "0.5")
-    assert code == 1 and "--lr 0.5 (saved: 0.001) would change what the run computes" in err
+    assert code == 1 and "--lr 0.5 (saved: 0.002) would change what the run computes" in err
 
 
 def test_errors_name_the_culprit(pretrained, tmp_path):
