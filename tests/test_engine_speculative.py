@@ -174,3 +174,11 @@ def test_an_mtp_config_from_hf_builds_a_drafting_model():
     assert len(out.tokens[0]) == 6 and out.stats["drafted"] > 0
     assert list(itertools.chain(out.tokens[0])) == \
         nemotron3.Engine(model).generate([[4, 5, 6]], 6, stop_token_ids=[]).tokens[0]
+
+
+@pytest.mark.slow
+def test_compiled_speculation_gives_the_greedy_tokens(model):
+    """The torch.compile'd verify and MTP forwards (static shapes, attention over the whole capacity)."""
+    engine = nemotron3.Engine(model, compile=True, max_seq_len=256)
+    want = nemotron3.Engine(model).generate(PROMPTS, 10, stop_token_ids=[]).tokens
+    assert engine.generate(PROMPTS, 10, stop_token_ids=[], num_speculative_tokens=2).tokens == want

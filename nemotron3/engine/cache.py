@@ -382,6 +382,11 @@ class HybridCache:
         else:
             self.rollback_limit[view.index] = n
 
+    def commit_all(self, t: int) -> None:
+        """`commit` of a `begin_all(t, ...)` forward done elsewhere (a compiled one): every row advances t."""
+        self.lengths += t
+        self.rollback_limit.fill_(t if self.max_rollback else 0)
+
     # ------------------------------------------------------------------ rollback
     def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None) -> None:
         """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0."""

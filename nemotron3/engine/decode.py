@@ -169,7 +169,7 @@ class FastDecoder:
         the next tokens -> h_depth (B·t, H). Appends to the MTP layers' slots; positions are the caller's."""
         m = self.mtp_modules[(depth - 1) % len(self.mtp_modules)]
         t = tokens.shape[1]
-        view = cache.begin_all(t, int(start.max()) + t, False, start=start)
+        view = cache.begin_all(t, None if self.traceable else int(start.max()) + t, False, start=start)
         emb = F.embedding(tokens.reshape(-1), self.emb)
         u = torch.mm(torch.cat([self._norm(emb, m.enorm), self._norm(prev_hidden, m.hnorm)], dim=-1), m.w_eh_t)
         return self._norm(self._run(u, m.layers, view), m.final_norm)

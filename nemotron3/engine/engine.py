@@ -92,6 +92,7 @@ class Engine:
         self.fast = FastDecoder(model, traceable=compile) if fast and FastDecoder.supports(model) else None
         self.compile = compile
         self._step = None
+        self._compiled_speculative: dict = {}
         self._cache: HybridCache | None = None
         self.last_stats: dict = {}
 
@@ -214,6 +215,7 @@ class Engine:
         """The fast decoder, rebuilt if the model's weights changed, or None if the model no longer allows it."""
         if self.fast is not None and self.fast.is_stale():  # weights updated or modules swapped (quantized)
             self._step = None
+            self._compiled_speculative.clear()
             if not FastDecoder.supports(self.model):
                 self.fast = None
             else:
@@ -294,7 +296,8 @@ class Engine:
             fast = self._fast_decoder()
         stats: dict = {}
         rounds = speculative_rounds(self.model, fast, cache, prompts, max_new_tokens, k, self.prefill_chunk, stops,
-                                    stats, sampling, uniforms, budget)
+                                    stats, sampling, uniforms, budget,
+                                    self._compiled_speculative if self.compile else None)
         count, done, produced = [0] * B, [False] * B, 0
         t0 = time.perf_counter()
         t_prefill = None

@@ -96,13 +96,22 @@ def accept(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: tor
 class Drafter:
     """The verify forward and the MTP block on a cache, through the fast decoder or the reference path."""
 
-    def __init__(self, model: HybridLM, fast: FastDecoder | None) -> None:
+    def __init__(self, model: HybridLM, fast: FastDecoder | None, compiled: dict | None = None) -> None:
         if model.mtp is None:
             raise ValueError(
                 "num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
         if "M" in model.config.mtp_pattern:
             raise NotImplementedError("MTP blocks with Mamba layers are not supported by the drafter")
         self.model, self.fast = model, fast
+        # a traceable fast decoder runs torch.compile'd forwards (static shapes: attention over the whole
+        # capacity); `compiled` keeps them between calls (the Engine owns it)
+        self.compiled = compiled if fast is not None and fast.traceable and compiled is not None else None
+
+    def _compiled(self, key: tuple, make: Callable) -> Callable:
+        """One torch.compile'd function per (kind, batch, tokens, MTP module): each shape compiles once."""
+        if key not in self.compiled:
+            self.compiled[key] = torch.compile(make(), dynamic=False)
+        return self.compiled[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> logits (..., V) fp32."""
@@ -113,6 +122,12 @@ class Drafter:
         if self.fast is None:
             return self.model.hidden_states(tokens, cache)
         B, t = tokens.shape
+        if self.compiled is not None:
+            fast = self.fast
+            fn = self._compiled(("verify", B, t), lambda: lambda tok, c: fast.forward(tok, c, None, False, False))
+            hidden = fn(tokens, cache)
+            cache.commit_all(t)
+            return hidden.view(B, t, -1)
         return self.fast.forward(tokens, cache, int(cache.lengths.max()) + t).view(B, t, -1)
 
     def mtp(self, cache: HybridCache, start: torch.Tensor, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
@@ -120,7 +135,12 @@ class Drafter:
         """prev_hidden (b, t, H), next_ids (b, t) at MTP positions start[b] + i -> h_depth (b, t, H)."""
         b, t = next_ids.shape
         if self.fast is not None and rows is None and valid is None:
-            return self.fast.mtp(prev_hidden.reshape(b * t, -1), next_ids, cache, start, depth).view(b, t, -1)
+            if self.compiled is None:
+                return self.fast.mtp(prev_hidden.reshape(b * t, -1), next_ids, cache, start, depth).view(b, t, -1)
+            fast, module = self.fast, (depth - 1) % len(self.fast.mtp_modules)
+            fn = self._compiled(("mtp", b, t, module),
+                                lambda: lambda p, ids, c, s: fast.mtp(p, ids, c, s, module + 1))
+            return fn(prev_hidden.reshape(b * t, -1), next_ids, cache, start).view(b, t, -1)
         view = cache.begin(t, rows, valid, start=start)
         return self.model.mtp.depth(depth)(prev_hidden, self.model.backbone.embeddings(next_ids), view)
 
@@ -138,6 +158,7 @@ def speculative_rounds(
     sampling: Sampling = Sampling(),
     uniforms: torch.Tensor | None = None,
     constrain: Callable[[int, list[int]], tuple[int, int | None]] | None = None,
+    compiled: dict | None = None,
 ) -> Iterator[list[list[int]]]:
     """Yield, per round, the new tokens of each row (a list per row, possibly empty). Fills `stats`.
 
@@ -146,13 +167,14 @@ def speculative_rounds(
     `uniforms` (B, 1 + rounds·(2k+1)): each row's stream when sampling (column 0 draws the first token).
     `constrain(row, tokens) -> (n, token)`: a hook that may cut a row's emitted tokens to the first n and
     replace the last one by `token` (the thinking budget, engine/thinking.py); it is told every row's
-    tokens of the round in order.
+    tokens of the round in order. `compiled`: a dict the caller keeps, holding the torch.compile'd verify
+    and MTP forwards of a traceable fast decoder (built on first use).
     """
     B, dev = len(prompts), cache.device
     greedy = sampling.temperature == 0
     if not greedy and uniforms is None:
         raise ValueError("speculative sampling needs the rows' uniform streams")
-    drafter = Drafter(model, fast)
+    drafter = Drafter(model, fast, compiled)
     ids, lens = pad_prompts(prompts, dev)
     T = ids.shape[1]
     ar = torch.arange(B, device=dev)
