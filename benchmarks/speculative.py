@@ -1,6 +1,7 @@
 """MTP speculative decoding on a trained checkpoint: acceptance and wall-clock speed against plain decoding.
 
     python benchmarks/speculative.py [--model DIR] [--ks 1,2,3,5] [--batches 1,16] [--compile] [--repeats 3]
+    python benchmarks/speculative.py --acceptance-only --model A/final B/final ...   compare trained MTP heads
 
 With no --model, trains the default `nemotron3 pretrain` checkpoint first (a few minutes) in a temporary
 folder. On held-out task prompts (`<s>{prompt}\\n`, as the pretraining documents begin), for greedy and
@@ -11,7 +12,9 @@ temperature 0.8, at each batch size, prints for k = 0 (plain decoding) and each 
     `--repeats`, timed alternately with plain decoding, and the ratio to plain decoding in the same mode;
   * with --compile, the same with the torch.compile'd steps (their compilation is warmed up first).
 Also the cost of one verify forward of k+1 tokens and of one MTP draft step against a one-token step,
-measured on the fast decoder: what bounds the speedup at a given acceptance length.
+measured on the fast decoder: what bounds the speedup at a given acceptance length. --acceptance-only
+prints, for each --model, the acceptance at each k (greedy and t = 0.8, all prompts as one batch, rows
+stopping at their end-of-sequence token): no timing, so it can run beside other work.
 """
 
 from __future__ import annotations
@@ -69,9 +72,29 @@ def step_costs(model, k: int, batch: int, repeats: int = 20) -> dict[str, float]
         return {"step": best(one), "verify": best(verify), "draft": best(draft)}
 
 
+def acceptance(model, prompts: list[list[int]], k: int, temperature: float, new: int) -> dict:
+    """Acceptance stats of one speculative generate over `prompts` (stopping at the config's eos ids)."""
+    out = nemotron3.Engine(model, max_seq_len=1024).generate(prompts, new, temperature=temperature, seed=0,
+                                                             num_speculative_tokens=k)
+    return out.stats
+
+
+def compare_acceptance(paths: list[Path], ks: list[int], n_prompts: int, new: int) -> None:
+    for path in paths:
+        model = nemotron3.load_pretrained(path)
+        prompts = held_out_prompts(Tokenizer.load(path), n_prompts)
+        print(f"\n{path}:")
+        for mode, temperature in (("greedy", 0.0), ("t=0.8", 0.8)):
+            for k in ks:
+                s = acceptance(model, prompts, k, temperature, new)
+                rates = " ".join(f"{r:.2f}" for r in s["acceptance_rate_per_position"])
+                print(f"  {mode:6s} k={k}  acceptance length {s['acceptance_length']:.2f}   per position: {rates}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="checkpoint folder (default: train the default pretrain run)")
+    ap.add_argument("--model", type=Path, nargs="+", help="checkpoint folder (default: train the default pretrain run)")
+    ap.add_argument("--acceptance-only", action="store_true", help="acceptance of each --model, no timing")
     ap.add_argument("--ks", default="1,2,3,5")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompts", type=int, default=36, help="held-out prompts (batch b uses the first b)")
@@ -84,6 +107,12 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
 
+    if args.acceptance_only:
+        if not args.model:
+            raise SystemExit("error: --acceptance-only needs --model DIR [DIR ...]")
+        compare_acceptance(args.model, ks, args.prompts, args.new)
+        return
+    args.model = args.model[0] if args.model else None
     tmp = None
     if args.model is None:
         from nemotron3.pretrain import PretrainConfig, pretrain
