@@ -37,9 +37,9 @@ the same bytes as `render` (tests/test_chat.py checks it). The layout (docs/post
 read). This module uses ChatML's `<|im_start|>{role}\\n` ... `<|im_end|>`, the `<think>` block, the
 Qwen3-Coder tool-call XML and `<tool_response>` that the public Nemotron 3 parsers read.
 
-Errors: a message without a role, an unknown role, an assistant turn with neither content nor tool calls, a
-malformed tool call (no name, arguments of another type, a name or key holding `<`, `>` or a newline) raise
-ValueError naming the message; `parse` raises ValueError for tool-call XML it cannot read.
+Errors: a message without a role, an unknown role, a content that is not a string, an assistant turn with
+neither content nor tool calls, a malformed tool call (no name, arguments of another type, a name or key holding
+`<`, `>` or a newline) raise ValueError naming the message; `parse` raises ValueError for tool-call XML it cannot read.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def _by_hand(model, tok, prompt_text: str, max_new: int, **budget) -> str:
 def test_accuracy_by_mode_asks_the_documented_chat_prompts(tok):
     model = small_model(-(-tok.vocab_size // 64) * 64, seed=2).eval()
     randomize_(model, seed=2)
-    families = ["add", "sort"]
+    families = ["countdown"]  # the shortest completions: the reference recomputes every prefix
     got = accuracy_by_mode(model, tok, n_per_family=2, families=families, seed=3)
     assert list(got) == ["on", "off"]
     for fam in families:
