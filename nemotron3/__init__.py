@@ -7,12 +7,14 @@ Public API:
     save_pretrained    write one
     count_parameters   total / active parameter counts of a config, without allocating
     Engine             batched generation with the hybrid cache: Engine(model).generate(prompts, n)
+    chat               the chat format: chat.render(messages, ...) -> text, chat.parse(text) -> message
 """
 
+from nemotron3 import chat
 from nemotron3.config import ModelConfig
 from nemotron3.engine import Engine
 from nemotron3.hf import CheckpointError, load_pretrained, save_pretrained
 from nemotron3.model import HybridLM, count_parameters
 
 __all__ = ["ModelConfig", "HybridLM", "load_pretrained", "save_pretrained", "count_parameters", "CheckpointError",
-           "Engine"]
+           "Engine", "chat"]
