@@ -143,7 +143,7 @@ def main() -> None:
                                            num_speculative_tokens=k)
                 for k in [0, *ks]:  # warm up (compilation, first-call allocations)
                     run(k)
-                best = {k: 0.0 for k in [0, *ks]}
+                best = dict.fromkeys([0, *ks], 0.0)
                 stats = {}
                 for _ in range(args.repeats):
                     for k in best:

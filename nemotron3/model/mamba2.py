@@ -229,7 +229,8 @@ class Mamba2Step:
             conv_hist[: t + 1].copy_(window.unfold(2, K - 1, 1).permute(2, 0, 1, 3))  # slot i: window[i : i+K-1]
             hist[0].copy_(state)
             for i in range(t):
-                s = torch.mul(hist[i].view(B, g, r, p, n), dA[:, i, :, :, None, None], out=hist[i + 1].view(B, g, r, p, n))
+                s = hist[i + 1].view(B, g, r, p, n)
+                torch.mul(hist[i].view(B, g, r, p, n), dA[:, i, :, :, None, None], out=s)
                 s.addcmul_(dtx[:, i], Bm[:, i])  # S ← e^{dt·A} S + dt·x ⊗ B
                 ys.append((s * Cm[:, i]).sum(-1))
             state.copy_(hist[t])
