@@ -388,15 +388,27 @@ class HybridCache:
         self.rollback_limit.fill_(t if self.max_rollback else 0)
 
     # ------------------------------------------------------------------ rollback
-    def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None) -> None:
-        """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0."""
+    def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None,
+                 check: bool = True) -> None:
+        """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0.
+
+        `check=False` skips the range checks (three host syncs), for callers whose n is in range by
+        construction: the speculative decoder, whose every row's last forward was its recorded verify, rolls
+        back at most what that recorded."""
         dev = self.device
+        if rows is None and check is False and isinstance(n, torch.Tensor) and n.shape == (self.rows,):
+            slot = self.rollback_limit - n  # (rows,) slot j holds the state after token j-1
+            for i, name in self._recurrent:  # rows with n = 0 copy their current slot back: their own state
+                self.states[i][name].copy_(self.history[i][name][slot, self._all_rows()])
+            self.lengths -= n
+            self.rollback_limit -= n
+            return
         index = torch.arange(self.rows, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
         n = torch.as_tensor(n, dtype=torch.long, device=dev).expand(index.shape)
-        if (n < 0).any() or (n > self.lengths[index]).any():
+        if check and ((n < 0).any() or (n > self.lengths[index]).any()):
             raise ValueError(
                 f"cannot roll back {n.tolist()} tokens from rows of lengths {self.lengths[index].tolist()}")
-        if self._recurrent and (n > self.rollback_limit[index]).any():
+        if check and self._recurrent and (n > self.rollback_limit[index]).any():
             raise ValueError(
                 f"rollback of {n.tolist()} tokens exceeds what the recurrent history holds "
                 f"({self.rollback_limit[index].tolist()}: the tokens of each row's last forward of at most "

@@ -204,7 +204,7 @@ def speculative_rounds(
     produced = torch.ones(B, dtype=torch.long, device=dev)  # new tokens per row so far
     done = (produced >= max_new_tokens) | torch.tensor([t in stops for t in first], device=dev)
     per_round = uniforms_per_round(k)
-    live_rounds, accepted_at = 0, torch.zeros(k, dtype=torch.long)
+    live_rounds, accepted_at = 0, [0] * k  # accepted_at[i]: live rounds whose drafts 1..i+1 were all accepted
     rounds = 0
 
     while not bool(done.all()):
@@ -239,10 +239,13 @@ def speculative_rounds(
                             out[b][-1] = forced
                         a_l[b], extra_l[b] = n - 1, out[b][-1]
             a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
-        live = ~done
-        live_rounds += B - sum(done_l)
-        accepted_at += (a[live, None] > torch.arange(k, device=dev)).sum(0).cpu()
-        cache.rollback(torch.where(done, k + 1, k - a))  # a finished row keeps its length (it stays in the batch)
+        for b in range(B):
+            if not done_l[b]:
+                live_rounds += 1
+                for i in range(a_l[b]):
+                    accepted_at[i] += 1
+        # a finished row undoes all k + 1 tokens, so it keeps its length (it stays in the batch)
+        cache.rollback(torch.where(done, k + 1, k - a), check=False)
         x = torch.where(done, x, extra)
         nxt = torch.cat([drafts_t, drafts_t[:, :1]], 1)
         nxt[ar, a] = x
@@ -254,8 +257,8 @@ def speculative_rounds(
         hit = [any(t in stops for t in row) for row in out]
         if any(hit):
             done |= torch.tensor(hit, device=dev)
-        rates = (accepted_at.double() / max(live_rounds, 1)).tolist()
-        stats.update(forward_passes=passes, rounds=rounds, drafted=live_rounds * k, accepted=int(accepted_at.sum()),
+        rates = [n / max(live_rounds, 1) for n in accepted_at]
+        stats.update(forward_passes=passes, rounds=rounds, drafted=live_rounds * k, accepted=sum(accepted_at),
                      acceptance_length=1 + sum(rates), acceptance_rate_per_position=rates,
                      acceptance_rate=sum(rates) / k)
         yield out
