@@ -6,6 +6,11 @@
 
     nemotron3 generate --model DIR --prompt "Once upon a time" --max-new-tokens 64
     nemotron3 generate --model DIR --ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 0
+    nemotron3 generate --model DIR --chat --prompt "What is 7 * 6?" --max-thinking-tokens 64
+
+With `chat` the prompt is one user turn in the chat format (nemotron3/chat.py) with the generation prompt
+(reasoning on unless `no_think`), the row stops at the end of the assistant's turn, and
+`max_thinking_tokens` caps its reasoning (engine/thinking.py).
 
 The tokenizer is the folder's `tokenizer.json` (Hugging Face `tokenizers` format). With `ids` the prompt is
 raw token ids and the output is printed as ids too (and decoded when the folder has a tokenizer). Stats
@@ -22,7 +27,9 @@ from typing import TextIO
 import torch
 from tokenizers import Tokenizer
 
+from nemotron3 import chat
 from nemotron3.engine import Engine
+from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.hf import load_pretrained
 from nemotron3.options import ConfigError, StageConfig, fail, option
 
@@ -56,8 +63,15 @@ class GenerateConfig(StageConfig):
     speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward (lossless, "
                               "greedy or sampled; models with an MTP block)", min=0, metavar="K")
 
+    chat: bool = option(False, "wrap the prompt as a user turn of the chat format and stop at the turn's end")
+    no_think: bool = option(False, "with --chat: reasoning off (the generation prompt ends with an empty think)")
+    max_thinking_tokens: int | None = option(None, "cap the reasoning at N tokens, closing </think> at a line "
+                                             "end (engine/thinking.py)", min=0, metavar="N")
+
     def validate(self) -> None:
         super().validate()
+        if self.chat and self.prompt is None:
+            raise ConfigError("--chat needs --prompt TEXT")
         if (self.prompt is None) == (self.ids is None):
             raise ConfigError("give exactly one of --prompt TEXT and --ids 1,2,3")
         if self.ids is not None and not self.ids:
@@ -93,7 +107,11 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
     if cfg.prompt is not None:
         if tok is None:
             raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
-        ids = tok.encode(cfg.prompt).ids
+        text = cfg.prompt
+        if cfg.chat:
+            text = chat.render([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
+                               enable_thinking=not cfg.no_think)
+        ids = tok.encode(text).ids
         if not ids:
             fail(cfg, "prompt", "tokenizes to nothing")
     else:
@@ -101,10 +119,17 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_pretrained(folder, dtype=getattr(torch, cfg.dtype))
-    engine = Engine(model, compile=cfg.compile)
+    has_think = tok is not None and None not in (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+    if cfg.max_thinking_tokens is not None and not has_think:
+        raise ConfigError(f"--max-thinking-tokens needs a tokenizer with <think> and </think> tokens ({folder})")
+    engine = Engine(model, compile=cfg.compile, think_tokens=ThinkTokens.from_tokenizer(tok) if has_think else None)
+    stops = [] if cfg.no_stop else None
+    end_of_turn = tok.token_to_id("<|im_end|>") if tok is not None else None
+    if cfg.chat and not cfg.no_stop and end_of_turn is not None:
+        stops = sorted(set(model.config.eos_token_ids) | {end_of_turn})
     steps = engine.stream([ids], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          seed=cfg.seed, stop_token_ids=[] if cfg.no_stop else None,
-                          num_speculative_tokens=cfg.speculative)
+                          seed=cfg.seed, stop_token_ids=stops, num_speculative_tokens=cfg.speculative,
+                          max_thinking_tokens=cfg.max_thinking_tokens)
     new: list[int] = []
     shown = ""
     for step in steps:

@@ -90,3 +90,26 @@ def test_a_model_with_projection_biases_generates(tmp_path, capsys):
         for _ in range(8):
             want.append(int(model(torch.tensor([ids + want]))[0, -1].argmax()))
     assert printed == ",".join(map(str, want)) + ","
+
+
+def test_chat_prompt_and_thinking_budget(tmp_path):
+    """--chat renders the prompt with the chat format; --max-thinking-tokens forces </think> in the output."""
+    from nemotron3 import chat
+    from nemotron3.generate import GenerateConfig, generate
+    from nemotron3.train.tokenizer import Tokenizer as Ours
+
+    tk = Ours.train(["What is 7 * 6? It is 42.\n"] * 50, vocab_size=300)
+    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    model = nemotron3.HybridLM(config)
+    randomize_(model)
+    nemotron3.save_pretrained(model, tmp_path)
+    tk.save(tmp_path)
+    r = generate(GenerateConfig(model=tmp_path, prompt="What is 7 * 6?", chat=True, max_thinking_tokens=3,
+                                max_new_tokens=12, no_stop=True))
+    end = tk.tk.token_to_id("</think>")
+    assert end in r.tokens[:4 + 1]  # 3 thinking tokens, a grace window of ceil(0.3) = 1, then forced
+    prompt = tk.tk.encode(chat.render([{"role": "user", "content": "What is 7 * 6?"}], add_generation_prompt=True)).ids
+    free = nemotron3.Engine(model).generate([prompt], 12, stop_token_ids=[]).tokens[0]
+    at = r.tokens.index(end)
+    assert r.tokens[:at] == free[:at] and r.stats["thinking_forced"] == [1]
