@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
 from nemotron3.train.evaluate import unigram_baseline
 from nemotron3.train.loop import TrainConfig, process_group, train
+from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # --nvfp4-off names -> the NVFP4Recipe field each one turns off.
@@ -234,17 +234,9 @@ def print_summary(summary: dict, console: Console) -> None:
         ex = summary["examples"][fam]
         answer = ex["completion"].rsplit("</think>", 1)[-1].strip().replace("\n", " ")[:40]
         console.print(f"  held-out exact match {fam:10s} {acc:6.1%}   e.g. {ex['prompt'][:60]!r} -> {answer!r}")
-    if summary["skipped_steps"]:
-        console.print(f"[red]skipped (non-finite) steps: {summary['skipped_steps']}[/]")
-    console.print(f"checkpoint: {summary['final']}\nmetrics:    {summary['metrics']}\n"
-                  f"summary:    {summary['out']}/summary.json")
+    print_footer(summary, console)
 
 
 def main(cfg: PretrainConfig) -> int:
     """`nemotron3 pretrain`: run, then print the summary (rank 0)."""
-    console = Console()
-    final = pretrain(cfg, console)
-    summary_file = final.parent / "summary.json"
-    if summary_file.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        print_summary(json.loads(summary_file.read_text()), console)
-    return 0
+    return run_stage(pretrain, cfg, print_summary)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
 from nemotron3.train import checkpoint, sft_data
 from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
 from nemotron3.train.loop import TrainConfig, process_group, train
+from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "eval_budgets", "out",
@@ -214,17 +214,9 @@ def print_summary(summary: dict, console: Console) -> None:
             console.print(f"  {fam:10s}{cells}")
         if not summary["budget_modes"]:
             console.print("  (budget modes: the engine has no max_thinking_tokens yet)")
-    if summary["skipped_steps"]:
-        console.print(f"[red]skipped (non-finite) steps: {summary['skipped_steps']}[/]")
-    console.print(f"checkpoint: {summary['final']}\nmetrics:    {summary['metrics']}\n"
-                  f"summary:    {summary['out']}/summary.json")
+    print_footer(summary, console)
 
 
 def main(cfg: SFTConfig) -> int:
     """`nemotron3 sft`: run, then print the summary (rank 0)."""
-    console = Console()
-    final = sft(cfg, console)
-    summary_file = final.parent / "summary.json"
-    if summary_file.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        print_summary(json.loads(summary_file.read_text()), console)
-    return 0
+    return run_stage(sft, cfg, print_summary)
