@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("nemotron3.sft", "SFTConfig",
             "supervised fine-tuning on chat conversations, reasoning on / off / budgeted, loss on the assistant"),
     "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
+    "chat": ("nemotron3.chat_cli", "ChatConfig", "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
 }
 
 # What a command may fail with that is the user's to fix: shown as one line, not a traceback. ValueError covers

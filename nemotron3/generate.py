@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from tokenizers import Tokenizer
 
 from nemotron3 import chat
-from nemotron3.engine import Engine
-from nemotron3.engine.thinking import ThinkTokens
-from nemotron3.hf import load_pretrained
+from nemotron3.engine.folder import open_folder
+from nemotron3.engine.text import TextStream, load_tokenizer
 from nemotron3.options import ConfigError, StageConfig, fail, option
 
 
@@ -87,74 +85,49 @@ class GenerateResult:
     stats: dict = field(default_factory=dict)  # the engine's stats of the call
 
 
-def load_tokenizer(folder: Path) -> Tokenizer | None:
-    """The folder's tokenizer.json (any `tokenizers` file, not only ours), or None when it has none."""
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-        raise ConfigError(f"{path} is not a readable tokenizer file: {e}") from None
-
-
 def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResult:
     """Generate from `cfg.model`; the new text (or ids) is written to `stream` as it comes, when given."""
     folder = Path(cfg.model)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model (--model) {folder} is not a checkpoint folder (no config.json)")
-    tok = load_tokenizer(folder)
+    if cfg.prompt is not None and load_tokenizer(folder) is None:
+        raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    served = open_folder(folder, cfg.dtype, cfg.compile)
+    if cfg.max_thinking_tokens is not None and not served.has_think:
+        raise ConfigError(f"--max-thinking-tokens needs a tokenizer with <think> and </think> tokens ({folder})")
+    tok = served.tokenizer
     if cfg.prompt is not None:
-        if tok is None:
-            raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
         text = cfg.prompt
         if cfg.chat:
             text = chat.render([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
                                enable_thinking=not cfg.no_think)
-        ids = tok.encode(text).ids
-        if not ids:
-            fail(cfg, "prompt", "tokenizes to nothing")
+        ids = served.encode(text)
     else:
         ids = list(cfg.ids)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model = load_pretrained(folder, dtype=getattr(torch, cfg.dtype))
-    has_think = tok is not None and None not in (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
-    if cfg.max_thinking_tokens is not None and not has_think:
-        raise ConfigError(f"--max-thinking-tokens needs a tokenizer with <think> and </think> tokens ({folder})")
-    engine = Engine(model, compile=cfg.compile, think_tokens=ThinkTokens.from_tokenizer(tok) if has_think else None)
-    stops = [] if cfg.no_stop else None
-    end_of_turn = tok.token_to_id("<|im_end|>") if tok is not None else None
-    if cfg.chat and not cfg.no_stop and end_of_turn is not None:
-        stops = sorted(set(model.config.eos_token_ids) | {end_of_turn})
-    steps = engine.stream([ids], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          seed=cfg.seed, stop_token_ids=stops, num_speculative_tokens=cfg.speculative,
-                          max_thinking_tokens=cfg.max_thinking_tokens)
+    stops = [] if cfg.no_stop else served.chat_stops if cfg.chat else None
+    steps = served.engine.stream([ids], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=stops,
+                                 num_speculative_tokens=cfg.speculative, max_thinking_tokens=cfg.max_thinking_tokens)
     new: list[int] = []
-    shown = ""
+    text_out = TextStream(tok) if tok is not None else None
     for step in steps:
         if step[0] is None:
             break
         new.append(step[0])
-        if stream is None:
-            continue
-        if cfg.prompt is not None:  # print the text's new suffix, holding back an unfinished UTF-8 character
-            text = tok.decode(new)
-            if not text.endswith("\ufffd") and text.startswith(shown):
-                stream.write(text[len(shown):])
-                stream.flush()
-                shown = text
-        else:
-            stream.write(f"{step[0]},")
+        piece = text_out.push(step[0]) if text_out is not None else ""
+        if stream is not None:
+            stream.write(piece if cfg.prompt is not None else f"{step[0]},")
             stream.flush()
     text = tok.decode(new) if tok is not None else None
     if stream is not None:
         if cfg.prompt is not None:
-            stream.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+            stream.write(text_out.flush())
         stream.write("\n")
         if cfg.ids is not None and tok is not None:
             stream.write(text + "\n")
-    return GenerateResult(new, text, dict(engine.last_stats))
+    return GenerateResult(new, text, dict(served.engine.last_stats))
 
 
 def main(cfg: GenerateConfig) -> int:

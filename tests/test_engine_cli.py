@@ -109,7 +109,9 @@ def test_chat_prompt_and_thinking_budget(tmp_path):
                                 max_new_tokens=12, no_stop=True))
     end = tk.tk.token_to_id("</think>")
     assert end in r.tokens[:4 + 1]  # 3 thinking tokens, a grace window of ceil(0.3) = 1, then forced
-    prompt = tk.tk.encode(chat.render([{"role": "user", "content": "What is 7 * 6?"}], add_generation_prompt=True)).ids
+    # the prompt is <s> + the rendered turn, as every SFT conversation starts
+    prompt = [tk.bos_id, *tk.tk.encode(chat.render([{"role": "user", "content": "What is 7 * 6?"}],
+                                                   add_generation_prompt=True)).ids]
     free = nemotron3.Engine(model).generate([prompt], 12, stop_token_ids=[]).tokens[0]
     at = r.tokens.index(end)
     assert r.tokens[:at] == free[:at] and r.stats["thinking_forced"] == [1]

@@ -1,0 +1,57 @@
+"""An engine opened from a checkpoint folder, with the tokenizer and the ids chat generation stops on.
+
+    served = open_folder("runs/sft/final")
+    served.engine.generate([served.encode("What is 2 + 3?")], 32, stop_token_ids=served.chat_stops)
+
+The folder is what `pretrain`, `sft` and `rl` write (or a Hugging Face `nemotron_h` folder): config.json,
+*.safetensors and, optionally, tokenizer.json. With a tokenizer that has `<think>` and `</think>` the engine
+gets their ids (and the newline tokens) for thinking budgets; `chat_stops` adds the end-of-turn `<|im_end|>`
+to the config's end-of-sequence ids, since a chat reply ends with its turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from nemotron3.engine.engine import Engine
+from nemotron3.engine.text import encode_prompt, load_tokenizer
+from nemotron3.engine.thinking import ThinkTokens
+from nemotron3.hf import load_pretrained
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass
+class OpenFolder:
+    folder: Path
+    engine: Engine
+    tokenizer: Tokenizer | None
+    has_think: bool  # the tokenizer has <think> and </think>: thinking budgets work
+    chat_stops: list[int]  # end-of-sequence ids and <|im_end|> (when the tokenizer has it)
+
+    def encode(self, text: str) -> list[int]:
+        """The prompt's ids with the checkpoint's BOS in front (engine/text.py)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.folder} has no tokenizer.json; pass the prompt as token ids")
+        return encode_prompt(self.tokenizer, text, self.engine.config.bos_token_id)
+
+
+def open_folder(folder: Path | str, dtype: str = "float32", compile: bool = False, **engine_kwargs) -> OpenFolder:
+    """Load the model, its tokenizer and an Engine over them; ValueError for a folder that is not a checkpoint."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
+    tok = load_tokenizer(folder)
+    model = load_pretrained(folder, dtype=getattr(torch, dtype))
+    has_think = tok is not None and None not in (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+    think = ThinkTokens.from_tokenizer(tok) if has_think else None
+    engine = Engine(model, compile=compile, think_tokens=think, **engine_kwargs)
+    stops = set(model.config.eos_token_ids)
+    end = tok.token_to_id(END_OF_TURN) if tok is not None else None
+    if end is not None:
+        stops.add(end)
+    return OpenFolder(folder, engine, tok, has_think, sorted(stops))
