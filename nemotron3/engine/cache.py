@@ -421,3 +421,48 @@ class HybridCache:
                 self.states[i][name][rows_] = self.history[i][name][slot, rows_]
         self.lengths[index] -= n
         self.rollback_limit[index] -= torch.minimum(n, self.rollback_limit[index])
+
+    # ------------------------------------------------------------------ continuous batching
+    def prefix(self, n: int) -> HybridCache:
+        """A cache over rows [0, n) of this one, sharing its storage: every state, history slot, length and
+        rollback limit is a view of the first n rows, so a forward over the prefix (the fast decoder's, which
+        runs every row of the cache it is given) updates this cache in place and leaves rows >= n untouched.
+
+        The continuous batcher (engine/batcher.py) keeps its decoding rows in [0, n) and decodes them
+        through such a view while other rows are being prefilled.
+        """
+        if not 0 < n <= self.rows:
+            raise ValueError(f"a prefix needs 0 < n <= rows={self.rows}, got {n}")
+        view = object.__new__(HybridCache)
+        view.__dict__.update(self.__dict__)
+        view.rows = n
+        view.states = [{name: s[:n] for name, s in d.items()} for d in self.states]
+        view.history = [{name: h[:, :n] for name, h in d.items()} for d in self.history]
+        view.lengths, view.rollback_limit = self.lengths[:n], self.rollback_limit[:n]
+        view.in_use = self.in_use[:n]  # a copy: slots are allocated on the whole cache, not on a prefix
+        view._arange = None
+        return view
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange everything rows a and b hold (states, history, lengths, rollback limits, slot use): the
+        continuous batcher moves a sequence into or out of its decoding prefix this way. Sequence states
+        are copied up to the longer of the two rows' lengths only."""
+        if a == b:
+            return
+        for r in (a, b):
+            if not 0 <= r < self.rows:
+                raise IndexError(f"cache row {r} out of range [0, {self.rows})")
+        pair, back = torch.tensor([a, b], device=self.device), torch.tensor([b, a], device=self.device)
+        m = int(self.lengths[pair].max())
+        for specs, states, history in zip(self.specs, self.states, self.history):
+            for name, s in states.items():
+                if specs[name].kind == "sequence":
+                    if m:
+                        s[pair, :, :m] = s[back, :, :m]
+                else:
+                    s[pair] = s[back]
+            for h in history.values():
+                h[:, pair] = h[:, back]
+        self.lengths[pair] = self.lengths[back]
+        self.rollback_limit[pair] = self.rollback_limit[back]
+        self.in_use[a], self.in_use[b] = self.in_use[b], self.in_use[a]
