@@ -51,7 +51,7 @@ from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.engine.prefill import pad_prompts, prefill
 from nemotron3.engine.sampling import row_uniforms, sample, validate_sampling
-from nemotron3.engine.speculative import Sampling, speculative_rounds, uniforms_per_round
+from nemotron3.engine.speculative import Sampling, speculative_rounds, token_logprobs, uniforms_per_round
 from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
 from nemotron3.model.hybrid import HybridLM
 
@@ -60,6 +60,7 @@ from nemotron3.model.hybrid import HybridLM
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt
     stats: dict = field(default_factory=dict)
+    logprobs: list[list[float]] | None = None  # with return_logprobs: each new token's log-probability
 
 
 class Engine:
@@ -95,6 +96,7 @@ class Engine:
         self._compiled_speculative: dict = {}
         self._cache: HybridCache | None = None
         self.last_stats: dict = {}
+        self.last_logprobs: list[list[float]] | None = None
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -109,20 +111,26 @@ class Engine:
         num_speculative_tokens: int = 0,
         max_thinking_tokens: int | list[int] | None = None,
         thinking_grace: float = 0.1,
+        return_logprobs: bool = False,
     ) -> Generation:
         """New tokens for each prompt (a stop token ends its row and is included) and the call's stats.
 
         `max_thinking_tokens` (one budget, or one per prompt) caps each row's reasoning inside `<think>`
         (engine/thinking.py): after N thinking tokens, `</think>` is forced after the next newline within
         `thinking_grace · N` more tokens, else at once.
+
+        `return_logprobs`: also each new token's log-probability under the law it was sampled from
+        (`log_softmax(logits / temperature)` restricted to the top-k / top-p set and renormalised; greedy:
+        the raw `log_softmax(logits)`), from the engine's own forward (the verify forward under speculation).
+        A forced `</think>` gets the model's log-probability of that token.
         """
         out: list[list[int]] = [[] for _ in prompts]
         for step in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
-                                num_speculative_tokens, max_thinking_tokens, thinking_grace):
+                                num_speculative_tokens, max_thinking_tokens, thinking_grace, return_logprobs):
             for row, tok in enumerate(step):
                 if tok is not None:
                     out[row].append(tok)
-        return Generation(out, dict(self.last_stats))
+        return Generation(out, dict(self.last_stats), self.last_logprobs)
 
     def stream(
         self,
@@ -136,12 +144,14 @@ class Engine:
         num_speculative_tokens: int = 0,
         max_thinking_tokens: int | list[int] | None = None,
         thinking_grace: float = 0.1,
+        return_logprobs: bool = False,
     ) -> Iterator[list[int | None]]:
         """Yield one list per step: the new token of each row, or None for a row with no token in this step
         (it has stopped, or, with speculative decoding, it got fewer tokens from this verify forward).
 
         All arguments are checked before any work starts. `engine.last_stats` holds the stats once the
-        iterator is exhausted.
+        iterator is exhausted, and with `return_logprobs` `engine.last_logprobs` each row's token
+        log-probabilities (see `generate`).
         """
         prompts = self._validate(prompts, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
@@ -150,6 +160,7 @@ class Engine:
             budgets = max_thinking_tokens if isinstance(max_thinking_tokens, (list, tuple)) else \
                 [max_thinking_tokens] * len(prompts)
             budget = ThinkingBudget(self.think_tokens, list(budgets), prompts, thinking_grace)
+        self.last_logprobs = [[] for _ in prompts] if return_logprobs else None
         if num_speculative_tokens:
             return self._run_speculative(prompts, max_new_tokens, num_speculative_tokens, stops,
                                          Sampling(float(temperature), top_k, top_p), seed, budget)
@@ -268,6 +279,13 @@ class Engine:
                 if any(f is not None for f in forced):
                     toks = [t if f is None else f for t, f in zip(toks, forced)]
                     tok = torch.tensor(toks, device=tok.device)
+            if self.last_logprobs is not None:
+                with torch.inference_mode():
+                    lps = token_logprobs(logits[:, None], Sampling(float(temperature), top_k, top_p),
+                                         [[t] for t in toks])
+                for r in range(B):
+                    if not done[r]:
+                        self.last_logprobs[r] += lps[r]
             out: list[int | None] = []
             for r in range(B):
                 if done[r]:
@@ -295,9 +313,10 @@ class Engine:
                 uniforms = row_uniforms(seed, B, 1 + max_new_tokens * uniforms_per_round(k))
             fast = self._fast_decoder()
         stats: dict = {}
+        record = None if self.last_logprobs is None else [[] for _ in prompts]
         rounds = speculative_rounds(self.model, fast, cache, prompts, max_new_tokens, k, self.prefill_chunk, stops,
                                     stats, sampling, uniforms, budget,
-                                    self._compiled_speculative if self.compile else None)
+                                    self._compiled_speculative if self.compile else None, record)
         count, done, produced = [0] * B, [False] * B, 0
         t0 = time.perf_counter()
         t_prefill = None
@@ -320,10 +339,14 @@ class Engine:
                     self._finish(prompts, produced, stats.get("forward_passes", 1), t_prefill,
                                  time.perf_counter() - t1, stats.get("rounds", 0) + 1, budget)
                     self.last_stats.update({name: v for name, v in stats.items() if name != "forward_passes"})
+                if record is not None and all(done):  # the tokens emitted are each row's first count[r]
+                    self.last_logprobs = [lp[:n] for lp, n in zip(record, count)]
                 if any(t is not None for t in col):
                     yield col
             if all(done):
                 break
+        if record is not None:
+            self.last_logprobs = [lp[:n] for lp, n in zip(record, count)]
 
     def _finish(self, prompts, produced, passes, t_prefill, t_decode, steps, budget=None) -> None:
         n_prompt = sum(len(p) for p in prompts)

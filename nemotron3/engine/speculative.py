@@ -145,6 +145,30 @@ class Drafter:
         return self.model.mtp.depth(depth)(prev_hidden, self.model.backbone.embeddings(next_ids), view)
 
 
+def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[int]]) -> list[list[float]]:
+    """logits (B, t, V) at the positions that emitted `tokens[b]` (the first len(tokens[b]) of them) -> each
+    token's log-probability under the sampling law (temperature, top-k, top-p; greedy: the raw softmax).
+
+    This is what a rollout engine reports for RL (the trainer recomputes it and compares, `token_mult_prob_error`).
+    Under speculative sampling every emitted token has the target's law p at its position, accepted draft and
+    extra token alike, so the verify forward's p is the law each one was drawn from.
+    """
+    B, t, V = logits.shape
+    T = sampling.temperature or 1.0
+    if sampling.top_k == 0 and sampling.top_p == 1.0:
+        logp = torch.log_softmax(logits.float() / T, dim=-1)
+    else:
+        logp = Sampling(T, sampling.top_k, sampling.top_p).probs(logits.float()).log()
+    out = []
+    for b, row in enumerate(tokens):
+        if not row:
+            out.append([])
+            continue
+        idx = torch.tensor(row, device=logits.device)
+        out.append(logp[b, torch.arange(len(row), device=logits.device), idx].tolist())
+    return out
+
+
 def speculative_rounds(
     model: HybridLM,
     fast: FastDecoder | None,
@@ -159,6 +183,7 @@ def speculative_rounds(
     uniforms: torch.Tensor | None = None,
     constrain: Callable[[int, list[int]], tuple[int, int | None]] | None = None,
     compiled: dict | None = None,
+    logprobs: list[list[float]] | None = None,
 ) -> Iterator[list[list[int]]]:
     """Yield, per round, the new tokens of each row (a list per row, possibly empty). Fills `stats`.
 
@@ -168,7 +193,8 @@ def speculative_rounds(
     `constrain(row, tokens) -> (n, token)`: a hook that may cut a row's emitted tokens to the first n and
     replace the last one by `token` (the thinking budget, engine/thinking.py); it is told every row's
     tokens of the round in order. `compiled`: a dict the caller keeps, holding the torch.compile'd verify
-    and MTP forwards of a traceable fast decoder (built on first use).
+    and MTP forwards of a traceable fast decoder (built on first use). `logprobs`: one list per row, extended
+    with the log-probability of each token the row emits under the law it was emitted from (`token_logprobs`).
     """
     B, dev = len(prompts), cache.device
     greedy = sampling.temperature == 0
@@ -181,7 +207,8 @@ def speculative_rounds(
 
     # prefill: main model, then the MTP block over every prompt position (h0[t], token t+1)
     last, hidden, passes = prefill(model, cache, ids, lens, prefill_chunk, keep_hidden=True)
-    p0 = sampling.probs(drafter.logits(last))  # (B, V)
+    logits0 = drafter.logits(last)  # (B, V)
+    p0 = sampling.probs(logits0)
     x = p0.argmax(-1) if greedy else inverse_cdf(p0, uniforms[:, 0])  # (B,) first new token
     first = x.tolist()
     if constrain is not None:
@@ -190,6 +217,9 @@ def speculative_rounds(
             if forced is not None:
                 first[b] = forced
         x = torch.tensor(first, device=dev)
+    if logprobs is not None:
+        for b, lp in enumerate(token_logprobs(logits0[:, None], sampling, [[t] for t in first])):
+            logprobs[b] += lp
     yield [[t] for t in first]
     nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
     nxt[ar, lens - 1] = x
@@ -239,6 +269,9 @@ def speculative_rounds(
                             out[b][-1] = forced
                         a_l[b], extra_l[b] = n - 1, out[b][-1]
             a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
+        if logprobs is not None:
+            for b, lp in enumerate(token_logprobs(logits, sampling, out)):
+                logprobs[b] += lp
         for b in range(B):
             if not done_l[b]:
                 live_rounds += 1
