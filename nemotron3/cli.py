@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "pretrain a model (NVFP4 recipe, MTP) on the embedded tasks or your text"),
     "sft": ("nemotron3.sft", "SFTConfig",
             "supervised fine-tuning on chat conversations, reasoning on / off / budgeted, loss on the assistant"),
+    "rl": ("nemotron3.rl.grpo", "GRPOConfig", "GRPO / iGRPO on verifiable rewards, rollouts with MTP speculation"),
     "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
     "chat": ("nemotron3.chat_cli", "ChatConfig", "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
 }

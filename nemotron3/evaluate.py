@@ -130,7 +130,7 @@ def chat_prompt(tokenizer: Tokenizer, prompt: str, thinking: bool = True) -> lis
 
 def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20, difficulty: int = 1,
                      seed: int = 0, budgets: list[int] | tuple[int, ...] = (), families: list[str] | None = None,
-                     batch_size: int = 64) -> dict[str, dict[str, dict]]:
+                     batch_size: int = 64, modes: list[str] | None = None) -> dict[str, dict[str, dict]]:
     """Greedy exact match on held-out problems of each family, asked as a chat, in each reasoning mode.
 
     Modes: `on` (the generation prompt ends in `<think>\\n`: the model writes its reasoning, closes it and
@@ -138,14 +138,15 @@ def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int =
     `budgets` (reasoning on, with `Engine.generate(..., max_thinking_tokens=N)` closing the think block after N
     reasoning tokens, at a newline when one comes within the grace window). Generation stops at `<|im_end|>`
     (or `</s>`); the family's verifier reads the answer after the last `</think>`. Held-out problems are the same
-    in every mode and as `task_accuracy`'s for the same seed. Returns {mode: {family: {"accuracy", "n",
-    "example"}}}. Raises NotImplementedError for budgets when the engine has no thinking budget.
+    in every mode and as `task_accuracy`'s for the same seed. `modes` keeps only those of the modes (e.g.
+    `["on"]`). Returns {mode: {family: {"accuracy", "n", "example"}}}. Raises NotImplementedError for budgets
+    when the engine has no thinking budget.
     """
     if budgets and not budget_supported():
         raise NotImplementedError("thinking budgets need Engine.generate(..., max_thinking_tokens=N)")
     was_training = model.training
     model.eval()
-    results: dict[str, dict[str, dict]] = {m: {} for m in mode_names(budgets)}
+    results: dict[str, dict[str, dict]] = {m: {} for m in mode_names(budgets) if modes is None or m in modes}
     think_kwargs: dict = {}
     if budgets:
         from nemotron3.engine.thinking import ThinkTokens

@@ -222,6 +222,15 @@ class Engine:
         last, _, passes = prefill(self.model, cache, ids, lens, self.prefill_chunk)
         return self.model.lm_head(last).float(), passes
 
+    def weights_updated(self) -> None:
+        """Say that the model's weights changed: the fast decoder's fused copies are rebuilt on the next call.
+
+        In-place updates are normally seen through the tensors' version counters, but a fused optimizer step
+        (`torch.optim.AdamW(fused=True)`, the training stack's default on CPU) writes the parameters without
+        bumping them; a trainer that generates between its steps (RL) calls this after each step."""
+        if self.fast is not None:
+            self.fast._versions = None  # never equal to a signature: stale
+
     def _fast_decoder(self) -> FastDecoder | None:
         """The fast decoder, rebuilt if the model's weights changed, or None if the model no longer allows it."""
         if self.fast is not None and self.fast.is_stale():  # weights updated or modules swapped (quantized)

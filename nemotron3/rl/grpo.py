@@ -1,0 +1,472 @@
+"""The RL stage: GRPO (and iGRPO) on verifiable rewards, rollouts through the engine with MTP speculation.
+
+    from nemotron3.rl.grpo import GRPOConfig, grpo
+    final = grpo(GRPOConfig(model="runs/sft/final", out="runs/rl", steps=40))        # -> runs/rl/final
+
+    nemotron3 rl                                   the embedded default: `nemotron3 sft`'s checkpoint, task prompts
+    nemotron3 rl --algo igrpo --rollout-budget 8   iGRPO: 4 drafts + 4 refinements per prompt (rl/igrpo.py)
+    nemotron3 rl --data prompts.jsonl --reward-funcs my_rewards:score --reward-funcs tasks --reward-weights 1 0.5
+    nemotron3 rl --out runs/rl --save-every 10 --resume
+
+One step (names as TRL's `GRPOConfig` where the concept is the same; docs/post-training.md §6):
+
+    prompts    `prompts_per_step` prompts, fixed by (seed, step) (rl/prompts.py), rendered with the chat
+               template and its generation prompt (reasoning on unless `--no-thinking`)
+    rollouts   `num_generations` completions each, sampled by the engine from the current weights at
+               `temperature`, with lossless MTP speculation when the model has an MTP block (rl/rollout.py)
+    rewards    Σ_f w_f · f(prompts, completions, **columns) (rl/rewards.py; default: the task verifiers)
+    advantages group-relative (rl/loss.py): group mean or leave-one-out baseline, `scale_rewards`
+    update     `num_iterations` optimizer steps on the batch, each over micro-batches: recompute the
+               log-probabilities with a full forward, the clipped ratio loss (`epsilon`, `epsilon_high`,
+               `loss_type`), the k3 KL to the frozen starting model when `beta` > 0
+    metrics    one JSON line in metrics.jsonl: reward (mean, std, per family), accuracy, KL, clip fractions,
+               entropy, completion length, `token_mult_prob_error` (NeMo-RL's: mean exp|logp_train -
+               logp_rollout| over completion tokens, 1 when the engine and the trainer agree), rollout tok/s,
+               speculative acceptance length, groups with zero reward variance
+
+The engine and the trainer compute the same log-probabilities by different paths (the engine: cached,
+fused decode and verify forwards; the trainer: one full forward), so `token_mult_prob_error` measures the
+numerical gap between them; with `num_iterations` > 1 the later iterations use the first iteration's
+log-probabilities as the old policy's (TRL's `old_per_token_logps`).
+
+Layout of `out`, as for `pretrain` and `sft`: metrics.jsonl, step-NNNNNN/ (checkpoint + trainer_state.pt),
+final/, summary.json (held-out exact match per family before and after, reasoning on). `--resume` continues
+the newest checkpoint bit for bit: a step's prompts and sampling streams depend only on (seed, step) and the
+weights, and the optimizer and RNG states are restored. A failing reward function stops the run before the
+step's update, with the last checkpoint intact.
+
+The MoE routers' load-balancing bias is not updated during RL (no expert-balance step), and the MTP block is
+not trained: speculation stays lossless whatever the drafts are, they are only accepted less often as the
+policy drifts from what the MTP block learned (the acceptance length in metrics.jsonl shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from nemotron3 import chat
+from nemotron3.engine import Engine
+from nemotron3.engine.thinking import ThinkTokens
+from nemotron3.evaluate import accuracy_by_mode
+from nemotron3.hf import load_pretrained
+from nemotron3.options import ConfigError, StageConfig, fail, option, restore_config, to_dict
+from nemotron3.rl import igrpo, rewards
+from nemotron3.rl.loss import LOSS_TYPES, SCALE_REWARDS, completion_logprobs, group_advantages, policy_loss
+from nemotron3.rl.prompts import FilePrompts, PromptRow, TaskPrompts
+from nemotron3.rl.rollout import RolloutBatch, rollout
+from nemotron3.train import checkpoint
+from nemotron3.train.loop import MetricsLog, process_group
+from nemotron3.train.optim import WSD, build_optimizer
+from nemotron3.train.summary import print_footer, run_stage
+from nemotron3.train.tokenizer import Tokenizer
+
+OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume")
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    """An RL run: the checkpoint, the prompts and rewards, the rollouts, the GRPO loss and the optimizer."""
+
+    model: Path = option(Path("runs/sft/final"), "checkpoint folder to train (default: the final/ of `nemotron3 "
+                         "sft`)", metavar="DIR")
+    out: Path = option(Path("runs/rl"), "output folder (metrics.jsonl, step-NNNNNN/, final/, summary.json)")
+    resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
+    algo: str = option("grpo", "grpo, or igrpo (best-of-N drafts, then GRPO on refinements)",
+                       choices=("grpo", "igrpo"))
+    steps: int = option(40, "RL steps (rollouts + update)", min=1)
+    prompts_per_step: int = option(16, "prompts per step", min=1)
+    num_generations: int = option(8, "completions per prompt that train (GRPO's group; iGRPO's refinements)", min=2)
+    num_drafts: int = option(4, "iGRPO: drafts per prompt in stage 1 (no gradient)", min=1)
+    rollout_budget: int = option(0, "completions per prompt in all (0 = from --num-generations / --num-drafts): "
+                                 "GRPO samples this many, iGRPO splits it evenly into drafts and refinements",
+                                 min=0)
+    max_completion_length: int = option(128, "tokens per completion at most", min=1)
+    temperature: float = option(1.0, "rollout sampling temperature (the loss uses the same)", min=0.01)
+    top_p: float = option(1.0, "rollout nucleus mass (1 = off: the loss's law is then the sampling law)",
+                          min=0.0, max=1.0)
+    top_k: int = option(0, "rollout top-k (0 = off)", min=0)
+    enable_thinking: bool = option(True, "prompts with reasoning on (the generation prompt opens <think>)")
+    max_thinking_tokens: int | None = option(None, "cap each rollout's reasoning at N tokens", min=0, metavar="N")
+    speculative: int = option(-1, "MTP draft tokens per verify forward in rollouts (-1 = 3 when the model has an "
+                              "MTP block, 0 = off)", min=-1, metavar="K")
+    lr: float = option(2e-4, "learning rate (constant after warmup)", min=0.0)
+    warmup: int = option(2, "warmup steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay of the matrices", min=0.0)
+    betas: tuple[float, float] = option((0.9, 0.99), "AdamW betas", min=0.0, max=1.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)", min=0.0)
+    beta: float = option(0.0, "k3 KL coefficient to the frozen starting model (0 = no reference model)", min=0.0)
+    epsilon: float = option(0.2, "lower clip of the ratio: 1 - epsilon", min=0.0, max=1.0)
+    epsilon_high: float | None = option(None, "upper clip: 1 + epsilon_high (default: epsilon; DAPO uses 0.28)",
+                                        min=0.0)
+    loss_type: str = option("dapo", "loss aggregation: grpo (per completion), dapo (per token), dr_grpo",
+                            choices=LOSS_TYPES)
+    scale_rewards: str = option("group", "advantage scale: group std, batch std, or none", choices=SCALE_REWARDS)
+    leave_one_out: bool = option(False, "leave-one-out baseline (NeMo-RL's default) instead of the group mean")
+    num_iterations: int = option(1, "optimizer steps per batch of rollouts (mu), old log-probs kept", min=1)
+    mask_truncated_completions: bool = option(False, "overlong filtering: no loss on completions cut by "
+                                              "--max-completion-length (they still count in the baseline)")
+    skip_zero_variance_groups: bool = option(False, "DAPO's dynamic sampling: drop the groups whose rewards are all "
+                                             "equal (always counted in metrics)")
+    reward_funcs: list[str] = option(["tasks"], "reward functions: 'tasks' (the task verifiers) or module:function",
+                                     metavar="SPEC")
+    reward_weights: list[float] = option([], "a weight per reward function (default: 1 each)", metavar="W")
+    data: list[Path] = option([], "prompt .jsonl files ({'prompt': str or messages, ...columns}; default: the "
+                              "embedded task families)", metavar="PATH")
+    families: list[str] = option([], "task families to draw prompts from (default: all)", metavar="NAME")
+    difficulty: int = option(1, "task difficulty (1 = easiest)", min=1)
+    refine_template: str = option(igrpo.DEFAULT_TEMPLATE, "iGRPO's stage-2 user turn ({prompt}, {draft})")
+    micro_batch_size: int = option(0, "completions per forward/backward (0 = all at once)", min=0)
+    seed: int = option(0, "seed of the prompts and the rollouts' sampling streams", min=0)
+    eval_problems: int = option(50, "held-out problems per task family for exact match (reasoning on) before, "
+                                "every --eval-every steps, and after (0 = none)", min=0)
+    eval_every: int = option(0, "held-out exact match every K steps (0 = before and after only)", min=0)
+    save_every: int = option(0, "checkpoint every K steps (0 = only final/)", min=0)
+    keep_last: int = option(2, "training checkpoints kept (0 = all)", min=0)
+    log_every: int = option(5, "print a line every K steps", min=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.algo == "igrpo" and self.rollout_budget:
+            igrpo.split_budget(self.rollout_budget)
+        if self.algo == "grpo" and self.rollout_budget == 1:
+            fail(self, "rollout_budget", "GRPO needs at least 2 completions per prompt")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            fail(self, "reward_weights", f"has {len(self.reward_weights)} weights for {len(self.reward_funcs)} "
+                 "reward functions")
+        if self.micro_batch_size and self.micro_batch_size > self.prompts_per_step * self.group_sizes()[1]:
+            fail(self, "micro_batch_size", "is larger than the completions per step")
+        if self.top_p <= 0:
+            fail(self, "top_p", "must be in (0, 1]")
+
+    def group_sizes(self) -> tuple[int, int]:
+        """(drafts N, trained completions G) per prompt; N = 0 for GRPO."""
+        if self.algo == "igrpo":
+            return igrpo.split_budget(self.rollout_budget) if self.rollout_budget else (self.num_drafts,
+                                                                                        self.num_generations)
+        return 0, self.rollout_budget or self.num_generations
+
+
+# ----------------------------------------------------------------------------------------- the run
+def grpo(cfg: GRPOConfig, console: Console | None = None) -> Path:
+    """Run (or resume) one RL run; returns its `final/` checkpoint folder (see the module docstring)."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    resume, ckpt = None, None
+    if cfg.resume:
+        ckpt, resume = checkpoint.resume_point(cfg.out)
+        cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
+        console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
+        checkpoint.clean_temporaries(cfg.out)
+    with process_group() as rank:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise NotImplementedError("nemotron3 rl runs on one process; launch it without torchrun")
+        del rank
+        return _run(cfg, console, ckpt, resume, t_start)
+
+
+class _Run:
+    """What one run holds: the policy, its tokenizer and engine, the prompts, rewards and optimizer."""
+
+    def __init__(self, cfg: GRPOConfig, console: Console, source: Path) -> None:
+        self.cfg, self.console = cfg, console
+        if not (Path(source) / "config.json").is_file():
+            raise ConfigError(f"model (--model) {source} is not a checkpoint folder (no config.json)")
+        self.tokenizer = Tokenizer.load(source)
+        self.model = load_pretrained(source, dtype=torch.float32)
+        self.N, self.G = cfg.group_sizes()
+        self.prompts = FilePrompts(cfg.data, cfg.seed) if cfg.data else TaskPrompts(cfg.families or None,
+                                                                                    cfg.difficulty, cfg.seed)
+        self.reward_fns = [rewards.load(s) for s in cfg.reward_funcs]
+        self.weights = list(cfg.reward_weights) or [1.0] * len(self.reward_fns)
+        self.tasks_reward = cfg.reward_funcs.index("tasks") if "tasks" in cfg.reward_funcs else None
+        has_mtp = self.model.mtp is not None
+        if cfg.speculative > 0 and not has_mtp:
+            raise ConfigError(f"--speculative {cfg.speculative}: {source} has no MTP block")
+        self.k = (3 if has_mtp else 0) if cfg.speculative < 0 else cfg.speculative
+        self.context = self.model.config.max_position_embeddings
+        self.engine = Engine(self.model, max_seq_len=self.context,
+                             think_tokens=ThinkTokens.from_tokenizer(self.tokenizer.tk))
+        self.reference = None
+        if cfg.beta > 0:  # the frozen starting policy; on resume, the run's --model
+            self.reference = load_pretrained(cfg.model, dtype=torch.float32).eval().requires_grad_(False)
+        self.opt = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.sched = WSD(cfg.lr, cfg.steps, cfg.warmup, 0.0, 1.0, "linear")
+
+    # ------------------------------------------------------------------ rollouts
+    def encode(self, rows: list[PromptRow]) -> list[list[int]]:
+        """Each conversation rendered with the generation prompt, as ids after <s>; a prompt that leaves no
+        room for a completion in the context is an error naming it."""
+        out = []
+        overshoot = 2 * self.k + 1 if self.k else 0
+        for i, row in enumerate(rows):
+            text = chat.render(row.messages, add_generation_prompt=True, enable_thinking=self.cfg.enable_thinking)
+            ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
+            if len(ids) + self.cfg.max_completion_length + overshoot > self.context:
+                raise ValueError(f"prompt {i} {row.label} has {len(ids)} tokens: with --max-completion-length "
+                                 f"{self.cfg.max_completion_length} it does not fit the model's context "
+                                 f"({self.context} tokens)")
+            out.append(ids)
+        return out
+
+    def sample(self, prompt_ids: list[list[int]], n: int, seed: int) -> RolloutBatch:
+        cfg = self.cfg
+        self.model.eval()
+        return rollout(self.engine, self.tokenizer, prompt_ids, n, cfg.max_completion_length, cfg.temperature,
+                       cfg.top_k, cfg.top_p, seed, self.k, cfg.max_thinking_tokens)
+
+    def score(self, rows: list[PromptRow], batch: RolloutBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards of a rollout batch whose completions come `n` per row of `rows`."""
+        prompts = [r.messages for r in rows for _ in range(n)]
+        completions = [[{"role": "assistant", "content": t}] for t in batch.texts]
+        names = sorted({k for r in rows for k in r.columns})
+        columns = {k: [r.columns.get(k) for r in rows for _ in range(n)] for k in names}
+        columns["completion_ids"] = batch.completion_ids
+        return rewards.score(self.reward_fns, self.weights, prompts, completions, columns)
+
+    def rollouts(self, step: int) -> tuple[list[PromptRow], RolloutBatch, torch.Tensor, torch.Tensor, dict]:
+        """The step's prompts, the G completions that train and their rewards (and per-function values)."""
+        cfg = self.cfg
+        rows = self.prompts.batch(step, cfg.prompts_per_step)
+        if not rows:
+            raise ValueError("the prompt set gave no prompts")
+        seed = cfg.seed * 1_000_003 + step
+        extra: dict = {}
+        prompt_ids = self.encode(rows)
+        if self.N:  # iGRPO stage 1: drafts, no gradient; keep each prompt's best
+            drafts = self.sample(prompt_ids, self.N, seed)
+            draft_rewards, _ = self.score(rows, drafts, self.N)
+            best = igrpo.best_drafts(draft_rewards, self.N)
+            texts = [drafts.texts[i * self.N + b] for i, b in enumerate(best)]
+            refine = [PromptRow(igrpo.refinement_messages(r.messages, igrpo.draft_answer(t), cfg.refine_template),
+                                r.columns) for r, t in zip(rows, texts)]
+            prompt_ids = self.encode(refine)
+            best_r = draft_rewards.view(-1, self.N).nan_to_num(-math.inf).max(-1).values
+            extra = {"draft_reward": float(draft_rewards.nanmean()), "best_draft_reward": float(best_r.mean()),
+                     "draft_tok_s": drafts.stats["tok_s"], "draft_seconds": drafts.stats["seconds"]}
+            seed += 500_009  # the refinements' streams differ from the drafts'
+        batch = self.sample(prompt_ids, self.G, seed)
+        total, per = self.score(rows, batch, self.G)
+        return rows, batch, total, per, extra
+
+    # ------------------------------------------------------------------ the update
+    def update(self, batch: RolloutBatch, adv: torch.Tensor, keep: torch.Tensor, lr: float) -> dict:
+        """`num_iterations` optimizer steps on the kept completions; returns the step's loss metrics."""
+        cfg, model = self.cfg, self.model
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        idx = keep.nonzero().view(-1).tolist()
+        prompts = [batch.prompt_ids[i] for i in idx]
+        comps = [batch.completion_ids[i] for i in idx]
+        loss_mask = torch.tensor([0.0 if (cfg.mask_truncated_completions and batch.truncated[i]) else 1.0
+                                  for i in idx])
+        A = adv[idx]
+        mb = cfg.micro_batch_size or len(idx)
+        chunks = [list(range(s, min(s + mb, len(idx)))) for s in range(0, len(idx), mb)]
+        n_items = float(sum(len(comps[j]) * loss_mask[j] for j in range(len(idx))))
+        T = max(len(c) for c in comps)
+        old = torch.zeros(len(idx), T)
+        ref = torch.zeros(len(idx), T) if self.reference is not None else None
+        model.train()
+        if cfg.num_iterations > 1 or ref is not None:
+            with torch.no_grad():
+                for ch in chunks:
+                    p, c = [prompts[j] for j in ch], [comps[j] for j in ch]
+                    if cfg.num_iterations > 1:
+                        lp, _, _ = completion_logprobs(model, p, c, cfg.temperature, self.tokenizer.pad_id)
+                        old[ch, : lp.shape[1]] = lp
+                    if ref is not None:
+                        lp, _, _ = completion_logprobs(self.reference, p, c, cfg.temperature, self.tokenizer.pad_id)
+                        ref[ch, : lp.shape[1]] = lp
+        sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "kl": 0.0, "ratio": 0.0}
+        err_sum, err_n, ent_sum, grad_norm = 0.0, 0.0, 0.0, 0.0
+        params = [p for p in model.parameters() if p.requires_grad]
+        for it in range(cfg.num_iterations):
+            self.opt.zero_grad(set_to_none=True)
+            tokens = 0.0
+            for ch in chunks:
+                p, c = [prompts[j] for j in ch], [comps[j] for j in ch]
+                logp, ent, mask = completion_logprobs(model, p, c, cfg.temperature, self.tokenizer.pad_id)
+                t = logp.shape[1]
+                mask = mask * loss_mask[ch, None]
+                old_lp = logp.detach() if cfg.num_iterations == 1 else old[ch, :t]
+                loss, st = policy_loss(logp, old_lp, A[ch], mask, None if ref is None else ref[ch, :t],
+                                       cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.loss_type,
+                                       cfg.max_completion_length, n_items, len(idx))
+                loss.backward()
+                if it == 0:
+                    full = torch.zeros(len(ch), t)
+                    for r, j in enumerate(ch):
+                        full[r, : len(comps[j])] = torch.tensor(batch.logprobs[idx[j]])
+                    m = (torch.arange(t)[None] < torch.tensor([len(comps[j]) for j in ch])[:, None]).float()
+                    err_sum += float((torch.exp((logp.detach() - full).abs()) * m).sum())
+                    err_n += float(m.sum())
+                    ent_sum += float((ent * m).sum())
+                    sums["loss"] += float(loss.detach())
+                    for name in ("clip_low", "clip_high", "clip_region", "kl", "ratio"):
+                        sums[name] += getattr(st, name) * st.tokens
+                    tokens += st.tokens
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if math.isfinite(grad_norm):
+                self.opt.step()
+                self.engine.weights_updated()  # the fused AdamW step bumps no version counter
+            self.opt.zero_grad(set_to_none=True)
+            if it == 0:
+                first_tokens = max(tokens, 1.0)
+        out = {"loss": sums["loss"], "grad_norm": grad_norm, "token_mult_prob_error": err_sum / max(err_n, 1.0),
+               "entropy": ent_sum / max(err_n, 1.0)}
+        for name in ("clip_low", "clip_high", "clip_region", "kl", "ratio"):
+            out[name] = sums[name] / first_tokens
+        return out
+
+
+def _family_stats(rows: list[PromptRow], n: int, total: torch.Tensor) -> dict:
+    fams = [r.columns.get("family") for r in rows for _ in range(n)]
+    out = {}
+    for f in sorted({f for f in fams if isinstance(f, str)}):
+        vals = total[[i for i, x in enumerate(fams) if x == f]]
+        out[f"reward/{f}"] = float(vals.nanmean())
+        out[f"reward_std/{f}"] = float(vals[~vals.isnan()].std()) if (~vals.isnan()).sum() > 1 else 0.0
+    return out
+
+
+def _heldout(run: _Run) -> dict[str, float]:
+    """Held-out greedy exact match per family, reasoning on (evaluate.accuracy_by_mode)."""
+    cfg = run.cfg
+    if cfg.eval_problems <= 0 or cfg.data:
+        return {}
+    res = accuracy_by_mode(run.model, run.tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed,
+                           families=cfg.families or None, modes=["on"])
+    run.model.train()
+    return {f: r["accuracy"] for f, r in res["on"].items()}
+
+
+def _run(cfg: GRPOConfig, console: Console, ckpt: Path | None, resume: dict | None, t_start: float) -> Path:
+    torch.manual_seed(cfg.seed)
+    run = _Run(cfg, console, ckpt or cfg.model)
+    step = 0
+    before: dict = {}
+    if resume is not None:
+        run.opt.load_state_dict(resume["optimizer"])
+        checkpoint.set_rng_state(resume["rng"], run.model)
+        step, before = resume["step"], resume.get("accuracy_before", {})
+    else:
+        t0 = time.perf_counter()
+        before = _heldout(run)
+        if before:
+            console.print(f"[bold]before RL[/] held-out exact match (reasoning on) measured in "
+                          f"{time.perf_counter() - t0:.0f} s: " + "  ".join(f"{f} {a:.0%}" for f, a in before.items()))
+    algo = "iGRPO" if run.N else "GRPO"
+    console.print(f"[bold]model[/] {ckpt or cfg.model}: {run.model.config.pattern}, {run.model.num_parameters():,} "
+                  f"parameters; {algo}, {cfg.steps} steps of {cfg.prompts_per_step} prompts x "
+                  f"{f'{run.N} drafts + ' if run.N else ''}{run.G} completions; speculative k={run.k}")
+    log = MetricsLog(cfg.out / "metrics.jsonl", step if resume is not None else None)
+    history: list[dict] = []
+    columns = (TextColumn(f"[bold]{algo.lower()}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("rl", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = run.sched.lr(step)
+            rows, batch, total, per, extra = run.rollouts(step)
+            t_roll = time.perf_counter() - t0
+            adv = group_advantages(total, run.G, cfg.scale_rewards, cfg.leave_one_out)
+            keep = torch.ones(len(total), dtype=torch.bool)
+            if cfg.skip_zero_variance_groups:
+                keep = ~adv.zero_std.repeat_interleave(run.G)
+            if cfg.mask_truncated_completions and all(batch.truncated[i] for i in keep.nonzero().view(-1).tolist()):
+                keep[:] = False  # every kept completion was cut: nothing to learn from
+            lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float64)
+            record = {"step": step + 1, "reward": float(total.nanmean()),
+                      "reward_std": float(total[~total.isnan()].std()) if (~total.isnan()).sum() > 1 else 0.0,
+                      **_family_stats(rows, run.G, total)}
+            if run.tasks_reward is not None:
+                record["accuracy"] = float(per[:, run.tasks_reward].nanmean())
+            for j, spec in enumerate(cfg.reward_funcs):
+                if len(cfg.reward_funcs) > 1:
+                    record[f"rewards/{spec}"] = float(per[:, j].nanmean())
+            if bool(keep.any()):
+                record.update(run.update(batch, adv.advantages, keep, lr))
+            else:
+                record["skipped"] = True
+            step += 1
+            record.update({
+                "lr": lr, "completion_length": float(lengths.mean()), "truncated": float(sum(batch.truncated)) /
+                len(batch.truncated), "zero_std_groups": int(adv.zero_std.sum()),
+                "groups": len(adv.zero_std), "rollout_tok_s": round(batch.stats["tok_s"], 1),
+                "rollout_seconds": round(t_roll, 2), "step_seconds": round(time.perf_counter() - t0, 2), **extra})
+            if "acceptance_length" in batch.stats:
+                record["acceptance_length"] = round(batch.stats["acceptance_length"], 3)
+            log.write(record)
+            history.append(record)
+            info = f"reward {record['reward']:.3f} {record['rollout_tok_s']:.0f} tok/s"
+            bar.update(task, completed=step, info=info)
+            if step % cfg.log_every == 0 or step == 1:
+                console.print(f"step {step:4d}  reward {record['reward']:.3f}  "
+                              f"acc {record.get('accuracy', float('nan')):.3f}  len {record['completion_length']:.0f}  "
+                              f"mult_prob_err {record.get('token_mult_prob_error', float('nan')):.4f}  "
+                              f"clip {record.get('clip_region', 0):.3f}  zero-std {record['zero_std_groups']}/"
+                              f"{record['groups']}  rollout {record['rollout_tok_s']:.0f} tok/s")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                acc = _heldout(run)
+                if acc:
+                    log.write({"step": step, "heldout_accuracy": acc})
+                    console.print(f"step {step:4d}  [bold]held-out[/] " + "  ".join(f"{f} {a:.0%}"
+                                                                                   for f, a in acc.items()))
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                state = {"step": step, "optimizer": run.opt.state_dict(), "schedule": asdict(run.sched),
+                         "rng": checkpoint.rng_state(run.model), "run": to_dict(cfg), "accuracy_before": before}
+                checkpoint.save(checkpoint.step_dir(cfg.out, step), run.model, run.tokenizer, state)
+                checkpoint.prune(cfg.out, cfg.keep_last)
+    final = cfg.out / "final"
+    checkpoint.save(final, run.model, run.tokenizer)
+    after = _heldout(run)
+    if after:
+        log.write({"step": step, "heldout_accuracy": after})
+    records = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "reward" in r]
+    summary = {
+        "out": str(cfg.out), "final": str(final), "metrics": str(cfg.out / "metrics.jsonl"), "model": str(cfg.model),
+        "algo": cfg.algo, "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
+        "rollouts_per_prompt": run.N + run.G, "speculative": run.k,
+        "accuracy_before": before, "accuracy_after": after,
+        "reward_first": steps[0]["reward"] if steps else None, "reward_last": steps[-1]["reward"] if steps else None,
+        "token_mult_prob_error_max": max((r.get("token_mult_prob_error", 1.0) for r in steps), default=None),
+        "rollout_tok_s_mean": (sum(r["rollout_tok_s"] for r in steps) / len(steps)) if steps else None,
+        "skipped_steps": [r["step"] for r in steps if r.get("skipped")],
+        "config": to_dict(cfg),
+    }
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return final
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    """The end-of-run report of `nemotron3 rl`, from its summary.json."""
+    console.rule(f"[bold]RL summary ({summary['algo']})")
+    console.print(f"{summary['steps']} steps in {summary['seconds']} s; {summary['rollouts_per_prompt']} rollouts per "
+                  f"prompt, speculative k={summary['speculative']}, mean rollout "
+                  f"{summary['rollout_tok_s_mean'] or 0:.0f} tok/s; reward {summary['reward_first']:.3f} (step 1) -> "
+                  f"{summary['reward_last']:.3f} (last); token_mult_prob_error at most "
+                  f"{summary['token_mult_prob_error_max'] or 1:.4f}")
+    before, after = summary["accuracy_before"], summary["accuracy_after"]
+    if after:
+        console.print("held-out exact match (reasoning on), before -> after RL")
+        for fam, a in after.items():
+            b = before.get(fam)
+            delta = f"  ({(a - b) * 100:+.0f} points)" if b is not None else ""
+            console.print(f"  {fam:10s} {'-' if b is None else f'{b:.0%}':>5s} -> {a:.0%}{delta}")
+    print_footer(summary, console)
+
+
+def main(cfg: GRPOConfig) -> int:
+    """`nemotron3 rl`: run, then print the summary."""
+    return run_stage(grpo, cfg, print_summary)
