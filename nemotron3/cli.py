@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "supervised fine-tuning on chat conversations, reasoning on / off / budgeted, loss on the assistant"),
     "rl": ("nemotron3.rl.grpo", "GRPOConfig", "GRPO / iGRPO on verifiable rewards, rollouts with MTP speculation"),
     "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
+    "serve": ("nemotron3.serve", "ServeConfig", "an OpenAI-compatible server with continuous batching and a chat page"),
     "chat": ("nemotron3.chat_cli", "ChatConfig", "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
 }
 

@@ -29,6 +29,7 @@ PUBLIC_FLAGS = {
             "--reasoning-off-share", "--budget-share", "--eval-problems", "--eval-budgets", "--save-every"],
     "run": ["--out", "--steps", "--nvfp4", "--resume"],
     "info": [],
+    "serve": ["--model", "--host", "--port", "--api-key", "--speculative", "--max-batch", "--token-budget"],
 }
 
 

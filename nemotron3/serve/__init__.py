@@ -1,0 +1,133 @@
+"""The serving stage: an OpenAI-compatible HTTP server over a checkpoint folder, with continuous batching.
+
+    nemotron3 serve --model runs/sft/final                       # http://127.0.0.1:8000: the chat page at /
+    nemotron3 serve --model DIR --host 0.0.0.0 --port 9000 --api-key SECRET   # or NEMOTRON3_API_KEY=SECRET
+    nemotron3 serve --model DIR --speculative 0 --max-batch 16 --token-budget 256
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")
+    client.chat.completions.create(model="final", messages=[{"role": "user", "content": "What is 7 * 6?"}])
+
+Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming, n, logprobs,
+tools, `reasoning_content`, `chat_template_kwargs.enable_thinking`, `max_thinking_tokens`), `GET /health`,
+`GET /metrics` (Prometheus), `GET /` (a chat page). Requests share one running batch (engine/batcher.py):
+they join and leave it at step boundaries through cache slots, long prompts are prefilled in chunks under a
+per-step token budget, and MTP speculation is on when the checkpoint has an MTP block (`--speculative 0` turns
+it off). Limits (prompt length, max_tokens, n, running + queued requests, body size) answer with OpenAI-style
+errors. SIGTERM stops accepting connections, lets running streams finish for up to `--shutdown-timeout`
+seconds, then cancels the rest. docs/serving.md describes all of it.
+
+`serve(cfg)` runs the server until it is stopped; `build_server(cfg)` returns the `app.Server` without
+running it (the tests mount it on a socket of their own).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemotron3.engine.batcher import Batcher
+from nemotron3.engine.folder import open_folder
+from nemotron3.options import ConfigError, StageConfig, fail, option
+from nemotron3.serve.app import Server, Settings, create_app
+
+API_KEY_ENV = "NEMOTRON3_API_KEY"
+
+
+@dataclass
+class ServeConfig(StageConfig):
+    """An OpenAI-compatible server over one checkpoint: where it listens, how it batches, what it allows."""
+
+    model: Path = option(help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "TCP port (0: any free one)", min=0, max=65535)
+    api_key: str | None = option(None, f"require `Authorization: Bearer KEY` on /v1/ (default: ${API_KEY_ENV})",
+                                 metavar="KEY")
+    served_model_name: str | None = option(None, "the model id clients name (default: the folder's name)")
+    max_batch: int = option(32, "cache slots: the most requests decoding or prefilling at once", min=1)
+    max_seq_len: int | None = option(None, "tokens one slot holds, prompt and reply (default: the model's "
+                                     "max_position_embeddings, at most 4096)", min=16)
+    token_budget: int = option(512, "tokens one batcher step processes (decode rows + prefill chunks)", min=1)
+    speculative: int | None = option(None, "MTP drafts per verify forward (default: 3 when the checkpoint has an "
+                                     "MTP block, else 0; 0 turns speculation off)", min=0, metavar="K")
+    max_prompt_tokens: int | None = option(None, "longest prompt accepted (default: what a slot holds)", min=1)
+    max_tokens: int = option(2048, "the most tokens a request may ask for (max_tokens), also its default", min=1)
+    max_n: int = option(8, "the most choices (n) one request may ask for", min=1)
+    max_requests: int = option(256, "choices running + queued at most; beyond, 429 with Retry-After", min=1)
+    max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)", min=1024)
+    shutdown_timeout: float = option(30.0, "seconds running streams get to finish after SIGTERM", min=0.0)
+    dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.served_model_name is not None and not self.served_model_name:
+            fail(self, "served_model_name", "is empty")
+        if self.api_key is not None and not self.api_key:
+            fail(self, "api_key", "is empty")
+
+
+def build_server(cfg: ServeConfig) -> Server:
+    """Load the checkpoint and build the batcher and the app's state (nothing runs yet)."""
+    folder = Path(cfg.model)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    opened = open_folder(folder, cfg.dtype, fast=False)  # the batcher builds its own fast decoder
+    if opened.tokenizer is None:
+        raise ConfigError(f"model (--model) {folder} has no tokenizer.json: the server needs one to read text")
+    model = opened.engine.model
+    has_mtp = model.mtp is not None
+    k = cfg.speculative if cfg.speculative is not None else (3 if has_mtp else 0)
+    if k and not has_mtp:
+        fail(cfg, "speculative", f"needs a checkpoint with an MTP block; {folder} has none (use 0)")
+    max_seq_len = cfg.max_seq_len or min(model.config.max_position_embeddings, 4096)
+    if max_seq_len <= 2 * k + 2:
+        fail(cfg, "max_seq_len", f"leaves no room for a prompt and a reply with {k} speculative tokens")
+    batcher = Batcher(model, rows=cfg.max_batch, max_seq_len=max_seq_len, token_budget=cfg.token_budget,
+                      num_speculative_tokens=k, think_tokens=opened.engine.think_tokens)
+    api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    settings = Settings(cfg.served_model_name or folder.resolve().name, api_key,
+                        cfg.max_prompt_tokens or max_seq_len, cfg.max_tokens, cfg.max_n, cfg.max_requests,
+                        cfg.max_body_bytes)
+    return Server(batcher, opened.tokenizer, settings)
+
+
+def serve(cfg: ServeConfig, sock: socket.socket | None = None) -> None:
+    """Run the server until SIGINT / SIGTERM, on `sock` if given, else on a socket bound to cfg.host:cfg.port
+    before the line `serving ... on http://HOST:PORT` is printed (so a client may connect once it is read)."""
+    import uvicorn
+
+    server = build_server(cfg)
+    if sock is None:
+        sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else
+                                    socket.AF_INET, backlog=2048)
+    config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=cfg.shutdown_timeout,
+                            access_log=False)
+    host, port = sock.getsockname()[:2]
+    s, b = server.settings, server.batcher
+    print(f"serving {s.served_model_name} on http://{host}:{port} ({b.rows} slots of {b.max_seq_len} tokens, "
+          f"{b.k} speculative tokens{', API key required' if s.api_key else ''})", flush=True)
+    runner = uvicorn.Server(config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn handles SIGINT / SIGTERM itself (graceful shutdown), then re-raises them to the handlers it
+        # found; with these, that re-raise ends nothing and `nemotron3 serve` exits with status 0
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            runner.run(sockets=[sock])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    else:
+        runner.run(sockets=[sock])
+
+
+def main(cfg: ServeConfig) -> int:
+    """`nemotron3 serve`: runs until stopped."""
+    serve(cfg)
+    return 0

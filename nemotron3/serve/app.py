@@ -1,0 +1,404 @@
+"""The HTTP server: FastAPI routes over the continuous batcher (engine/batcher.py), OpenAI's wire format.
+
+    app = create_app(Server(model, tokenizer, settings))     # then uvicorn.run(app, ...)
+
+Routes (docs/serving.md §1): `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
+`stream`: server-sent events ending in `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus), and `GET /`,
+the chat page (index.html beside this file).
+
+The batcher runs on its own thread; each request submits its choices (n of them, each a batcher request with
+its own stream of the seed) and awaits their events on an asyncio queue, fed from that thread with
+`call_soon_threadsafe`. A client that goes away is noticed by the response (a streaming one is cancelled by
+Starlette when the connection closes; a plain one polls `is_disconnected`), and its unfinished choices are
+cancelled, which frees their cache slots at the batcher's next step. A choice that meets a `stop` string is
+cancelled the same way.
+
+Every error is OpenAI's JSON body (`{"error": {"message", "type", "param", "code"}}`, protocol.py) with a 4xx
+status, and leaves the server serving: bad JSON or fields (400), a wrong key (401), an unknown model or route
+(404), a body over the size limit (413), more running + queued choices than allowed (429 with Retry-After).
+With an API key, every `/v1/` route wants `Authorization: Bearer KEY`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenizers import Tokenizer
+
+from nemotron3 import chat
+from nemotron3.engine.batcher import Batcher, Event
+from nemotron3.engine.batcher import Request as GenRequest
+from nemotron3.engine.text import encode_prompt
+from nemotron3.serve.metrics import Metrics
+from nemotron3.serve.output import Reply
+from nemotron3.serve.protocol import APIError, ChatParams, CompletionParams, Limits, parse_chat, parse_completion
+
+PAGE = Path(__file__).with_name("index.html")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server allows and how it identifies itself (ServeConfig's flags, docs/serving.md §4)."""
+
+    served_model_name: str
+    api_key: str | None = None
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024
+    max_n: int = 8
+    max_requests: int = 256  # choices running + queued
+    max_body_bytes: int = 1 << 20
+
+
+class Server:
+    """The batcher, the tokenizer and the limits one app serves."""
+
+    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, settings: Settings) -> None:
+        self.batcher, self.tok, self.settings = batcher, tokenizer, settings
+        self.config = batcher.config
+        overshoot = 2 * batcher.k + 1 if batcher.k else 0
+        self.room = batcher.max_seq_len - overshoot  # prompt + new tokens one slot holds
+        self.limits = Limits(min(settings.max_prompt_tokens, self.room - 1), settings.max_tokens, settings.max_n,
+                             self.room)
+        self.eos = frozenset(self.config.eos_token_ids)
+        end = tokenizer.token_to_id(chat.TURN_END)
+        self.chat_stops = self.eos | ({end} if end is not None else set())
+        self.in_flight = 0  # choices submitted and not yet ended
+        self.created = int(time.time())
+        self.metrics = Metrics(lambda: batcher.running, lambda: batcher.queued, batcher.rows)
+
+    # ------------------------------------------------------------------ admission
+    def encode(self, text: str) -> list[int]:
+        return encode_prompt(self.tok, text, self.config.bos_token_id)
+
+    def max_new(self, prompt: list[int], asked: int | None, param: str) -> int:
+        """The request's max_tokens, checked against the prompt's length and the slot's room."""
+        if len(prompt) > self.limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens, more than the {self.limits.max_prompt_tokens} "
+                           "this server accepts", param=param, code="context_length_exceeded")
+        room = self.room - len(prompt)
+        if asked is None:
+            return min(self.limits.max_tokens, room)
+        if asked > room:
+            raise APIError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({asked}) is more than the "
+                           f"{self.room} tokens of context one request may use", param="max_tokens",
+                           code="context_length_exceeded")
+        return asked
+
+    def admit(self, choices: int) -> None:
+        if self.in_flight + choices > self.settings.max_requests:
+            raise APIError(429, f"the server is at its limit of {self.settings.max_requests} running and queued "
+                           "requests; retry shortly", "rate_limit_error", None, "rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+
+    # ------------------------------------------------------------------ running choices
+    async def run(self, specs: list[tuple[GenRequest, Reply]], request: Request) -> AsyncIterator[tuple]:
+        """Submit the choices; yield (index, event, deltas) per event as they come, the text deltas of its
+        tokens (and, on a choice's last event, whose `finish` is set, whatever its Reply held back).
+        Cancels the choices left if the consumer stops early (a disconnect); use it under `aclosing`."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.in_flight += len(specs)
+        handles, open_ = [], set(range(len(specs)))
+        t0 = time.perf_counter()
+        last: dict[int, float] = {}
+        try:
+            for i, (req, _) in enumerate(specs):
+                handles.append(self.batcher.submit(req, lambda ev, i=i: loop.call_soon_threadsafe(
+                    queue.put_nowait, (i, ev))))
+            while open_:
+                i, ev = await self._next(queue, request)
+                if i not in open_:
+                    continue
+                reply = specs[i][1]
+                now = time.perf_counter()
+                if ev.tokens:
+                    if i not in last:
+                        self.metrics.ttft.observe(now - t0)
+                    self.metrics.tokens(len(ev.tokens), now - last[i] if i in last else None)
+                    last[i] = now
+                if ev.accepted is not None:
+                    self.metrics.round(ev.accepted, self.batcher.k)
+                deltas = reply.push(ev.tokens)
+                if reply.stopped and ev.finish is None:  # a stop string: the rest is not wanted
+                    self.batcher.cancel(handles[i])
+                    ev = Event(ev.tokens, ev.logprobs, ev.top_logprobs, finish="stop")
+                if ev.finish is not None:
+                    deltas += reply.finish()
+                    open_.discard(i)
+                    self.in_flight -= 1
+                yield i, ev, deltas
+        finally:
+            for i in open_:
+                if i < len(handles):
+                    self.batcher.cancel(handles[i])
+                self.in_flight -= 1
+                self.metrics.finished.labels("cancelled").inc()
+            self.metrics.e2e.observe(time.perf_counter() - t0)
+
+    async def _next(self, queue: asyncio.Queue, request: Request) -> tuple[int, Event]:
+        """The next event; raises ClientGone if the client disconnected meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone() from None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its response was complete."""
+
+
+# ----------------------------------------------------------------------------------------- responses
+def _finish_reason(ev: Event, reply: Reply) -> str:
+    if ev.finish == "stop" and reply.chat and reply.message().get("tool_calls"):
+        return "tool_calls"
+    return {"stop": "stop", "length": "length"}.get(ev.finish, "abort" if ev.finish == "cancelled" else "error")
+
+
+def _token_text(tok: Tokenizer, t: int) -> str:
+    return tok.decode([t], skip_special_tokens=False)
+
+
+def _chat_logprobs(tok: Tokenizer, ev: Event) -> list[dict]:
+    out = []
+    for t, lp, alts in zip(ev.tokens, ev.logprobs or [], ev.top_logprobs or []):
+        s = _token_text(tok, t)
+        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
+                    "top_logprobs": [{"token": (a := _token_text(tok, i)), "logprob": v, "bytes": list(a.encode())}
+                                     for i, v in alts]})
+    return out
+
+
+def _usage(prompt_tokens: int, replies: list[Reply]) -> dict:
+    completion = sum(len(r.tokens) for r in replies)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI app over `server`; its lifespan starts and stops the batcher's thread."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.batcher.start()
+        yield
+        server.batcher.stop(cancel=True)
+
+    app = FastAPI(title="nemotron3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    settings, metrics, tok = server.settings, server.metrics, server.tok
+    key = settings.api_key.encode() if settings.api_key else None
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        endpoint = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions",
+                                    "/v1/chat/completions") else "other"
+        if key is not None and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:].encode() if given[:7].lower() == "bearer " else b""
+            if not hmac.compare_digest(token, key):
+                metrics.requests.labels(endpoint, "401").inc()
+                return error(APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                                      "invalid_request_error", None, "invalid_api_key"))
+        response = await call_next(request)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                              "invalid_request_error", None, kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error(APIError(400, str(e)))
+
+    async def body_of(request: Request):
+        length = request.headers.get("content-length")
+        too_big = APIError(413, f"the request body is larger than {settings.max_body_bytes} bytes",
+                           "invalid_request_error", None, "request_too_large")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            raise too_big
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > settings.max_body_bytes:
+                raise too_big
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": server.batcher.running, "waiting": server.batcher.queued}
+
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": settings.served_model_name, "object": "model",
+                                            "created": server.created, "owned_by": "nemotron3",
+                                            "max_model_len": server.room}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        p: ChatParams = parse_chat(await body_of(request), settings.served_model_name, server.limits)
+        try:
+            text = chat.render(p.messages, p.tools, enable_thinking=p.enable_thinking, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        prompt = server.encode(text)
+        max_new = server.max_new(prompt, p.max_tokens, "messages")
+        thinking = text.endswith(chat.THINK_START + "\n")
+        specs = [(GenRequest(prompt, max_new, p.temperature, p.top_k, p.top_p, p.seed, i, server.chat_stops,
+                             p.max_thinking_tokens if thinking else None, logprobs=p.logprobs),
+                  Reply(tok, server.chat_stops, p.stop, chat=True, thinking=thinking,
+                        tools=p.tools if p.parse_tools else None))
+                 for i in range(p.n)]
+        return await respond(request, p, prompt, specs, "chat.completion")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        p: CompletionParams = parse_completion(await body_of(request), settings.served_model_name, server.limits)
+        specs, prompts = [], []
+        V = server.config.vocab_size
+        for item in p.prompts:
+            ids = server.encode(item) if isinstance(item, str) else list(item)
+            if any(not 0 <= t < V for t in ids):
+                raise APIError(400, f"prompt: token ids must be in [0, {V})", param="prompt")
+            prompts.append(ids)
+            max_new = server.max_new(ids, p.max_tokens, "prompt")
+            for i in range(p.n):
+                specs.append((GenRequest(ids, max_new, p.temperature, p.top_k, p.top_p, p.seed, i, server.eos,
+                                         logprobs=p.logprobs), Reply(tok, server.eos, p.stop)))
+        echo = [tok.decode(ids) if p.echo else "" for ids in prompts for _ in range(p.n)]
+        return await respond(request, p, sum(len(x) for x in prompts), specs, "text_completion", echo)
+
+    async def respond(request: Request, p, prompt: list[int] | int, specs: list, kind: str,
+                      echo: list[str] | None = None) -> Response:
+        n_prompt = prompt if isinstance(prompt, int) else len(prompt)
+        server.admit(len(specs))
+        metrics.prompt_tokens.inc(n_prompt)
+        rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        replies = [r for _, r in specs]
+        head = {"id": rid, "created": created, "model": settings.served_model_name}
+        if p.stream:
+            return StreamingResponse(stream(request, p, n_prompt, specs, kind, echo, head),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        logprobs: list[list] = [[] for _ in specs]
+        ends: dict[int, Event] = {}
+        try:
+            async with contextlib.aclosing(server.run(specs, request)) as events:
+                async for i, ev, _ in events:
+                    if ev.finish is not None:
+                        ends[i] = ev
+                    if p.logprobs is not None and ev.tokens:
+                        logprobs[i].append(ev)
+        except ClientGone:
+            return Response(status_code=499)
+        if any(ev.finish == "error" for ev in ends.values()):
+            raise APIError(500, "generation failed inside the engine (see the server's log)", "server_error")
+        choices = []
+        for i, reply in enumerate(replies):
+            reason = _finish_reason(ends[i], reply)
+            metrics.finished.labels(reason).inc()
+            if kind == "chat.completion":
+                lp = {"content": [x for ev in logprobs[i] for x in _chat_logprobs(tok, ev)]} \
+                    if p.logprobs is not None else None
+                choices.append({"index": i, "message": reply.message(), "logprobs": lp, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": echo[i] + reply.text, "finish_reason": reason,
+                                "logprobs": _completion_logprobs(logprobs[i]) if p.logprobs is not None else None})
+        return JSONResponse({**head, "object": kind, "choices": choices, "usage": _usage(n_prompt, replies)})
+
+    def _completion_logprobs(events: list[Event]) -> dict:
+        tokens, own, top = [], [], []
+        for ev in events:
+            for t, lp, alts in zip(ev.tokens, ev.logprobs or [], ev.top_logprobs or []):
+                tokens.append(_token_text(tok, t))
+                own.append(lp)
+                top.append({_token_text(tok, i): v for i, v in alts})
+        offsets, pos = [], 0
+        for s in tokens:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": tokens, "token_logprobs": own, "top_logprobs": top, "text_offset": offsets}
+
+    async def stream(request: Request, p, n_prompt: int, specs: list, kind: str, echo: list[str] | None,
+                     head: dict) -> AsyncIterator[bytes]:
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        replies = [r for _, r in specs]
+        usage = {"usage": None} if p.include_usage else {}
+
+        def chunk(i: int, body: dict, reason: str | None = None, logprobs=None) -> bytes:
+            choice = {"index": i, **body, "logprobs": logprobs, "finish_reason": reason}
+            return _sse({**head, "object": chunk_kind, "choices": [choice], **usage})
+
+        if kind == "chat.completion":
+            for i in range(len(specs)):
+                yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
+        elif echo and any(echo):
+            for i, text in enumerate(echo):
+                yield chunk(i, {"text": text})
+        try:
+            async with contextlib.aclosing(server.run(specs, request)) as events:
+                async for i, ev, deltas in events:
+                    lp = None
+                    if p.logprobs is not None and ev.tokens:
+                        lp = {"content": _chat_logprobs(tok, ev)} if kind == "chat.completion" else \
+                            _completion_logprobs([ev])
+                    if kind == "chat.completion":
+                        body: dict = {"delta": {}}
+                        for name, text in deltas:
+                            body["delta"][name] = body["delta"].get(name, "") + text
+                    else:
+                        body = {"text": "".join(text for _, text in deltas)}
+                    reason = None
+                    if ev.finish is not None:
+                        reason = _finish_reason(ev, replies[i])
+                        metrics.finished.labels(reason).inc()
+                        calls = replies[i].message().get("tool_calls") if kind == "chat.completion" else None
+                        if calls:
+                            body["delta"]["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
+                    if body.get("delta") or body.get("text") or lp or reason:
+                        yield chunk(i, body, reason, lp)
+        except ClientGone:
+            return
+        if p.include_usage:
+            yield _sse({**head, "object": chunk_kind, "choices": [], "usage": _usage(n_prompt, replies)})
+        yield _sse("[DONE]")
+
+    return app

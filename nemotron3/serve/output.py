@@ -1,0 +1,156 @@
+"""One choice's tokens -> what the client sees: text deltas, reasoning apart from the answer, tool calls.
+
+    reply = Reply(tokenizer, stop_ids, stop=["\\n\\n"], chat=True, thinking=True, tools=tools)
+    for deltas in (reply.push(event.tokens) for event in events):   # [("reasoning_content", "The user"), ...]
+        ...
+    reply.finish()  # the last deltas; reply.message() is the whole assistant message
+
+The text is decoded incrementally (engine/text.py's TextStream: an unfinished UTF-8 character is held back).
+Stop tokens add no text. A `stop` string ends the choice where it starts (the request is then cancelled by the
+caller); text that could be the beginning of a stop string is held back until it is known not to be.
+
+Chat replies (docs/serving.md §2): when the generation prompt ends inside `<think>` (reasoning on), the text up
+to `</think>` is `reasoning_content`, the rest `content`; with reasoning off everything is `content`. Both are
+stripped of surrounding whitespace like `chat.parse` does, so the streamed deltas concatenate to exactly the
+non-streamed message: leading whitespace is dropped and trailing whitespace waits for what follows. With
+tools, a `<tool_call>` block is held back and parsed at the end by the chat format's parser (nemotron3/chat.py)
+into OpenAI `tool_calls`; a block it cannot read stays in the content as text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from tokenizers import Tokenizer
+
+from nemotron3 import chat
+from nemotron3.engine.text import TextStream
+
+TOOL_OPEN = "<tool_call>"
+
+
+def _partial_suffix(text: str, words: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `words`."""
+    best = 0
+    for w in words:
+        for n in range(min(len(w) - 1, len(text)), best, -1):
+            if text.endswith(w[:n]):
+                best = n
+                break
+    return best
+
+
+class Reply:
+    """The text of one choice, as it grows; see the module docstring."""
+
+    def __init__(self, tok: Tokenizer, stop_ids: frozenset[int] | set[int], stop: list[str] | None = None,
+                 chat: bool = False, thinking: bool = False, tools: list[dict] | None = None) -> None:
+        self.stream = TextStream(tok, skip_special_tokens=not chat)
+        self.stop_ids = stop_ids
+        self.stop = list(stop or [])
+        self.chat, self.thinking, self.tools = chat, thinking, tools
+        self.raw = ""
+        self.stopped = False  # a stop string ended the text
+        self.finished = False
+        self.sent = {"reasoning_content": "", "content": ""}
+        self.tokens: list[int] = []
+        self._message: dict | None = None
+
+    # ------------------------------------------------------------------ growing
+    def push(self, tokens: list[int]) -> list[tuple[str, str]]:
+        """Add the tokens of one event; returns the new (field, text) deltas, field "content" or
+        "reasoning_content" (a completion's text is "content")."""
+        if self.stopped:
+            return []
+        self.tokens += tokens
+        for t in tokens:
+            if t not in self.stop_ids:
+                self.raw += self.stream.push(t)
+        self._apply_stop()
+        return self._deltas(final=self.stopped)
+
+    def finish(self) -> list[tuple[str, str]]:
+        """The deltas still held back, once the choice has ended."""
+        if not self.stopped:
+            self.raw += self.stream.flush()
+            self._apply_stop()
+        self.finished = True
+        return self._deltas(final=True)
+
+    def _apply_stop(self) -> None:
+        hits = [i for i in (self.raw.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.raw, self.stopped = self.raw[: min(hits)], True
+
+    # ------------------------------------------------------------------ splitting
+    def _parts(self, final: bool) -> tuple[str | None, str]:
+        """(reasoning, content) visible now, stripped as in the final message; None: no reasoning."""
+        raw = self.raw
+        if not final:
+            raw = raw[: len(raw) - _partial_suffix(raw, self.stop)]
+        if not self.chat:
+            return None, raw
+        reasoning, content = None, raw
+        if self.thinking:
+            if chat.THINK_END in raw:
+                reasoning, content = raw.split(chat.THINK_END, 1)
+                reasoning = reasoning.strip()
+            else:
+                reasoning, content = raw, ""
+                if not final:
+                    reasoning = reasoning[: len(reasoning) - _partial_suffix(reasoning, [chat.THINK_END])]
+                reasoning = reasoning.strip() if final else reasoning.lstrip().rstrip(" \t\r\n")
+        content = content.lstrip()
+        if self.tools is not None and TOOL_OPEN in content:
+            content = content[: content.index(TOOL_OPEN)]
+        elif self.tools is not None and not final:
+            content = content[: len(content) - _partial_suffix(content, [TOOL_OPEN])]
+        content = content.rstrip() if not final or self.tools is not None else content.strip()
+        return reasoning, content
+
+    def _deltas(self, final: bool) -> list[tuple[str, str]]:
+        reasoning, content = self._parts(final)
+        if final and self.chat:
+            message = self.message()
+            reasoning, content = message.get("reasoning_content"), message["content"] or ""
+        out = []
+        for name, now in (("reasoning_content", reasoning), ("content", content)):
+            if now is None:
+                continue
+            sent = self.sent[name]
+            if now.startswith(sent) and len(now) > len(sent):
+                out.append((name, now[len(sent):]))
+                self.sent[name] = now
+        return out
+
+    # ------------------------------------------------------------------ the whole reply
+    def message(self) -> dict:
+        """The assistant message (chat) once finished: role, content, reasoning_content, tool_calls."""
+        if self._message is not None:
+            return self._message
+        reasoning, content = self._parts(final=True)
+        calls: list[dict] = []
+        if self.tools is not None:
+            raw_content = self.raw.split(chat.THINK_END, 1)[1] if self.thinking and chat.THINK_END in self.raw \
+                else ("" if self.thinking else self.raw)
+            try:
+                parsed = chat.parse(raw_content, self.tools)
+                calls, content = parsed["tool_calls"], parsed["content"]
+            except ValueError:  # unreadable tool-call XML: the text stays content
+                content = raw_content.strip()
+        message = {"role": "assistant", "content": content if content or not calls else None,
+                   "reasoning_content": reasoning}
+        if calls:
+            message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                      "function": {"name": c["name"],
+                                                   "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                                     for c in calls]
+        if self.finished:
+            self._message = message
+        return message
+
+    @property
+    def text(self) -> str:
+        """A completion's text (everything, stop strings cut)."""
+        return self._parts(final=True)[1]
