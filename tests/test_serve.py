@@ -1,6 +1,6 @@
 """`nemotron3 serve` through the official `openai` client, on localhost, with a tiny checkpoint.
 
-The checkpoint (tests/serve_checkpoint.py) has learnt three replies by heart, so greedy requests have known
+The checkpoint (tests/serving.py) has learnt three replies by heart, so greedy requests have known
 answers: reasoning apart from the answer, reasoning off, a tool call. Sampled requests are compared with
 `Engine.generate` on the same prompt and seed (choice i of n = row i), with the speculation the server uses
 (the checkpoint has an MTP block, so 3 drafts per round by default). Logprobs are compared with a full forward.
@@ -13,78 +13,27 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+import serving as sc
 import torch
+from serving import Running
 from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3 import chat
 from nemotron3.engine.text import encode_prompt, load_tokenizer
 from nemotron3.serve import ServeConfig, build_server
-from nemotron3.serve.app import create_app
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-sys.path.insert(0, str(Path(__file__).parent))
-import serve_checkpoint as sc  # noqa: E402
 
 K = 3  # the server's default drafts for a checkpoint with an MTP block
-
-
-class Running:
-    """A server on a loopback socket of its own, in a thread."""
-
-    def __init__(self, cfg: ServeConfig) -> None:
-        self.state = build_server(cfg)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.state), log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.uv.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
-
-    def raw(self, method: str, path: str, body: bytes | str | dict | None = None,
-            headers: dict | None = None) -> tuple[int, dict, dict]:
-        """(status, headers, JSON body) of one request sent as is."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        data = json.dumps(body) if isinstance(body, dict) else body
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        r = conn.getresponse()
-        text = r.read()
-        conn.close()
-        return r.status, dict(r.getheaders()), json.loads(text) if text else {}
-
-    def metric(self, name: str, labels: str = "") -> float:
-        text = self.raw_text("/metrics")
-        m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-        return float(m[1]) if m else 0.0
-
-    def raw_text(self, path: str) -> str:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("GET", path)
-        text = conn.getresponse().read().decode()
-        conn.close()
-        return text
-
-    def stop(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +301,7 @@ def test_the_api_key_is_enforced(guarded):
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     assert guarded.raw("POST", "/v1/chat/completions", {**GOOD, "model": "guarded"})[0] == 401  # no header
     assert [m.id for m in guarded.client("sesame").models.list().data] == ["guarded"]
-    assert guarded.raw("GET", "/health")[0] == 200 and "<html" in guarded.raw_text("/")  # open routes
+    assert guarded.raw("GET", "/health")[0] == 200 and "<html" in guarded.text("/")  # open routes
 
 
 def test_beyond_the_running_and_queued_limit_comes_429(guarded):

@@ -1,20 +1,32 @@
-"""A tiny chat checkpoint for the server's tests, made in seconds: it has learnt three replies by heart.
+"""What the server's tests share: a tiny chat checkpoint that knows three replies by heart, and a server running on
+a loopback socket of its own.
 
 A random model writes noise, which cannot show that reasoning is returned apart from the answer or that a tool
 call reaches the client parsed. So the tiny preset is trained for a few hundred Adam steps on three
 conversations until greedy decoding reproduces each reply exactly: a reasoning + answer reply (GREETING), a
 reasoning + tool call reply (WEATHER), and a reasoning-off answer (GREETING with thinking off). The tokenizer
 is nemotron3's own (train/tokenizer.py: the chat format's special tokens), trained on the same text.
+
+`Running(ServeConfig(...))` builds the server (`nemotron3.serve.build_server`) and runs uvicorn on a thread,
+with helpers for raw requests and for reading a metric.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
+import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 import nemotron3
 from nemotron3 import chat
+from nemotron3.serve import ServeConfig, build_server
+from nemotron3.serve.app import create_app
 from nemotron3.train.sft_data import Conversation, encode
 from nemotron3.train.tokenizer import Tokenizer
 
@@ -83,3 +95,63 @@ def build(folder: Path, mtp: bool = True, steps: int = 200, seed: int = 0, lr: f
     nemotron3.save_pretrained(model.eval(), folder)
     tok.save(folder)
     return folder
+
+
+class Running:
+    """A server on a loopback socket of its own, in a thread (uvicorn without signal handlers)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        import uvicorn
+
+        self.state = build_server(cfg)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.state), log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uv.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, key: str = "none"):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def raw(self, method: str, path: str, body: bytes | str | dict | None = None,
+            headers: dict | None = None) -> tuple[int, dict, dict]:
+        """(status, headers, JSON body) of one request sent as is."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = json.dumps(body) if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        text = r.read()
+        conn.close()
+        return r.status, dict(r.getheaders()), json.loads(text) if text else {}
+
+    def text(self, path: str) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", path)
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return text
+
+    def metric(self, name: str, labels: str = "") -> float:
+        m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", self.text("/metrics"), re.M)
+        return float(m[1]) if m else 0.0
+
+    def stream(self, path: str, body: dict) -> http.client.HTTPResponse:
+        """A streaming request, its first event read."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", path, body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+        return r
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(30)
