@@ -269,6 +269,7 @@ def test_bad_completions_routes_and_size(server):
 # ----------------------------------------------------------------------------------------- slots, keys, limits
 def test_a_disconnect_mid_stream_frees_its_slot(server):
     before = server.metric("nemotron3_request_finish_total", '{reason="cancelled"}')
+    generated = server.state.batcher.stats["decode_tokens"]
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(
         {"model": "tiny-chat", "prompt": [1, 2, 3], "max_tokens": 2000, "stream": True, "temperature": 1.0,
@@ -283,6 +284,7 @@ def test_a_disconnect_mid_stream_frees_its_slot(server):
         assert time.time() < deadline, "the slot was not freed"
         time.sleep(0.05)
     assert server.metric("nemotron3_request_finish_total", '{reason="cancelled"}') == before + 1
+    assert server.state.batcher.stats["decode_tokens"] - generated < 1000  # cut short, not run to its end
     assert server.state.batcher.running == 0 and not any(server.state.batcher.cache.in_use)
 
 
