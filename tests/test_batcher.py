@@ -188,3 +188,14 @@ def test_bad_requests_are_refused_before_queueing(plain):
         with pytest.raises(ValueError, match=words):
             batcher.submit(req, lambda ev: None)
     assert batcher.idle()
+
+
+def test_a_short_chunk_near_the_end_of_a_slot_padded_to_a_wide_one(plain):
+    """A row 40 tokens into a 64-token slot finishes its prompt with 5 tokens in the same forward as a new row's
+    35-token chunk: its padding reaches past the slot, which the cache has room for."""
+    batcher = Batcher(plain, rows=2, max_seq_len=64, token_budget=40)
+    a, b = Collect(batcher), Collect(batcher)
+    pa, pb = list(range(10, 55)), list(range(60, 100))
+    run(batcher, {0: [(Request(pa, 19, stop_token_ids=frozenset()), a)],
+                  1: [(Request(pb, 4, stop_token_ids=frozenset()), b)]})
+    assert a.tokens == _reference(plain, pa, 19) and b.tokens == _reference(plain, pb, 4)

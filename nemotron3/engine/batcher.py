@@ -144,7 +144,10 @@ class Batcher:
         self.think_tokens = think_tokens or ThinkTokens()
         self.device = model.lm_head.weight.device
         self.fast = FastDecoder(model) if fast and FastDecoder.supports(model) else None
-        self.cache = HybridCache(self.config, rows, max_seq_len, model.lm_head.weight.dtype, self.device,
+        # room past max_seq_len for the right padding of a prefill forward: a row's chunk is padded to the
+        # widest chunk of its step (at most the budget), and padding positions are written too
+        pad = max(token_budget, min_prefill_tokens)
+        self.cache = HybridCache(self.config, rows, max_seq_len + pad, model.lm_head.weight.dtype, self.device,
                                  max_rollback=k + 1 if k else 0, include_mtp=bool(k))
         self._prefixes: dict[int, HybridCache] = {}
         self.drafter = Drafter(model, self.fast) if k else None
@@ -278,6 +281,8 @@ class Batcher:
     def step(self) -> None:
         """One scheduler step (the module docstring)."""
         self._drain_inbox()
+        if self.waiting and self.fast is not None and self.fast.is_stale():  # weights changed in place (RL)
+            self.fast.refresh()
         for r in range(self.n_decoding, self.rows):  # admit into free slots, first come first served
             if not self.waiting:
                 break
@@ -401,8 +406,6 @@ class Batcher:
         seqs = list(self.owner[:n])
         x = self.x[:n]
         if self.fast is not None:
-            if self.fast.is_stale():
-                self.fast.refresh()
             lengths = cache.lengths
             logits = self.fast.step(x, cache, int(lengths.max()) + 1, bool((lengths == lengths[0]).all()))
             cache.lengths += 1
@@ -422,8 +425,6 @@ class Batcher:
         """One MTP speculative round for every decoding row (engine/speculative.py, docs/inference.md §5)."""
         k, dev, cache, drafter = self.k, self.device, self._prefix(n), self.drafter
         seqs = list(self.owner[:n])
-        if self.fast is not None and self.fast.is_stale():
-            self.fast.refresh()
         per = uniforms_per_round(k)
         u = torch.zeros(n, per, dtype=torch.float64)
         for i, s in enumerate(seqs):
