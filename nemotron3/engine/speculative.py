@@ -159,14 +159,13 @@ def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[i
         logp = torch.log_softmax(logits.float() / T, dim=-1)
     else:
         logp = Sampling(T, sampling.top_k, sampling.top_p).probs(logits.float()).log()
-    out = []
+    n = torch.tensor([len(row) for row in tokens])
+    width = max(int(n.max()), 1)
+    ids = torch.zeros(B, width, dtype=torch.long)
     for b, row in enumerate(tokens):
-        if not row:
-            out.append([])
-            continue
-        idx = torch.tensor(row, device=logits.device)
-        out.append(logp[b, torch.arange(len(row), device=logits.device), idx].tolist())
-    return out
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    picked = logp[:, :width].gather(-1, ids.to(logits.device)[..., None])[..., 0].tolist()  # (B, width)
+    return [row[:k] for row, k in zip(picked, n.tolist())]
 
 
 def speculative_rounds(

@@ -286,11 +286,10 @@ class _Run:
                         lp, _, _ = completion_logprobs(self.reference, p, c, cfg.temperature, self.tokenizer.pad_id)
                         ref[ch, : lp.shape[1]] = lp
         sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "kl": 0.0, "ratio": 0.0}
-        err_sum, err_n, ent_sum, grad_norm = 0.0, 0.0, 0.0, 0.0
+        err_sum, err_n, ent_sum, grad_norm, tokens = 0.0, 0.0, 0.0, 0.0, 0.0
         params = [p for p in model.parameters() if p.requires_grad]
         for it in range(cfg.num_iterations):
             self.opt.zero_grad(set_to_none=True)
-            tokens = 0.0
             for ch in chunks:
                 p, c = [prompts[j] for j in ch], [comps[j] for j in ch]
                 logp, ent, mask = completion_logprobs(model, p, c, cfg.temperature, self.tokenizer.pad_id)
@@ -310,21 +309,20 @@ class _Run:
                     err_n += float(m.sum())
                     ent_sum += float((ent * m).sum())
                     sums["loss"] += float(loss.detach())
-                    for name in ("clip_low", "clip_high", "clip_region", "kl", "ratio"):
-                        sums[name] += getattr(st, name) * st.tokens
-                    tokens += st.tokens
+                for name in ("clip_low", "clip_high", "clip_region", "kl", "ratio"):
+                    sums[name] += getattr(st, name) * st.tokens
+                tokens += st.tokens
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if math.isfinite(grad_norm):
                 self.opt.step()
                 self.engine.weights_updated()  # the fused AdamW step bumps no version counter
             self.opt.zero_grad(set_to_none=True)
-            if it == 0:
-                first_tokens = max(tokens, 1.0)
+        # loss, logprob error and entropy of the first pass (the rollout policy); clip, KL and ratio over all
         out = {"loss": sums["loss"], "grad_norm": grad_norm, "token_mult_prob_error": err_sum / max(err_n, 1.0),
                "entropy": ent_sum / max(err_n, 1.0)}
         for name in ("clip_low", "clip_high", "clip_region", "kl", "ratio"):
-            out[name] = sums[name] / first_tokens
+            out[name] = sums[name] / max(tokens, 1.0)
         return out
 
 
