@@ -1,4 +1,11 @@
-"""Reinforcement learning on verifiable rewards (GRPO and iGRPO arrive here; docs/architecture.md §10).
+"""Reinforcement learning on verifiable rewards: GRPO and iGRPO (docs/post-training.md §6).
+
+    rewards.py   reward functions with TRL's signature, loaded by name, checked
+    prompts.py   the prompt set: the embedded task families or .jsonl prompts with columns
+    rollout.py   G sampled completions per prompt through the engine (MTP speculation, logprobs)
+    loss.py      group advantages, per-token log-probabilities, the clipped ratio loss
+    igrpo.py     iGRPO's draft selection and refinement prompts
+    grpo.py      the trainer and the `nemotron3 rl` stage
 
 The task families moved to `nemotron3.tasks`; `nemotron3.rl.tasks` stays an alias of it for code written
 against nemotron3 0.1.

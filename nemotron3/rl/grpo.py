@@ -68,7 +68,8 @@ from nemotron3.train.optim import WSD, build_optimizer
 from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
-OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume")
+OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume",
+                      "threads")
 
 
 @dataclass
@@ -125,12 +126,13 @@ class GRPOConfig(StageConfig):
     refine_template: str = option(igrpo.DEFAULT_TEMPLATE, "iGRPO's stage-2 user turn ({prompt}, {draft})")
     micro_batch_size: int = option(0, "completions per forward/backward (0 = all at once)", min=0)
     seed: int = option(0, "seed of the prompts and the rollouts' sampling streams", min=0)
-    eval_problems: int = option(50, "held-out problems per task family for exact match (reasoning on) before, "
+    eval_problems: int = option(80, "held-out problems per task family for exact match (reasoning on) before, "
                                 "every --eval-every steps, and after (0 = none)", min=0)
     eval_every: int = option(0, "held-out exact match every K steps (0 = before and after only)", min=0)
     save_every: int = option(0, "checkpoint every K steps (0 = only final/)", min=0)
     keep_last: int = option(2, "training checkpoints kept (0 = all)", min=0)
     log_every: int = option(5, "print a line every K steps", min=1)
+    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
 
     def validate(self) -> None:
         super().validate()
@@ -159,6 +161,8 @@ def grpo(cfg: GRPOConfig, console: Console | None = None) -> Path:
     """Run (or resume) one RL run; returns its `final/` checkpoint folder (see the module docstring)."""
     console = console or Console()
     t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     resume, ckpt = None, None
     if cfg.resume:
         ckpt, resume = checkpoint.resume_point(cfg.out)

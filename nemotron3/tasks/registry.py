@@ -75,7 +75,8 @@ def generate(family: str, n: int, seed: int = 0, split: str = "train", difficult
     while len(out) < n:
         tries += 1
         if tries > 200 * n + 1000:
-            raise RuntimeError(f"{family}: could not find {n} distinct {split} problems at difficulty {difficulty}")
+            raise ValueError(f"{family}: could not find {n} distinct {split} problems at difficulty {difficulty}; "
+                             "ask for fewer (or a higher difficulty, which has more)")
         params = fam.make(rng, difficulty)
         key = fam.key(params)
         if split_of(key) != split or (split == "heldout" and key in seen):

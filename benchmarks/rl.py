@@ -1,0 +1,113 @@
+"""RL on the embedded default: GRPO against iGRPO at a matched rollout budget, and rollout speed with speculation.
+
+    python benchmarks/rl.py [--model runs/sft/final] [--seeds 0,1,2] [--budget 16] [--steps 60]
+    python benchmarks/rl.py --throughput-only        only the rollout tok/s, with and without MTP speculation
+
+Part 1, rollout throughput: the first training step's prompts of `nemotron3 rl` (prompts_per_step x G rows),
+sampled at temperature 1 with k = 0 (plain) and k = 2, 3 (lossless MTP speculation), alternately `--repeats`
+times; prints the median rollout tok/s of each (new tokens of all rows over the whole generate call, prefill
+included, as the trainer sees it), their ratio to plain, and the acceptance length.
+
+Part 2, GRPO vs iGRPO: from the same SFT checkpoint, for each seed, one `nemotron3 rl` run per algorithm with the
+same number of sampled completions per prompt (`--budget`: GRPO samples B, iGRPO B/2 drafts + B/2 refinements)
+and the same steps and prompts; prints held-out greedy exact match per family (reasoning on) before and after,
+mean ± standard error over the seeds, and the runs' wall time. Runs go to a temporary folder (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from nemotron3.rl.grpo import GRPOConfig, _Run, grpo
+from nemotron3.rl.rollout import rollout
+
+
+def throughput(model: Path, ks: list[int], repeats: int, prompts: int, generations: int) -> None:
+    cfg = GRPOConfig(model=model, prompts_per_step=prompts, num_generations=generations, eval_problems=0)
+    run = _Run(cfg, Console(quiet=True), model)
+    ids = run.encode(run.prompts.batch(0, prompts))
+    run.model.eval()
+    rollout(run.engine, run.tokenizer, ids[:2], 2, 16, seed=0)  # warm the allocator
+    speeds: dict[int, list[float]] = {k: [] for k in ks}
+    accept: dict[int, list[float]] = {k: [] for k in ks}
+    for r in range(repeats):
+        for k in ks:
+            b = rollout(run.engine, run.tokenizer, ids, generations, cfg.max_completion_length, 1.0, seed=r,
+                        speculative=k)
+            speeds[k].append(b.stats["tok_s"])
+            accept[k].append(b.stats.get("acceptance_length", 1.0))
+    base = statistics.median(speeds[0])
+    print(f"rollout throughput: {prompts} prompts x {generations} completions, temperature 1, "
+          f"max {cfg.max_completion_length} tokens, {torch.get_num_threads()} threads, median of {repeats}")
+    for k in ks:
+        s = statistics.median(speeds[k])
+        print(f"  k={k}: {s:7.0f} tok/s  x{s / base:4.2f} vs plain  acceptance length {statistics.mean(accept[k]):.2f}")
+
+
+def compare(model: Path, seeds: list[int], budget: int, steps: int, out: Path, extra: dict) -> None:
+    results: dict[str, list[dict]] = {"grpo": [], "igrpo": []}
+    before = None
+    for seed in seeds:
+        for algo in ("grpo", "igrpo"):
+            t0 = time.perf_counter()
+            cfg = GRPOConfig(model=model, out=out / f"{algo}-{seed}", algo=algo, rollout_budget=budget, steps=steps,
+                             seed=seed, log_every=10**6, **extra)
+            final = grpo(cfg, Console(quiet=True))
+            summary = json.loads((final.parent / "summary.json").read_text())
+            before = before or summary["accuracy_before"]
+            results[algo].append({**summary["accuracy_after"], "_seconds": time.perf_counter() - t0})
+            print(f"  {algo:5s} seed {seed}: {time.perf_counter() - t0:5.0f} s  " +
+                  "  ".join(f"{f} {a:.0%}" for f, a in summary["accuracy_after"].items()), flush=True)
+    fams = [f for f in results["grpo"][0] if not f.startswith("_")]
+
+    def cell(algo: str, f: str) -> str:
+        vals = [r[f] * 100 for r in results[algo]]
+        se = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):5.1f} ± {se:3.1f}"
+
+    print(f"\nheld-out exact match (%), reasoning on, {len(seeds)} seeds, budget {budget} completions per prompt, "
+          f"{steps} steps (before: seed 0's held-out set)")
+    print(f"  {'family':10s} {'before':>7s} {'GRPO':>12s} {'iGRPO':>12s}")
+    for f in fams:
+        print(f"  {f:10s} {before.get(f, float('nan')) * 100:7.1f} {cell('grpo', f):>12s} {cell('igrpo', f):>12s}")
+    mean = {a: statistics.mean(statistics.mean(r[f] for f in fams) for r in results[a]) * 100 for a in results}
+    secs = {a: statistics.mean(r["_seconds"] for r in results[a]) for a in results}
+    print(f"  {'mean':10s} {statistics.mean(before[f] for f in fams) * 100:7.1f} {mean['grpo']:12.1f} "
+          f"{mean['igrpo']:12.1f}")
+    print(f"  wall time per run: GRPO {secs['grpo']:.0f} s, iGRPO {secs['igrpo']:.0f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("runs/sft/final"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--budget", type=int, default=16, help="sampled completions per prompt, both algorithms")
+    ap.add_argument("--steps", type=int, default=None, help="RL steps per run (default: nemotron3 rl's)")
+    ap.add_argument("--ks", default="0,2,3")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"{args.model} is not a checkpoint folder: run `nemotron3 pretrain` and `nemotron3 sft` "
+                         "first (or pass --model)")
+    defaults = GRPOConfig()
+    throughput(args.model, [int(k) for k in args.ks.split(",")], args.repeats, defaults.prompts_per_step,
+               args.budget)
+    if args.throughput_only:
+        return
+    steps = args.steps or defaults.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        compare(args.model, [int(s) for s in args.seeds.split(",")], args.budget, steps, args.out or Path(tmp), {})
+
+
+if __name__ == "__main__":
+    main()
