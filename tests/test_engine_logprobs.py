@@ -61,3 +61,22 @@ def test_a_forced_end_of_thinking_gets_the_models_logprob(model, k):
         assert tokens[2] == 6  # forced after 2 thinking tokens
         want = _reference(model, prompt, tokens, 1.0, 0, 1.0)
         assert torch.allclose(torch.tensor(lps, dtype=torch.float64), want, atol=2e-4)
+
+
+def test_weights_updated_after_a_fused_optimizer_step():
+    """A fused AdamW step writes the weights without bumping their version counters: after
+    `weights_updated()` the engine samples from the new weights (its logprobs match a full forward)."""
+    model = _model()
+    engine = nemotron3.Engine(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    engine.generate(PROMPTS, 4, seed=0)  # the fused decode weights are built
+    model.train()
+    loss = model(torch.tensor([PROMPTS[1]])).logsumexp(-1).sum()
+    loss.backward()
+    opt.step()
+    model.eval()
+    engine.weights_updated()
+    out = engine.generate(PROMPTS, 6, temperature=1.0, seed=1, stop_token_ids=[], return_logprobs=True)
+    for prompt, tokens, lps in zip(PROMPTS, out.tokens, out.logprobs):
+        want = _reference(model, prompt, tokens, 1.0, 0, 1.0)
+        assert torch.allclose(torch.tensor(lps, dtype=torch.float64), want, atol=2e-4)

@@ -1,10 +1,10 @@
 """The RL stage: GRPO (and iGRPO) on verifiable rewards, rollouts through the engine with MTP speculation.
 
     from nemotron3.rl.grpo import GRPOConfig, grpo
-    final = grpo(GRPOConfig(model="runs/sft/final", out="runs/rl", steps=40))        # -> runs/rl/final
+    final = grpo(GRPOConfig(model="runs/sft/final", out="runs/rl", steps=120))        # -> runs/rl/final
 
     nemotron3 rl                                   the embedded default: `nemotron3 sft`'s checkpoint, task prompts
-    nemotron3 rl --algo igrpo --rollout-budget 8   iGRPO: 4 drafts + 4 refinements per prompt (rl/igrpo.py)
+    nemotron3 rl --algo igrpo --rollout-budget 16  iGRPO: 8 drafts + 8 refinements per prompt (rl/igrpo.py)
     nemotron3 rl --data prompts.jsonl --reward-funcs my_rewards:score --reward-funcs tasks --reward-weights 1 0.5
     nemotron3 rl --out runs/rl --save-every 10 --resume
 
@@ -82,10 +82,10 @@ class GRPOConfig(StageConfig):
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
     algo: str = option("grpo", "grpo, or igrpo (best-of-N drafts, then GRPO on refinements)",
                        choices=("grpo", "igrpo"))
-    steps: int = option(40, "RL steps (rollouts + update)", min=1)
-    prompts_per_step: int = option(16, "prompts per step", min=1)
-    num_generations: int = option(8, "completions per prompt that train (GRPO's group; iGRPO's refinements)", min=2)
-    num_drafts: int = option(4, "iGRPO: drafts per prompt in stage 1 (no gradient)", min=1)
+    steps: int = option(120, "RL steps (rollouts + update)", min=1)
+    prompts_per_step: int = option(8, "prompts per step", min=1)
+    num_generations: int = option(16, "completions per prompt that train (GRPO's group; iGRPO's refinements)", min=2)
+    num_drafts: int = option(8, "iGRPO: drafts per prompt in stage 1 (no gradient)", min=1)
     rollout_budget: int = option(0, "completions per prompt in all (0 = from --num-generations / --num-drafts): "
                                  "GRPO samples this many, iGRPO splits it evenly into drafts and refinements",
                                  min=0)
@@ -98,7 +98,7 @@ class GRPOConfig(StageConfig):
     max_thinking_tokens: int | None = option(None, "cap each rollout's reasoning at N tokens", min=0, metavar="N")
     speculative: int = option(-1, "MTP draft tokens per verify forward in rollouts (-1 = 3 when the model has an "
                               "MTP block, 0 = off)", min=-1, metavar="K")
-    lr: float = option(2e-4, "learning rate (constant after warmup)", min=0.0)
+    lr: float = option(1e-4, "learning rate (constant after warmup)", min=0.0)
     warmup: int = option(2, "warmup steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay of the matrices", min=0.0)
     betas: tuple[float, float] = option((0.9, 0.99), "AdamW betas", min=0.0, max=1.0)
