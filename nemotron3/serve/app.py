@@ -7,11 +7,11 @@ Routes (docs/serving.md §1): `GET /v1/models`, `POST /v1/completions`, `POST /v
 the chat page (index.html beside this file).
 
 The batcher runs on its own thread; each request submits its choices (n of them, each a batcher request with
-its own stream of the seed) and awaits their events on an asyncio queue, fed from that thread with
-`call_soon_threadsafe`. A client that goes away is noticed by the response (a streaming one is cancelled by
-Starlette when the connection closes; a plain one polls `is_disconnected`), and its unfinished choices are
-cancelled, which frees their cache slots at the batcher's next step. A choice that meets a `stop` string is
-cancelled the same way.
+its own stream of the seed) and awaits their events on an asyncio queue, fed from that thread (one
+`call_soon_threadsafe` per batcher step for all requests). A client that goes away is noticed by a watcher
+polling `is_disconnected` twice a second, or sooner by a streaming response whose write fails, and its
+unfinished choices are cancelled, which frees their cache slots at the batcher's next step. A choice that
+meets a `stop` string is cancelled the same way.
 
 Every error is OpenAI's JSON body (`{"error": {"message", "type", "param", "code"}}`, protocol.py) with a 4xx
 status, and leaves the server serving: bad JSON or fields (400), a wrong key (401), an unknown model or route
@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,6 +78,10 @@ class Server:
         self.in_flight = 0  # choices submitted and not yet ended
         self.created = int(time.time())
         self.metrics = Metrics(lambda: batcher.running, lambda: batcher.queued, batcher.rows)
+        self._lock = threading.Lock()
+        self._outbox: list[tuple[asyncio.Queue, tuple]] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
 
     # ------------------------------------------------------------------ admission
     def encode(self, text: str) -> list[int]:
@@ -107,18 +112,20 @@ class Server:
         """Submit the choices; yield (index, event, deltas) per event as they come, the text deltas of its
         tokens (and, on a choice's last event, whose `finish` is set, whatever its Reply held back).
         Cancels the choices left if the consumer stops early (a disconnect); use it under `aclosing`."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self.in_flight += len(specs)
         handles, open_ = [], set(range(len(specs)))
         t0 = time.perf_counter()
         last: dict[int, float] = {}
+        watcher = asyncio.create_task(self._watch(request, queue))
         try:
             for i, (req, _) in enumerate(specs):
-                handles.append(self.batcher.submit(req, lambda ev, i=i: loop.call_soon_threadsafe(
-                    queue.put_nowait, (i, ev))))
+                handles.append(self.batcher.submit(req, lambda ev, i=i: self._deliver(queue, (i, ev))))
             while open_:
-                i, ev = await self._next(queue, request)
+                item = await queue.get()
+                if item is None:
+                    raise ClientGone()
+                i, ev = item
                 if i not in open_:
                     continue
                 reply = specs[i][1]
@@ -140,6 +147,7 @@ class Server:
                     self.in_flight -= 1
                 yield i, ev, deltas
         finally:
+            watcher.cancel()
             for i in open_:
                 if i < len(handles):
                     self.batcher.cancel(handles[i])
@@ -147,14 +155,28 @@ class Server:
                 self.metrics.finished.labels("cancelled").inc()
             self.metrics.e2e.observe(time.perf_counter() - t0)
 
-    async def _next(self, queue: asyncio.Queue, request: Request) -> tuple[int, Event]:
-        """The next event; raises ClientGone if the client disconnected meanwhile."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ClientGone() from None
+    def _deliver(self, queue: asyncio.Queue, item: tuple) -> None:
+        """From the batcher's thread: hand `item` to `queue` on the event loop. The items of one batcher step
+        travel together, with one wake-up of the loop for all of them."""
+        with self._lock:
+            self._outbox.append((queue, item))
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._outbox, self._flush_scheduled = self._outbox, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+    @staticmethod
+    async def _watch(request: Request, queue: asyncio.Queue) -> None:
+        """Put None in `queue` once the client has disconnected (checked twice a second)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        queue.put_nowait(None)
 
 
 class ClientGone(Exception):
@@ -196,6 +218,7 @@ def create_app(server: Server) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        server._loop = asyncio.get_running_loop()
         server.batcher.start()
         yield
         server.batcher.stop(cancel=True)
