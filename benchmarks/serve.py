@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -170,6 +172,17 @@ def report(name: str, results: list[Result], wall: float) -> dict:
     return row
 
 
+def acceptance(port: int) -> float | None:
+    """Mean speculative acceptance length so far, from the server's /metrics (None without speculation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    found = dict(re.findall(r"^nemotron3_spec_decode_acceptance_length_(sum|count) (\S+)$", text, re.M))
+    count = float(found.get("count", 0))
+    return float(found["sum"]) / count if count else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="checkpoint folder (default: a random --preset model built here)")
@@ -214,11 +227,14 @@ def main() -> int:
                                                           args.time_limit, 0, span)))
             con = report(f"{args.clients} clients", *asyncio.run(phase(
                 port, model, vocab, args.clients, args.requests, args.max_tokens, args.time_limit, 1, span)))
+            accepted = acceptance(port)
+            if accepted is not None:
+                print(f"speculative acceptance length (all phases): {accepted:.2f} tokens per round per row")
             ratio = con["tok_s"] / seq["tok_s"] if seq["tok_s"] else float("nan")
             print(f"aggregate throughput, {args.clients} clients / one at a time: {ratio:.2f}x")
             if args.json:
                 args.json.write_text(json.dumps({"server": banner, "sequential": seq, "concurrent": con,
-                                                 "ratio": ratio}, indent=2) + "\n")
+                                                 "ratio": ratio, "acceptance_length": accepted}, indent=2) + "\n")
         finally:
             server.terminate()
             try:
