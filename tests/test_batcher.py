@@ -19,13 +19,12 @@ from nemotron3.engine.sampling import row_uniforms
 from nemotron3.engine.thinking import ThinkTokens
 
 
-def _model(mtp: bool, seed: int = 0) -> nemotron3.HybridLM:
-    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=256)
-    if not mtp:
-        config = config.replace(num_nextn_predict_layers=0)
-    torch.manual_seed(seed)
-    model = nemotron3.HybridLM(config).eval()
-    randomize_(model, seed)
+def _model(mtp: bool) -> nemotron3.HybridLM:
+    """The tiny preset (its MTP block kept or dropped), every tensor random."""
+    torch.manual_seed(0)
+    model = nemotron3.HybridLM(nemotron3.ModelConfig.preset("tiny").replace(
+        vocab_size=256, num_nextn_predict_layers=1 if mtp else 0)).eval()
+    randomize_(model, 0)
     return model
 
 
