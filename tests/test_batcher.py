@@ -198,3 +198,35 @@ def test_a_short_chunk_near_the_end_of_a_slot_padded_to_a_wide_one(plain):
     run(batcher, {0: [(Request(pa, 19, stop_token_ids=frozenset()), a)],
                   1: [(Request(pb, 4, stop_token_ids=frozenset()), b)]})
     assert a.tokens == _reference(plain, pa, 19) and b.tokens == _reference(plain, pb, 4)
+
+
+def test_swap_rows_and_prefix_views(mtp):
+    """swap_rows exchanges every state, history slot, length and slot flag of two rows (sequence states up to the
+    longer length); a prefix is a view: writing through it changes the cache, rows past it untouched."""
+    from nemotron3.engine.cache import HybridCache
+
+    cache = HybridCache(mtp.config, 3, 32, max_rollback=2)
+    g = torch.Generator().manual_seed(0)
+    for d in (*cache.states, *cache.history):
+        for t in d.values():
+            t.copy_(torch.randn(t.shape, generator=g))
+    cache.lengths.copy_(torch.tensor([5, 9, 2]))
+    cache.in_use[:] = [True, False, True]
+    before = [{k: v.clone() for k, v in d.items()} for d in (*cache.states, *cache.history)]
+    cache.swap_rows(0, 2)
+    for i, d in enumerate((*cache.states, *cache.history)):
+        hist = i >= len(cache.states)
+        for name, t in d.items():
+            old = before[i][name]
+            row = (lambda x, r: x[:, r]) if hist else (lambda x, r: x[r])
+            seq = not hist and cache.specs[i][name].kind == "sequence"
+            cut = (lambda x: x[:, :5]) if seq else (lambda x: x)  # up to the longer length, 5
+            assert torch.equal(cut(row(t, 0)), cut(row(old, 2))) and torch.equal(cut(row(t, 2)), cut(row(old, 0)))
+            assert torch.equal(row(t, 1), row(old, 1))
+    assert cache.lengths.tolist() == [2, 9, 5] and cache.in_use == [True, False, True]
+    view = cache.prefix(2)
+    view.lengths += 1
+    name = next(iter(cache.states[0]))
+    view.states[0][name].zero_()
+    assert cache.lengths.tolist() == [3, 10, 5] and view.rows == 2
+    assert not cache.states[0][name][:2].any() and cache.states[0][name][2].any()
