@@ -94,13 +94,14 @@ def main() -> None:
     ap.add_argument("--ks", default="0,2,3")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts of the throughput batch (default: rl's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a checkpoint folder: run `nemotron3 pretrain` and `nemotron3 sft` "
                          "first (or pass --model)")
     defaults = GRPOConfig()
-    throughput(args.model, [int(k) for k in args.ks.split(",")], args.repeats, defaults.prompts_per_step,
+    throughput(args.model, [int(k) for k in args.ks.split(",")], args.repeats, args.prompts or defaults.prompts_per_step,
                args.budget)
     if args.throughput_only:
         return

@@ -13,7 +13,7 @@ One step (names as TRL's `GRPOConfig` where the concept is the same; docs/post-t
     prompts    `prompts_per_step` prompts, fixed by (seed, step) (rl/prompts.py), rendered with the chat
                template and its generation prompt (reasoning on unless `--no-thinking`)
     rollouts   `num_generations` completions each, sampled by the engine from the current weights at
-               `temperature`, with lossless MTP speculation when the model has an MTP block (rl/rollout.py)
+               `temperature`, with lossless MTP speculation on request (`--speculative K`; rl/rollout.py)
     rewards    Σ_f w_f · f(prompts, completions, **columns) (rl/rewards.py; default: the task verifiers)
     advantages group-relative (rl/loss.py): group mean or leave-one-out baseline, `scale_rewards`
     update     `num_iterations` optimizer steps on the batch, each over micro-batches: recompute the
@@ -96,8 +96,10 @@ class GRPOConfig(StageConfig):
     top_k: int = option(0, "rollout top-k (0 = off)", min=0)
     enable_thinking: bool = option(True, "prompts with reasoning on (the generation prompt opens <think>)")
     max_thinking_tokens: int | None = option(None, "cap each rollout's reasoning at N tokens", min=0, metavar="N")
-    speculative: int = option(-1, "MTP draft tokens per verify forward in rollouts (-1 = 3 when the model has an "
-                              "MTP block, 0 = off)", min=-1, metavar="K")
+    speculative: int = option(0, "MTP draft tokens per verify forward in rollouts, lossless (0 = off; -1 = 3 when "
+                              "the model has an MTP block). Off by default: at rollout batch sizes on a CPU the "
+                              "verify forward costs about as much per token as plain decoding (benchmarks/rl.py)",
+                              min=-1, metavar="K")
     lr: float = option(1e-4, "learning rate (constant after warmup)", min=0.0)
     warmup: int = option(2, "warmup steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay of the matrices", min=0.0)
