@@ -101,8 +101,8 @@ def main() -> None:
         raise SystemExit(f"{args.model} is not a checkpoint folder: run `nemotron3 pretrain` and `nemotron3 sft` "
                          "first (or pass --model)")
     defaults = GRPOConfig()
-    throughput(args.model, [int(k) for k in args.ks.split(",")], args.repeats, args.prompts or defaults.prompts_per_step,
-               args.budget)
+    prompts = args.prompts or defaults.prompts_per_step
+    throughput(args.model, [int(k) for k in args.ks.split(",")], args.repeats, prompts, args.budget)
     if args.throughput_only:
         return
     steps = args.steps or defaults.steps
