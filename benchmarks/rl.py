@@ -11,7 +11,9 @@ included, as the trainer sees it), their ratio to plain, and the acceptance leng
 Part 2, GRPO vs iGRPO: from the same SFT checkpoint, for each seed, one `nemotron3 rl` run per algorithm with the
 same number of sampled completions per prompt (`--budget`: GRPO samples B, iGRPO B/2 drafts + B/2 refinements)
 and the same steps and prompts; prints held-out greedy exact match per family (reasoning on) before and after,
-mean ± standard error over the seeds, and the runs' wall time. Runs go to a temporary folder (or --out).
+mean ± standard error over the seeds, the change against each seed's own held-out set (a seed draws its own
+held-out problems, so GRPO and iGRPO are paired within a seed), and the runs' wall time. Runs go to a
+temporary folder (or --out).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def compare(model: Path, seeds: list[int], budget: int, steps: int, out: Path, e
             final = grpo(cfg, Console(quiet=True))
             summary = json.loads((final.parent / "summary.json").read_text())
             before = before or summary["accuracy_before"]
-            results[algo].append({**summary["accuracy_after"], "_seconds": time.perf_counter() - t0})
+            results[algo].append({**summary["accuracy_after"], "_seconds": time.perf_counter() - t0,
+                                  "_change": {f: a - summary["accuracy_before"][f]
+                                              for f, a in summary["accuracy_after"].items()}})
             print(f"  {algo:5s} seed {seed}: {time.perf_counter() - t0:5.0f} s  " +
                   "  ".join(f"{f} {a:.0%}" for f, a in summary["accuracy_after"].items()), flush=True)
     fams = [f for f in results["grpo"][0] if not f.startswith("_")]
@@ -83,6 +87,11 @@ def compare(model: Path, seeds: list[int], budget: int, steps: int, out: Path, e
     print(f"  {'mean':10s} {statistics.mean(before[f] for f in fams) * 100:7.1f} {mean['grpo']:12.1f} "
           f"{mean['igrpo']:12.1f}")
     print(f"  wall time per run: GRPO {secs['grpo']:.0f} s, iGRPO {secs['igrpo']:.0f} s")
+    print("change against each seed's own held-out set before RL (points, mean ± s.e.)")
+    for algo in results:
+        changes = {f: [r["_change"][f] * 100 for r in results[algo]] for f in fams}
+        se = {f: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0 for f, v in changes.items()}
+        print(f"  {algo:5s} " + "  ".join(f"{f} {statistics.mean(v):+.1f}±{se[f]:.1f}" for f, v in changes.items()))
 
 
 def main() -> None:
