@@ -87,7 +87,7 @@ def test_prompt_files_and_their_errors(tmp_path):
     src = FilePrompts([good], seed=1)
     seen = [r.messages[0]["content"] for r in src.batch(0, 4)]
     assert sorted(seen[:2]) == ["What is 2 + 3?", "hi"] and sorted(seen[2:]) == ["What is 2 + 3?", "hi"]
-    cases = [("{bad json", "p.jsonl:1: not JSON"), ('{"text": "x"}', "p.jsonl:1: no 'prompt' field"),
+    cases = [("{bad json", "p.jsonl:1: malformed JSON"), ('{"text": "x"}', "p.jsonl:1: no 'prompt' field"),
              ('{"prompt": ""}', "p.jsonl:1: empty prompt"),
              ('{"prompt": [{"role": "bot", "content": "x"}]}', "p.jsonl:1: prompt message 0"),
              ('{"prompt": 3}', "p.jsonl:1: 'prompt' must be"), ("", "no prompts in")]

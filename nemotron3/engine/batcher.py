@@ -50,7 +50,7 @@ import torch
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.engine.sampling import inverse_cdf, sample, validate_sampling
-from nemotron3.engine.speculative import Drafter, Sampling, accept, uniforms_per_round
+from nemotron3.engine.speculative import Drafter, Sampling, accept, cut_rounds, uniforms_per_round
 from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
 from nemotron3.model.hybrid import HybridLM
 
@@ -445,14 +445,8 @@ class Batcher:
         a_l, extra_l, drafts_l = a.tolist(), extra.tolist(), drafts_t.tolist()
         out = [drafts_l[b][: a_l[b]] + [extra_l[b]] for b in range(n)]
         accepted = list(a_l)
-        for b, seq in enumerate(seqs):
-            if seq.budget is not None:
-                keep, forced = seq.budget(0, out[b])
-                if keep < len(out[b]) or forced is not None:
-                    out[b] = out[b][:keep]
-                    if forced is not None:
-                        out[b][-1] = forced
-                    a_l[b], extra_l[b] = keep - 1, out[b][-1]
+        cut_rounds(out, a_l, extra_l, [None if seq.budget is None else seq.budget(0, out[b])
+                                       for b, seq in enumerate(seqs)])
         a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
         cache.rollback(k - a, check=False)
         ar = torch.arange(n, device=dev)

@@ -145,6 +145,22 @@ class Drafter:
         return self.model.mtp.depth(depth)(prev_hidden, self.model.backbone.embeddings(next_ids), view)
 
 
+def cut_rounds(out: list[list[int]], accepted: list[int], extra: list[int],
+               cuts: list[tuple[int, int | None] | None]) -> None:
+    """Apply each row's cut `(n, token)` of a round in place (the thinking budget's answer, engine/thinking.py):
+    its tokens cut to the first n, the last replaced by `token` when one is given; `accepted` and `extra` (the
+    row's accepted drafts and its last token) follow. A None cut leaves the row as it is."""
+    for b, cut in enumerate(cuts):
+        if cut is None:
+            continue
+        n, forced = cut
+        if n < len(out[b]) or forced is not None:
+            out[b] = out[b][:n]
+            if forced is not None:
+                out[b][-1] = forced
+            accepted[b], extra[b] = n - 1, out[b][-1]
+
+
 def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[int]]) -> list[list[float]]:
     """logits (B, t, V) at the positions that emitted `tokens[b]` (the first len(tokens[b]) of them) -> each
     token's log-probability under the sampling law (temperature, top-k, top-p; greedy: the raw softmax).
@@ -259,14 +275,7 @@ def speculative_rounds(
         a_l, extra_l, done_l, drafts_l = a.tolist(), extra.tolist(), done.tolist(), drafts_t.tolist()
         out = [[] if done_l[b] else drafts_l[b][: a_l[b]] + [extra_l[b]] for b in range(B)]
         if constrain is not None:
-            for b in range(B):
-                if out[b]:
-                    n, forced = constrain(b, out[b])
-                    if n < len(out[b]) or forced is not None:
-                        out[b] = out[b][:n]
-                        if forced is not None:
-                            out[b][-1] = forced
-                        a_l[b], extra_l[b] = n - 1, out[b][-1]
+            cut_rounds(out, a_l, extra_l, [constrain(b, row) if row else None for b, row in enumerate(out)])
             a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
         if logprobs is not None:
             for b, lp in enumerate(token_logprobs(logits, sampling, out)):

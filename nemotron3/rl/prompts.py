@@ -10,7 +10,8 @@ completion. Task prompts carry `family` and `answer` (the reference answer, as t
 
 Step `s`'s prompts depend only on (seed, s), so a resumed run draws the same prompts as an uninterrupted one.
 A file's prompts are used in a seeded order, epoch after epoch. Bad lines (not JSON, no `prompt`, a prompt
-that is neither a string nor a list of messages with roles and string contents) are errors naming file:line.
+that is neither a string nor a list of messages with roles and string contents, a line that is not UTF-8)
+are errors naming file:line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nemotron3 import tasks
-from nemotron3.train.data import DataError
+from nemotron3.train.data import DataError, jsonl_records
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -85,14 +86,8 @@ def read_prompts(paths: list[Path]) -> list[PromptRow]:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"prompt file {path} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-            rows.append(_row(value, f"{path}:{n}"))
+        for where, value in jsonl_records(path):
+            rows.append(_row(value, where))
     if not rows:
         raise DataError(f"no prompts in {', '.join(map(str, paths))}")
     return rows

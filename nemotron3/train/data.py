@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,6 +82,22 @@ def _utf8(raw: bytes, where: str) -> str:
                         "as UTF-8") from None
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed value) for every non-blank line of a .jsonl file, in order; DataError naming
+    file:line for a line that is not UTF-8 or not JSON. The pretraining texts, SFT conversations and RL
+    prompts all read their .jsonl files through it."""
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            line = _utf8(raw, where)
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_texts(paths: list[str | Path]) -> list[str]:
     """All documents of the given files and folders, in sorted file order."""
     texts: list[str] = []
@@ -87,18 +105,10 @@ def read_texts(paths: list[str | Path]) -> list[str]:
         if f.suffix == ".txt":
             texts.append(_utf8(f.read_bytes(), str(f)))
         elif f.suffix == ".jsonl":
-            with f.open("rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
-                    line = _utf8(raw, f"{f}:{lineno}")
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{f}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f"{f}:{lineno}: expected an object with a string field 'text'")
-                    texts.append(obj["text"])
+            for where, obj in jsonl_records(f):
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{where}: expected an object with a string field 'text'")
+                texts.append(obj["text"])
         else:
             import pyarrow as pa  # only parquet needs pyarrow
             import pyarrow.parquet as pq

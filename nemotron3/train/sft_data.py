@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from nemotron3 import chat, tasks
-from nemotron3.train.data import DataError, PackedData
+from nemotron3.train.data import DataError, PackedData, jsonl_records
 from nemotron3.train.tokenizer import Tokenizer
 
 MODES = ("on", "off", "budget")
@@ -142,22 +142,10 @@ def read_conversations(paths: list[str | Path]) -> list[Conversation]:
     """
     convs = []
     for f in _jsonl_files(paths):
-        with f.open("rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                where = f"{f}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not UTF-8 text ({e.reason}); re-encode the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict) or "messages" not in obj:
-                    raise DataError(f"{where}: expected an object with a 'messages' list (and optional 'tools')")
-                convs.append(_normalise(obj["messages"], obj.get("tools"), where))
+        for where, obj in jsonl_records(f):
+            if not isinstance(obj, dict) or "messages" not in obj:
+                raise DataError(f"{where}: expected an object with a 'messages' list (and optional 'tools')")
+            convs.append(_normalise(obj["messages"], obj.get("tools"), where))
     if not convs:
         raise DataError(f"no conversations in {', '.join(map(str, paths))}")
     return convs
