@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemotron3.rl.grpo import GRPOConfig, _Run, grpo
+from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.rl.rollout import rollout
+from nemotron3.rl.trainer import RLRun
 
 
 def throughput(model: Path, ks: list[int], repeats: int, prompts: int, generations: int) -> None:
     cfg = GRPOConfig(model=model, prompts_per_step=prompts, num_generations=generations, eval_problems=0)
-    run = _Run(cfg, Console(quiet=True), model)
+    run = RLRun(cfg, Console(quiet=True), model)
     ids = run.encode(run.prompts.batch(0, prompts))
     run.model.eval()
     rollout(run.engine, run.tokenizer, ids[:2], 2, 16, seed=0)  # warm the allocator

@@ -16,7 +16,7 @@ from test_sft import small_model
 
 from nemotron3 import load_pretrained
 from nemotron3.cli import main
-from nemotron3.rl import grpo as grpo_module
+from nemotron3.rl import trainer as trainer_module
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.rl.rewards import RewardError
 from nemotron3.train import checkpoint
@@ -101,13 +101,13 @@ def test_num_iterations_and_kl_run_and_clip(ckpt, reward_file, tmp_path):
 
 def test_igrpo_trains_on_the_refinements_only(ckpt, reward_file, tmp_path, monkeypatch):
     seen = []
-    real = grpo_module.completion_logprobs
+    real = trainer_module.completion_logprobs
 
     def spy(model, prompts, completions, *args):
         seen.append(prompts)
         return real(model, prompts, completions, *args)
 
-    monkeypatch.setattr(grpo_module, "completion_logprobs", spy)
+    monkeypatch.setattr(trainer_module, "completion_logprobs", spy)
     cfg = _cfg(ckpt, tmp_path / "ig", reward_file, algo="igrpo", rollout_budget=5, steps=1,
                refine_template="{prompt} DRAFT {draft}")
     _quiet(grpo, cfg)

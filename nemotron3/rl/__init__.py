@@ -5,7 +5,8 @@
     rollout.py   G sampled completions per prompt through the engine (MTP speculation, logprobs)
     loss.py      group advantages, per-token log-probabilities, the clipped ratio loss
     igrpo.py     iGRPO's draft selection and refinement prompts
-    grpo.py      the trainer and the `nemotron3 rl` stage
+    trainer.py   one run's parts: rollouts (with iGRPO's drafts) and the update of a step
+    grpo.py      the configuration, the step loop, metrics and checkpoints: the `nemotron3 rl` stage
 
 The task families moved to `nemotron3.tasks`; `nemotron3.rl.tasks` stays an alias of it for code written
 against nemotron3 0.1.
