@@ -16,6 +16,7 @@ from nemotron3.model.moe import MoE
 from nemotron3.train import balance as B
 from nemotron3.train import data as train_data
 from nemotron3.train import loop
+from nemotron3.train.evaluate import eval_mtp_loss
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import WSD, build_optimizer, param_groups
 from nemotron3.train.tokenizer import Tokenizer
@@ -151,6 +152,23 @@ def test_mtp_loss_aligns_depth_k_with_token_t_plus_k_plus_1():
     assert got.lm == pytest.approx(naive(logits, 0), rel=1e-5)
     assert got.mtp == pytest.approx((naive(mtp[0], 1) + naive(mtp[1], 2)) / 2, rel=1e-5)
     assert float(got.total.detach()) == pytest.approx(got.lm + 0.3 * got.mtp, rel=1e-6)
+
+
+def test_heldout_mtp_loss_is_the_mean_over_depths_of_each_depths_token_mean():
+    """eval_mtp_loss over a 5-row set in batches of 2 against the per-position reference above, row by row."""
+    model = small_model()
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(3, 96, (5, 25), generator=g)
+    data = train_data.PackedData(rows, torch.rand(5, 25, generator=g) > 0.3)
+    with torch.no_grad():
+        _, mtp = model.forward_mtp(rows[:, :-1], 2)
+    want = []
+    for k in (1, 2):  # position t predicts row token t+k+1, over every trainable one of all rows
+        ce = [float(F.cross_entropy(mtp[k - 1][b, t][None], rows[b, t + k + 1][None]))
+              for b in range(5) for t in range(24 - k) if data.mask[b, t + k + 1]]
+        want.append(sum(ce) / len(ce))
+    assert eval_mtp_loss(model, data, 2, batch_size=2) == pytest.approx(sum(want) / 2, rel=1e-5)
+    assert eval_mtp_loss(model, data, 1, batch_size=2) == pytest.approx(want[0], rel=1e-5)
 
 
 def test_gradient_is_the_same_however_the_batch_is_split():

@@ -29,6 +29,23 @@ def eval_loss(model: nn.Module, data: PackedData, batch_size: int = 16) -> float
     return total / max(1, count)
 
 
+@torch.no_grad()
+def eval_mtp_loss(model: nn.Module, data: PackedData, depths: int, batch_size: int = 16) -> float:
+    """Held-out MTP loss (nats): the masked cross-entropy of depth k's prediction of token t+k+1, a mean over
+    each depth's target tokens, then over the `depths` depths (the training loss's definition, train/loss.py)."""
+    was_training = model.training
+    model.eval()
+    totals, counts = [0.0] * depths, [0] * depths
+    for start in range(0, len(data), batch_size):
+        b = data.take(list(range(start, min(start + batch_size, len(data)))))
+        _, mtp_logits = model.forward_mtp(b.inputs, depths)
+        for k, lk in enumerate(mtp_logits, start=1):  # lk (B, T, V): position t predicts target t+k
+            totals[k - 1] += float(token_ce_sum(lk[:, :-k], b.targets[:, k:], b.mask[:, k:]))
+            counts[k - 1] += int(b.mask[:, k:].sum())
+    model.train(was_training)
+    return sum(t / max(1, c) for t, c in zip(totals, counts)) / depths
+
+
 def unigram_baseline(train: PackedData, heldout: PackedData, vocab_size: int) -> float:
     """Held-out cross-entropy (nats) of the add-one-smoothed unigram distribution of the training targets."""
     counts = torch.bincount(train.rows[:, 1:][train.mask[:, 1:]], minlength=vocab_size).double() + 1

@@ -37,7 +37,7 @@ from nemotron3.options import StageConfig, fail, option, to_dict
 from nemotron3.train import checkpoint
 from nemotron3.train.balance import ExpertBalance
 from nemotron3.train.data import PackedData
-from nemotron3.train.evaluate import eval_loss
+from nemotron3.train.evaluate import eval_loss, eval_mtp_loss
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import WSD, build_optimizer
 from nemotron3.train.tokenizer import Tokenizer
@@ -268,7 +268,10 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             if heldout is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
                 ev = eval_loss(model, heldout)
                 result.eval_losses.append((step, ev))
-                log.write({"step": step, "eval_loss": ev})
+                record = {"step": step, "eval_loss": ev}
+                if depths:
+                    record["eval_mtp_loss"] = eval_mtp_loss(model, heldout, depths)
+                log.write(record)
                 console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 if rank == 0:
