@@ -12,16 +12,16 @@
 Layout of `out`: metrics.jsonl (one JSON object per step, plus eval records), step-NNNNNN/ (checkpoint +
 trainer_state.pt), final/ (a checkpoint folder for load_pretrained, the engine and the server), summary.json.
 
-What a run does: train a byte-level BPE tokenizer on a sample of the corpus; pack the documents into rows
-(train/data.py); build the model from `config` with the tokenizer's vocabulary; optionally convert it to the
-NVFP4 recipe (quant/convert.py); run the training loop (train/loop.py); save final/; score greedy exact match
-on held-out task problems (nemotron3/evaluate.py); write summary.json.
+What a run does: train a byte-level BPE tokenizer on a sample of the corpus (or load `--tokenizer`); pack the
+documents into rows (train/data.py); build the model from `config` with the tokenizer's vocabulary; optionally
+convert it to the NVFP4 recipe (quant/convert.py); run the training loop (train/loop.py); save final/; score greedy
+exact match on held-out task problems (nemotron3/evaluate.py); write summary.json.
 
 **Resume** restores the configuration saved in the checkpoint. Fields that shape the run (model, data,
 schedule, recipe) cannot change on resume: a different `steps`, say, would change the learning-rate
 schedule and the data drawn for the run, so the result would match neither run; it is refused with a
-message. Fields that only decide what is saved or reported (`eval_every`, `save_every`, `keep_last`,
-`log_every`, `eval_problems`) may change.
+message. Fields that only decide what is saved or reported, or where the run ends (`eval_every`, `save_every`,
+`keep_last`, `log_every`, `eval_problems`, `stop_after`) may change.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ NVFP4_SWITCHES = {"rht": "rht", "sr": "stochastic_rounding", "2d": "weight_2d"}
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # Fields that only decide what is saved, logged or reported: a resumed run may change them.
-OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume")
+OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems", "out",
+                      "resume")
 
 
 @dataclass
@@ -71,6 +72,8 @@ class PretrainConfig(TrainConfig):
     seq_len: int = option(256, "tokens per training row", min=2)
     seed: int = option(0, "seed of the weights, the data order and the task problems", min=0)
     vocab_size: int = option(0, "BPE vocabulary cap (0 = the model config's)", min=0)
+    tokenizer: Path | None = option(None, "a tokenizer.json, or a folder holding one, to use instead of training "
+                                    "one on the corpus", metavar="PATH")
     nvfp4: bool = option(False, "train with the NVFP4 recipe and Super's precision policy (quant/convert.py)")
     nvfp4_off: list[str] = option([], "ablations of --nvfp4: turn off the random Hadamard transform on wgrad "
                                   "(rht), stochastic rounding of gradients (sr), 16x16 weight tiles (2d)",
@@ -90,6 +93,8 @@ class PretrainConfig(TrainConfig):
         if 0 < self.vocab_size < MIN_VOCAB:
             fail(self, "vocab_size", f"a byte-level BPE needs at least {MIN_VOCAB} tokens (256 bytes + "
                  f"{len(SPECIAL_TOKENS)} special tokens); 0 = the model config's")
+        if self.tokenizer is not None and self.vocab_size:
+            fail(self, "vocab_size", "caps a tokenizer trained here; --tokenizer gives one already trained")
         if self.nvfp4_off and not self.nvfp4:
             fail(self, "nvfp4_off", "ablates the NVFP4 recipe; add --nvfp4")
         if self.nvfp4_high_precision_tail and not self.nvfp4:
@@ -111,7 +116,9 @@ def _corpus(cfg: PretrainConfig, console: Console, tokenizer: Tokenizer | None, 
     user = train_data.read_texts(cfg.data) if cfg.data else []
     task_sample = (train_data.task_texts(cfg.tokenizer_sample, cfg.seed, "train", cfg.difficulty)
                    if cfg.use_tasks else [])
-    if tokenizer is None:
+    if tokenizer is None and cfg.tokenizer is not None:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    elif tokenizer is None:
         tokenizer = Tokenizer.train(user + task_sample, vocab_cap)
     task_train, task_heldout = [], []
     if cfg.use_tasks:

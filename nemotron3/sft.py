@@ -46,8 +46,8 @@ from nemotron3.train.loop import TrainConfig, process_group, train
 from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
-OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "eval_budgets", "out",
-                      "resume")
+OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
+                      "eval_budgets", "out", "resume")
 
 
 @dataclass

@@ -232,3 +232,20 @@ def test_nvfp4_high_precision_tail_switches_at_its_step_and_resumes_there(tmp_pa
     assert [r["loss"] for r in _records(resumed) if "loss" in r] == lt[2:]  # steps 3 and 4
     assert "a fraction" in _cli_error("--nvfp4", "--nvfp4-high-precision-tail", "1.5", "--out", str(tmp_path / "e"))
     assert "add --nvfp4" in _cli_error("--nvfp4-high-precision-tail", "0.2", "--out", str(tmp_path / "e"))
+
+
+def test_stop_after_is_the_first_steps_of_the_longer_run_exactly(tmp_path):
+    """--stop-after 6 of a 16-step run: the same losses and held-out losses as the full run's first 6 steps (same
+    schedule and data), and final/ equal to the full run's weights after step 6 (its checkpoint at step 6)."""
+    full, short = tmp_path / "full", tmp_path / "short"
+    args = ["--eval-every", "3", "--save-every", "6", "--keep-last", "0"]
+    subprocess.run(_cmd(full, *args), check=True, env=ENV, capture_output=True)
+    subprocess.run(_cmd(short, *args, "--stop-after", "6"), check=True, env=ENV, capture_output=True)
+    def untimed(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _records(out)]
+
+    rf, rs = untimed(full), untimed(short)
+    assert [r for r in rf if r["step"] <= 6] == rs and max(r["step"] for r in rs) == 6
+    assert json.loads((short / "summary.json").read_text())["steps"] == 6
+    a, b = load_pretrained(full / "step-000006").state_dict(), load_pretrained(short / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -74,6 +74,8 @@ class TrainConfig(StageConfig):
     save_every: int = option(0, "checkpoint every K steps (0 = only final/)", min=0)
     keep_last: int = option(2, "training checkpoints kept (0 = all)", min=0)
     log_every: int = option(25, "print a line every K steps", min=1)
+    stop_after: int = option(0, "end the run after this step, with the schedule and data of the full --steps run "
+                             "(0 = at --steps): the first K steps of a longer run, exactly", min=0)
 
     def validate(self) -> None:
         super().validate()
@@ -178,8 +180,8 @@ def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> 
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
           heldout: PackedData | None = None, resume: dict | None = None, console: Console | None = None,
           stage: str = "pretrain") -> TrainResult:
-    """Train `model` in place for `cfg.steps` optimizer steps (from `resume["step"]` when resuming); `stage` names
-    the run in the progress bar."""
+    """Train `model` in place for `cfg.steps` optimizer steps, or up to `cfg.stop_after` (from `resume["step"]` when
+    resuming); `stage` names the run in the progress bar."""
     out_dir, console = Path(out_dir), console or Console()
     rank, world = _dist()
     if cfg.batch_size % world:
@@ -209,8 +211,9 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     columns = (TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        task = bar.add_task("train", total=end, completed=step, info="")
+        while step < end:
             if cfg.high_precision_from and step >= cfg.high_precision_from and not switched:
                 _switch_to_high_precision(model, step, console)
                 switched = True
@@ -265,7 +268,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 console.print(f"step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.2f}  "
                               f"load max/min {ratio:.2f}  {record['tok_per_s']:.0f} tok/s")
-            if heldout is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if heldout is not None and rank == 0 and (step % cfg.eval_every == 0 or step == end):
                 ev = eval_loss(model, heldout)
                 result.eval_losses.append((step, ev))
                 record = {"step": step, "eval_loss": ev}
@@ -273,7 +276,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
                     record["eval_mtp_loss"] = eval_mtp_loss(model, heldout, depths)
                 log.write(record)
                 console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 if rank == 0:
                     state = {"step": step, "data_position": position, "optimizer": opt.state_dict(),
                              "schedule": asdict(sched), "rng": checkpoint.rng_state(model),
