@@ -7,7 +7,7 @@
     nemotron3 pretrain --data corpus/ notes.jsonl        your .txt / .jsonl / .parquet files (add --tasks to mix both)
     nemotron3 pretrain --out runs/x --save-every 100     checkpoints in runs/x/step-NNNNNN/
     nemotron3 pretrain --out runs/x --resume             continue the newest checkpoint exactly
-    torchrun --nproc-per-node 2 -m nemotron3.cli pretrain --batch-size 16    data parallel (gloo)
+    torchrun --nproc-per-node 2 -m nemotron3.cli pretrain --batch-size 16    FSDP2 over 2 ranks (docs/scaling.md)
 
 Layout of `out`: metrics.jsonl (one JSON object per step, plus eval records), step-NNNNNN/ (checkpoint +
 trainer_state.pt), final/ (a checkpoint folder for load_pretrained, the engine and the server), summary.json.
@@ -21,7 +21,9 @@ exact match on held-out task problems (nemotron3/evaluate.py); write summary.jso
 schedule, recipe) cannot change on resume: a different `steps`, say, would change the learning-rate
 schedule and the data drawn for the run, so the result would match neither run; it is refused with a
 message. Fields that only decide what is saved or reported, or where the run ends (`eval_every`, `save_every`,
-`keep_last`, `log_every`, `eval_problems`, `stop_after`) may change.
+`keep_last`, `log_every`, `eval_problems`, `stop_after`) may change, and so may the number of processes and their
+layout (`dp_shard`, `ep`): a checkpoint saved by N ranks resumes in M at the same data position (bit for bit when
+M = N).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from nemotron3.evaluate import task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.model import HybridLM
 from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
+from nemotron3.parallel import gathered
 from nemotron3.presets import PRESETS
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
@@ -55,7 +58,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # Fields that only decide what is saved, logged or reported: a resumed run may change them.
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems", "out",
-                      "resume")
+                      "resume", "dp_shard", "ep")
 
 
 @dataclass
@@ -202,6 +205,7 @@ def _pretrain(cfg: PretrainConfig, console: Console, ckpt: Path | None, resume: 
                   f"unigram baseline {baseline:.3f} nats")
     result = train(model, tokenizer, data, cfg, cfg.out, heldout, resume, console)
     final = cfg.out / "final"
+    model = gathered(model)  # sharded by FSDP2 under torchrun: the whole model, on rank 0 (None elsewhere)
     if rank == 0:
         checkpoint.save(final, model, tokenizer)
         accuracy = {}

@@ -40,6 +40,7 @@ from rich.console import Console
 from nemotron3.evaluate import accuracy_by_mode, budget_supported, task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
+from nemotron3.parallel import gathered
 from nemotron3.train import checkpoint, sft_data
 from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
 from nemotron3.train.loop import TrainConfig, process_group, train
@@ -47,7 +48,7 @@ from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
-                      "eval_budgets", "out", "resume")
+                      "eval_budgets", "out", "resume", "dp_shard", "ep")
 
 
 @dataclass
@@ -170,6 +171,7 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     result = train(model, tokenizer, rows.data, cfg, cfg.out, heldout.data if len(heldout.data) else None, resume,
                    console, stage="sft")
     final = cfg.out / "final"
+    model = gathered(model)  # sharded by FSDP2 under torchrun: the whole model, on rank 0 (None elsewhere)
     if rank == 0:
         checkpoint.save(final, model, tokenizer)
         after = _accuracy(cfg, model, tokenizer) if evaluate else {}

@@ -19,7 +19,7 @@ LAYERS = {
     "config": 1,
     "model": 2,
     "hf": 3,
-    "quant": 4, "engine": 4,
+    "quant": 4, "engine": 4, "parallel": 4,
     "train": 5,
     "evaluate": 6,
     "rl": 7,

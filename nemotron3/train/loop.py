@@ -6,7 +6,8 @@ One optimizer step:
     lr ← WSD(step)
     global batch ← rows [position, position + B) of the seeded order; this rank takes its B/world rows
     for each micro-batch:  forward (+ MTP depths), loss normalised by the global batch's counts, backward
-    all-reduce gradients, losses and expert loads over ranks (torch.distributed, when launched by torchrun)
+    under torchrun: FSDP2 reduce-scatters the gradients during backward (parallel.py); losses and expert
+    loads are summed over ranks here
     clip the global gradient norm
     if loss and gradient norm are finite: AdamW step, then the expert-bias update
     else: skip the update and say so (the NaN/Inf guard); the data still advances
@@ -15,6 +16,12 @@ One optimizer step:
 `--batch-size` is the *global* batch in sequences: world size and micro-batch size only decide how it is
 split, and since every loss is normalised by global counts (loss.py), the gradient is the same sum in any
 split (equal up to floating-point summation order).
+
+Under torchrun the model is sharded with FSDP2 on a DeviceMesh (`--dp-shard`, nemotron3/parallel.py) before the
+optimizer is built; every rank evaluates the held-out loss (a sharded forward is a collective) and takes part
+in gathering a checkpoint, which rank 0 writes in the one-process format (so it loads in any number of
+ranks). Each rank's RNG state is saved; a resume under the same world size restores each rank's own, a resume
+under another one every rank's from rank 0's (the same data position, not the same bits).
 """
 
 from __future__ import annotations
@@ -23,8 +30,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from nemotron3 import parallel
 from nemotron3.options import StageConfig, fail, option, to_dict
 from nemotron3.train import checkpoint
 from nemotron3.train.balance import ExpertBalance
@@ -76,6 +82,9 @@ class TrainConfig(StageConfig):
     log_every: int = option(25, "print a line every K steps", min=1)
     stop_after: int = option(0, "end the run after this step, with the schedule and data of the full --steps run "
                              "(0 = at --steps): the first K steps of a longer run, exactly", min=0)
+    dp_shard: int = option(0, "ranks that shard the parameters, gradients and optimizer states with FSDP2 under "
+                           "torchrun (0 = the world size)", min=0)
+    ep: int = option(0, "expert-parallel degree (0 = 1; above 1 not implemented yet)", min=0)
 
     def validate(self) -> None:
         super().validate()
@@ -105,36 +114,7 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _dist() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
-@contextmanager
-def process_group() -> Iterator[int]:
-    """A stage's span in torchrun's process group (gloo), joined when launched by torchrun (WORLD_SIZE > 1) and
-    left at the end; yields this process's rank (0 without torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    try:
-        yield _dist()[0]
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _all_reduce_(tensors: list[torch.Tensor]) -> None:
-    """Sum in place over ranks, as one flat buffer (one collective instead of one per tensor)."""
-    if _dist()[1] == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).to(torch.float64 if t.is_floating_point() else t.dtype) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
+process_group = parallel.process_group  # where the stages have always imported it from
 
 
 class MetricsLog:
@@ -177,13 +157,43 @@ def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> 
     console.print(f"step {step:5d}  [bold]switched to high precision[/] for the remaining steps")
 
 
+def _run_record(cfg: TrainConfig) -> dict:
+    """The run's configuration as a checkpoint keeps it: without the parallel layout, which a resume takes from
+    its own launch (any number of ranks may resume a checkpoint)."""
+    return {**to_dict(cfg), "dp_shard": 0, "ep": 0}
+
+
+def _save(model: nn.Module, opt: torch.optim.Optimizer, tokenizer: Tokenizer, folder: Path, state: dict,
+          keep_last: int) -> None:
+    """A training checkpoint, by every rank (the gathers are collectives), written by rank 0."""
+    rank, world = parallel.rank_world()
+    full = parallel.gathered(model)
+    optimizer = parallel.full_optimizer_state(opt)
+    rngs = parallel.gather_objects(checkpoint.rng_state(model))
+    if rank == 0:
+        state = {**state, "optimizer": optimizer, "rng": rngs[0]}
+        if world > 1:
+            state["rng_ranks"] = rngs
+        checkpoint.save(folder, full, tokenizer, state)
+        checkpoint.prune(folder.parent, keep_last)
+    parallel.barrier()
+
+
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
           heldout: PackedData | None = None, resume: dict | None = None, console: Console | None = None,
           stage: str = "pretrain") -> TrainResult:
     """Train `model` in place for `cfg.steps` optimizer steps, or up to `cfg.stop_after` (from `resume["step"]` when
     resuming); `stage` names the run in the progress bar."""
     out_dir, console = Path(out_dir), console or Console()
-    rank, world = _dist()
+    rank, world = parallel.rank_world()
+    if world == 1 and max(cfg.dp_shard, cfg.ep) > 1:
+        raise ValueError(f"--dp-shard {cfg.dp_shard} / --ep {cfg.ep} asks for {max(cfg.dp_shard, cfg.ep)} processes "
+                         "and this is one: launch with torchrun --nproc-per-node N (docs/scaling.md)")
+    if world > 1:
+        if cfg.high_precision_from:
+            raise ValueError("--nvfp4-high-precision-tail swaps the quantized modules for plain ones, which FSDP2's "
+                             "sharded parameters do not survive: run it in one process")
+        parallel.parallelize(model, parallel.build_mesh(cfg.dp_shard, cfg.ep))
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
     local = cfg.batch_size // world
@@ -200,8 +210,9 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
         if resume["data_fingerprint"] != data.fingerprint():
             raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): "
                              "resume with the same data and seed")
-        opt.load_state_dict(resume["optimizer"])
-        checkpoint.set_rng_state(resume["rng"], model)
+        parallel.load_optimizer_state(opt, resume["optimizer"])
+        per_rank = resume.get("rng_ranks", [])
+        checkpoint.set_rng_state(per_rank[rank] if len(per_rank) == world else resume["rng"], model)
         step, position = resume["step"], resume["data_position"]
     log = MetricsLog(out_dir / "metrics.jsonl", step if resume is not None else None) if rank == 0 else None
     result = TrainResult(steps=step, last_loss=float("nan"))
@@ -232,7 +243,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
                 ml.total.backward()
                 sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64)
             balance.active = False
-            _all_reduce_([p.grad for p in params if p.grad is not None] + [sums])
+            parallel.all_reduce_sum_(sums)
             balance.all_reduce()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -268,23 +279,19 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 console.print(f"step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.2f}  "
                               f"load max/min {ratio:.2f}  {record['tok_per_s']:.0f} tok/s")
-            if heldout is not None and rank == 0 and (step % cfg.eval_every == 0 or step == end):
-                ev = eval_loss(model, heldout)
+            if heldout is not None and (rank == 0 or world > 1) and (step % cfg.eval_every == 0 or step == end):
+                ev = eval_loss(model, heldout)  # on every rank when sharded: a sharded forward is a collective
                 result.eval_losses.append((step, ev))
                 record = {"step": step, "eval_loss": ev}
                 if depths:
                     record["eval_mtp_loss"] = eval_mtp_loss(model, heldout, depths)
-                log.write(record)
-                console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
+                if log:
+                    log.write(record)
+                    console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
-                if rank == 0:
-                    state = {"step": step, "data_position": position, "optimizer": opt.state_dict(),
-                             "schedule": asdict(sched), "rng": checkpoint.rng_state(model),
-                             "data_fingerprint": data.fingerprint(), "run": to_dict(cfg)}
-                    checkpoint.save(checkpoint.step_dir(out_dir, step), model, tokenizer, state)
-                    checkpoint.prune(out_dir, cfg.keep_last)
-                if world > 1:
-                    torch.distributed.barrier()
+                _save(model, opt, tokenizer, checkpoint.step_dir(out_dir, step),
+                      {"step": step, "data_position": position, "schedule": asdict(sched),
+                       "data_fingerprint": data.fingerprint(), "run": _run_record(cfg)}, cfg.keep_last)
     balance.remove()
     result.steps, result.seconds = step, time.perf_counter() - t_start
     return result

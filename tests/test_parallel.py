@@ -1,0 +1,143 @@
+"""FSDP2 on a DeviceMesh (nemotron3/parallel.py) with 2 gloo processes started by torchrun, against one process.
+
+References: one process training the same global batch (the loss is normalised by global counts, so the sum
+of the ranks' gradients is the one-process gradient up to summation order); each rank's own local shards
+(DTensor.to_local) for what a checkpoint saved by 2 ranks must contain; an uninterrupted 2-rank run for a run
+killed with SIGKILL and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemotron3 import load_pretrained, parallel
+from nemotron3.cli import main
+from nemotron3.train import checkpoint
+from nemotron3.train.optim import build_optimizer
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+SMALL = ["--batch-size", "4", "--seq-len", "32", "--eval-problems", "0", "--tokenizer-sample", "200"]
+
+
+def _pretrain(out: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    launch = TORCHRUN if ranks == 2 else [sys.executable]
+    proc = subprocess.run([*launch, "-m", "nemotron3.cli", "pretrain", *SMALL, *args, "--out", str(out)], env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _exact(out: Path) -> list[dict]:
+    """The records without the timing."""
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _records(out)]
+
+
+def test_two_ranks_give_the_losses_of_one_rank_at_the_same_global_batch(tmp_path):
+    """10 fp32 steps with MTP, the aux loss and the expert-bias update: every logged number within 1e-5."""
+    args = ["--steps", "10", "--eval-every", "5"]
+    _pretrain(tmp_path / "one", *args)
+    _pretrain(tmp_path / "two", *args, ranks=2)
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [sorted(r) for r in one] == [sorted(r) for r in two] and len(one) == 12  # 10 steps + 2 evaluations
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm", "mtp_loss", "aux_loss", "eval_loss", "eval_mtp_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+        if "load_max_min" in a:  # the bias update saw the global batch's loads on both ranks
+            assert a["load_max_min"] == b["load_max_min"], a["step"]
+    w1, w2 = load_pretrained(tmp_path / "one" / "final").state_dict(), load_pretrained(tmp_path / "two" / "final")
+    for name, t in w2.state_dict().items():
+        torch.testing.assert_close(t, w1[name], rtol=0, atol=1e-4)
+
+
+def test_a_checkpoint_saved_by_two_ranks_holds_their_shards_and_loads_in_one(tmp_path):
+    """The loop's own save (train/loop.py `_save`) after 2 sharded steps: load_pretrained and a one-process
+    optimizer hold exactly the concatenation of the two ranks' dim-0 shards."""
+    proc = subprocess.run([*TORCHRUN, str(Path(__file__).with_name("parallel_worker.py")), str(tmp_path)], env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [torch.load(tmp_path / f"shards-{r}.pt") for r in range(2)]
+    folder = tmp_path / "step-000002"
+    model = load_pretrained(folder, dtype=torch.float32)
+    halved = 0
+    for name, p in model.named_parameters():
+        a, b = shards[0]["params"][name], shards[1]["params"][name]
+        halved += a.shape[0] < p.shape[0]
+        assert torch.equal(torch.cat([a, b]), p), name
+    assert halved == len(shards[0]["params"])  # every parameter really was split over the two ranks
+    opt = build_optimizer(model, 1e-3)
+    parallel.load_optimizer_state(opt, checkpoint.load_state(folder)["optimizer"])
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = torch.cat([s["moments"][name][key] for s in shards])
+            assert torch.equal(opt.state[p][key], full), (name, key)
+    assert all(int(opt.state[p]["step"]) == 2 for p in model.parameters())
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (checkpoint.step_dir(out, step) / checkpoint.STATE_FILE).is_file():
+            return
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step {step} in {timeout} s")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_then_resume_is_bit_exact_and_another_world_size_resumes_the_position(tmp_path):
+    args = ["--steps", "12", "--eval-every", "6", "--save-every", "2", "--keep-last", "0"]
+    whole, killed, single = tmp_path / "whole", tmp_path / "killed", tmp_path / "single"
+    _pretrain(whole, *args, ranks=2)
+    proc = subprocess.Popen([*TORCHRUN, "-m", "nemotron3.cli", "pretrain", *SMALL, *args, "--out", str(killed)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_checkpoint(proc, killed, 4)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert not (killed / "final").exists()
+    _pretrain(killed, "--resume", ranks=2)
+    assert _exact(killed) == _exact(whole)
+    # one process resumes the 2-rank checkpoint of step 6 at its data position (summation order aside)
+    single.mkdir()
+    shutil.copytree(whole / "step-000006", single / "step-000006")
+    (single / "metrics.jsonl").write_text("")
+    _pretrain(single, "--resume")
+    after = [r for r in _records(whole) if r["step"] > 6]
+    resumed = _records(single)
+    assert [r["step"] for r in resumed] == [r["step"] for r in after]
+    for a, b in zip(after, resumed):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key)
+
+
+def test_layout_errors(tmp_path):
+    assert parallel.resolve_layout(0, 0, 4) == (4, 1)
+    with pytest.raises(ValueError, match="must equal the number of processes"):
+        parallel.resolve_layout(2, 1, 4)
+    with pytest.raises(ValueError, match="not implemented"):
+        parallel.resolve_layout(4, 2, 4)
+    assert main(["pretrain", *SMALL, "--steps", "1", "--dp-shard", "2", "--out", str(tmp_path / "x")]) != 0
+    assert not (tmp_path / "x" / "final").exists()
