@@ -18,7 +18,7 @@ LAYERS = {
     "presets": 0, "tasks": 0, "options": 0, "chat": 0,  # data, stage-config helpers, the chat format: no imports
     "config": 1,
     "model": 2,
-    "hf": 3,
+    "hf": 3, "expert_parallel": 3,
     "quant": 4, "engine": 4, "parallel": 4,
     "train": 5,
     "evaluate": 6,

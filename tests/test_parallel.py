@@ -141,3 +141,28 @@ def test_layout_errors(tmp_path):
         parallel.resolve_layout(4, 2, 4)
     assert main(["pretrain", *SMALL, "--steps", "1", "--dp-shard", "2", "--out", str(tmp_path / "x")]) != 0
     assert not (tmp_path / "x" / "final").exists()
+
+
+@pytest.mark.slow
+def test_sft_and_nvfp4_under_two_ranks(tmp_path):
+    """sft: 2 ranks give the losses of one process. NVFP4 (without stochastic rounding, whose noise each rank
+    draws from the same seeded stream): 2 ranks of 2 rows give the losses of one process in micro-batches of 2,
+    the same activation tensors being quantized with the same per-tensor scales."""
+    _pretrain(tmp_path / "base", "--steps", "2", "--eval-every", "100")
+    args = ["--model", str(tmp_path / "base" / "final"), "--steps", "6", "--batch-size", "4", "--conversations", "48",
+            "--eval-every", "3", "--heldout-task-problems", "12", "--eval-problems", "0", "--log-every", "100"]
+    for ranks in (1, 2):
+        launch = TORCHRUN if ranks == 2 else [sys.executable]
+        proc = subprocess.run([*launch, "-m", "nemotron3.cli", "sft", *args, "--out", str(tmp_path / f"sft{ranks}")],
+                              env=ENV, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    nv = ["--nvfp4", "--nvfp4-off", "sr", "--steps", "4", "--eval-every", "4"]
+    _pretrain(tmp_path / "nv1", *nv, "--micro-batch-size", "2")
+    _pretrain(tmp_path / "nv2", *nv, ranks=2)
+    for one, two, tol in (("sft1", "sft2", 1e-5), ("nv1", "nv2", 1e-4)):
+        a, b = _records(tmp_path / one), _records(tmp_path / two)
+        assert len(a) == len(b) > 4
+        for x, y in zip(a, b):
+            for key in ("loss", "mtp_loss", "eval_loss"):
+                if key in x:
+                    assert abs(x[key] - y[key]) <= tol, (one, x["step"], key)
