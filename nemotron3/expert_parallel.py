@@ -1,5 +1,5 @@
 """Expert parallelism: a MoE layer's routed experts partitioned over the ranks of a group, tokens dispatched
-to the rank that holds their expert and combined back with all-to-all (docs/scaling.md §4).
+to the rank that holds their expert and combined back with all-to-all (docs/scaling.md §2).
 
 With `ep` ranks and E experts, rank r holds experts [r·E/ep, (r+1)·E/ep). The router, the shared expert and
 the LatentMoE projections stay whole on every rank; only `Experts` is replaced, by `ExpertParallelExperts`,
@@ -20,13 +20,14 @@ moves nothing) in both all-to-alls, so the saving is measured, not assumed (benc
 The all-to-alls are `torch.distributed.nn.functional.all_to_all_single`, which has a backward (the reverse
 all-to-all), so gradients flow to the tokens' ranks and to the experts' ranks alike.
 
-Not wired into training yet: `--ep` above 1 is refused (nemotron3/parallel.py) until the expert parameters
-get their own mesh dimension under FSDP2, gradient clipping over both meshes, and checkpoint gathering of
-the partitioned experts.
+Training uses it through `--ep` (nemotron3/parallel.py): the experts module of each layer becomes its own FSDP2
+unit on the experts' mesh; clipping and checkpoints gather over the `ep` group there. The NVFP4 expert GEMM
+(`Experts.gemm_quantizer`) is not carried over: `--ep` with `--nvfp4` is refused.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,10 @@ from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
 from nemotron3.model.moe import Experts, relu2
+
+# the differentiable all-to-all is the one torch.distributed.nn keeps; its replacement in _functional_collectives
+# is a private module
+warnings.filterwarnings("ignore", message=r".*all_to_all_single is deprecated", category=FutureWarning)
 
 
 @dataclass

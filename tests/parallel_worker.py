@@ -2,7 +2,10 @@
 loop's own checkpoint save (train/loop.py `_save`), then each rank's local shards of every parameter and AdamW
 moment, written to `shards-RANK.pt` beside the checkpoint: the ground truth the saved files are checked against.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py OUT [EP]
+
+With EP = 2 the routed experts are partitioned over the two ranks (nemotron3/expert_parallel.py), and the
+off-rank rows they dispatched are written too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from nemotron3.train.optim import build_optimizer
 from nemotron3.train.tokenizer import Tokenizer
 
 
-def main(out: Path) -> None:
+def main(out: Path, ep: int) -> None:
     with parallel.process_group() as rank:
         torch.manual_seed(0)
         texts = train_data.task_texts(300, 0)
@@ -32,7 +35,7 @@ def main(out: Path) -> None:
         config = ModelConfig.load("tiny").replace(vocab_size=320, bos_token_id=tokenizer.bos_id,
                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         model = HybridLM(config)
-        parallel.parallelize(model, parallel.build_mesh())
+        parallel.parallelize(model, parallel.build_mesh(0, ep))
         opt = build_optimizer(model, 1e-3)
         world = parallel.rank_world()[1]
         for step in range(2):
@@ -45,10 +48,11 @@ def main(out: Path) -> None:
         names = {id(p): n for n, p in model.named_parameters()}
         shards = {"params": {n: p.to_local().detach().clone() for n, p in model.named_parameters()},
                   "moments": {names[id(p)]: {k: v.to_local().clone() for k, v in s.items() if k != "step"}
-                              for p, s in opt.state.items()}}
+                              for p, s in opt.state.items()},
+                  "dispatched": sum(sum(m.stats.calls) for _, m in parallel.expert_modules(model))}
         torch.save(shards, out / f"shards-{rank}.pt")
         Console(stderr=True).print(f"rank {rank} of {world}: saved")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1)

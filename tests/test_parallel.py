@@ -47,29 +47,51 @@ def _exact(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _records(out)]
 
 
-def test_two_ranks_give_the_losses_of_one_rank_at_the_same_global_batch(tmp_path):
-    """10 fp32 steps with MTP, the aux loss and the expert-bias update: every logged number within 1e-5."""
-    args = ["--steps", "10", "--eval-every", "5"]
-    _pretrain(tmp_path / "one", *args)
-    _pretrain(tmp_path / "two", *args, ranks=2)
-    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
-    assert [sorted(r) for r in one] == [sorted(r) for r in two] and len(one) == 12  # 10 steps + 2 evaluations
-    for a, b in zip(one, two):
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> Path:
+    """The reference: one process, 10 fp32 steps with MTP, the aux loss and the expert-bias update."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _pretrain(out, *PARITY)
+    return out
+
+
+PARITY = ["--steps", "10", "--eval-every", "5"]
+
+
+def _same_as_one_rank(one: Path, two: Path) -> None:
+    """Every logged number within 1e-5, the same expert loads, the final weights within 1e-4."""
+    a_records, b_records = _records(one), _records(two)
+    assert [sorted(r) for r in a_records] == [sorted(r) for r in b_records] and len(a_records) == 12  # + 2 evals
+    for a, b in zip(a_records, b_records):
         for key in ("loss", "grad_norm", "mtp_loss", "aux_loss", "eval_loss", "eval_mtp_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
         if "load_max_min" in a:  # the bias update saw the global batch's loads on both ranks
             assert a["load_max_min"] == b["load_max_min"], a["step"]
-    w1, w2 = load_pretrained(tmp_path / "one" / "final").state_dict(), load_pretrained(tmp_path / "two" / "final")
-    for name, t in w2.state_dict().items():
+    w1 = load_pretrained(one / "final").state_dict()
+    for name, t in load_pretrained(two / "final").state_dict().items():
         torch.testing.assert_close(t, w1[name], rtol=0, atol=1e-4)
 
 
-def test_a_checkpoint_saved_by_two_ranks_holds_their_shards_and_loads_in_one(tmp_path):
+def test_two_ranks_give_the_losses_of_one_rank_at_the_same_global_batch(one_rank, tmp_path):
+    _pretrain(tmp_path / "two", *PARITY, ranks=2)
+    _same_as_one_rank(one_rank, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_expert_parallel_ranks_give_the_losses_of_one_rank(one_rank, tmp_path):
+    """--ep 2: each rank holds 8 of the 16 experts of every MoE layer, tokens move by all-to-all."""
+    _pretrain(tmp_path / "ep", *PARITY, "--ep", "2", ranks=2)
+    _same_as_one_rank(one_rank, tmp_path / "ep")
+
+
+@pytest.mark.parametrize("ep", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_checkpoint_saved_by_two_ranks_holds_their_shards_and_loads_in_one(tmp_path, ep):
     """The loop's own save (train/loop.py `_save`) after 2 sharded steps: load_pretrained and a one-process
-    optimizer hold exactly the concatenation of the two ranks' dim-0 shards."""
-    proc = subprocess.run([*TORCHRUN, str(Path(__file__).with_name("parallel_worker.py")), str(tmp_path)], env=ENV,
-                          capture_output=True, text=True)
+    optimizer hold exactly the concatenation of the two ranks' dim-0 shards. With --ep 2 a rank's expert
+    tensors are its 8 of the 16 experts, so the concatenation is the same."""
+    proc = subprocess.run([*TORCHRUN, str(Path(__file__).with_name("parallel_worker.py")), str(tmp_path), str(ep)],
+                          env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = [torch.load(tmp_path / f"shards-{r}.pt") for r in range(2)]
     folder = tmp_path / "step-000002"
@@ -80,6 +102,7 @@ def test_a_checkpoint_saved_by_two_ranks_holds_their_shards_and_loads_in_one(tmp
         halved += a.shape[0] < p.shape[0]
         assert torch.equal(torch.cat([a, b]), p), name
     assert halved == len(shards[0]["params"])  # every parameter really was split over the two ranks
+    assert all((s["dispatched"] > 0) == (ep == 2) for s in shards)  # rows moved by all-to-all only under --ep 2
     opt = build_optimizer(model, 1e-3)
     parallel.load_optimizer_state(opt, checkpoint.load_state(folder)["optimizer"])
     for name, p in model.named_parameters():
@@ -105,8 +128,9 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_of_one_rank_then_resume_is_bit_exact_and_another_world_size_resumes_the_position(tmp_path):
-    args = ["--steps", "12", "--eval-every", "6", "--save-every", "2", "--keep-last", "0"]
+@pytest.mark.parametrize("ep", ["1", "2"])
+def test_sigkill_of_one_rank_then_resume_is_bit_exact_and_another_world_size_resumes_the_position(tmp_path, ep):
+    args = ["--steps", "12", "--eval-every", "6", "--save-every", "2", "--keep-last", "0", "--ep", ep]
     whole, killed, single = tmp_path / "whole", tmp_path / "killed", tmp_path / "single"
     _pretrain(whole, *args, ranks=2)
     proc = subprocess.Popen([*TORCHRUN, "-m", "nemotron3.cli", "pretrain", *SMALL, *args, "--out", str(killed)],
@@ -117,13 +141,13 @@ def test_sigkill_of_one_rank_then_resume_is_bit_exact_and_another_world_size_res
     os.kill(ranks[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
     assert not (killed / "final").exists()
-    _pretrain(killed, "--resume", ranks=2)
+    _pretrain(killed, "--resume", "--ep", ep, ranks=2)  # the layout is the launch's, not the checkpoint's
     assert _exact(killed) == _exact(whole)
     # one process resumes the 2-rank checkpoint of step 6 at its data position (summation order aside)
     single.mkdir()
     shutil.copytree(whole / "step-000006", single / "step-000006")
     (single / "metrics.jsonl").write_text("")
-    _pretrain(single, "--resume")
+    _pretrain(single, "--resume", "--ep", "1")
     after = [r for r in _records(whole) if r["step"] > 6]
     resumed = _records(single)
     assert [r["step"] for r in resumed] == [r["step"] for r in after]
@@ -137,8 +161,9 @@ def test_layout_errors(tmp_path):
     assert parallel.resolve_layout(0, 0, 4) == (4, 1)
     with pytest.raises(ValueError, match="must equal the number of processes"):
         parallel.resolve_layout(2, 1, 4)
-    with pytest.raises(ValueError, match="not implemented"):
-        parallel.resolve_layout(4, 2, 4)
+    assert parallel.resolve_layout(4, 2, 4) == (4, 2)
+    with pytest.raises(ValueError, match="does not divide"):
+        parallel.resolve_layout(4, 3, 4)
     assert main(["pretrain", *SMALL, "--steps", "1", "--dp-shard", "2", "--out", str(tmp_path / "x")]) != 0
     assert not (tmp_path / "x" / "final").exists()
 

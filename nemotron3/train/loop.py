@@ -84,7 +84,8 @@ class TrainConfig(StageConfig):
                              "(0 = at --steps): the first K steps of a longer run, exactly", min=0)
     dp_shard: int = option(0, "ranks that shard the parameters, gradients and optimizer states with FSDP2 under "
                            "torchrun (0 = the world size)", min=0)
-    ep: int = option(0, "expert-parallel degree (0 = 1; above 1 not implemented yet)", min=0)
+    ep: int = option(0, "ranks each MoE layer's routed experts are partitioned over, tokens moved by all-to-all "
+                     "(0 = 1; divides --dp-shard)", min=0)
 
     def validate(self) -> None:
         super().validate()
@@ -168,7 +169,7 @@ def _save(model: nn.Module, opt: torch.optim.Optimizer, tokenizer: Tokenizer, fo
     """A training checkpoint, by every rank (the gathers are collectives), written by rank 0."""
     rank, world = parallel.rank_world()
     full = parallel.gathered(model)
-    optimizer = parallel.full_optimizer_state(opt)
+    optimizer = parallel.full_optimizer_state(opt, model)
     rngs = parallel.gather_objects(checkpoint.rng_state(model))
     if rank == 0:
         state = {**state, "optimizer": optimizer, "rng": rngs[0]}
@@ -193,7 +194,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
         if cfg.high_precision_from:
             raise ValueError("--nvfp4-high-precision-tail swaps the quantized modules for plain ones, which FSDP2's "
                              "sharded parameters do not survive: run it in one process")
-        parallel.parallelize(model, parallel.build_mesh(cfg.dp_shard, cfg.ep))
+        parallel.parallelize(model, parallel.build_mesh(cfg.dp_shard, cfg.ep))  # before the optimizer sees them
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
     local = cfg.batch_size // world
@@ -210,7 +211,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
         if resume["data_fingerprint"] != data.fingerprint():
             raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): "
                              "resume with the same data and seed")
-        parallel.load_optimizer_state(opt, resume["optimizer"])
+        parallel.load_optimizer_state(opt, resume["optimizer"], model)
         per_rank = resume.get("rng_ranks", [])
         checkpoint.set_rng_state(per_rank[rank] if len(per_rank) == world else resume["rng"], model)
         step, position = resume["step"], resume["data_position"]
@@ -246,7 +247,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             parallel.all_reduce_sum_(sums)
             balance.all_reduce()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = parallel.clip_grad_norm_(model, params, max_norm)
             loss = float(sums[0])
             total = loss + cfg.mtp_scale * float(sums[1]) + float(sums[2])
             finite = math.isfinite(total) and math.isfinite(grad_norm)
