@@ -80,8 +80,11 @@ def _naive_pack(docs, T, bos, eos, pad):
 
 def test_packing_preserves_every_token_and_matches_the_naive_definition():
     rng = random.Random(0)
-    docs = [train_data.Document([rng.randint(10, 99) for _ in range(rng.randint(1, 40))],
-                       [rng.randint(0, 1) for _ in range(0)] or None) for _ in range(50)]
+    docs = []
+    for _ in range(50):  # half of them with a random SFT-style mask, half unmasked
+        ids = [rng.randint(10, 99) for _ in range(rng.randint(1, 40))]
+        docs.append(train_data.Document(ids, [rng.randint(0, 1) for _ in ids] if rng.random() < 0.5 else None))
+    assert sum(d.mask is not None and 0 in d.mask for d in docs) >= 10
     docs[3] = train_data.Document([5, 6, 7], [0, 1, 0])  # an SFT-style mask
     for T in (7, 16, 64, 1000):
         rows, mask = train_data.pack(docs, T, bos_id=1, eos_id=2, pad_id=0)
