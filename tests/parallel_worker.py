@@ -45,11 +45,23 @@ def main(out: Path, ep: int) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         _save(model, opt, tokenizer, out / "step-000002", {"step": 2, "data_position": 8}, 0)
+        # the clipping norm against the sum of squares of every rank's local pieces (each element on one rank)
+        batch = data.batch(8, 4)
+        micro_loss(model, batch.split(4 // world)[rank], Normalizer.of(batch.mask, 1), 1, 0.3).total.backward()
+        norms = {}
+        for part, keep in (("all", lambda n: True), ("experts", lambda n: ".experts." in n)):
+            params = [p for n, p in model.named_parameters() if keep(n)]
+            sq = sum(float(p.grad.to_local().double().pow(2).sum()) for p in params)
+            ref = torch.tensor(sq, dtype=torch.float64)
+            torch.distributed.all_reduce(ref)
+            norms[part] = (parallel.clip_grad_norm_(model, params, float("inf")), float(ref.sqrt()))
+        opt.zero_grad(set_to_none=True)
         names = {id(p): n for n, p in model.named_parameters()}
         shards = {"params": {n: p.to_local().detach().clone() for n, p in model.named_parameters()},
                   "moments": {names[id(p)]: {k: v.to_local().clone() for k, v in s.items() if k != "step"}
                               for p, s in opt.state.items()},
-                  "dispatched": sum(sum(m.stats.calls) for _, m in parallel.expert_modules(model))}
+                  "dispatched": sum(sum(m.stats.calls) for _, m in parallel.expert_modules(model)),
+                  "norms": norms}
         torch.save(shards, out / f"shards-{rank}.pt")
         Console(stderr=True).print(f"rank {rank} of {world}: saved")
 

@@ -103,6 +103,9 @@ def test_a_checkpoint_saved_by_two_ranks_holds_their_shards_and_loads_in_one(tmp
         assert torch.equal(torch.cat([a, b]), p), name
     assert halved == len(shards[0]["params"])  # every parameter really was split over the two ranks
     assert all((s["dispatched"] > 0) == (ep == 2) for s in shards)  # rows moved by all-to-all only under --ep 2
+    for s in shards:  # the clipping norm is the whole gradient's, also over the experts alone
+        for part, (norm, reference) in s["norms"].items():
+            assert norm == pytest.approx(reference, rel=1e-6), part
     opt = build_optimizer(model, 1e-3)
     parallel.load_optimizer_state(opt, checkpoint.load_state(folder)["optimizer"])
     for name, p in model.named_parameters():
