@@ -208,3 +208,71 @@ def test_the_sharing_step_divides_by_the_friends_and_the_sharer():
     fam, params = tasks.family_of(prompt)
     assert fam.name == "word" and fam.problem(params).answer == "16" == str(_word_value(prompt))
     assert fam.problem(params).trace.splitlines() == ["12/4=3", "2*5=10, 3+10=13", "13-4=9", "9+7=16"]
+
+
+def test_carry_borrow_and_product_lines_by_hand():
+    fam = tasks.FAMILIES["add"]
+    assert fam.verify(fam.parse("What is 7 + 995?"), "1002")  # a prompt whose first operand is the shorter one
+    assert fam.problem((7, "+", 995)).trace.splitlines()[-1] == "carry 1 -> 1002"
+    mul = tasks.FAMILIES["mul"]
+    for p in _problems("mul", 3)[:40] + [mul.problem((478, 7))]:
+        a, b = _numbers(p.prompt)
+        for m in re.finditer(r"(\d)\*(\d)\+(\d+)=(\d+) -> (\d+), carry (\d+)", p.trace):
+            x, y, c, s = (int(m[i]) for i in range(1, 5))
+            assert s == x * y + c and int(m[6]) == s // 10, m[0]
+        if b < 10:  # one partial product: no sum line
+            assert p.trace.splitlines()[-1] == f"{a}*{b}={a * b}"
+    assert mul.problem((478, 7)).trace.splitlines() == [
+        "8*7+0=56 -> 6, carry 5", "7*7+5=54 -> 46, carry 5", "4*7+5=33 -> 346, carry 3", "478*7=3346"]
+
+
+def test_sort_trace_lists_what_is_left():
+    for p in _problems("sort", 3)[:40]:
+        left = _numbers(p.prompt)
+        for line, x in zip(p.trace.splitlines(), sorted(left)):
+            left.remove(x)  # the first occurrence, as in the prompt's order
+            assert line == f"take {x}, left {' '.join(map(str, left)) if left else 'none'}"
+
+
+def test_countdown_expression_and_word_parse_by_hand():
+    cd = tasks.FAMILIES["countdown"].problem((14, (3, 4, 2), ("+", "*")))
+    assert cd.answer == "(3+4)*2" and cd.trace.splitlines() == ["3+4=7", "7*2=14"]
+    word = tasks.FAMILIES["word"]
+    for p in _problems("word", 2)[:30]:
+        head = re.match(r"(\w+) has (\d+) (\w+)\. ", p.prompt)
+        name, start, item = head[1], int(head[2]), head[3]
+        params = word.parse(p.prompt)
+        assert params[:4] == (name, "", item, start)
+        assert word.key(params) != word.key((*params[:3], start + 1, params[4]))  # the start is part of the problem
+
+
+def test_split_is_the_documented_hash_rule():
+    """blake2b-64 of the key, little-endian, mod 1000 below HELDOUT_PER_MILLE: fixed, so that a held-out problem
+    stays held out across versions (a checkpoint is never evaluated on what a later version trained on)."""
+    import hashlib
+
+    for i in range(20000):
+        key = f"add:+:[{i}, {i % 97}]"
+        h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % 1000
+        assert tasks.split_of(key) == ("heldout" if h < 100 else "train"), key
+
+
+def test_answer_extraction_and_message_formats():
+    ex = tasks.extract_answer
+    assert ex("<think>\na</think>\nb\n</think>\n42") == "42"  # after the last think block
+    assert ex("<think>\nx\n</think>\n42<|im_end|>\n7") == "42" and ex("42</s>7</s>") == "42"
+    assert ex("\n  \n") == "" and ex("Answer:  5 ") == "5"
+    p = "What is 2 + 3?"
+    conv = [{"role": "user", "content": p}, {"role": "assistant", "content": "ok"}]
+    assert tasks.reward([conv], ["5"]) == [1.0]  # the last *user* message holds the problem
+    assert tasks.reward([[{"role": "system", "content": p}]], ["5"]) == [0.0]  # no user message: no problem
+    assert tasks.reward([p], [[{"role": "assistant"}]]) == [0.0]
+    assert tasks.registry._text([{"role": "assistant"}]) == ""
+    with pytest.raises(TypeError, match="expected a string or a list of chat messages, got list"):
+        tasks.reward([p], [[]])
+
+
+def test_evaluate_arithmetic_rejects_strays_and_long_expressions():
+    assert tasks.evaluate_arithmetic("1X2") is None and tasks.evaluate_arithmetic("1 2") is None
+    assert tasks.evaluate_arithmetic("+".join(["1"] * 32)) == 32  # 63 tokens
+    assert tasks.evaluate_arithmetic("+".join(["1"] * 33)) is None  # 65 tokens: over the 64-token limit
