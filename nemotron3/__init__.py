@@ -15,6 +15,7 @@ from nemotron3.config import ModelConfig
 from nemotron3.engine import Engine
 from nemotron3.hf import CheckpointError, load_pretrained, save_pretrained
 from nemotron3.model import HybridLM, count_parameters
+from nemotron3.quant import checkpoint as _quantized_checkpoints  # noqa: F401  (registers the reader)
 
 __all__ = ["ModelConfig", "HybridLM", "load_pretrained", "save_pretrained", "count_parameters", "CheckpointError",
            "Engine", "chat"]

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
     "serve": ("nemotron3.serve", "ServeConfig", "an OpenAI-compatible server with continuous batching and a chat page"),
     "chat": ("nemotron3.chat_cli", "ChatConfig", "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
+    "quantize": ("nemotron3.quantize", "QuantizeConfig",
+                 "write a checkpoint in NVFP4 / FP8 (compressed-tensors), MX9/6/4, MXFP4 or SeedLM"),
 }
 
 # What a command may fail with that is the user's to fix: shown as one line, not a traceback. ValueError covers

@@ -57,6 +57,52 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the model its config describes, or one of its files cannot be read."""
 
 
+# Quantized checkpoints (config.json has a `quantization_config`) are decoded by a reader that the quantization
+# layer registers (nemotron3.quant.checkpoint, imported with the package): reader(quantization_config, tensor
+# names, get(name) -> tensor, {disk name: shape the model needs}) -> ({disk name: dense tensor}, activation hook
+# or None). The hook, called on the loaded model, makes it quantize the activations as the scheme does.
+QuantizedReader = Callable[..., tuple[dict[str, torch.Tensor], Callable[[HybridLM], None] | None]]
+_QUANTIZED_READER: list[QuantizedReader] = []
+
+
+def register_quantized_reader(reader: QuantizedReader) -> None:
+    """Install the decoder of quantized checkpoints (one, replacing any earlier)."""
+    _QUANTIZED_READER[:] = [reader]
+
+
+def quantization_config(folder: str | os.PathLike) -> dict | None:
+    """The `quantization_config` of a checkpoint folder's config.json, or None."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of a checkpoint's weight files (the safetensors files and their index)."""
+    files, _ = _checkpoint_files(Path(folder))
+    index = Path(folder) / "model.safetensors.index.json"
+    return sum(f.stat().st_size for f in files) + (index.stat().st_size if index.is_file() else 0)
+
+
+class _Decoded:
+    """The dense tensors a quantized checkpoint decodes to, read like a `_Shard`."""
+
+    def __init__(self, file: Path, tensors: dict[str, torch.Tensor]) -> None:
+        self.file, self._t, self.keys = file, tensors, list(tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._t[name]
+
+    def release(self, t: torch.Tensor) -> None:
+        pass
+
+
 def _state_dict_for_disk(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (disk name, tensor) pairs: our state dict with each 3-D expert tensor split per expert."""
     for name, tensor in model.state_dict().items():
@@ -175,6 +221,7 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    quantize_activations: bool = False,
 ) -> HybridLM:
     """Load a `nemotron_h` checkpoint folder into a HybridLM.
 
@@ -189,6 +236,11 @@ def load_pretrained(
     per-expert tensors are copied into one preallocated 3-D tensor per projection, and so is anything cast or
     moved; the file pages of what was copied are released right away, so about one checkpoint's worth of memory
     is resident once the model has been used.
+
+    Quantized checkpoints (nemotron3 quantize: compressed-tensors NVFP4 / FP8, MX9/6/4, MXFP4, SeedLM;
+    docs/low-precision.md §7) load with their weights decoded exactly as the format defines, then cast to
+    `dtype`; `quantize_activations=True` also quantizes the inputs of the quantized layers as the scheme does
+    (NVFP4 with the calibrated input scales, FP8 per token; the weight-only schemes ignore it).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -227,6 +279,15 @@ def load_pretrained(
             else:
                 wanted[name] = (name, None, tuple(t.shape))
         has_mtp = any(n.startswith("mtp.") for n in expected)
+        activation_hook = None
+        qc = quantization_config(folder)
+        if qc is not None:
+            if not _QUANTIZED_READER:
+                raise CheckpointError(f"{folder} is quantized, and no reader of quantized checkpoints is loaded")
+            owner = {k: s for s in shards for k in s.keys}
+            dense, activation_hook = _QUANTIZED_READER[0](
+                qc, list(owner), lambda k: owner[k].get(k), {k: v[2] for k, v in wanted.items()})
+            shards = [_Decoded(folder / "model.safetensors", dense)]
 
         loaded: dict[str, torch.Tensor] = {}
         stacked: dict[str, torch.Tensor] = {}  # our 3-D expert tensors, filled one expert at a time
@@ -289,6 +350,8 @@ def load_pretrained(
         for bname, buf in list(mod.named_buffers(recurse=False)):
             if buf.device.type == "meta":
                 mod.register_buffer(bname, torch.zeros(buf.shape, dtype=buf.dtype, device=device), persistent=False)
+    if quantize_activations and activation_hook is not None:
+        activation_hook(model)
     return model.eval()
 
 

@@ -5,11 +5,15 @@
 
     nemotron3 info                                  every preset
     nemotron3 info super-120b-a12b path/to/checkpoint_or_config.json
+
+For a checkpoint folder it also prints the bytes per layer type on disk and, for a quantized checkpoint
+(`nemotron3 quantize`), the scheme and bits per weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -19,6 +23,7 @@ from nemotron3.engine import cache_size
 from nemotron3.model import count_parameters
 from nemotron3.options import StageConfig, option
 from nemotron3.presets import PRESETS
+from nemotron3.quant.checkpoint import describe, layer_bytes
 
 CACHE_TOKENS = 8192  # the context length at which `info` reports cache bytes per token
 
@@ -47,6 +52,20 @@ def info(cfg: InfoConfig) -> list[dict]:
     return rows
 
 
+def bytes_table(folder: Path) -> Table:
+    """A checkpoint folder's scheme and bytes per layer type."""
+    table = Table(title=f"{folder}: {describe(folder)}")
+    for col in ("layer type", "precision", "parameters", "bytes", "bits / parameter"):
+        table.add_column(col, justify="right")
+    rows = layer_bytes(folder)
+    for r in rows:
+        table.add_row(r["type"], r["precision"], f"{r['params']:,}", f"{r['bytes']:,}",
+                      f"{8 * r['bytes'] / max(r['params'], 1):.2f}")
+    total_p, total_b = sum(r["params"] for r in rows), sum(r["bytes"] for r in rows)
+    table.add_row("total", "", f"{total_p:,}", f"{total_b:,}", f"{8 * total_b / max(total_p, 1):.2f}")
+    return table
+
+
 def main(cfg: InfoConfig) -> int:
     """`nemotron3 info`: the rows as a table."""
     table = Table(title="nemotron3 models")
@@ -59,5 +78,9 @@ def main(cfg: InfoConfig) -> int:
         experts = f"{r['experts']} (top-{r['top_k']}, {r['latent'] or '-'})" if r["experts"] else "-"
         table.add_row(r["model"], f"{r['layers']} ({kinds})", str(r["hidden_size"]), experts, str(r["mtp"]),
                       f"{r['total']:,}", f"{r['active']:,}", f"{r['cache_bytes_per_token']:,.0f}")
-    Console(width=max(Console().width, 140)).print(table)
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    for spec in cfg.models:
+        if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+            console.print(bytes_table(Path(spec)))
     return 0

@@ -35,6 +35,7 @@ PUBLIC_FLAGS = {
     "run": ["--out", "--steps", "--nvfp4", "--resume"],
     "info": [],
     "serve": ["--model", "--host", "--port", "--api-key", "--speculative", "--max-batch", "--token-budget"],
+    "quantize": ["--model", "--out", "--scheme", "--calib"],
 }
 
 

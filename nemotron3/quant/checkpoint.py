@@ -1,0 +1,435 @@
+"""Quantized checkpoints: which weights are quantized, their tensors on disk, and reading them back.
+
+Schemes (docs/low-precision.md §7):
+
+    scheme        on disk, per quantized weight W (out, in)                       config.json
+    nvfp4         weight_packed uint8 (out, in/2), weight_scale e4m3 (out, in/16),  compressed-tensors
+                  weight_global_scale fp32 [1], input_global_scale fp32 [1]         nvfp4-pack-quantized
+    nvfp4-w4a16   the same without input_global_scale                              compressed-tensors
+    fp8           weight e4m3 (out, in), weight_scale fp32 (out, 1)                compressed-tensors
+                  (activations: dynamic per token, nothing stored)                  float-quantized
+    mx9/mx6/mx4   weight_exponents, weight_micro, weight_codes (mx_shared)          nemotron3
+    mxfp4         weight_packed uint8 (out, in/2), weight_scale E8M0 bytes (out, in/32)  nemotron3
+    seedlm4/3     weight_seeds int16, weight_codes, weight_exps uint8, weight_etop int8 [1]  nemotron3
+
+Which weights: `EXPORT_POLICY`, the precision policy of the training recipe (`convert.PrecisionPolicy.choose`)
+with the post-training choices of Super's released checkpoints: attention q/k/v/o, the latent projections, the
+routers (Parameters, never quantized), MTP, embeddings and lm_head stay in the checkpoint's precision and are
+listed in `ignore`; every other GEMM weight is quantized (Mamba in/out projections, routed and shared experts,
+dense MLPs), without the pretraining recipe's high-precision tail of layers. A weight whose input width is not
+a multiple of the scheme's block stays high too, and is reported.
+
+NVFP4 arithmetic. Codes and block scales are those of the `te` convention (`nvfp4.nvfp4_quantize`), whose
+encode-form global scale S_enc = 448·6 / amax is exactly what compressed-tensors stores as
+`weight_global_scale`. Decoding follows compressed-tensors (and vLLM, which inverts the global scales):
+W = e2m1(code) · (fp32(weight_scale) / weight_global_scale), in fp32; that is what `decode_weight` computes, so a
+loaded model multiplies with the weights those tools decode (compressed-tensors then rounds to its dtype).
+`input_global_scale` = 448·6 / amax of the layer's input over a calibration pass (an expert that saw no
+calibration token takes its layer's largest). FP8: per output channel s = amax / 448 (1 for an all-zero row),
+W = e4m3(W / s) · s.
+
+Activation emulation (`emulate_activations`, `load_pretrained(..., quantize_activations=True)`): nvfp4 runs each
+quantized layer's input through vLLM's emulation, block scale e4m3(min(gs · amax_b · (1/6), 448)), elements
+e2m1(x / (scale / gs)), back as q · (scale / gs); fp8 through a dynamic per-token e4m3 quantization
+(s_t = amax_t / 448). The other schemes are weight-only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from nemotron3.config import ModelConfig
+from nemotron3.hf import (
+    CheckpointError,
+    _checkpoint_files,
+    _state_dict_for_disk,
+    register_quantized_reader,
+)
+from nemotron3.hf import quantization_config as read_quantization_config
+from nemotron3.model.hybrid import HybridLM
+from nemotron3.model.moe import Experts
+from nemotron3.quant.convert import PrecisionPolicy
+from nemotron3.quant.fp_codecs import decode, round_magnitude_, round_to_format
+from nemotron3.quant.mx import MXQuantized, mx_quantize
+from nemotron3.quant.mx_shared import MXS_FORMATS, MXSQuantized, mxs_quantize
+from nemotron3.quant.nvfp4 import nvfp4_quantize, te_global_scales
+from nemotron3.quant.seedlm import SEEDLM_SPECS, SeedLMQuantized, SeedLMSpec, seedlm_quantize
+
+__all__ = ["SCHEMES", "CT_SCHEMES", "EXPORT_POLICY", "BLOCK", "bits_per_weight", "plan", "encode_weight",
+           "decode_weight", "quantization_config", "scheme_of", "calibrate", "input_global_scale",
+           "emulate_activations", "nvfp4_activation_fake_quantize", "fp8_activation_fake_quantize", "describe",
+           "layer_bytes"]
+
+SCHEMES = ("nvfp4", "nvfp4-w4a16", "fp8", "mx9", "mx6", "mx4", "mxfp4", "seedlm4", "seedlm3")
+CT_SCHEMES = ("nvfp4", "nvfp4-w4a16", "fp8")           # written in the compressed-tensors format
+BLOCK = {"nvfp4": 16, "nvfp4-w4a16": 16, "fp8": 1, "mx9": 16, "mx6": 16, "mx4": 16, "mxfp4": 32,
+         "seedlm4": 1, "seedlm3": 1}                  # the input width must be a multiple of this
+EXPORT_POLICY = PrecisionPolicy(high_precision_tail=0.0, mamba_out_proj="nvfp4")
+_E4M3_MAX, _E2M1_MAX = 448.0, 6.0
+_OWN_METHOD = "nemotron3"
+
+
+def bits_per_weight(scheme: str) -> float:
+    """Bits per quantized weight, scales included (per-tensor and per-channel scales excluded)."""
+    if scheme in ("nvfp4", "nvfp4-w4a16"):
+        return 4 + 8 / 16
+    if scheme == "fp8":
+        return 8.0
+    if scheme in MXS_FORMATS:
+        return MXS_FORMATS[scheme] + 2.0
+    if scheme == "mxfp4":
+        return 4 + 8 / 32
+    return SEEDLM_SPECS[scheme].bits_per_weight
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+
+
+def plan(model: nn.Module, scheme: str) -> tuple[dict[str, tuple[int, ...]], list[str], list[str]]:
+    """(disk name of each weight to quantize -> shape, modules kept high (`ignore`), modules kept high only
+    because their input width is not a multiple of the scheme's block). Module names are disk names without
+    `.weight`; a routed expert's projections are modules `...experts.E.up_proj` / `.down_proj`."""
+    _check_scheme(scheme)
+    n_layers = len(model.backbone.layers)
+    quant: dict[str, tuple[int, ...]] = {}
+    ignore: list[str] = []
+    misfit: list[str] = []
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, Experts):
+            mods = [(f"{fqn}.{e}.{p}", tuple(getattr(mod, p).shape[1:]))
+                    for e in range(mod.num_experts) for p in ("up_proj", "down_proj")]
+            kind = EXPORT_POLICY.choose(fqn, n_layers)
+        elif type(mod) is nn.Linear:
+            mods = [(fqn, tuple(mod.weight.shape))]
+            kind = EXPORT_POLICY.choose(fqn, n_layers, fqn.endswith("out_proj") and hasattr(
+                model.get_submodule(fqn.rsplit(".", 1)[0]), "A_log"))
+        else:
+            continue
+        for name, shape in mods:
+            if kind == "high":
+                ignore.append(name)
+            elif shape[-1] % BLOCK[scheme]:
+                ignore.append(name)
+                misfit.append(name)
+            else:
+                quant[f"{name}.weight"] = shape
+    return quant, ignore, misfit
+
+
+# ------------------------------------------------------------------------------------------ tensors of one weight
+
+
+def encode_weight(scheme: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The disk tensors of one weight (out, in), keyed by suffix (`weight_packed`, ...)."""
+    w = w.detach().to(torch.float32)
+    if scheme in ("nvfp4", "nvfp4-w4a16"):
+        lo, hi = torch.aminmax(w)
+        amax = torch.maximum(-lo, hi)
+        s_enc, _ = te_global_scales(amax)
+        q = nvfp4_quantize(w, amax=amax)
+        return {"weight_packed": q.packed, "weight_scale": q.scales, "weight_global_scale": s_enc.reshape(1)}
+    if scheme == "fp8":
+        amax = w.abs().amax(-1, keepdim=True)
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / _E4M3_MAX)
+        return {"weight": (w / scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn), "weight_scale": scale}
+    if scheme in MXS_FORMATS:
+        q = mxs_quantize(w, scheme)
+        return {"weight_exponents": q.exponents, "weight_micro": q.micro, "weight_codes": q.codes}
+    if scheme == "mxfp4":
+        m = mx_quantize(w, "fp4_e2m1", mode="floor")
+        return {"weight_packed": m.qdata, "weight_scale": m.scales.view(torch.uint8)}
+    s = seedlm_quantize(w, SEEDLM_SPECS[scheme])
+    return {"weight_seeds": s.seeds, "weight_codes": s.codes, "weight_exps": s.exps,
+            "weight_etop": torch.tensor([s.e_top], dtype=torch.int8)}
+
+
+def decode_weight(scheme: str, t: dict[str, torch.Tensor], shape: tuple[int, ...],
+                  spec: SeedLMSpec | None = None) -> torch.Tensor:
+    """The fp32 weight the disk tensors of one weight decode to (see the module docstring)."""
+    if scheme in ("nvfp4", "nvfp4-w4a16"):
+        packed = t["weight_packed"]
+        codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)                  # (out, in)
+        vals = decode(codes, "e2m1").unflatten(-1, (-1, 16))
+        scale = t["weight_scale"].to(torch.float32) / t["weight_global_scale"].to(torch.float32)
+        return (vals * scale.unsqueeze(-1)).flatten(-2)
+    if scheme == "fp8":
+        return t["weight"].to(torch.float32) * t["weight_scale"].to(torch.float32)
+    if scheme in MXS_FORMATS:
+        return MXSQuantized(t["weight_exponents"], t["weight_micro"], t["weight_codes"], scheme).dequantize()
+    if scheme == "mxfp4":
+        return MXQuantized(t["weight_packed"], t["weight_scale"].view(torch.float8_e8m0fnu), "fp4_e2m1").dequantize()
+    q = SeedLMQuantized(t["weight_seeds"], t["weight_codes"], t["weight_exps"], int(t["weight_etop"][0]), shape,
+                        spec or SEEDLM_SPECS[scheme])
+    return q.dequantize()
+
+
+# ------------------------------------------------------------------------------------------ config.json
+
+
+def quantization_config(scheme: str, ignore: list[str]) -> dict:
+    """The `quantization_config` of config.json: compressed-tensors' own model for nvfp4 / nvfp4-w4a16 / fp8
+    (the dict `QuantizationConfig(...).model_dump()` gives, so compressed-tensors and vLLM read it), ours else."""
+    _check_scheme(scheme)
+    if scheme in CT_SCHEMES:
+        if scheme == "fp8":
+            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
+                       "dynamic": False}
+            inputs = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+                      "dynamic": True}
+        else:
+            weights = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16,
+                       "strategy": "tensor_group", "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+            inputs = None if scheme == "nvfp4-w4a16" else {**weights, "dynamic": "local", "observer": "static_minmax"}
+        return {
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
+                                          "output_activations": None, "format": None}},
+            "quant_method": "compressed-tensors", "kv_cache_scheme": None,
+            "format": "float-quantized" if scheme == "fp8" else "nvfp4-pack-quantized",
+            "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignore,
+            "moe_sparsity_config": None,
+        }
+    out = {"quant_method": _OWN_METHOD, "scheme": scheme, "bits_per_weight": bits_per_weight(scheme),
+           "block_size": BLOCK[scheme], "ignore": ignore}
+    if scheme in SEEDLM_SPECS:
+        out["seedlm"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(SEEDLM_SPECS[scheme]).items()}
+    return out
+
+
+def scheme_of(qc: dict) -> str:
+    """The scheme a `quantization_config` describes; CheckpointError for one we do not read."""
+    method = qc.get("quant_method")
+    if method == _OWN_METHOD:
+        scheme = qc.get("scheme")
+        if scheme in SCHEMES:
+            return scheme
+    elif method == "compressed-tensors":
+        fmt = qc.get("format")
+        groups = list((qc.get("config_groups") or {}).values())
+        if fmt == "float-quantized":
+            return "fp8"
+        if fmt == "nvfp4-pack-quantized" and groups:
+            return "nvfp4" if groups[0].get("input_activations") else "nvfp4-w4a16"
+    raise CheckpointError(f"unsupported quantization_config (quant_method {method!r}, format "
+                          f"{qc.get('format', qc.get('scheme'))!r}); nemotron3 reads {', '.join(SCHEMES)}")
+
+
+_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale", "weight_exponents",
+             "weight_micro", "weight_codes", "weight_seeds", "weight_exps", "weight_etop")
+
+
+def _read(qc: dict, keys: Iterable[str], get: Callable[[str], torch.Tensor],
+          shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], Callable[[nn.Module], None] | None]:
+    """The hf reader: dense fp32 weights for the quantized ones, the rest as stored, and the activation hook."""
+    scheme = scheme_of(qc)
+    spec = None
+    if scheme in SEEDLM_SPECS and isinstance(qc.get("seedlm"), dict):
+        raw = qc["seedlm"]
+        spec = SeedLMSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    keys = list(keys)
+    quantized_modules = {k.rsplit(".", 1)[0] for k in keys if k.endswith((".weight_packed", ".weight_codes"))
+                         or (scheme == "fp8" and k.endswith(".weight_scale"))}
+    for k in keys:
+        module, _, suffix = k.rpartition(".")
+        if module in quantized_modules and (suffix in _SUFFIXES or suffix == "weight"):
+            groups.setdefault(module, {})[suffix] = get(k)
+        else:
+            plain[k] = get(k)
+    input_scales: dict[str, torch.Tensor] = {}
+    for module, t in groups.items():
+        name = f"{module}.weight"
+        if name not in shapes:
+            raise CheckpointError(f"quantized tensors for {module}, which the model does not have")
+        try:
+            plain[name] = decode_weight(scheme, t, shapes[name], spec)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot decode the {scheme} tensors of {module}: {e!r}") from e
+        if plain[name].shape != shapes[name]:
+            raise CheckpointError(f"{module} decodes to shape {list(plain[name].shape)}, the config needs "
+                                  f"{list(shapes[name])}")
+        if "input_global_scale" in t:
+            input_scales[module] = t["input_global_scale"]
+    if scheme not in ("nvfp4", "fp8"):
+        return plain, None
+    return plain, lambda model: emulate_activations(model, scheme, input_scales, set(groups))
+
+
+# ------------------------------------------------------------------------------------------ activations
+
+
+def nvfp4_activation_fake_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """vLLM's NVFP4 emulation of an activation (..., K) with an encode-form global scale (see the docstring)."""
+    xb = x.to(torch.float32).unflatten(-1, (-1, 16))
+    amax = xb.abs().amax(-1, keepdim=True)
+    gs = global_scale.to(torch.float32).reshape(())
+    scale = round_magnitude_((gs * amax * (1.0 / _E2M1_MAX)).clamp(max=_E4M3_MAX), "e4m3")
+    dec = scale / gs
+    inv = torch.where(dec > 0, 1.0 / dec, torch.zeros_like(dec))
+    q = round_to_format((xb * inv).clamp(-_E2M1_MAX, _E2M1_MAX), "e2m1")
+    return (q * dec).flatten(-2).to(x.dtype)
+
+
+def fp8_activation_fake_quantize(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token FP8 E4M3: s_t = amax_t / 448, x ≈ e4m3(x / s_t) · s_t (zero rows stay zero)."""
+    xf = x.to(torch.float32)
+    s = xf.abs().amax(-1, keepdim=True) / _E4M3_MAX
+    q = round_to_format(torch.where(s > 0, xf / torch.where(s > 0, s, 1.0), 0.0), "e4m3")
+    return (q * s).to(x.dtype)
+
+
+class _ExpertInputs:
+    """An Experts `gemm_quantizer`: looks up which expert's weight a GEMM gets and runs `fn` on its input."""
+
+    def __init__(self, experts: Experts, fqn: str, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.names = {}
+        for p in ("up_proj", "down_proj"):
+            for e, w in enumerate(getattr(experts, p).unbind(0)):
+                self.names[w.data_ptr()] = f"{fqn}.{e}.{p}"
+
+    def gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fn(self.names[w.data_ptr()], x), w)
+
+
+def _install(model: nn.Module, modules: set[str], fn: Callable[[str, torch.Tensor], torch.Tensor]) -> list:
+    """Run fn(module name, input) on the input of every listed GEMM (Linear hooks, expert gemm_quantizers)."""
+    handles = []
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, Experts) and any(m.startswith(f"{fqn}.") for m in modules):
+            mod.gemm_quantizer = _ExpertInputs(mod, fqn, lambda n, x: fn(n, x) if n in modules else x)
+            handles.append(mod)
+        elif type(mod) is nn.Linear and fqn in modules:
+            handles.append(mod.register_forward_pre_hook(lambda m, args, n=fqn: (fn(n, args[0]),)))
+    return handles
+
+
+def _uninstall(handles: list) -> None:
+    for h in handles:
+        if isinstance(h, Experts):
+            h.__dict__.pop("gemm_quantizer", None)
+        else:
+            h.remove()
+
+
+def emulate_activations(model: nn.Module, scheme: str, input_scales: dict[str, torch.Tensor],
+                        modules: set[str]) -> None:
+    """Quantize the inputs of the quantized layers as the scheme's activations are (nvfp4: static global
+    scale per layer; fp8: dynamic per token), from now on."""
+    if scheme == "nvfp4":
+        missing = sorted(modules - set(input_scales))
+        if missing:
+            raise CheckpointError(f"nvfp4 checkpoint lacks input_global_scale for {missing[:4]}")
+        _install(model, modules, lambda n, x: nvfp4_activation_fake_quantize(x, input_scales[n]))
+    elif scheme == "fp8":
+        _install(model, modules, lambda n, x: fp8_activation_fake_quantize(x))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], modules: set[str]) -> dict[str, torch.Tensor]:
+    """amax (fp32 0-dim) of the input of every listed GEMM over `batches` of token ids (B, T). A routed expert
+    that received no token takes the largest amax of its layer's experts of the same projection."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> torch.Tensor:
+        if x.numel():
+            a = x.detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        return x
+
+    handles = _install(model, modules, record)
+    try:
+        for ids in batches:
+            model(ids)
+    finally:
+        _uninstall(handles)
+    for name in modules - set(amax):
+        layer, _, proj = name.rpartition(".")
+        prefix = layer.rsplit(".", 1)[0]
+        peers = [v for k, v in amax.items() if k.startswith(f"{prefix}.") and k.endswith(f".{proj}")]
+        amax[name] = torch.stack(peers).max() if peers else torch.zeros(())
+    return amax
+
+
+def input_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """448·6 / amax in fp32 (1 for a zero amax), shape [1]: the encode-form scale compressed-tensors stores."""
+    return te_global_scales(amax)[0].reshape(1)
+
+
+
+# ------------------------------------------------------------------------------------------ what a folder holds
+
+_TYPES = (  # (layer type, test on the module name), the first match wins
+    ("embeddings", lambda n: n.startswith("backbone.embeddings")),
+    ("lm_head", lambda n: n.startswith("lm_head")),
+    ("mtp", lambda n: n.startswith("mtp.")),
+    ("routed experts", lambda n: ".experts." in n),
+    ("shared experts", lambda n: ".shared_experts." in n),
+    ("latent projections", lambda n: "_latent_proj" in n),
+    ("router", lambda n: ".gate." in n),
+    ("attention", lambda n: any(f".{p}." in n for p in ("q_proj", "k_proj", "v_proj", "o_proj"))),
+    ("mamba projections", lambda n: ".in_proj." in n or (".out_proj." in n)),
+    ("dense mlp", lambda n: ".up_proj." in n or ".down_proj." in n),
+    ("norms, conv, SSM parameters", lambda n: True),
+)
+_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8"}
+
+
+def describe(folder: str | os.PathLike) -> str:
+    """'nvfp4, 4.5 bits per quantized weight', or 'not quantized'."""
+    qc = read_quantization_config(folder)
+    if qc is None:
+        return "not quantized"
+    scheme = scheme_of(qc)
+    return f"{scheme}, {bits_per_weight(scheme):g} bits per quantized weight"
+
+
+def layer_bytes(folder: str | os.PathLike) -> list[dict]:
+    """Per layer type: {"type", "precision", "params", "bytes"}: parameters from the config, bytes and dtypes
+    from the safetensors headers (a quantized weight's tensors count towards its layer)."""
+    qc = read_quantization_config(folder)
+    scheme = scheme_of(qc) if qc is not None else None
+    with torch.device("meta"):
+        model = HybridLM(ModelConfig.from_hf(folder))
+    params = {name: t.numel() for name, t in _state_dict_for_disk(model)}
+    rows: dict[str, dict] = {}
+
+    def row(name: str) -> dict:
+        kind = next(t for t, test in _TYPES if test(name))
+        return rows.setdefault(kind, {"type": kind, "precision": set(), "params": 0, "bytes": 0})
+
+    for name, n in params.items():
+        row(name)["params"] += n
+    files, _ = _checkpoint_files(Path(folder))
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                dtype = sl.get_dtype()
+                owner = k if k in params else f"{k.rpartition('.')[0]}.weight"
+                r = row(owner)
+                r["bytes"] += math.prod(sl.get_shape()) * _DTYPE_BYTES.get(dtype, 4)
+                if owner != k or (scheme == "fp8" and dtype == "F8_E4M3"):
+                    r["precision"].add(scheme)
+                elif owner == k and k.endswith(".weight"):
+                    r["precision"].add(_DTYPE_NAMES.get(dtype, dtype.lower()))
+    for r in rows.values():
+        r["precision"] = " + ".join(sorted(r["precision"])) or "-"
+    return [r for r in rows.values() if r["params"]]
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8}
+
+
+register_quantized_reader(_read)

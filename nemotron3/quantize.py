@@ -1,0 +1,145 @@
+"""The quantize stage: a checkpoint's GEMM weights in NVFP4, FP8, MX9/6/4, MXFP4 or SeedLM, as a new checkpoint.
+
+    from nemotron3.quantize import QuantizeConfig, quantize
+    out = quantize(QuantizeConfig(model=Path("runs/sft/final"), out=Path("runs/nvfp4"), scheme="nvfp4"))
+    model = nemotron3.load_pretrained(out)          # decoded weights; quantize_activations=True emulates inputs
+
+    nemotron3 quantize --model runs/sft/final --out runs/nvfp4 --scheme nvfp4 --calib 32
+
+nvfp4, nvfp4-w4a16 and fp8 are written in the compressed-tensors format that vLLM serves (`quantization_config`
+in config.json, `ignore` listing the layers kept in the checkpoint's precision); the others in nemotron3's own
+layout. nvfp4 runs a calibration pass over `--calib` held-out task documents for the activations' global scales.
+The tokenizer and generation config are copied. The folder is written next to `--out` and moved in only when
+complete: an error leaves nothing behind. docs/low-precision.md §7 has the formats and the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from nemotron3 import tasks
+from nemotron3.config import ModelConfig
+from nemotron3.hf import CheckpointError, _state_dict_for_disk, checkpoint_bytes, load_pretrained, quantization_config
+from nemotron3.options import StageConfig, fail, option
+from nemotron3.quant import checkpoint as qckpt
+from nemotron3.train.tokenizer import Tokenizer
+
+__all__ = ["QuantizeConfig", "quantize", "SCHEMES", "checkpoint_bytes", "main"]
+
+SCHEMES = qckpt.SCHEMES
+CALIB_SEED = 1   # the calibration documents' seed: evaluation (nemotron3.evaluate) draws seed 0
+_OWN_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json"}
+
+
+@dataclass
+class QuantizeConfig(StageConfig):
+    """The checkpoint to quantize, the scheme and where the result goes."""
+
+    model: Path = option(Path("runs/sft/final"), "checkpoint folder to quantize (not already quantized)", metavar="DIR")
+    out: Path = option(Path("runs/quantized"), "folder to write (must not exist, be empty, or be an earlier "
+                       "quantized checkpoint, which is replaced)", metavar="DIR")
+    scheme: str = option("nvfp4", "number format of the quantized weights", choices=SCHEMES)
+    calib: int = option(32, "held-out task documents for nvfp4's activation calibration", min=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.out.resolve() == self.model.resolve():
+            fail(self, "out", "must differ from --model")
+        if self.out.exists() and not self.out.is_dir():
+            fail(self, "out", f"{self.out} exists and is not a folder")
+        if self.out.is_dir() and any(self.out.iterdir()) and quantization_config(self.out) is None:
+            fail(self, "out", f"{self.out} is not empty and not a quantized checkpoint; refusing to overwrite it")
+
+
+def _source(cfg: QuantizeConfig) -> None:
+    """Clear errors for a folder that is not a checkpoint or is already quantized."""
+    if not (cfg.model / "config.json").is_file():
+        raise CheckpointError(f"{cfg.model} is not a checkpoint folder (no config.json)")
+    qc = quantization_config(cfg.model)
+    if qc is not None:
+        raise CheckpointError(f"{cfg.model} is already quantized ({qc.get('scheme') or qc.get('format')}); "
+                              "quantize the high-precision checkpoint it came from")
+
+
+def calibration_batches(tokenizer: Tokenizer, n: int) -> list[torch.Tensor]:
+    """n held-out task documents (prompt, reasoning, answer), one (1, T) batch each."""
+    docs = tasks.mixture(n, seed=CALIB_SEED, split="heldout")
+    return [torch.tensor([[tokenizer.bos_id, *tokenizer.encode(p.text()), tokenizer.eos_id]]) for p in docs]
+
+
+def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
+    """Write the quantized checkpoint; returns its folder."""
+    console = console or Console()
+    _source(cfg)
+    ModelConfig.from_hf(cfg.model)
+    model = load_pretrained(cfg.model, dtype=torch.float32)
+    quant, ignore, misfit = qckpt.plan(model, cfg.scheme)
+    if not quant:
+        raise CheckpointError(f"{cfg.model}: no weight can be quantized to {cfg.scheme}")
+    if misfit:
+        console.print(f"[yellow]kept in high precision: {len(misfit)} weight(s) whose input width is not a multiple "
+                      f"of {qckpt.BLOCK[cfg.scheme]}: {misfit[:6]}{' ...' if len(misfit) > 6 else ''}[/]")
+    input_scales: dict[str, torch.Tensor] = {}
+    if cfg.scheme == "nvfp4":
+        tokenizer = Tokenizer.load(cfg.model)
+        modules = {n.removesuffix(".weight") for n in quant}
+        amax = qckpt.calibrate(model, calibration_batches(tokenizer, cfg.calib), modules)
+        input_scales = {m: qckpt.input_global_scale(a) for m, a in amax.items()}
+    disk = dict(_state_dict_for_disk(model))
+    raw = load_pretrained(cfg.model)          # the stored dtypes, for what stays high
+    stored = dict(_state_dict_for_disk(raw))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in disk:
+        if name in quant:
+            module = name.removesuffix(".weight")
+            for suffix, t in qckpt.encode_weight(cfg.scheme, disk[name]).items():
+                tensors[f"{module}.{suffix}"] = t.contiguous()
+            if module in input_scales:
+                tensors[f"{module}.input_global_scale"] = input_scales[module]
+        else:
+            tensors[name] = stored[name].detach().contiguous()
+    out = _write(cfg, model.config, tensors, qckpt.quantization_config(cfg.scheme, ignore))
+    n_quant = sum(int(torch.Size(s).numel()) for s in quant.values())
+    console.print(f"[bold]quantized[/] {cfg.model} -> {out}: {cfg.scheme} ({qckpt.bits_per_weight(cfg.scheme):g} "
+                  f"bits/weight) on {len(quant)} weights ({n_quant:,} parameters), {len(ignore)} kept high; "
+                  f"{checkpoint_bytes(cfg.model):,} -> {checkpoint_bytes(out):,} bytes")
+    return out
+
+
+def _write(cfg: QuantizeConfig, config: ModelConfig, tensors: dict[str, torch.Tensor], qc: dict) -> Path:
+    out = cfg.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    try:
+        hf = config.to_hf()
+        hf["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for f in cfg.model.iterdir():        # tokenizer, generation config, ...
+            if f.is_file() and f.name not in _OWN_FILES and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, tmp / f.name)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(cfg: QuantizeConfig) -> int:
+    """`nemotron3 quantize`: write the checkpoint (`nemotron3 info DIR` shows its bytes per layer type)."""
+    quantize(cfg, Console())
+    return 0
