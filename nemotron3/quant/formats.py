@@ -6,6 +6,8 @@
     q.packed, q.scales, q.per_tensor_scale, q.dequantize()
     m = formats.mx_quantize(x, "fp4_e2m1", mode="rceil")
     m.qdata, m.scales, m.dequantize()
+    b = formats.mxs_quantize(x, "mx6")                     # shared microexponents: MX9, MX6, MX4
+    b.exponents, b.micro, b.codes, b.dequantize()
 
 The implementation is split by concept:
   fp_codecs.py  element codecs: E2M1, E2M3, E3M2, E4M3, E5M2, E8M0; FP4 packing; RNE and
@@ -14,6 +16,8 @@ The implementation is split by concept:
                 `te` and `torchao`, 2-D 16×16 weight tiles
   mx.py         MXFP8 / MXFP6 / MXFP4 (32-element blocks, E8M0 scale), modes `floor`, `rceil`
   hadamard.py   the 16-point random Hadamard transform of the NVFP4 recipe
+  mx_shared.py  MX9 / MX6 / MX4 (16-element blocks, 8-bit shared exponent, 1-bit microexponent
+                per pair, sign-magnitude integer mantissas)
 
 Each of those files opens with the numerics: which reference it reproduces bit for bit
 (TransformerEngine's kernels for `te`, torchao 0.18 for `torchao` and MX), and why every
@@ -46,6 +50,7 @@ from nemotron3.quant.mx import (
     mx_fake_quantize,
     mx_quantize,
 )
+from nemotron3.quant.mx_shared import MXS_FORMATS, MXSQuantized, mxs_fake_quantize, mxs_quantize
 from nemotron3.quant.nvfp4 import (
     CONVENTIONS,
     NVFP4Quantized,
@@ -59,5 +64,6 @@ __all__ = [
     "encode_e8m0", "decode_e8m0", "pack_fp4", "unpack_fp4", "round_to_format", "round_e2m1",
     "round_magnitude_", "random_bytes", "values_to_codes", "TE_SIGN_VECTOR", "hadamard_matrix", "rht", "inverse_rht",
     "MX_BLOCK", "MX_ELEM_DTYPES", "MX_MODES", "MXQuantized", "mx_quantize", "mx_fake_quantize",
+    "MXS_FORMATS", "MXSQuantized", "mxs_quantize", "mxs_fake_quantize",
     "CONVENTIONS", "NVFP4Quantized", "nvfp4_quantize", "nvfp4_fake_quantize", "te_global_scales",
 ]
