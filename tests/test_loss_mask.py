@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from nemotron3.train import data as train_data
@@ -90,3 +91,24 @@ def test_the_normaliser_is_the_global_batch_count():
     assert math.isclose(whole, parts, rel_tol=1e-6)
     ref = sum(_ce(logits[b, t], int(targets[b, t])) for b in range(B) for t in range(T) if mask[b, t]) / int(mask.sum())
     assert math.isclose(whole, ref, rel_tol=1e-5)
+
+
+def test_row_count_dtypes_and_the_held_out_tail():
+    # 6 stream tokens, T=4: the last target (</s>) needs a second row
+    rows, mask = train_data.pack([train_data.Document([5, 6, 7, 8])], 4, bos_id=1, eos_id=2, pad_id=0)
+    assert rows.tolist() == [[1, 5, 6, 7, 8], [8, 2, 0, 0, 0]]
+    assert mask.int().tolist() == [[0, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert rows.dtype == torch.long and mask.dtype == torch.bool
+    docs = [train_data.Document([10 + i] * (3 + i), [i % 2] * (3 + i)) for i in range(8)]
+    data = train_data.PackedData(*train_data.pack(docs, 4, 1, 2, 0), seed=5)
+    train, held = train_data.split_tail(data, 0.25)
+    k = len(held)
+    assert k == round(len(data) * 0.25) and len(train) + k == len(data)
+    assert torch.equal(train.rows, data.rows[:-k]) and torch.equal(train.mask, data.mask[:-k])
+    assert torch.equal(held.rows, data.rows[-k:]) and torch.equal(held.mask, data.mask[-k:])
+    assert train.seed == held.seed == 5
+    one = train_data.PackedData(*train_data.pack(docs[:1], 64, 1, 2, 0))
+    with pytest.raises(train_data.DataError, match="only 1 packed rows"):
+        train_data.split_tail(one, 0.1)
+    two = train_data.PackedData(*train_data.pack(docs[:2], 4, 1, 2, 0))
+    assert [len(p) for p in train_data.split_tail(two, 0.01)] == [len(two) - 1, 1]  # at least one row held out
