@@ -10,6 +10,7 @@ from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
 import nemotron3
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
+from nemotron3.evaluate import greedy_generate_reference
 
 
 def run_both(model, lens: list[int], steps: int = 6, seed: int = 0, traceable: bool = False, step_fn=None):
@@ -114,7 +115,9 @@ def test_unsupported_models_fall_back_to_the_reference_path():
     engine = nemotron3.Engine(model)
     assert engine.fast is None
     out = engine.generate([[1, 2, 3]], 3, stop_token_ids=[])
-    assert len(out.tokens[0]) == 3 and out.stats["path"] == "reference"
+    assert out.stats["path"] == "reference"
+    with torch.no_grad():  # the tokens of greedy decoding by full forwards (no cache), in the same bf16
+        assert out.tokens[0] == greedy_generate_reference(model, [1, 2, 3], 3, set())
 
 
 @pytest.mark.slow

@@ -242,16 +242,31 @@ def test_nan_guard_skips_the_step_and_says_so(tiny_run, tmp_path, monkeypatch, c
     assert "step 3: non-finite loss" in capsys.readouterr().out
 
 
-def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run):
+def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run, monkeypatch):
     """The exact-match evaluation gives the same completions through the Engine's cache as through full
-    recomputation (a random model writes long, varied garbage: a demanding comparison)."""
+    recomputation (a random model writes long, varied garbage: a demanding comparison), every one of them."""
+    from nemotron3 import evaluate
     from nemotron3.evaluate import task_accuracy
 
     tok, _ = tiny_run
     model = small_model(vocab=-(-tok.vocab_size // 64) * 64, seed=3)
+    seen: list[list[str]] = []
+    real = evaluate.tasks.family_reward
+
+    def recording(family):  # the completions the scorer is shown
+        fn = real(family)
+
+        def score(prompts, completions, **kw):
+            seen.append(list(completions))
+            return fn(prompts, completions, **kw)
+        return score
+
+    monkeypatch.setattr(evaluate.tasks, "family_reward", recording)
     fast = task_accuracy(model, tok, n_per_family=3, families=["add"])
     slow = task_accuracy(model, tok, n_per_family=3, families=["add"], engine=False)
     assert fast == slow
+    assert len(seen) == 2 and len(seen[0]) == 3 and seen[0] == seen[1]
+    assert len(set(seen[0])) == 3 and all(len(c) > 10 for c in seen[0])  # three different, non-trivial completions
     assert model.training  # evaluation leaves the model as it found it
 
 
