@@ -36,9 +36,12 @@ COVERING: dict[str, list[str]] = {
     "nemotron3/tasks": ["tests/test_tasks.py", "tests/test_tasks_reference.py"],
     "nemotron3/train/data.py": ["tests/test_data.py", "tests/test_loss_mask.py"],
     "nemotron3/train/loss.py": ["tests/test_loss_mask.py"],
-    "nemotron3/train/checkpoint.py": ["tests/test_checkpoint_rng.py"],
+    # the in-process end-to-end resume (tests/test_checkpoint_rng.py) takes ~30 s a run: left to the suite
+    "nemotron3/train/checkpoint.py": ["tests/test_checkpoint_files.py",
+                                      "tests/test_checkpoint_rng.py::test_rng_state_restores_every_stream_and_each_generator_by_name"],
     "nemotron3/engine/cache.py": ["tests/test_cache.py", "tests/test_cache_rollback.py"],
-    "nemotron3/engine/speculative.py": ["tests/test_engine_speculative.py", "tests/test_speculative_oracle.py"],
+    # tests/test_engine_speculative.py (greedy for k = 1..5, the chi-square law) takes minutes a run: left to the suite
+    "nemotron3/engine/speculative.py": ["tests/test_speculative_oracle.py"],
     "nemotron3/quant/nvfp4.py": ["tests/test_quant_formats.py", "tests/test_nvfp4_scales.py"],
     "nemotron3/model/moe.py": ["tests/test_moe.py", "tests/test_moe_groups.py"],
 }
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (ROOT / module).exists():
         raise SystemExit(f"{module}: no such file or package in {ROOT}")
     tests = args.tests or covering_tests(module)
-    missing = [t for t in tests if not (ROOT / t).is_file()]
+    missing = [t for t in tests if not (ROOT / t.split("::")[0]).is_file()]
     if missing:
         raise SystemExit(f"covering test files not found: {', '.join(missing)}")
     work = ROOT / ".mutants" / module.replace("/", "_").removesuffix(".py")
