@@ -4,6 +4,7 @@
     tools/mutate.sh nemotron3/tasks                # every mutant of the package, with its covering tests
     tools/mutate.sh nemotron3/engine/cache.py      # one file
     tools/mutate.sh nemotron3/model/moe.py --tests tests/test_moe.py   # a module with no entry in COVERING
+    tools/mutate.sh nemotron3/engine/speculative.py --only '*x_accept*'  # only the mutants of changed functions
 
 mutmut (pinned in the `test` extra) rewrites every function of the module into small variants ("mutants":
 `<` for `<=`, `+ 1` for `- 1`, a dropped call, a changed constant, ...), then runs, for each mutant, only
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("module", help="a file or package, e.g. nemotron3/tasks or nemotron3/engine/cache.py")
     ap.add_argument("--tests", nargs="+", help="the covering test files (default: COVERING's entry)")
+    ap.add_argument("--only", nargs="+", default=[], metavar="GLOB",
+                    help="mutant names to run (fnmatch globs, e.g. '*x_accept*': the functions you changed)")
     ap.add_argument("--max-children", type=int, default=1, help="test processes at once (default 1)")
     ap.add_argument("--nice", type=int, default=15, help="added niceness (default 15: the cores are shared)")
     args = ap.parse_args(argv)
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     # do not see mutants: cover a module with in-process tests)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print(f"mutating {module} against {' '.join(tests)} in {work}", flush=True)
-    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                         cwd=work, env=env)
+    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
+                          *args.only], cwd=work, env=env)
     if run.returncode != 0:
         return run.returncode
     subprocess.run([sys.executable, "-m", "mutmut", "export-cicd-stats"], cwd=work, env=env, check=True,
