@@ -3,5 +3,5 @@
 # Extra arguments go to `nemotron3 run`.
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./setup.sh ""   # explicit empty argument: do not pass our arguments on
+source ./setup.sh peers   # the package and the peers the report measures against (transformers)
 exec .venv/bin/nemotron3 run "$@"

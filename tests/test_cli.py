@@ -32,7 +32,7 @@ PUBLIC_FLAGS = {
            "--reward-funcs", "--reward-weights", "--data", "--beta", "--epsilon", "--epsilon-high", "--loss-type",
            "--scale-rewards", "--leave-one-out", "--num-iterations", "--mask-truncated-completions",
            "--skip-zero-variance-groups", "--speculative", "--max-thinking-tokens", "--temperature"],
-    "run": ["--out", "--steps", "--nvfp4", "--resume"],
+    "run": ["--out", "--steps", "--nvfp4", "--no-nvfp4", "--resume", "--budget-minutes", "--stages", "--seed"],
     "info": [],
     "serve": ["--model", "--host", "--port", "--api-key", "--speculative", "--max-batch", "--token-budget"],
     "quantize": ["--model", "--out", "--scheme", "--calib"],

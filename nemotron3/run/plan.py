@@ -1,0 +1,97 @@
+"""The budget rule of `nemotron3 run`: how many minutes become how much work in each stage.
+
+The rule is a fixed function of the budget, not of the machine: the same `--budget-minutes` trains the same
+model anywhere (a faster machine finishes sooner), and a larger budget buys more of what improves the model,
+never the same work done slower. It was set on the reference machine (2 CPU cores, no GPU), where the default
+20 minutes runs the whole recipe:
+
+    stage         work at the default 20 min              scales with the budget B (minutes)
+    tokenizer     BPE on 4,000 task documents             fixed
+    pretrain      300 NVFP4 steps of 16 x 256 tokens       steps = 15 B; the last 18 % unquantized (the switch)
+    precision     the high-precision twin, 30 % of them   the same share of the pretraining steps
+    sft           300 steps of 16 conversations           steps = 15 B
+    rl            120 GRPO steps of 8 prompts x 16        steps = 6 B;  iGRPO at the same budget too when B >= 40;
+                                                          under 1 minute (smoke runs) 4 prompts x 8
+    eval          RL model: reasoning off, 2 budgets      held-out problems per family = min(80, 4 B)
+    speculative   k = 1..3 against plain decoding         prompts = min(16, B), at least 2
+    speed         engine against transformers             new tokens = 128
+    quantize      every scheme, exact match per scheme    problems per family = min(40, 2 B), at least 2
+    report        plots, report.md / .html / .json        fixed
+
+About a third of the default budget goes to pretraining, a third to post-training and a third to measuring
+and exporting. The stage estimates below (seconds on the reference machine) drive only the time-left display.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+REFERENCE_MINUTES = 20.0
+STAGES = ("tokenizer", "pretrain", "precision", "sft", "rl", "igrpo", "eval", "speculative", "speed", "quantize",
+          "report")
+IGRPO_FROM_MINUTES = 40.0  # iGRPO runs beside GRPO from this budget up
+MAX_EVAL_PROBLEMS = 80  # the most held-out problems the easiest modpow difficulty has
+TWIN_SHARE = 0.3  # the high-precision twin trains this share of the pretraining steps (inside the stable phase)
+SWITCH_SHARE = 0.18  # NVFP4 end-of-training switch: the last 18 % of the pretraining steps in high precision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every stage's size for one budget (see the module docstring for the rule)."""
+
+    budget_minutes: float
+    pretrain_steps: int
+    twin_steps: int
+    sft_steps: int
+    rl_steps: int
+    igrpo: bool
+    eval_problems: int
+    quant_problems: int
+    spec_prompts: int
+    rl_prompts: int = 8
+    rl_generations: int = 16
+    spec_new_tokens: int = 96
+    speed_new_tokens: int = 128
+    eval_budgets: tuple[int, ...] = (8, 24)
+    seconds: dict[str, float] = field(default_factory=dict)  # estimated seconds per stage on the reference
+
+    @property
+    def eval_every(self) -> int:
+        """Held-out loss every this many pretraining steps: 10 points on each curve, twin steps included."""
+        return max(1, math.gcd(self.twin_steps, max(1, self.pretrain_steps // 10)))
+
+
+def _round(x: float, to: int = 1, at_least: int = 1) -> int:
+    return max(at_least, int(round(x / to)) * to)
+
+
+def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
+    """The plan for `budget_minutes` (`pretrain_steps` > 0 overrides the rule's pretraining steps)."""
+    if budget_minutes <= 0:
+        raise ValueError(f"budget_minutes must be positive, got {budget_minutes}")
+    b = budget_minutes
+    pre = pretrain_steps or _round(15 * b, 10 if b >= 4 else 1, 4)
+    twin = _round(TWIN_SHARE * pre, 1, 2)
+    sft = _round(15 * b, 10 if b >= 4 else 1, 4)
+    rl = _round(6 * b, 1, 2)
+    igrpo = b >= IGRPO_FROM_MINUTES
+    eval_problems = min(MAX_EVAL_PROBLEMS, _round(4 * b, 1, 2))
+    quant_problems = min(40, _round(2 * b, 1, 2))
+    spec_prompts = min(16, _round(b, 1, 2))
+    seconds = {  # reference machine, quiet: seconds per unit of work, measured on the default run
+        "tokenizer": 3.0,
+        "pretrain": 1.0 * pre + 0.03 * eval_problems * 6,
+        "precision": 0.65 * twin,
+        "sft": 0.5 * sft + 0.6 * eval_problems * 2,
+        "rl": 2.0 * rl + 0.25 * eval_problems * 2,
+        "igrpo": (2.0 * rl + 0.25 * eval_problems * 2) if igrpo else 0.0,
+        "eval": 0.4 * eval_problems,
+        "speculative": 1.5 * spec_prompts,
+        "speed": 30.0,
+        "quantize": 12.0 * 10 * max(1.0, quant_problems / 20),
+        "report": 10.0,
+    }
+    small = b < 1
+    return Plan(b, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts, rl_prompts=4 if small else 8,
+                rl_generations=8 if small else 16, seconds=seconds)

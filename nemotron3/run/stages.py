@@ -1,0 +1,247 @@
+"""The stages of `nemotron3 run`, each a function of the run's context that leaves its folder under `out`.
+
+    out/tokenizer/      tokenizer.json (+ tokenizer_config.json with the chat template), summary.json
+    out/pretrain/       `nemotron3 pretrain` (NVFP4 recipe, MTP, the end-of-training switch): final/, metrics.jsonl
+    out/precision/      twin/: the same run in high precision, stopped early; summary.json: the NVFP4 loss gap
+    out/sft/            `nemotron3 sft` from pretrain/final: reasoning on / off / budgets
+    out/rl/             `nemotron3 rl` (GRPO) from sft/final
+    out/igrpo/          `nemotron3 rl --algo igrpo` from sft/final at the same rollout budget (large budgets only)
+    out/eval/           the RL model in every reasoning mode (the RL stage measures `on` itself)
+    out/speculative/    MTP acceptance and decode speed-up by k on the RL model
+    out/speed/          the engine against transformers on the RL model's weights
+    out/quantize/       every quantization scheme of the RL model: accuracy and bytes
+
+A stage is complete when its `summary.json` exists (written last, atomically); a complete stage is skipped
+when the run resumes. A training stage that was killed resumes from its newest checkpoint (the stages save
+every few steps), bit for bit; a measuring stage that was killed starts over. A stage that cannot run here
+says why (`skip_reason`) and is listed as skipped in the report; nothing stands in for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from nemotron3.evaluate import accuracy_by_mode, mode_names
+from nemotron3.hf import load_pretrained, save_pretrained
+from nemotron3.pretrain import PretrainConfig, pretrain
+from nemotron3.rl.grpo import GRPOConfig, grpo
+from nemotron3.run import measure
+from nemotron3.run.plan import SWITCH_SHARE, Plan
+from nemotron3.sft import SFTConfig, sft
+from nemotron3.train import checkpoint
+from nemotron3.train import data as train_data
+from nemotron3.train.tokenizer import Tokenizer
+
+
+@dataclass
+class Context:
+    """What every stage reads: where the run writes, its plan, and the run-wide choices."""
+
+    out: Path
+    plan: Plan
+    console: Console
+    config: str = "tiny"
+    seed: int = 0
+    nvfp4: bool = True
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        return json.loads((self.dir(stage) / "summary.json").read_text())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a reader (or a resumed run) sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_every(steps: int) -> int:
+    """Checkpoint about every 20 % of a training stage, so that a kill loses little."""
+    return max(1, steps // 5)
+
+
+def _fresh_or_resume(folder: Path) -> bool:
+    """True when `folder` holds a checkpoint to resume from; otherwise clear what a killed start left there."""
+    if checkpoint.latest(folder) is not None:
+        return True
+    if folder.exists():
+        shutil.rmtree(folder)
+    return False
+
+
+# ----------------------------------------------------------------------------------------- training stages
+def tokenizer_stage(ctx: Context) -> dict:
+    """The byte-level BPE that every later stage shares, trained as `nemotron3 pretrain` would."""
+    defaults = PretrainConfig()
+    texts = train_data.task_texts(defaults.tokenizer_sample, ctx.seed, "train", defaults.difficulty)
+    from nemotron3.config import ModelConfig
+
+    tok = Tokenizer.train(texts, ModelConfig.load(ctx.config).vocab_size)
+    tok.save(ctx.dir("tokenizer"))
+    return {"vocab_size": tok.vocab_size, "documents": len(texts), "path": str(ctx.dir("tokenizer"))}
+
+
+def _pretrain_config(ctx: Context, nvfp4: bool, out: Path, **kw: Any) -> PretrainConfig:
+    p = ctx.plan
+    return PretrainConfig(config=ctx.config, steps=p.pretrain_steps, seed=ctx.seed, tokenizer=ctx.dir("tokenizer"),
+                          nvfp4=nvfp4, nvfp4_high_precision_tail=SWITCH_SHARE if nvfp4 else 0.0,
+                          eval_every=p.eval_every, save_every=_save_every(p.pretrain_steps), keep_last=1,
+                          log_every=max(1, p.pretrain_steps // 12), out=out, resume=_fresh_or_resume(out), **kw)
+
+
+def pretrain_stage(ctx: Context) -> dict:
+    pretrain(_pretrain_config(ctx, ctx.nvfp4, ctx.dir("pretrain"), eval_problems=ctx.plan.eval_problems),
+             ctx.console)
+    return ctx.summary("pretrain")
+
+
+def precision_stage(ctx: Context) -> dict:
+    """The NVFP4 loss gap on a matched run: the pretraining run again in high precision (same weights, data
+    and schedule), stopped after `plan.twin_steps` steps, against the NVFP4 run's held-out loss at that step."""
+    twin = ctx.dir("precision") / "twin"
+    pretrain(_pretrain_config(ctx, False, twin, eval_problems=0, stop_after=ctx.plan.twin_steps), ctx.console)
+    step = ctx.plan.twin_steps
+    nv = dict(map(tuple, ctx.summary("pretrain")["eval_losses"]))
+    hp = dict(map(tuple, json.loads((twin / "summary.json").read_text())["eval_losses"]))
+    if step not in nv or step not in hp:
+        raise RuntimeError(f"no held-out loss at step {step} in both runs (evaluated at {sorted(nv)} and "
+                           f"{sorted(hp)})")
+    return {"step": step, "steps_of": ctx.plan.pretrain_steps, "nvfp4_eval_loss": nv[step],
+            "high_precision_eval_loss": hp[step], "gap_nats": nv[step] - hp[step],
+            "gap_relative": (nv[step] - hp[step]) / hp[step], "twin": str(twin)}
+
+
+def sft_stage(ctx: Context) -> dict:
+    p, out = ctx.plan, ctx.dir("sft")
+    sft(SFTConfig(model=ctx.dir("pretrain") / "final", out=out, steps=p.sft_steps, seed=ctx.seed,
+                  eval_problems=p.eval_problems, eval_budgets=list(p.eval_budgets),
+                  eval_every=max(1, p.sft_steps // 6), save_every=_save_every(p.sft_steps), keep_last=1,
+                  log_every=max(1, p.sft_steps // 6), resume=_fresh_or_resume(out)), ctx.console)
+    return ctx.summary("sft")
+
+
+def _rl(ctx: Context, stage: str, **kw: Any) -> dict:
+    p, out = ctx.plan, ctx.dir(stage)
+    grpo(GRPOConfig(model=ctx.dir("sft") / "final", out=out, steps=p.rl_steps, seed=ctx.seed,
+                    eval_problems=p.eval_problems, save_every=_save_every(p.rl_steps), keep_last=1,
+                    prompts_per_step=p.rl_prompts, log_every=max(1, p.rl_steps // 12), resume=_fresh_or_resume(out),
+                    **kw), ctx.console)
+    return ctx.summary(stage)
+
+
+def rl_stage(ctx: Context) -> dict:
+    return _rl(ctx, "rl", num_generations=ctx.plan.rl_generations)
+
+
+def igrpo_stage(ctx: Context) -> dict:
+    """iGRPO at GRPO's rollout budget: of 16 completions per prompt, 8 drafts (the best kept) + 8 refinements."""
+    return _rl(ctx, "igrpo", algo="igrpo", rollout_budget=ctx.plan.rl_generations)
+
+
+# ----------------------------------------------------------------------------------------- measuring stages
+def _rl_model(ctx: Context, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Tokenizer, Path]:
+    final = ctx.dir("rl") / "final"
+    return load_pretrained(final, dtype=dtype), Tokenizer.load(final), final
+
+
+def eval_stage(ctx: Context) -> dict:
+    """The RL model in the reasoning modes the RL stage does not measure: off and the thinking budgets."""
+    p = ctx.plan
+    model, tok, _ = _rl_model(ctx)
+    modes = [m for m in mode_names(p.eval_budgets) if m != "on"]
+    res = accuracy_by_mode(model, tok, p.eval_problems, seed=ctx.seed, budgets=list(p.eval_budgets), modes=modes)
+    accuracy = {mode: {f: r["accuracy"] for f, r in fams.items()} for mode, fams in res.items()}
+    return {"model": str(ctx.dir("rl") / "final"), "problems_per_family": p.eval_problems, "accuracy": accuracy}
+
+
+def speculative_stage(ctx: Context) -> dict:
+    """MTP speculation on the RL model (and the acceptance of the SFT model's freshly trained heads)."""
+    p = ctx.plan
+    model, tok, _ = _rl_model(ctx)
+    prompts = measure.heldout_chat_prompts(tok, p.spec_prompts, ctx.seed)
+    result = measure.speculative_speedup(model, prompts, (1, 2, 3), p.spec_new_tokens)
+    from nemotron3.engine import Engine
+
+    sft_model = load_pretrained(ctx.dir("sft") / "final")
+    g = Engine(sft_model).generate(prompts, p.spec_new_tokens, num_speculative_tokens=3)
+    result["sft_acceptance_length_k3"] = g.stats["acceptance_length"]
+    return result
+
+
+def speed_skip() -> str | None:
+    return measure.transformers_available()
+
+
+def speed_stage(ctx: Context) -> dict:
+    model, tok, final = _rl_model(ctx)
+    prompt = measure.heldout_chat_prompts(tok, 1, ctx.seed)[0]
+    return {"model": str(final), **measure.engine_vs_transformers(final, model, prompt,
+                                                                  ctx.plan.speed_new_tokens)}
+
+
+def quantize_skip() -> str | None:
+    try:
+        import nemotron3.quantize  # noqa: F401
+    except ImportError:
+        return "`nemotron3 quantize` is not built yet"
+    return None
+
+
+def _accuracy_on(model: torch.nn.Module, tok: Tokenizer, ctx: Context) -> dict[str, float]:
+    res = accuracy_by_mode(model, tok, ctx.plan.quant_problems, seed=ctx.seed, modes=["on"])
+    return {f: r["accuracy"] for f, r in res["on"].items()}
+
+
+def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Every scheme of `nemotron3 quantize` applied to the RL model, plus its fp32 and bf16 forms: exact match
+    (reasoning on, `plan.quant_problems` per family) and the bytes of the weight files. One JSON per scheme in
+    the stage's folder, so that a killed stage keeps the schemes it finished."""
+    from nemotron3.quantize import SCHEMES, QuantizeConfig, checkpoint_bytes, quantize
+
+    folder = ctx.dir("quantize")
+    model, tok, final = _rl_model(ctx)
+    rows: dict[str, dict] = {}
+    names = ["fp32", "bf16", *SCHEMES]
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), name)
+        done = folder / f"{name}.json"
+        if done.is_file():
+            rows[name] = json.loads(done.read_text())
+            continue
+        t0 = time.perf_counter()
+        if name == "fp32":
+            q, path = model, final
+        elif name == "bf16":
+            path = folder / "bf16"
+            save_pretrained(load_pretrained(final, dtype=torch.bfloat16), path)
+            tok.save(path)
+            q = load_pretrained(path, dtype=torch.bfloat16)
+        else:
+            path = folder / name
+            if path.exists():
+                shutil.rmtree(path)
+            quantize(QuantizeConfig(model=final, out=path, scheme=name), ctx.console)
+            q = load_pretrained(path, dtype=torch.float32)
+        row = {"accuracy": _accuracy_on(q, tok, ctx), "bytes": checkpoint_bytes(path), "path": str(path),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        row["accuracy_mean"] = sum(row["accuracy"].values()) / len(row["accuracy"])
+        write_json(done, row)
+        rows[name] = row
+    if progress:
+        progress(len(names), len(names), "")
+    return {"model": str(final), "problems_per_family": ctx.plan.quant_problems, "schemes": rows}
