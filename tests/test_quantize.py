@@ -167,8 +167,12 @@ def test_activation_emulation_changes_only_what_it_should(exports, source):
 
 def test_activation_fake_quantizers_by_hand():
     # fp8 per token: row max 448·2 -> s = 2; 3.3/2 = 1.65 -> e4m3 grid step 0.125 in [1, 2): 1.625 -> 3.25
-    x = torch.tensor([[896.0, 3.3, 0.0, -896.0]])
-    assert qc.fp8_activation_fake_quantize(x).tolist() == [[896.0, 3.25, 0.0, -896.0]]
+    # second token: s = 1/448 (its own max, not the first token's); 0.3·448 = 134.4 -> e4m3 step 16 in [128, 256): 128
+    x = torch.tensor([[896.0, 3.3, 0.0, -896.0], [1.0, 0.3, 0.0, 0.0]])
+    s2 = torch.tensor(1.0) / 448
+    out = qc.fp8_activation_fake_quantize(x)
+    assert out[0].tolist() == [896.0, 3.25, 0.0, -896.0]
+    assert out[1].tolist() == [float(448 * s2), float(128 * s2), 0.0, 0.0]
     assert qc.fp8_activation_fake_quantize(torch.zeros(1, 4)).eq(0).all()
     # nvfp4 with gs = 1: block amax 6 -> scale e4m3(1) = 1; 2.4 -> e2m1 2.0, 2.6 -> 3.0, 5.1 -> 6.0 (5 ties to 4? no:
     # 5.1 is above the 5 midpoint), -0.2 -> 0
@@ -221,13 +225,20 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_quantized_checkpoint(source
 
 
 def test_error_midway_leaves_nothing(source, tmp_path, monkeypatch):
-    def boom(scheme, w):
-        raise RuntimeError("disk full")
+    import nemotron3.quantize as stage
 
-    monkeypatch.setattr(qc, "encode_weight", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    earlier = quantize(QuantizeConfig(model=source, out=tmp_path / "old", scheme="mx9"))
+    before = (earlier / "model.safetensors").read_bytes()
+    monkeypatch.setattr(stage, "save_file", boom)             # fails after config.json and the tokenizer are written
+    with pytest.raises(OSError, match="disk full"):
         quantize(QuantizeConfig(model=source, out=tmp_path / "out", scheme="mx4"))
     assert _nothing_written(tmp_path, "out")
+    with pytest.raises(OSError, match="disk full"):                # replacing an earlier export: it survives
+        quantize(QuantizeConfig(model=source, out=earlier, scheme="mx4"))
+    assert (earlier / "model.safetensors").read_bytes() == before and _config(earlier)["scheme"] == "mx9"
 
 
 def test_unknown_quantization_config_is_a_clear_error(exports, tmp_path):
