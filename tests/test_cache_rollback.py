@@ -59,23 +59,26 @@ def test_a_rollback_across_two_recorded_forwards_is_refused(model):
 
 @torch.no_grad()
 def test_a_forward_longer_than_max_rollback_is_not_undoable(model):
-    ids = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(2))
+    """A recorded forward, then one of more than max_rollback tokens: nothing can be undone any more (the
+    history still holds the first forward's states, which are not the last tokens')."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     cache = HybridCache(model.config, 2, 20, max_rollback=3, include_mtp=False)
     model(ids[:, :6], cache=cache)
-    model(ids[:, 6:10], cache=cache)  # 4 tokens > max_rollback: not recorded step by step
+    model(ids[:, 6:8], cache=cache)  # recorded: 2 tokens could be undone here
+    model(ids[:, 8:12], cache=cache)  # 4 tokens > max_rollback: not recorded step by step
     with pytest.raises(ValueError, match="history"):
         cache.rollback([1, 0])
     with pytest.raises(ValueError, match="cannot roll back"):
         cache.rollback([-1, 0])
     cache.rollback([0, 0])  # undoing nothing is always allowed
-    assert cache.lengths.tolist() == [10, 10]
-    model(ids[:, 10:13], cache=cache)  # 3 = max_rollback tokens: recorded
+    assert cache.lengths.tolist() == [12, 12]
+    model(ids[:, 12:15], cache=cache)  # 3 = max_rollback tokens: recorded
     cache.rollback([1, 3])
-    assert cache.lengths.tolist() == [12, 10] and cache.rollback_limit.tolist() == [2, 0]
+    assert cache.lengths.tolist() == [14, 12] and cache.rollback_limit.tolist() == [2, 0]
     cache.rollback([2, 0])
     with pytest.raises(ValueError, match="history"):
         cache.rollback([1, 0])
-    _continue_equals_full_forward(model, cache, [ids[0, :10], ids[1, :10]])
+    _continue_equals_full_forward(model, cache, [ids[0, :12], ids[1, :12]])
 
 
 @torch.no_grad()
