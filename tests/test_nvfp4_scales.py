@@ -28,7 +28,8 @@ def test_explicit_per_tensor_scale_hand_vectors():
     """p = 0.5: S_enc = 2, S_dec = 0.5, S_enc·(1/6) = 0.33333334.
     Block 0 (amax 6): s_b = e4m3(2.0) = 2, enc = 1/(2·0.5) = 1: 6, 3, -1.5 stay, 0.25 is a tie -> 0 (even).
     Block 1 (amax 1): s_b = e4m3(0.33333334) = 0.34375, enc = 1/(0.34375·0.5) = 5.818182:
-    1 -> 5.82 -> 6, 0.5 -> 2.91 -> 3, -0.3 -> -1.745 -> -1.5 (below the 1.75 midpoint), 0.05 -> 0.29 -> 0.5; decode scale 0.171875."""
+    1 -> 5.82 -> 6, 0.5 -> 2.91 -> 3, -0.3 -> -1.745 -> -1.5 (below the 1.75 midpoint), 0.05 -> 0.29 -> 0.5;
+    decode scale 0.5 · 0.34375 = 0.171875."""
     x = torch.stack([torch.cat([_row([6.0, 3.0, -1.5, 0.25]), _row([1.0, 0.5, -0.3, 0.05])])])  # (1, 32)
     q = formats.nvfp4_quantize(x, per_tensor_scale=0.5)
     assert q.per_tensor_scale.item() == 0.5
