@@ -15,7 +15,8 @@ never the same work done slower. It was set on the reference machine (2 CPU core
     eval          RL model: reasoning off, 2 budgets      held-out problems per family = min(80, 4 B)
     speculative   k = 1..3 against plain decoding         prompts = min(16, B), at least 2
     speed         engine against transformers             new tokens = 128
-    quantize      every scheme, exact match per scheme    problems per family = min(40, 2 B), at least 2
+    quantize      every scheme, exact match per scheme    problems per family = min(40, 2 B), at least 2;
+                                                          SeedLM (a seed search per block) from B = 10
     report        plots, report.md / .html / .json        fixed
 
 About a third of the default budget goes to pretraining, a third to post-training and a third to measuring
@@ -31,6 +32,7 @@ REFERENCE_MINUTES = 20.0
 STAGES = ("tokenizer", "pretrain", "precision", "sft", "rl", "igrpo", "eval", "speculative", "speed", "quantize",
           "report")
 IGRPO_FROM_MINUTES = 40.0  # iGRPO runs beside GRPO from this budget up
+SEEDLM_FROM_MINUTES = 10.0  # the SeedLM schemes (a minute of seed search each on 2 cores) from this budget up
 MAX_EVAL_PROBLEMS = 80  # the most held-out problems the easiest modpow difficulty has
 TWIN_SHARE = 0.3  # the high-precision twin trains this share of the pretraining steps (inside the stable phase)
 SWITCH_SHARE = 0.18  # NVFP4 end-of-training switch: the last 18 % of the pretraining steps in high precision
@@ -49,6 +51,7 @@ class Plan:
     eval_problems: int
     quant_problems: int
     spec_prompts: int
+    seedlm: bool = True
     rl_prompts: int = 8
     rl_generations: int = 16
     spec_new_tokens: int = 96
@@ -89,9 +92,10 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
         "eval": 0.4 * eval_problems,
         "speculative": 1.5 * spec_prompts,
         "speed": 30.0,
-        "quantize": 12.0 * 10 * max(1.0, quant_problems / 20),
+        "quantize": 10.0 * max(1.0, quant_problems / 10) * 9 + (90.0 if b >= SEEDLM_FROM_MINUTES else 0.0),
         "report": 10.0,
     }
     small = b < 1
-    return Plan(b, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts, rl_prompts=4 if small else 8,
-                rl_generations=8 if small else 16, seconds=seconds)
+    return Plan(b, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts,
+                seedlm=b >= SEEDLM_FROM_MINUTES, rl_prompts=4 if small else 8, rl_generations=8 if small else 16,
+                seconds=seconds)

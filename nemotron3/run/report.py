@@ -423,6 +423,8 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
         rows = [[name, f"{row['bytes'] / 1e6:.2f} MB", _pct(row["accuracy_mean"]),
                  *[_pct(row["accuracy"].get(f)) for f in fams]] for name, row in quant["schemes"].items()]
         b.append(("table", ["scheme", "weights", "mean exact match", *fams], rows))
+        for name, why in quant.get("skipped", {}).items():
+            b.append(("p", f"{name}: skipped ({why})."))
         img("quantize.png")
     b.append(("h", 2, "Stages and time"))
     rows = [[name, st, f"{r['seconds_by_stage'][name]:.0f} s" if name in r["seconds_by_stage"] else "–"]

@@ -36,7 +36,7 @@ from nemotron3.hf import load_pretrained, save_pretrained
 from nemotron3.pretrain import PretrainConfig, pretrain
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.run import measure
-from nemotron3.run.plan import SWITCH_SHARE, Plan
+from nemotron3.run.plan import SEEDLM_FROM_MINUTES, SWITCH_SHARE, Plan
 from nemotron3.sft import SFTConfig, sft
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
@@ -215,7 +215,9 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
     folder = ctx.dir("quantize")
     model, tok, final = _rl_model(ctx)
     rows: dict[str, dict] = {}
-    names = ["fp32", "bf16", *SCHEMES]
+    skipped = {} if ctx.plan.seedlm else {s: f"budget under {SEEDLM_FROM_MINUTES:g} minutes" for s in SCHEMES
+                                          if s.startswith("seedlm")}
+    names = ["fp32", "bf16", *[s for s in SCHEMES if s not in skipped]]
     for i, name in enumerate(names):
         if progress:
             progress(i, len(names), name)
@@ -244,4 +246,4 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
         rows[name] = row
     if progress:
         progress(len(names), len(names), "")
-    return {"model": str(final), "problems_per_family": ctx.plan.quant_problems, "schemes": rows}
+    return {"model": str(final), "problems_per_family": ctx.plan.quant_problems, "schemes": rows, "skipped": skipped}
