@@ -63,3 +63,34 @@ def test_per_tensor_scale_errors():
         formats.nvfp4_quantize(x, per_tensor_scale=torch.ones(2))
     with pytest.raises(ValueError, match="either per_tensor_scale or amax"):
         formats.nvfp4_quantize(x, per_tensor_scale=1.0, amax=1.0)
+
+
+def test_other_shapes_dtypes_and_the_torchao_limits():
+    """A 1-D tensor is one row; dequantize honours its dtype; the torchao convention refuses stochastic rounding
+    alone, and clamps block scales at 448 like torchao itself (values far above 448·6, with and without p)."""
+    import torchao.prototype.mx_formats.nvfp4_tensor as nvfp4_ao
+
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(formats.nvfp4_quantize(x[0]).packed, formats.nvfp4_quantize(x[:1]).packed[0])
+    assert formats.nvfp4_quantize(x).dequantize(torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="torchao convention has no"):
+        formats.nvfp4_quantize(x, convention="torchao", stochastic_rounding=True)
+    big = x * 1e5
+    for p in (None, torch.tensor(1.0)):
+        ref = nvfp4_ao.NVFP4Tensor.to_nvfp4(big, per_tensor_scale=p)
+        ours = formats.nvfp4_quantize(big, p, convention="torchao")
+        assert torch.equal(ours.scales.view(torch.uint8), ref.scale.view(torch.uint8))
+        assert torch.equal(ours.packed, ref.qdata)
+
+
+def test_2d_block_codes_do_not_depend_on_the_chunking(monkeypatch):
+    """nvfp4_quantize with 16x16 tiles in 32-row chunks (the last partial) equals one chunk, bit for bit."""
+    import nemotron3.quant.fp_codecs as fp_codecs
+    import nemotron3.quant.nvfp4 as nvfp4
+
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(5)) * torch.logspace(-3, 3, 64)
+    whole = formats.nvfp4_quantize(x, block_2d=True)
+    monkeypatch.setattr(nvfp4, "row_chunks", lambda t, align=1: fp_codecs.row_chunks(t, align, target=2048))
+    small = formats.nvfp4_quantize(x, block_2d=True)
+    assert torch.equal(small.packed, whole.packed) and torch.equal(small.scales.view(torch.uint8),
+                                                                   whole.scales.view(torch.uint8))
