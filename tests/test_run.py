@@ -62,7 +62,7 @@ def killed_and_resumed(tmp_path_factory):
 def test_every_stage_leaves_its_artifact(killed_and_resumed):
     out, *_ = killed_and_resumed
     rep = _read(out / "report.json")
-    for stage in ("tokenizer", "pretrain", "precision", "sft", "rl", "eval", "speculative", "speed"):
+    for stage in ("tokenizer", "pretrain", "precision", "sft", "rl", "eval", "speculative", "speed", "quantize"):
         assert rep["stages"][stage] == "done", (stage, rep["stages"][stage])
         assert (out / stage / "summary.json").is_file()
     assert rep["stages"]["igrpo"].startswith("skipped: budget under")
@@ -81,7 +81,10 @@ def test_every_stage_leaves_its_artifact(killed_and_resumed):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert html.count("data:image/png;base64,") == len(rep["plots"])
     assert {"plots/loss.png", "plots/balance.png", "plots/accuracy.png", "plots/rl.png",
-            "plots/speculative.png", "plots/speed.png"} <= set(rep["plots"])
+            "plots/speculative.png", "plots/speed.png", "plots/quantize.png"} <= set(rep["plots"])
+    assert {"fp32", "bf16", "nvfp4", "nvfp4-w4a16", "fp8", "mx9", "mx6", "mx4", "mxfp4"} <= set(rep["quantized"])
+    assert _read(out / "quantize" / "summary.json")["skipped"] == {  # the smoke budget leaves SeedLM out, and says so
+        "seedlm4": "budget under 10 minutes", "seedlm3": "budget under 10 minutes"}
 
 
 def test_a_killed_run_resumes_in_the_stage_it_was_in(killed_and_resumed):

@@ -240,6 +240,7 @@ def _plots(out: Path, s: dict[str, dict], plots: Path) -> list[tuple[str, str]]:
         ax.set(xlabel="k (draft tokens per round)", ylabel="tokens per verify forward",
                title="MTP speculative decoding, batch 1, greedy")
         ax2.set_ylabel("speed-up (x)")
+        ax2.set_ylim(0, max(1.2, 1.1 * max(spec["by_k"][k]["speedup"] for k in ks)))
         ax.legend(loc="upper left", fontsize=8)
         ax2.legend(loc="lower right", fontsize=8)
         save(fig, "speculative.png", "MTP speculation on the RL model: acceptance length and wall-clock speed-up "
