@@ -196,7 +196,7 @@ def quantization_config(scheme: str, ignore: list[str]) -> dict:
                                           "output_activations": None, "format": None}},
             "quant_method": "compressed-tensors", "kv_cache_scheme": None,
             "format": "float-quantized" if scheme == "fp8" else "nvfp4-pack-quantized",
-            "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignore,
+            "quantization_status": "compressed", "global_compression_ratio": None, "ignore": _both_spellings(ignore),
             "moe_sparsity_config": None,
         }
     out = {"quant_method": _OWN_METHOD, "scheme": scheme, "bits_per_weight": bits_per_weight(scheme),
@@ -204,6 +204,12 @@ def quantization_config(scheme: str, ignore: list[str]) -> dict:
     if scheme in SEEDLM_SPECS:
         out["seedlm"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(SEEDLM_SPECS[scheme]).items()}
     return out
+
+
+def _both_spellings(ignore: list[str]) -> list[str]:
+    """The ignored modules under their checkpoint names (`backbone.…`, which vLLM maps itself) and under the names
+    transformers' NemotronH gives the modules in memory (`model.…`), which its compressed-tensors loader matches."""
+    return ignore + [f"model.{n.removeprefix('backbone.')}" for n in ignore if n.startswith("backbone.")]
 
 
 def scheme_of(qc: dict) -> str:
