@@ -72,3 +72,34 @@ def test_resume_errors_name_the_folder(tmp_path, model):
     (bad / checkpoint.STATE_FILE).write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="cannot read the training state.*delete step-000003/"):
         checkpoint.resume_point(tmp_path)
+
+
+def test_temporaries_are_hidden_siblings_and_prune_keeps_the_newest(tmp_path, model, monkeypatch):
+    out = tmp_path / "a" / "b"  # parents are created
+    seen, removed = [], []
+
+    class Recording(_Tok):
+        def save(self, folder):
+            seen.append(folder)
+            super().save(folder)
+
+    real_rmtree = checkpoint.shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, **kw: (removed.append(p), real_rmtree(p, **kw)))
+    checkpoint.save(checkpoint.step_dir(out, 2), model, Recording(), {"step": 2})
+    checkpoint.save(checkpoint.step_dir(out, 2), model, Recording(), {"step": 2})  # re-save: the old one aside
+    assert all(f.parent == out and f.name.startswith(".tmp-step-000002-") for f in seen)
+    old = [p for p in removed if p.parent == out]  # (save_pretrained removes temporaries of its own inside)
+    assert len(old) == 1 and old[0].name.startswith(".old-step-000002-")
+    checkpoint.save(checkpoint.step_dir(out, 4), model, _Tok(), {"step": 4})
+    (out / ".old-step-000004-x").mkdir()
+    checkpoint.clean_temporaries(out)
+    assert sorted(p.name for p in out.iterdir()) == ["step-000002", "step-000004"]
+    checkpoint.prune(out, 1)
+    assert [s for s, _ in checkpoint.checkpoints(out)] == [4]
+
+
+def test_a_state_without_generators_restores_the_global_streams(model):
+    saved = checkpoint.rng_state(model)
+    expected = torch.rand(2)
+    checkpoint.set_rng_state({k: v for k, v in saved.items() if k != "generators"}, model)
+    assert torch.equal(torch.rand(2), expected)
