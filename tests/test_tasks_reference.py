@@ -207,6 +207,9 @@ def test_the_sharing_step_divides_by_the_friends_and_the_sharer():
               "5 coins. Ava gives 4 coins to Ben. Ava finds 7 more coins. How many coins does Ava have now?")
     fam, params = tasks.family_of(prompt)
     assert fam.name == "word" and fam.problem(params).answer == "16" == str(_word_value(prompt))
+    steps = ((3, (3,)), (0, (2, 5)), (1, (4,)), (2, (7,)))
+    assert params == ("Ava", "", "coins", 12, steps)
+    assert fam.render(("Ava", "Ben", "coins", 12, steps)) == prompt  # the exact wording, every template
     assert fam.problem(params).trace.splitlines() == ["12/4=3", "2*5=10, 3+10=13", "13-4=9", "9+7=16"]
 
 
