@@ -53,8 +53,11 @@ def test_degenerate_per_tensor_scales_fall_back_to_one_or_saturate():
         assert q.per_tensor_scale.item() == 1.0 and q.scales.float().tolist() == [[1.0]], p
         assert q.dequantize()[0, :3].tolist() == [6.0, -3.0, 1.0]
     q = formats.nvfp4_quantize(x, per_tensor_scale=1e-45)
-    assert q.scales.float().tolist() == [[448.0]]
-    assert q.per_tensor_scale.item() == pytest.approx(1 / torch.finfo(torch.float32).max, rel=1e-6)
+    if torch.tensor(1e-45).item() == 0:  # denormals flushed (torch.set_flush_denormal, set by another test): p = 0
+        assert q.per_tensor_scale.item() == 1.0 and q.scales.float().tolist() == [[1.0]]
+    else:
+        assert q.scales.float().tolist() == [[448.0]]
+        assert q.per_tensor_scale.item() == pytest.approx(1 / torch.finfo(torch.float32).max, rel=1e-6)
 
 
 def test_per_tensor_scale_errors():
