@@ -22,6 +22,14 @@ from nemotron3.quant.convert import convert_to_nvfp4
 from nemotron3.train import checkpoint
 
 
+@pytest.fixture(autouse=True)
+def _keep_denormals():
+    """`main` flushes denormals for the whole process (a training setting); later tests need them back."""
+    flushed = torch.tensor(1e-45).item() == 0
+    yield
+    torch.set_flush_denormal(flushed)
+
+
 def _model() -> nemotron3.HybridLM:
     torch.manual_seed(0)
     return convert_to_nvfp4(nemotron3.HybridLM(nemotron3.ModelConfig.preset("tiny")))
