@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*register_constant.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
+@pytest.fixture(autouse=True)
+def _keep_subnormals():
+    """`nemotron3.cli.main` and `run()` flush subnormal floats process-wide; a test that calls them in-process must
+    not change the arithmetic of the tests after it (the codec tests check subnormal cases against torchao)."""
+    yield
+    torch.set_flush_denormal(False)
+
 # Tiny nemotron_h configs (Hugging Face field names) covering every layer kind and routing variant.
 TINY_HF_CONFIGS = {
     "moe-1group": dict(
