@@ -6,7 +6,9 @@
   plan.py      the budget rule: minutes -> each stage's size
   stages.py    the stages, one function each, one folder each
   measure.py   the inference measurements (MTP speculation, the engine against transformers)
-  report.py    report.json, report.md, report.html and the plots, from the stages' summaries
+  report.py    report.json, report.md and report.html, from the stages' summaries
+  plots.py     the report's plots (matplotlib)
+  document.py  the report's headings, paragraphs, tables and images, as Markdown and as one HTML page
   pipeline.py  RunConfig, run(): order, skipping and resuming, one progress display
 """
 

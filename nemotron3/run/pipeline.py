@@ -242,7 +242,7 @@ def _print_headline(rep: dict, console: Console) -> None:
         for f in fams:
             vals = [rep["accuracy_pretrain"].get(f), rep["accuracy_sft"].get(f), rep["accuracy_rl"].get(f)]
             d = f"{100 * (vals[2] - vals[1]):+.0f}" if None not in vals[1:] else "–"
-            t.add_row(f, *[report_mod._pct(v) for v in vals], d)
+            t.add_row(f, *[report_mod.pct(v) for v in vals], d)
         console.print(t)
     if rep["nvfp4_loss_gap"] is not None:
         console.print(f"NVFP4 held-out loss gap on the matched run: {100 * rep['nvfp4_loss_gap']:+.2f} %")

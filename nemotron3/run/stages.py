@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from nemotron3.config import ModelConfig
 from nemotron3.evaluate import accuracy_by_mode, mode_names
 from nemotron3.hf import load_pretrained, save_pretrained
 from nemotron3.pretrain import PretrainConfig, pretrain
@@ -88,8 +89,6 @@ def tokenizer_stage(ctx: Context) -> dict:
     """The byte-level BPE that every later stage shares, trained as `nemotron3 pretrain` would."""
     defaults = PretrainConfig()
     texts = train_data.task_texts(defaults.tokenizer_sample, ctx.seed, "train", defaults.difficulty)
-    from nemotron3.config import ModelConfig
-
     tok = Tokenizer.train(texts, ModelConfig.load(ctx.config).vocab_size)
     tok.save(ctx.dir("tokenizer"))
     return {"vocab_size": tok.vocab_size, "documents": len(texts), "path": str(ctx.dir("tokenizer"))}
