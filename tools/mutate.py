@@ -38,9 +38,10 @@ COVERING: dict[str, list[str]] = {
     "nemotron3/train/data.py": ["tests/test_data.py", "tests/test_loss_mask.py"],
     "nemotron3/train/loss.py": ["tests/test_loss_mask.py"],
     # the in-process end-to-end resume (tests/test_checkpoint_rng.py) takes ~30 s a run: left to the suite
-    "nemotron3/train/checkpoint.py": ["tests/test_checkpoint_files.py",
+    "nemotron3/train/checkpoint.py": ["tests/test_checkpoint_files.py", "tests/test_checkpoint_failures.py",
                                       "tests/test_checkpoint_rng.py::test_rng_state_restores_every_stream_and_each_generator_by_name"],
-    "nemotron3/engine/cache.py": ["tests/test_cache.py", "tests/test_cache_rollback.py", "tests/test_engine_model.py"],
+    "nemotron3/engine/cache.py": ["tests/test_cache.py", "tests/test_cache_rollback.py", "tests/test_engine_model.py",
+                                  "tests/test_cache_rows.py"],
     # tests/test_engine_speculative.py (greedy for k = 1..5, the chi-square law) takes minutes a run: left to the suite
     "nemotron3/engine/speculative.py": ["tests/test_speculative_oracle.py"],
     "nemotron3/quant/nvfp4.py": ["tests/test_quant_formats.py", "tests/test_nvfp4_scales.py"],
