@@ -1,0 +1,451 @@
+"""The rounds loop of MTP speculative decoding (`speculative_rounds`, `Drafter`) on a micro model (hidden 16,
+vocab 32, one Mamba, one attention and one MoE layer; an MTP block of one attention and one MoE layer).
+
+References, none of which runs engine/speculative.py:
+- greedy: plain greedy decoding by full forwards (no cache), and the round-by-round outcome of an oracle
+  drafter (drafts right or wrong by plan: the row emits the correct prefix of its drafts plus one token, a
+  finished row emits nothing), with the statistics counted from that plan;
+- sampling: the whole algorithm rewritten per row in Python from full forwards: draft j's law q_j from an
+  uncached run of the MTP block over the sequence (docs/inference.md §5's layout), the target's laws p_i from
+  one full forward, the documented uniform layout (column 0 the first token; round r reads 2k+1 columns from
+  1 + r(2k+1): k draft draws, k acceptance tests, one extra token), the textbook rejection rule;
+- log-probabilities: the log of the law of each emitted token from full forwards;
+- the compiled verify/MTP branches run with torch.compile replaced by the identity (the same function, eagerly),
+  against the reference cached path.
+Every direct run of the generator is bounded (`_run`), so a loop that never ends fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import randomize_
+
+import nemotron3
+from nemotron3.engine import speculative
+from nemotron3.engine.cache import HybridCache
+from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.sampling import filtered_probs, row_uniforms
+from nemotron3.engine.speculative import Drafter, Sampling, speculative_rounds
+
+MICRO = dict(pattern="M*E", vocab_size=32, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+             intermediate_size=32, mamba_num_heads=2, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=8,
+             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             moe_shared_expert_intermediate_size=16, moe_latent_size=8, num_nextn_predict_layers=1, mtp_pattern="*E")
+CHUNK = 8
+PROMPTS = [list(range(3, 22)), [5, 6, 7], list(range(10, 20))]  # 19 tokens cross two prefill chunks of 8
+
+
+def _micro(**changes) -> nemotron3.HybridLM:
+    torch.manual_seed(0)
+    model = nemotron3.HybridLM(nemotron3.ModelConfig.preset("tiny").replace(**{**MICRO, **changes})).eval()
+    randomize_(model, 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _micro()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n tokens of plain greedy decoding, one full forward (no cache) per token."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def _run(model, prompts, n, k, fast=True, limit=40, stats=None, on_yield=None, **kw) -> list[list[list[int]]]:
+    """speculative_rounds' yields (at most `limit`, then the generator must be exhausted): per yield a list per
+    row, each passed to `on_yield` before the next round runs. `fast`: True (an eager FastDecoder), False (the
+    reference path) or a FastDecoder."""
+    if fast is True:
+        fast = FastDecoder(model)
+    cache = HybridCache(model.config, len(prompts), max(map(len, prompts)) + n + 2 * k + 1, max_rollback=k + 1,
+                        include_mtp=True)
+    stats = {} if stats is None else stats
+    with torch.inference_mode():
+        gen = speculative_rounds(model, fast or None, cache, prompts, n, k, CHUNK, set(kw.pop("stops", ())), stats,
+                                 **kw)
+        out = []
+        for r in itertools.islice(gen, limit):
+            out.append(r)
+            if on_yield is not None:
+                on_yield(r)
+        assert next(gen, None) is None, "more rounds than the bound"
+    return out
+
+
+def _rows(rounds: list[list[list[int]]]) -> list[list[int]]:
+    """Each row's tokens, concatenated over the yields."""
+    return [sum((r[b] for r in rounds), []) for b in range(len(rounds[0]))]
+
+
+# ------------------------------------------------------------------ greedy, an oracle drafter
+
+
+class _Oracle:
+    """Replaces the draft logits (the `Drafter.logits` calls on (B, H) after the prefill's): draft j of row b in
+    round r is want[b]'s next token when plan[r % len(plan)][j] is True, a wrong token otherwise. `produced` is
+    advanced by the caller from the yields (the next round's drafts are computed after the yield)."""
+
+    def __init__(self, monkeypatch, want: list[list[int]], plan: list[list[bool]], vocab: int) -> None:
+        self.want, self.plan, self.vocab = want, plan, vocab
+        self.produced, self.round, self.j, self.started = [0] * len(want), 0, 0, False
+        orig = speculative.Drafter.logits
+
+        def logits(drafter, hidden):
+            out = orig(drafter, hidden)
+            if hidden.dim() == 3:  # the verify forward ends the round's drafts
+                self.round, self.j = self.round + 1, 0
+                return out
+            if not self.started:  # the prefill's last position: the first token
+                self.started = True
+                return out
+            forced = torch.full_like(out, -30.0)
+            for b, row in enumerate(self.want):
+                i = min(self.produced[b] + self.j, len(row) - 1)
+                ok = self.plan[self.round % len(self.plan)][self.j]
+                forced[b, row[i] if ok else (row[i] + 1) % self.vocab] = 30.0
+            self.j += 1
+            return forced
+
+        monkeypatch.setattr(speculative.Drafter, "logits", logits)
+
+    def feed(self, out: list[list[int]]) -> None:
+        for b, row in enumerate(out):
+            self.produced[b] += len(row)
+
+
+def _plan_outcome(want, plan, n, k, stops=()):
+    """What the rounds must be: per yield each row's tokens; and the statistics, counted from the plan."""
+    lead = [next((i for i, ok in enumerate(p) if not ok), k) for p in plan]
+    produced = [1] * len(want)
+    done = [n <= 1 or w[0] in stops for w in want]
+    rounds, live, accepted_at = [[w[:1] for w in want]], 0, [0] * k
+    while not all(done):
+        a, out = lead[(len(rounds) - 1) % len(plan)], []
+        for b, w in enumerate(want):
+            if done[b]:
+                out.append([])
+                continue
+            out.append(w[produced[b]: produced[b] + a + 1])
+            produced[b] += a + 1
+            live += 1
+            for i in range(a):
+                accepted_at[i] += 1
+            done[b] = produced[b] >= n or any(t in stops for t in out[b])
+        rounds.append(out)
+    rates = [c / live for c in accepted_at]
+    stats = dict(rounds=len(rounds) - 1, drafted=live * k, accepted=sum(accepted_at), acceptance_length=1 + sum(rates),
+                 acceptance_rate_per_position=rates, acceptance_rate=sum(rates) / k)
+    return rounds, stats
+
+
+def _prefill_passes(prompts) -> int:
+    return -(-max(map(len, prompts)) // CHUNK)
+
+
+def _assert_stats(stats: dict, want: dict, prompts) -> None:
+    """The plan's statistics, and forward_passes = the prefill's segments + one verify per round."""
+    assert stats.pop("forward_passes") == _prefill_passes(prompts) + want["rounds"]
+    assert sorted(stats) == sorted(want)
+    for name, value in want.items():
+        assert stats[name] == pytest.approx(value), name
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("k,plan", [
+    (1, [[True], [False], [True]]),
+    (3, [[True, False, True], [True, True, True], [False, True, True], [True, True, False]]),
+])
+def test_an_oracle_drafter_gives_greedy_tokens_and_the_planned_rounds(model, monkeypatch, fast, k, plan):
+    """Every yield equals the plan's outcome over greedy's tokens (the correct prefix of the drafts, then one
+    more token; nothing once a row is done), and the statistics are the plan's counts."""
+    n = 11
+    want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
+    oracle = _Oracle(monkeypatch, want, plan, model.config.vocab_size)
+    stats: dict = {}
+    rounds = _run(model, PROMPTS, n, k, fast=fast, stats=stats, on_yield=oracle.feed)
+    expected, want_stats = _plan_outcome(want, plan, n, k)
+    assert rounds == expected
+    _assert_stats(stats, want_stats, PROMPTS)
+
+
+def test_stop_tokens_inside_the_accepted_drafts_and_rows_that_stop_at_different_rounds(model, monkeypatch):
+    """All drafts right, k = 3: row 0 meets its stop token as an accepted draft of the first round (that round
+    is emitted whole, nothing after), the other rows go on to max_new_tokens unless they meet it too."""
+    n, k = 12, 3
+    want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
+    i = next(i for i in (2, 3, 1) if want[0][i] not in want[0][:i])  # an accepted draft of row 0's first round
+    stop = want[0][i]
+    oracle = _Oracle(monkeypatch, want, [[True] * k], model.config.vocab_size)
+    stats: dict = {}
+    rounds = _run(model, PROMPTS, n, k, stats=stats, stops=[stop], on_yield=oracle.feed)
+    expected, want_stats = _plan_outcome(want, [[True] * k], n, k, stops=[stop])
+    assert rounds == expected
+    assert rounds[2][0] == [] and len(rounds) > 3  # row 0 stopped after the first round, the others did not
+    _assert_stats(stats, want_stats, PROMPTS)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stop_first_token_or_a_one_token_budget_runs_no_round(model, n):
+    """A row done after the prefill's token (max_new_tokens = 1, or that token is a stop) runs no round."""
+    first = [_greedy(model, p, 1)[0] for p in PROMPTS]
+    stats: dict = {}
+    stops = [] if n == 1 else first
+    rounds = _run(model, PROMPTS, n, 2, stats=stats, stops=stops)
+    assert rounds == [[[t] for t in first]]
+    assert stats == {"forward_passes": _prefill_passes(PROMPTS)}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_real_drafter_gives_plain_greedy_tokens_for_k_1_and_3(model, fast):
+    """No oracle: whatever the random MTP block drafts, the rows' tokens are greedy's (the overshoot past
+    max_new_tokens is at most k tokens, and greedy's too)."""
+    n = 9
+    want = [_greedy(model, p, n + 4) for p in PROMPTS]
+    for k in (1, 3):
+        rows = _rows(_run(model, PROMPTS, n, k, fast=fast))
+        assert all(n <= len(r) <= n + k for r in rows), k
+        assert rows == [w[: len(r)] for w, r in zip(want, rows)], k
+
+
+# ------------------------------------------------------------------ sampling, the whole rule in Python
+
+
+@torch.no_grad()
+def _uncached_draft_logits(model, seq: list[int], drafts: list[int], j: int, prev: list[torch.Tensor]) -> torch.Tensor:
+    """Draft j's logits after `seq` (j = 1: the MTP block over the pairs (h0[t], Emb(seq[t+1])); j > 1: those
+    pairs then (h_1, Emb(d_1)), ..., (h_{j-1}, Emb(d_{j-1})) at the positions that follow), no cache.
+    `prev` holds h_1..h_{j-1} and gets h_j appended."""
+    h0 = model.hidden_states(torch.tensor([seq]))[0]  # (n, H)
+    hidden = torch.cat([h0[:-1]] + [h[None] for h in prev])  # (n - 1 + j - 1, H)
+    nxt = seq[1:] + drafts[: j - 1]
+    h = model.mtp.depth(j)(hidden[None], model.backbone.embeddings(torch.tensor([nxt])))[0, -1]  # (H,)
+    prev.append(h)
+    return model.lm_head(h).double()
+
+
+def _law(logits: torch.Tensor, sampling: Sampling) -> list[float]:
+    return filtered_probs(logits[None].float(), sampling.temperature, sampling.top_k, sampling.top_p)[0].tolist()
+
+
+def _icdf(weights: list[float], u: float) -> int:
+    total, acc = sum(weights), 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if acc > u * total:
+            return i
+    return len(weights) - 1
+
+
+@torch.no_grad()
+def _sampled_reference(model, prompt, n, k, sampling, u: list[float], stops=()) -> tuple[list[list[int]], list]:
+    """One row's yields under speculative sampling, and each emitted token's log-probability, from full forwards."""
+    first = _icdf(_law(model(torch.tensor([prompt]))[0, -1], sampling), u[0])
+    seq, rounds = prompt + [first], [[first]]
+    lps = [float(torch.tensor(_law(model(torch.tensor([prompt]))[0, -1], sampling))[first].log())]
+    r = 0
+    while len(seq) - len(prompt) < n and not any(t in stops for t in rounds[-1]):
+        col = u[1 + r * (2 * k + 1): 1 + (r + 1) * (2 * k + 1)]
+        drafts, qs, prev = [], [], []
+        for j in range(1, k + 1):
+            qs.append(_law(_uncached_draft_logits(model, seq, drafts, j, prev), sampling))
+            drafts.append(_icdf(qs[-1], col[j - 1]))
+        logits = model(torch.tensor([seq + drafts]))[0, len(seq) - 1:]  # (k+1, V)
+        ps = [_law(row, sampling) for row in logits]
+        a = 0
+        while a < k and col[k + a] < ps[a][drafts[a]] / qs[a][drafts[a]]:
+            a += 1
+        if a < k:
+            residual = [max(0.0, x - y) for x, y in zip(ps[a], qs[a])]
+            extra = _icdf(residual if sum(residual) > 0 else ps[a], col[2 * k])
+        else:
+            extra = _icdf(ps[k], col[2 * k])
+        out = drafts[:a] + [extra]
+        lps += [float(torch.tensor(ps[i][t]).log()) for i, t in enumerate(out)]
+        rounds.append(out)
+        seq += out
+        r += 1
+    return rounds, lps
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("k,sampling", [(2, Sampling(1.5)), (1, Sampling(1.2, 12, 0.95)), (3, Sampling(2.0, 0, 0.9))])
+def test_sampled_rounds_equal_the_textbook_rule_token_for_token(model, fast, k, sampling):
+    """Seeded rows (the engine's streams, row_uniforms) through speculative_rounds against `_sampled_reference`:
+    the same yields (rows that finish early emit nothing after), the same log-probabilities, and rounds with
+    rejections at several positions and full acceptances among them."""
+    n = 8
+    u = row_uniforms(5, len(PROMPTS), 1 + n * (2 * k + 1))  # (B, 1 + n(2k+1)) float64
+    logprobs = [[] for _ in PROMPTS]
+    stats: dict = {}
+    rounds = _run(model, PROMPTS, n, k, fast=fast, sampling=sampling, uniforms=u, logprobs=logprobs, stats=stats)
+    refs = [_sampled_reference(model, p, n, k, sampling, u[b].tolist()) for b, p in enumerate(PROMPTS)]
+    for b, (ref, lps) in enumerate(refs):
+        got = [r[b] for r in rounds]
+        assert got == ref + [[]] * (len(got) - len(ref)), b
+        assert logprobs[b] == pytest.approx(lps, abs=1e-4), b
+    lengths = {len(r) for ref, _ in refs for r in ref[1:]}
+    assert len(lengths) >= 2  # rounds of different acceptance counts
+    assert stats["rounds"] == len(rounds) - 1 == max(len(ref) for ref, _ in refs) - 1
+
+
+def test_sampling_without_uniform_streams_is_refused(model):
+    with pytest.raises(ValueError, match="uniform streams"):
+        _run(model, PROMPTS, 4, 2, sampling=Sampling(1.0))
+
+
+# ------------------------------------------------------------------ hooks: constrain, logprobs
+
+
+def test_constrain_forces_and_cuts_and_the_rows_continue_from_the_forced_tokens(model, monkeypatch):
+    """Oracle drafts all right (k = 3), so the first round emits k + 1 tokens per row; the hook forces row 1's
+    first token, cuts row 0's first round to 2 tokens (the second forced) and row 2's to 1 without forcing.
+    Each row must continue as greedy from its forced sequence; the hook sees every row's tokens in order."""
+    n, k, V = 10, 3, model.config.vocab_size
+    want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
+    F, G = (want[1][0] + 5) % V, (want[0][2] + 7) % V
+    oracle = _Oracle(monkeypatch, want, [[True] * k], V)
+    calls = []
+
+    def constrain(b, tokens):
+        calls.append((b, list(tokens)))
+        if len(calls) <= 3:  # the first tokens
+            return 1, F if b == 1 else None
+        if len(calls) <= 6:  # the first round
+            return {0: (2, G), 1: (len(tokens), None), 2: (1, None)}[b]
+        return len(tokens), None
+
+    rows = _rows(_run(model, PROMPTS, n, k, constrain=constrain, on_yield=oracle.feed))
+    ref = [want[0][:2] + [G], [F], want[2][:2]]
+    ref = [r + _greedy(model, p + r, n + k) for p, r in zip(PROMPTS, ref)]
+    assert rows == [r[: len(row)] for r, row in zip(ref, rows)]
+    assert all(len(r) >= n for r in rows)
+    assert calls[:3] == [(b, want[b][:1]) for b in range(3)]  # the drawn first tokens, before forcing
+    assert calls[3] == (0, want[0][: k + 2][1:]) and calls[5] == (2, want[2][1: k + 2])
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(0.0, 5)])
+def test_greedy_logprobs_are_the_raw_softmax_of_the_full_forward(model, sampling):
+    """Greedy rows with logprobs: each emitted token's log_softmax under the full forward's logits at its
+    position (temperature 1, top-k applied when given), prefill token included."""
+    n, k = 7, 2
+    logprobs = [[] for _ in PROMPTS]
+    rows = _rows(_run(model, PROMPTS, n, k, logprobs=logprobs, sampling=sampling))
+    for b, (p, row) in enumerate(zip(PROMPTS, rows)):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + row]))[0, len(p) - 1: -1]  # (len(row), V)
+        law = filtered_probs(logits, 1.0, sampling.top_k)
+        want = law.gather(-1, torch.tensor(row)[:, None])[:, 0].log().tolist()
+        assert logprobs[b] == pytest.approx(want, abs=1e-4), b
+
+
+# ------------------------------------------------------------------ the drafter's paths
+
+
+class _EagerCompile:
+    """torch.compile replaced by the identity: records (function, kwargs) of each call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        monkeypatch.setattr(torch, "compile", self)
+
+    def __call__(self, fn, **kwargs):
+        self.calls.append(kwargs)
+        return fn
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_compiled_branches_eagerly_give_the_reference_rounds(model, monkeypatch, k):
+    """A traceable fast decoder with a `compiled` dict runs the verify and MTP forwards through `_compiled`
+    (static shapes: attention over the whole capacity, lengths committed after). With compile the identity,
+    the rounds must equal the textbook rule's (sampling: drafts and verify both matter) and plain greedy's; each
+    (kind, batch, tokens[, module]) compiles once, with dynamic=False, and the second call reuses them."""
+    fake = _EagerCompile(monkeypatch)
+    compiled: dict = {}
+    fast = FastDecoder(model, traceable=True)
+    n, sampling = 7, Sampling(1.5)
+    u = row_uniforms(9, len(PROMPTS), 1 + n * (2 * k + 1))
+    rounds = _run(model, PROMPTS, n, k, fast=fast, sampling=sampling, uniforms=u, compiled=compiled)
+    for b, p in enumerate(PROMPTS):
+        ref, _ = _sampled_reference(model, p, n, k, sampling, u[b].tolist())
+        got = [r[b] for r in rounds]
+        assert got == ref + [[]] * (len(got) - len(ref)), b
+    B = len(PROMPTS)
+    keys = {("verify", B, k + 1), ("mtp", B, k + 1, 0)} | ({("mtp", B, 1, 0)} if k > 1 else set())
+    assert set(compiled) == keys and fake.calls == [{"dynamic": False}] * len(keys)
+    want = [_greedy(model, p, n + k) for p in PROMPTS]
+    rows = _rows(_run(model, PROMPTS, n, k, fast=fast, compiled=compiled))
+    assert rows == [w[: len(r)] for w, r in zip(want, rows)]
+    assert len(fake.calls) == len(keys)  # nothing compiled twice
+
+
+def test_a_compiled_dict_is_used_only_with_a_traceable_fast_decoder(model, monkeypatch):
+    """Without a traceable fast decoder, or without a dict, nothing is compiled (the eager paths run)."""
+    fake = _EagerCompile(monkeypatch)
+    for fast, compiled in [(FastDecoder(model), {}), (FastDecoder(model, traceable=True), None), (False, {})]:
+        rows = _rows(_run(model, PROMPTS, 5, 2, fast=fast, compiled=compiled))
+        assert rows == [_greedy(model, p, len(r)) for p, r in zip(PROMPTS, rows)]
+        assert fake.calls == [] and not compiled
+
+
+def test_three_mtp_modules_take_turns_in_every_path(monkeypatch):
+    """An MTP block of three modules: depth j runs module (j - 1) % 3. Drafter.verify, then Drafter.mtp at depths
+    1..4 on a cache, through the reference path (the model's own `hidden_states` and `mtp.depth(j)`), the eager
+    fast decoder and the compiled branch (compile the identity): the same hidden states and logits."""
+    _EagerCompile(monkeypatch)
+    model = _micro(num_nextn_predict_layers=3)
+    gen = torch.Generator().manual_seed(2)
+    B, T, V, H = 2, 6, model.config.vocab_size, model.config.hidden_size
+    ids = torch.randint(0, V, (B, T), generator=gen)  # (B, T)
+    d = torch.randint(0, V, (B, 1), generator=gen)  # (B, 1) a draft
+    outs = []
+    for fast, compiled in [(None, None), (FastDecoder(model), None), (FastDecoder(model, traceable=True), {})]:
+        drafter = Drafter(model, fast, compiled)
+        cache = HybridCache(model.config, B, 16, max_rollback=T, include_mtp=True)
+        with torch.inference_mode():
+            hidden = drafter.verify(cache, ids)  # (B, T, H)
+            assert cache.lengths.tolist() == [T] * B
+            h = drafter.mtp(cache, torch.zeros(B, dtype=torch.long), hidden[:, :-1], ids[:, 1:])  # (B, T-1, H)
+            got = [hidden, h]
+            h = h[:, -1:]
+            for depth in (2, 3, 4):
+                h = drafter.mtp(cache, torch.full((B,), T + depth - 3), h, d, depth=depth)  # (B, 1, H)
+                got.append(h)
+            got.append(drafter.logits(h))  # (B, 1, V)
+        assert [g.shape for g in got] == [(B, T, H), (B, T - 1, H), (B, 1, H), (B, 1, H), (B, 1, H), (B, 1, V)]
+        outs.append(got)
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_the_reference_logits_are_fp32_for_a_bf16_model(model):
+    """The reference path's head on a bf16 model: fp32 logits (the head's product, up to bf16 rounding)."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    h = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
+    out = Drafter(model, None).logits(h)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (h.float() @ model.lm_head.weight.float().t()), atol=0.1, rtol=0.02)
+
+
+def test_a_drafter_needs_an_mtp_block_without_mamba_layers():
+    with pytest.raises(ValueError, match="MTP block"):
+        Drafter(_micro(num_nextn_predict_layers=0), None)
+    with pytest.raises(NotImplementedError, match="Mamba layers"):
+        Drafter(_micro(mtp_pattern="M*"), None)
