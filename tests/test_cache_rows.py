@@ -144,7 +144,8 @@ def test_begin_describes_the_rows_positions_and_padding():
         v = cache.begin(2, rows=torch.tensor(rows))
         assert v.rows.tolist() == rows and v.index.tolist() == rows
         assert v.start.tolist() == [[4, 0, 7][r] for r in rows]
-    v = cache.begin(3, rows=torch.tensor([2, 0]), valid=torch.tensor([3, 1]))
+    v = cache.begin(3, rows=torch.tensor([2, 0]), valid=torch.tensor([3, 1], dtype=torch.int32))
+    assert v.valid.dtype == torch.long
     assert v.positions.tolist() == [[7, 8, 9], [4, 5, 6]] and v.last.tolist() == [2, 0]
     assert v.valid.tolist() == [3, 1] and v.t == 3 and not v.per_step and v.recording
     v = cache.begin(2, valid=torch.tensor([2, 2, 2]))
@@ -262,6 +263,26 @@ def test_begin_all_masks_and_limits_against_a_loop():
     plain = _cache(rows=2)
     plain.commit_all(3)
     assert plain.lengths.tolist() == [3, 3] and plain.rollback_limit.tolist() == [0, 0]
+    assert cache._all_rows() is cache._all_rows()  # one index tensor for every fast step
+    v = cache.begin_all(2, n_keys=5, uniform=False, start=torch.tensor([1, 3, 0]))  # the MTP drafter's positions
+    assert v.positions.tolist() == [[1, 2], [3, 4], [0, 1]] and v.mask[1, 0, 0].tolist() == [1, 1, 1, 1, 0]
+    one = _cache(rows=1, rollback=1)
+    assert one.begin_all(1, None, False).per_step
+    with pytest.raises(ValueError, match=r"^a recording cache \(max_rollback=1\) takes at most that many tokens "):
+        one.begin_all(2, None, False)
+
+
+def test_single_token_fast_step_of_rows_at_different_lengths():
+    """One token per row, rows at lengths 2, 5, 0 (masked): each key goes to its own row's position (a loop)."""
+    cache = _cache(rows=3, seq=9)
+    cache.lengths[:] = torch.tensor([2, 5, 0])
+    key = cache.state(ATT, "key")
+    new = torch.randn(3, 1, key.shape[1], key.shape[3])  # (b, 1, kv, d)
+    got = cache.begin_all(1, n_keys=6, uniform=False).layer(ATT).append("key", new)
+    want = torch.zeros_like(key)
+    for b, pos in enumerate([2, 5, 0]):
+        want[b, :, pos] = new[b, 0]
+    assert torch.equal(key, want) and torch.equal(got, want[:, :, :6])
 
 
 def test_commit_of_a_full_forward_sets_every_limit():
@@ -329,7 +350,11 @@ def test_construction_slots_and_reset():
         cache.free(2)
     with pytest.raises(IndexError, match=r"^cache row -1 out of range \[0, 2\)$"):
         cache.free(-1)
-    assert (cache.allocate(), cache.allocate()) == (0, 1)
+    assert cache.allocate() == 0
+    cache.lengths[0] = 4
+    cache.state(MAMBA, "ssm")[0] = 2.0
+    assert cache.allocate() == 1  # resets row 1 only
+    assert cache.lengths.tolist() == [4, 0] and bool((cache.state(MAMBA, "ssm")[0] == 2).all())
     with pytest.raises(RuntimeError, match=r"^all 2 cache rows are in use; free\(\) one or build a larger "):
         cache.allocate()
     cache.free(0)
@@ -366,6 +391,11 @@ def test_sizes_by_hand_for_other_dtypes_and_mtp_depths():
         assert size.per_token == size.total / 21
         cache = HybridCache(c, 3, 7, dtype=torch.bfloat16, ssm_dtype=ssm_dtype, max_rollback=2)
         assert cache.nbytes == size.total and cache.size() == size
+        assert all(type(getattr(size, f)) is int for f in ("sequence", "recurrent", "history", "kv_per_token",
+                                                           "state_per_row", "total"))
+    one = cache_size(c, rows=2, seq_len=5, max_rollback=1)
+    assert one.history == (conv * 2 + ssm * 4) * n_mamba * 2 * 2 == HybridCache(c, 2, 5, max_rollback=1).nbytes - (
+        one.sequence + one.recurrent)
     no_mtp = cache_size(c, rows=1, seq_len=4, include_mtp=False)
     assert no_mtp.kv_per_token == 2 * c.num_key_value_heads * c.head_dim * 4 * 1 and no_mtp.history == 0
     assert HybridCache(c, 1, 4, include_mtp=False).size() == no_mtp
@@ -393,7 +423,7 @@ def test_prefix_and_swap_rows_against_the_full_forward():
         cache.prefix(0)
     with pytest.raises(ValueError, match=r"^a prefix needs 0 < n <= rows=3, got 4$"):
         cache.prefix(4)
-    assert cache.prefix(3).rows == 3
+    assert cache.prefix(3).rows == 3 and cache.prefix(1).lengths.tolist() == [6]
     pre = cache.prefix(2)
     assert pre.rows == 2 and pre.in_use == [True, False] and pre.lengths.tolist() == [6, 4]
     assert pre._all_rows().tolist() == [0, 1] and cache._all_rows().tolist() == [0, 1, 2]
@@ -442,3 +472,27 @@ def test_swap_rows_copies_sequence_entries_up_to_the_longer_length_only():
     empty.state(ATT, "key")[1] = 1.0
     empty.swap_rows(0, 1)  # both rows empty: no entry is read, none is moved
     assert not empty.state(ATT, "key")[0].any()
+
+
+def test_only_an_unchecked_full_count_tensor_takes_the_fast_rollback():
+    """A checked rollback given one count per row as a tensor is still checked; an unchecked one over listed rows
+    follows the listed order; an unchecked 0-dim count with rows never recorded moves nothing (the fast path would
+    copy their stale slot back)."""
+    cache = _cache(rows=2, seq=10, rollback=2)
+    ssm = cache.state(MAMBA, "ssm")
+    cache.commit(cache.begin(5))  # not recorded: the history slots are stale (zeros)
+    ssm.fill_(1.0)
+    with pytest.raises(ValueError, match=r"^rollback of \[1, 0\] tokens exceeds"):
+        cache.rollback(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"^cannot roll back \[-1, 0\] tokens"):
+        cache.rollback(torch.tensor([-1, 0]))
+    cache.rollback(torch.tensor(0), check=False)
+    assert bool((ssm == 1).all()) and cache.lengths.tolist() == [5, 5]
+    view = cache.begin(2)  # recorded: slot j holds the state after token j - 1, here 10 * (j + 1) + row
+    hist = cache.history[MAMBA]["ssm"]
+    for j in range(3):
+        hist[j] = torch.tensor([10.0 * (j + 1), 10.0 * (j + 1) + 1])[:, None, None, None]
+    cache.commit(view)
+    cache.rollback(torch.tensor([2, 1]), rows=[1, 0], check=False)  # row 1 back 2 tokens, row 0 back 1
+    assert cache.lengths.tolist() == [6, 5] and cache.rollback_limit.tolist() == [1, 0]
+    assert ssm[:, 0, 0, 0].tolist() == [20.0, 11.0]
