@@ -267,7 +267,7 @@ def test_begin_all_masks_and_limits_against_a_loop():
     v = cache.begin_all(2, n_keys=5, uniform=False, start=torch.tensor([1, 3, 0]))  # the MTP drafter's positions
     assert v.positions.tolist() == [[1, 2], [3, 4], [0, 1]] and v.mask[1, 0, 0].tolist() == [1, 1, 1, 1, 0]
     one = _cache(rows=1, rollback=1)
-    assert one.begin_all(1, None, False).per_step
+    assert one.begin_all(1, None, False).per_step and one.begin(1).per_step and not one.begin(2).per_step
     with pytest.raises(ValueError, match=r"^a recording cache \(max_rollback=1\) takes at most that many tokens "):
         one.begin_all(2, None, False)
 
@@ -345,7 +345,9 @@ def test_construction_slots_and_reset():
     assert all(not t.any() for d in cache.states + cache.history for t in d.values())
     assert cache.lengths.dtype == cache.rollback_limit.dtype == torch.long
     assert _cache(rows=2).history[MAMBA] == {}
-    assert len(_cache(rows=1, include_mtp=False).states) == len(CONFIG.pattern)
+    no_mtp = _cache(rows=1, seq=1, include_mtp=False)  # one token of capacity is a cache too
+    assert len(no_mtp.states) == len(CONFIG.pattern) and no_mtp.kinds == list(CONFIG.pattern)
+    assert no_mtp.begin(1).t == 1
     with pytest.raises(IndexError, match=r"^cache row 2 out of range \[0, 2\)$"):
         cache.free(2)
     with pytest.raises(IndexError, match=r"^cache row -1 out of range \[0, 2\)$"):
