@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # module (file or package, relative to the repository) -> the test files that cover it
 COVERING: dict[str, list[str]] = {
     "nemotron3/tasks": ["tests/test_tasks.py", "tests/test_tasks_reference.py"],
-    "nemotron3/train/data.py": ["tests/test_data.py", "tests/test_loss_mask.py"],
+    "nemotron3/train/data.py": ["tests/test_data.py", "tests/test_loss_mask.py",
+                                "tests/test_data_sources_and_order.py"],
     "nemotron3/train/loss.py": ["tests/test_loss_mask.py"],
     # the in-process end-to-end resume (tests/test_checkpoint_rng.py) takes ~30 s a run: left to the suite
     "nemotron3/train/checkpoint.py": ["tests/test_checkpoint_files.py", "tests/test_checkpoint_failures.py",

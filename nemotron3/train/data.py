@@ -15,9 +15,9 @@ targets row[1:]. Every token of the stream is the target of exactly one row (the
 `</s> <s>`; a target `<s>` is masked out (which document comes next is not predictable). Attention and the
 SSM state do run across boundaries, as in Megatron's packed pretraining without resets.
 
-**Order.** Rows are visited in epochs; epoch e is `randperm(N)` from a generator seeded with (seed, e), so
-the batch at any *position* (rows consumed so far) is a pure function of (data, seed, position). That
-position is the whole resume state of the data.
+**Order.** Rows are visited in epochs; epoch e is `randperm(N)` from a generator seeded with
+`seed * 1_000_003 + e`, so the batch at any *position* (rows consumed so far) is a pure function of (data,
+seed, position). That position is the whole resume state of the data.
 """
 
 from __future__ import annotations
