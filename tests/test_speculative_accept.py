@@ -248,7 +248,7 @@ def test_uniforms_per_round_is_k_drafts_k_tests_and_one_extra():
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.5, 0, 1.0), (0.8, 3, 1.0),
-                                                     (1.0, 0, 0.7), (0.0, 2, 1.0)])
+                                                     (1.0, 0, 0.7), (0.0, 2, 1.0), (1.0, 1, 1.0)])
 def test_token_logprobs_are_the_log_of_the_sampling_law(temperature, top_k, top_p):
     """logits (3, 4, 5), ragged token lists (one empty) -> log of the Python-float law at each emitting
     position (greedy: the raw softmax; top-k/top-p: the renormalized law, tokens chosen inside it)."""
@@ -265,6 +265,17 @@ def test_token_logprobs_are_the_log_of_the_sampling_law(temperature, top_k, top_
     want = [[math.log(law[b][i][t]) for i, t in enumerate(row)] for b, row in enumerate(tokens)]
     for got, ref in zip(out, want):
         assert got == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.5])
+def test_token_logprobs_of_improbable_tokens_stay_finite_without_filtering(temperature):
+    """No top-k/top-p: the log-probability is log_softmax's, finite even where the probability underflows fp32
+    (a logit 160 below the best, by hand: -(160 + log(1 + e^-10)) / T at T = 1, the greedy rows too)."""
+    logits = torch.tensor([[[10.0, -150.0, 0.0]]])  # (1, 1, 3)
+    out = token_logprobs(logits, Sampling(temperature), [[1]])
+    T = temperature or 1.0
+    want = -150.0 / T - math.log(math.exp(10.0 / T) + math.exp(-150.0 / T) + 1.0)
+    assert out[0] == pytest.approx([want], rel=1e-5)
 
 
 def test_token_logprobs_of_rows_with_no_tokens():

@@ -36,7 +36,8 @@ MICRO = dict(pattern="M*E", vocab_size=32, hidden_size=16, num_attention_heads=2
              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
              moe_shared_expert_intermediate_size=16, moe_latent_size=8, num_nextn_predict_layers=1, mtp_pattern="*E")
 CHUNK = 8
-PROMPTS = [list(range(3, 22)), [5, 6, 7], list(range(10, 20))]  # 19 tokens cross two prefill chunks of 8
+# prefill chunks of 8: 19 tokens cross two chunk boundaries, 16 ends on one; rows 2 and 3 end in the same chunk
+PROMPTS = [list(range(3, 22)), [5, 6, 7], list(range(10, 20)), list(range(12, 28))]
 
 
 def _micro(**changes) -> nemotron3.HybridLM:
@@ -74,8 +75,8 @@ def _run(model, prompts, n, k, fast=True, limit=40, stats=None, on_yield=None, *
     reference path) or a FastDecoder."""
     if fast is True:
         fast = FastDecoder(model)
-    cache = HybridCache(model.config, len(prompts), max(map(len, prompts)) + n + 2 * k + 1, max_rollback=k + 1,
-                        include_mtp=True)
+    cache = HybridCache(model.config, len(prompts), max(map(len, prompts)) + n + 2 * k + 1,
+                        next(model.parameters()).dtype, max_rollback=k + 1, include_mtp=True)
     stats = {} if stats is None else stats
     with torch.inference_mode():
         gen = speculative_rounds(model, fast or None, cache, prompts, n, k, CHUNK, set(kw.pop("stops", ())), stats,
@@ -305,8 +306,43 @@ def test_sampled_rounds_equal_the_textbook_rule_token_for_token(model, fast, k, 
     assert stats["rounds"] == len(rounds) - 1 == max(len(ref) for ref, _ in refs) - 1
 
 
+def test_the_drafts_follow_the_documented_mtp_layout(model, monkeypatch):
+    """Each round calls the MTP block at depth j = 2..k for draft j, one token at MTP position mtp_start + j - 2,
+    then once at depth 1 over the k + 1 verified tokens at mtp_start (the position after the row's kept tokens);
+    the prefill's calls (per segment, with rows) come first (docs/inference.md §5). mtp_start is counted
+    from the yields: the prompt length plus the tokens emitted after the first."""
+    calls = []
+    orig = speculative.Drafter.mtp
+
+    def mtp(drafter, cache, start, prev_hidden, next_ids, depth=1, rows=None, valid=None):
+        calls.append((start.tolist(), tuple(next_ids.shape), depth, rows is None))
+        return orig(drafter, cache, start, prev_hidden, next_ids, depth, rows, valid)
+
+    monkeypatch.setattr(speculative.Drafter, "mtp", mtp)
+    n, k, B = 9, 3, len(PROMPTS)
+    rounds = _run(model, PROMPTS, n, k)
+    segments = -(-max(map(len, PROMPTS)) // CHUNK)
+    assert [c[3] for c in calls[:segments]] == [False] * segments
+    start, want = [len(p) for p in PROMPTS], []
+    for out in rounds[1:]:
+        want += [([s + j - 2 for s in start], (B, 1), j, True) for j in range(2, k + 1)]
+        want.append((list(start), (B, k + 1), 1, True))
+        start = [s + len(row) for s, row in zip(start, out)]
+    assert calls[segments:] == want
+
+
+def test_a_bf16_model_runs_the_reference_path_in_its_dtype():
+    """A bf16 micro model (the reference cached path): the rows' tokens are plain greedy's from bf16 full
+    forwards (the drafter's states keep the model's dtype)."""
+    model = _micro().to(torch.bfloat16)
+    n = 8
+    want = [_greedy(model, p, n + 3) for p in PROMPTS]
+    rows = _rows(_run(model, PROMPTS, n, 3, fast=False))
+    assert rows == [w[: len(r)] for w, r in zip(want, rows)]
+
+
 def test_sampling_without_uniform_streams_is_refused(model):
-    with pytest.raises(ValueError, match="uniform streams"):
+    with pytest.raises(ValueError, match="^speculative sampling needs the rows' uniform streams$"):
         _run(model, PROMPTS, 4, 2, sampling=Sampling(1.0))
 
 
@@ -317,7 +353,7 @@ def test_constrain_forces_and_cuts_and_the_rows_continue_from_the_forced_tokens(
     """Oracle drafts all right (k = 3), so the first round emits k + 1 tokens per row; the hook forces row 1's
     first token, cuts row 0's first round to 2 tokens (the second forced) and row 2's to 1 without forcing.
     Each row must continue as greedy from its forced sequence; the hook sees every row's tokens in order."""
-    n, k, V = 10, 3, model.config.vocab_size
+    n, k, V, B = 10, 3, model.config.vocab_size, len(PROMPTS)
     want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
     F, G = (want[1][0] + 5) % V, (want[0][2] + 7) % V
     oracle = _Oracle(monkeypatch, want, [[True] * k], V)
@@ -325,33 +361,34 @@ def test_constrain_forces_and_cuts_and_the_rows_continue_from_the_forced_tokens(
 
     def constrain(b, tokens):
         calls.append((b, list(tokens)))
-        if len(calls) <= 3:  # the first tokens
+        if len(calls) <= B:  # the first tokens
             return 1, F if b == 1 else None
-        if len(calls) <= 6:  # the first round
-            return {0: (2, G), 1: (len(tokens), None), 2: (1, None)}[b]
+        if len(calls) <= 2 * B:  # the first round
+            return {0: (2, G), 2: (1, None)}.get(b, (len(tokens), None))
         return len(tokens), None
 
     rows = _rows(_run(model, PROMPTS, n, k, constrain=constrain, on_yield=oracle.feed))
-    ref = [want[0][:2] + [G], [F], want[2][:2]]
+    ref = [want[0][:2] + [G], [F], want[2][:2]] + [w[:1] for w in want[3:]]
     ref = [r + _greedy(model, p + r, n + k) for p, r in zip(PROMPTS, ref)]
     assert rows == [r[: len(row)] for r, row in zip(ref, rows)]
     assert all(len(r) >= n for r in rows)
-    assert calls[:3] == [(b, want[b][:1]) for b in range(3)]  # the drawn first tokens, before forcing
-    assert calls[3] == (0, want[0][: k + 2][1:]) and calls[5] == (2, want[2][1: k + 2])
+    assert calls[:B] == [(b, want[b][:1]) for b in range(B)]  # the drawn first tokens, before forcing
+    assert calls[B] == (0, want[0][1: k + 2]) and calls[B + 2] == (2, want[2][1: k + 2])
 
 
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(0.0, 5)])
 def test_greedy_logprobs_are_the_raw_softmax_of_the_full_forward(model, sampling):
     """Greedy rows with logprobs: each emitted token's log_softmax under the full forward's logits at its
-    position (temperature 1, top-k applied when given), prefill token included."""
+    position (temperature 1, top-k applied when given), prefill token included; the lists are extended (what
+    they held before stays)."""
     n, k = 7, 2
-    logprobs = [[] for _ in PROMPTS]
+    logprobs = [[-7.0] for _ in PROMPTS]
     rows = _rows(_run(model, PROMPTS, n, k, logprobs=logprobs, sampling=sampling))
     for b, (p, row) in enumerate(zip(PROMPTS, rows)):
         with torch.no_grad():
             logits = model(torch.tensor([p + row]))[0, len(p) - 1: -1]  # (len(row), V)
         law = filtered_probs(logits, 1.0, sampling.top_k)
-        want = law.gather(-1, torch.tensor(row)[:, None])[:, 0].log().tolist()
+        want = [-7.0] + law.gather(-1, torch.tensor(row)[:, None])[:, 0].log().tolist()
         assert logprobs[b] == pytest.approx(want, abs=1e-4), b
 
 
