@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # module (file or package, relative to the repository) -> the test files that cover it
 COVERING: dict[str, list[str]] = {
-    "nemotron3/tasks": ["tests/test_tasks.py", "tests/test_tasks_reference.py"],
+    "nemotron3/tasks": ["tests/test_tasks.py", "tests/test_tasks_reference.py", "tests/test_tasks_distribution_spec.py",
+                        "tests/test_tasks_registry_spec.py"],
     "nemotron3/train/data.py": ["tests/test_data.py", "tests/test_loss_mask.py",
                                 "tests/test_data_sources_and_order.py"],
     "nemotron3/train/loss.py": ["tests/test_loss_mask.py"],

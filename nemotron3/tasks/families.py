@@ -33,6 +33,7 @@ class Problem:
 
 
 def _digits(rng: random.Random, n: int) -> int:
+    """A uniform n-digit number: 0..9 for n = 1, 10^(n-1)..10^n - 1 for n > 1."""
     return rng.randint(10 ** (n - 1) if n > 1 else 0, 10**n - 1)
 
 
@@ -74,6 +75,8 @@ class Add(Family):
     _re = re.compile(r"^What is (\d+) ([+-]) (\d+)\?$")
 
     def make(self, rng, difficulty):
+        """With n = difficulty + 1: a uniform n-digit, b uniform with n - 1 or n digits (at least 1; the count drawn
+        first, evenly), + or - evenly; a difference is written larger first (never negative), a sum as drawn."""
         n = difficulty + 1
         a, b, op = _digits(rng, n), _digits(rng, rng.randint(max(1, n - 1), n)), rng.choice("+-")
         return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
@@ -119,6 +122,8 @@ class Mul(Family):
     _re = re.compile(r"^What is (\d+) \* (\d+)\?$")
 
     def make(self, rng, difficulty):
+        """A uniform (difficulty + 1)-digit number times a uniform one-digit one (0..9) below difficulty 3, a
+        two-digit one (10..99) from 3 on."""
         return _digits(rng, difficulty + 1), _digits(rng, 1 if difficulty < 3 else 2)
 
     def render(self, p):
@@ -156,6 +161,7 @@ class ModPow(Family):
     _re = re.compile(r"^What is (\d+)\^(\d+) mod (\d+)\?$")
 
     def make(self, rng, difficulty):
+        """m uniform in 3..10 + 10·difficulty, then a uniform in 2..m - 1 and e uniform in 2..4 + 2·difficulty."""
         m = rng.randint(3, 10 + 10 * difficulty)
         return rng.randint(2, m - 1), rng.randint(2, 4 + 2 * difficulty), m
 
@@ -184,6 +190,7 @@ class Sort(Family):
     _re = re.compile(r"^Sort ascending: (\d+(?: \d+)*)$")
 
     def make(self, rng, difficulty):
+        """difficulty + 2 numbers, each uniform in 0..99."""
         return tuple(rng.randint(0, 99) for _ in range(difficulty + 2))
 
     def render(self, p):
@@ -210,6 +217,8 @@ class Countdown(Family):
     _re = re.compile(r"^Reach (\d+) using (\d+(?: \d+)*) with \+ - \*\.$")
 
     def make(self, rng, difficulty):
+        """difficulty + 2 numbers, each uniform in 1..12, chained left to right by + - * (each evenly); the chain's
+        value is the target, and the whole draw is repeated until it lies in 1..999."""
         while True:
             nums = [rng.randint(1, 12) for _ in range(difficulty + 2)]
             acc, steps = nums[0], []
@@ -268,6 +277,10 @@ class Word(Family):
     )
 
     def make(self, rng, difficulty):
+        """With top = 10·difficulty: a start uniform in 1..top, then difficulty + 1 steps, each of a kind drawn evenly
+        from the four and redrawn when it does not apply: buy 2..5 packs of 2..top, give 1..count - 1 (only while
+        the count is above 1), find 1..top, share with a friends (a uniform among the a in 1..4 with a + 1
+        dividing the count; only when there is one); two distinct names and an item, each uniform."""
         top = 10 * difficulty
         start = value = rng.randint(1, top)
         steps = []

@@ -61,7 +61,8 @@ def generate(family: str, n: int, seed: int = 0, split: str = "train", difficult
 
     Problems whose key falls in the other split are skipped, so the two splits never share a problem.
     Duplicates within a call are allowed for the train split (it is a sample of a distribution) and
-    removed for the held-out split (an evaluation set should count each problem once).
+    removed for the held-out split (an evaluation set should count each problem once). After 200·n + 1000
+    draws without `n` problems it gives up with a ValueError.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; expected one of {sorted(FAMILIES)}")
