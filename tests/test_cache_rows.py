@@ -370,6 +370,8 @@ def test_construction_slots_and_reset():
     assert cache.lengths.tolist() == [4, 0] and cache.rollback_limit.tolist() == [1, 0]
     assert not cache.state(MAMBA, "ssm")[1].any() and bool((cache.state(MAMBA, "ssm")[0] == 3).all())
     assert not cache.state(MAMBA, "conv")[1].any() and bool((cache.state(ATT, "key") == 3).all())
+    cache.reset([])  # no rows: nothing to do
+    assert cache.lengths.tolist() == [4, 0] and bool((cache.state(MAMBA, "ssm")[0] == 3).all())
     cache.reset()
     assert cache.lengths.tolist() == [0, 0] and cache.rollback_limit.tolist() == [0, 0]
     assert not cache.state(MAMBA, "ssm").any() and not cache.state(2, "conv").any()
