@@ -352,7 +352,8 @@ def test_sampling_without_uniform_streams_is_refused(model):
 def test_constrain_forces_and_cuts_and_the_rows_continue_from_the_forced_tokens(model, monkeypatch):
     """Oracle drafts all right (k = 3), so the first round emits k + 1 tokens per row; the hook forces row 1's
     first token, cuts row 0's first round to 2 tokens (the second forced) and row 2's to 1 without forcing.
-    Each row must continue as greedy from its forced sequence; the hook sees every row's tokens in order."""
+    Each row must continue as greedy from its forced sequence; the hook sees every row's tokens in order, and
+    nothing of a row that has finished."""
     n, k, V, B = 10, 3, model.config.vocab_size, len(PROMPTS)
     want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
     F, G = (want[1][0] + 5) % V, (want[0][2] + 7) % V
@@ -367,13 +368,17 @@ def test_constrain_forces_and_cuts_and_the_rows_continue_from_the_forced_tokens(
             return {0: (2, G), 2: (1, None)}.get(b, (len(tokens), None))
         return len(tokens), None
 
-    rows = _rows(_run(model, PROMPTS, n, k, constrain=constrain, on_yield=oracle.feed))
+    rounds = _run(model, PROMPTS, n, k, constrain=constrain, on_yield=oracle.feed)
+    rows = _rows(rounds)
     ref = [want[0][:2] + [G], [F], want[2][:2]] + [w[:1] for w in want[3:]]
     ref = [r + _greedy(model, p + r, n + k) for p, r in zip(PROMPTS, ref)]
     assert rows == [r[: len(row)] for r, row in zip(ref, rows)]
     assert all(len(r) >= n for r in rows)
     assert calls[:B] == [(b, want[b][:1]) for b in range(B)]  # the drawn first tokens, before forcing
     assert calls[B] == (0, want[0][1: k + 2]) and calls[B + 2] == (2, want[2][1: k + 2])
+    # a finished row is not told anything: one call per non-empty row of a round (some rows finish early)
+    assert any(not row for r in rounds[:-1] for row in r)
+    assert len(calls) == sum(1 for r in rounds for row in r if row) and all(tokens for _, tokens in calls)
 
 
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(0.0, 5)])
