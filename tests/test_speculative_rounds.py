@@ -202,6 +202,42 @@ def test_stop_tokens_inside_the_accepted_drafts_and_rows_that_stop_at_different_
     _assert_stats(stats, want_stats, PROMPTS)
 
 
+def test_a_row_stopped_earlier_stays_done_when_another_row_stops_later(model, monkeypatch):
+    """Row 0 meets stop A in round 1, another row meets stop B in round 2 while the others go on: row 0 must stay
+    done (empty lists) in every later round, as in the plan's outcome; a round's stops add to the done rows."""
+    n, k = 12, 3
+    want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
+    i = next(i for i in (2, 3, 1) if want[0][i] not in want[0][:i])  # an accepted draft of row 0's first round
+    stop_a = want[0][i]
+    # a token of row b's second round (positions 5..8), new in row b and not row 0's first token
+    b, j = next((b, j) for b in (1, 2, 3) for j in range(5, 9)
+                if want[b][j] not in want[b][:j] + [want[0][0]] and stop_a not in want[b][:j + 1])
+    stops = [stop_a, want[b][j]]
+    oracle = _Oracle(monkeypatch, want, [[True] * k], model.config.vocab_size)
+    stats: dict = {}
+    rounds = _run(model, PROMPTS, n, k, stats=stats, stops=stops, on_yield=oracle.feed)
+    expected, want_stats = _plan_outcome(want, [[True] * k], n, k, stops=stops)
+    # the scenario: row 0 done after round 1, row b after round 2, some row still live in round 3
+    assert expected[1][0] and expected[2][b] and len(expected) > 3 and any(expected[3])
+    assert all(r[0] == [] for r in expected[2:]) and all(r[b] == [] for r in expected[3:])
+    assert rounds == expected
+    _assert_stats(stats, want_stats, PROMPTS)
+
+
+def test_one_row_one_round_gives_that_round_s_acceptance_rates(model, monkeypatch):
+    """One row, k = 3, max_new_tokens = 3: the prefill's token and one round (draft 1 right, draft 2 wrong:
+    2 tokens) finish it, so the per-position rates are that round's own, [1, 0, 0], over one live round."""
+    k, prompt = 3, PROMPTS[:1]
+    want = [_greedy(model, prompt[0], 2 * k + 2)]
+    plan = [[True, False, True]]
+    oracle = _Oracle(monkeypatch, want, plan, model.config.vocab_size)
+    stats: dict = {}
+    rounds = _run(model, prompt, 3, k, stats=stats, on_yield=oracle.feed)
+    expected, want_stats = _plan_outcome(want, plan, 3, k)
+    assert rounds == expected and len(rounds) == 2 and want_stats["acceptance_rate_per_position"] == [1.0, 0.0, 0.0]
+    _assert_stats(stats, want_stats, prompt)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_a_stop_first_token_or_a_one_token_budget_runs_no_round(model, n):
     """A row done after the prefill's token (max_new_tokens = 1, or that token is a stop) runs no round."""
@@ -487,7 +523,8 @@ def test_the_reference_logits_are_fp32_for_a_bf16_model(model):
 
 
 def test_a_drafter_needs_an_mtp_block_without_mamba_layers():
-    with pytest.raises(ValueError, match="MTP block"):
+    with pytest.raises(ValueError, match=r"^num_speculative_tokens > 0 needs a model with an MTP block "
+                                         r"\(num_nextn_predict_layers > 0\)$"):
         Drafter(_micro(num_nextn_predict_layers=0), None)
-    with pytest.raises(NotImplementedError, match="Mamba layers"):
+    with pytest.raises(NotImplementedError, match="^MTP blocks with Mamba layers are not supported by the drafter$"):
         Drafter(_micro(mtp_pattern="M*"), None)
