@@ -18,6 +18,7 @@ Every direct run of the generator is bounded (`_run`), so a loop that never ends
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 
 import pytest
@@ -180,9 +181,18 @@ def test_an_oracle_drafter_gives_greedy_tokens_and_the_planned_rounds(model, mon
     want = [_greedy(model, p, n + k + 1) for p in PROMPTS]
     oracle = _Oracle(monkeypatch, want, plan, model.config.vocab_size)
     stats: dict = {}
-    rounds = _run(model, PROMPTS, n, k, fast=fast, stats=stats, on_yield=oracle.feed)
+    live: list[tuple[int, int]] = []  # (rounds, forward_passes) as the stats read at each round's yield
+
+    def feed(out):
+        oracle.feed(out)
+        if "rounds" in stats:
+            live.append((stats["rounds"], stats["forward_passes"]))
+
+    rounds = _run(model, PROMPTS, n, k, fast=fast, stats=stats, on_yield=feed)
     expected, want_stats = _plan_outcome(want, plan, n, k)
     assert rounds == expected
+    # the statistics are current at every yield, not only once the rounds are over
+    assert live == [(r, _prefill_passes(PROMPTS) + r) for r in range(1, len(expected))]
     _assert_stats(stats, want_stats, PROMPTS)
 
 
@@ -350,9 +360,12 @@ def test_the_drafts_follow_the_documented_mtp_layout(model, monkeypatch):
     calls = []
     orig = speculative.Drafter.mtp
 
-    def mtp(drafter, cache, start, prev_hidden, next_ids, depth=1, rows=None, valid=None):
-        calls.append((start.tolist(), tuple(next_ids.shape), depth, rows is None))
-        return orig(drafter, cache, start, prev_hidden, next_ids, depth, rows, valid)
+    def mtp(drafter, *args, **kwargs):  # the call as the real method sees it, its own defaults applied
+        call = inspect.signature(orig).bind(drafter, *args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        calls.append((a["start"].tolist(), tuple(a["next_ids"].shape), a["depth"], a["rows"] is None))
+        return orig(drafter, *args, **kwargs)
 
     monkeypatch.setattr(speculative.Drafter, "mtp", mtp)
     n, k, B = 9, 3, len(PROMPTS)
@@ -511,6 +524,11 @@ def test_three_mtp_modules_take_turns_in_every_path(monkeypatch):
     for other in outs[1:]:
         for x, y in zip(outs[0], other):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    # Drafter.mtp's default depth is 1: module 0, as the uncached MTP forward over the same pairs computes it
+    with torch.inference_mode():
+        h0 = model.hidden_states(ids)  # (B, T, H)
+        ref = model.mtp.depth(1)(h0[:, :-1], model.backbone.embeddings(ids[:, 1:]))  # (B, T-1, H)
+    torch.testing.assert_close(outs[0][1], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_the_reference_logits_are_fp32_for_a_bf16_model(model):
