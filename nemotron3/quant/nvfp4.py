@@ -341,7 +341,11 @@ def _nearest_even(table: list[float], a: float) -> int:
 
 
 def nvfp4_quantize_reference(x: torch.Tensor, block_2d: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 scale bytes (R, K/16), E2M1 codes (R, K)) of the `te` convention, by loops."""
+    """(E4M3 scale bytes (R, K/16), E2M1 codes (R, K)) of the `te` convention, by loops.
+
+    Defined for inputs without NaN (inf included): with a NaN element the fast path's per-tensor scale is NaN
+    and every scale byte 0x7F (E4M3's NaN), while this loop's `amax > 0` test fails and it falls back to
+    S_enc = 1; the two are compared on NaN-free inputs only."""
     import numpy as np
 
     f32 = np.float32
