@@ -79,6 +79,24 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
+def icdf(weights: list[float], u: float) -> int:
+    """The first token whose cumulative weight exceeds u * total: the inverse-CDF draw the engine documents for
+    one uniform u (a plain-Python reference for the speculative tests)."""
+    total, acc = sum(weights), 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if acc > u * total:
+            return i
+    return len(weights) - 1
+
+
+class StubTokenizer:
+    """Stands in for a tokenizer in checkpoint tests: `save(folder)` writes an empty tokenizer.json."""
+
+    def save(self, folder) -> None:
+        (folder / "tokenizer.json").write_text("{}")
+
+
 @pytest.fixture(params=sorted(TINY_HF_CONFIGS))
 def tiny_hf_config(request) -> tuple[str, dict]:
     return request.param, TINY_HF_CONFIGS[request.param]

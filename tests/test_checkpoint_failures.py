@@ -16,15 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import StubTokenizer
 from torch import nn
 
 import nemotron3
 from nemotron3.train import checkpoint
-
-
-class _Tok:
-    def save(self, folder):
-        (folder / "tokenizer.json").write_text("{}")
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +48,16 @@ def stuck(monkeypatch):
 
 def test_a_resave_succeeds_when_the_old_copy_cannot_be_deleted(tmp_path, model, stuck):
     out = tmp_path / "run"
-    checkpoint.save(checkpoint.step_dir(out, 2), model, _Tok(), {"step": 2})
+    checkpoint.save(checkpoint.step_dir(out, 2), model, StubTokenizer(), {"step": 2})
     stuck(lambda name: name.startswith(".old-"))
-    assert checkpoint.save(checkpoint.step_dir(out, 2), model, _Tok(), {"step": 22}) == out / "step-000002"
+    assert checkpoint.save(checkpoint.step_dir(out, 2), model, StubTokenizer(), {"step": 22}) == out / "step-000002"
     assert checkpoint.load_state(out / "step-000002")["step"] == 22
     left = [p.name for p in out.iterdir() if p.name.startswith(".old-")]
     assert len(left) == 1 and checkpoint.checkpoints(out) == [(2, out / "step-000002")]  # the leftover is hidden
 
 
 def test_a_failed_save_raises_its_own_error_when_the_temporary_cannot_be_deleted(tmp_path, model, stuck):
-    class Broken(_Tok):
+    class Broken(StubTokenizer):
         def save(self, folder):
             raise OSError("disk full")
 
@@ -73,7 +69,7 @@ def test_a_failed_save_raises_its_own_error_when_the_temporary_cannot_be_deleted
 
 def test_prune_and_clean_up_go_on_past_a_folder_that_cannot_be_deleted(tmp_path, model, stuck):
     for step in (1, 2, 3, 4):
-        checkpoint.save(checkpoint.step_dir(tmp_path, step), model, _Tok(), {"step": step})
+        checkpoint.save(checkpoint.step_dir(tmp_path, step), model, StubTokenizer(), {"step": step})
     for name in (".tmp-step-000005-a", ".tmp-step-000005-b", ".old-step-000001-c"):
         (tmp_path / name).mkdir()
     stuck(lambda name: name in ("step-000001", ".tmp-step-000005-a"))
@@ -87,7 +83,7 @@ def test_a_resume_state_with_tensors_loads_back_on_the_cpu(tmp_path, model):
     torch.manual_seed(1)
     state = {"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.randn(5), "step": torch.tensor(3.0)}}},
              "rng": torch.get_rng_state()}
-    checkpoint.save(checkpoint.step_dir(tmp_path, 3), model, _Tok(), state)
+    checkpoint.save(checkpoint.step_dir(tmp_path, 3), model, StubTokenizer(), state)
     path, got = checkpoint.resume_point(tmp_path)
     assert path == tmp_path / "step-000003" and got["step"] == 3
     moments = got["optimizer"]["state"][0]
@@ -101,13 +97,13 @@ def test_the_resume_errors_whole_messages(tmp_path, model):
         checkpoint.resume_point(tmp_path)
     assert str(e.value) == (f"--resume: no complete checkpoint (step-NNNNNN/ with trainer_state.pt) in {tmp_path}; "
                             "save some with --save-every")
-    checkpoint.save(tmp_path / "final", model, _Tok())
+    checkpoint.save(tmp_path / "final", model, StubTokenizer())
     with pytest.raises(FileNotFoundError) as e:
         checkpoint.load_state(tmp_path / "final")
     path = tmp_path / "final" / "trainer_state.pt"
     assert str(e.value) == f"{path}: not a training checkpoint (no trainer_state.pt); `final/` cannot be resumed"
     bad = checkpoint.step_dir(tmp_path, 3)
-    checkpoint.save(bad, model, _Tok(), {"step": 3})
+    checkpoint.save(bad, model, StubTokenizer(), {"step": 3})
     (bad / "trainer_state.pt").write_bytes(b"not a pickle")
     try:  # the reference: what torch itself raises on this file
         torch.load(bad / "trainer_state.pt", weights_only=False)

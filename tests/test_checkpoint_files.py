@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import StubTokenizer
 
 import nemotron3
 from nemotron3.train import checkpoint
-
-
-class _Tok:
-    def save(self, folder):
-        (folder / "tokenizer.json").write_text("{}")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +20,8 @@ def model():
 def test_save_resave_and_the_listing(tmp_path, model):
     out = tmp_path / "run"
     for step in (2, 4, 6):
-        checkpoint.save(checkpoint.step_dir(out, step), model, _Tok(), {"step": step})
-    checkpoint.save(out / "final", model, _Tok())  # no resume state: not a training checkpoint
+        checkpoint.save(checkpoint.step_dir(out, step), model, StubTokenizer(), {"step": step})
+    checkpoint.save(out / "final", model, StubTokenizer())  # no resume state: not a training checkpoint
     (out / "step-000008").mkdir()  # no trainer_state.pt: not complete
     (out / ".tmp-step-000010-x").mkdir()
     assert checkpoint.step_dir(out, 4).name == "step-000004"
@@ -33,7 +29,7 @@ def test_save_resave_and_the_listing(tmp_path, model):
     assert checkpoint.latest(out) == out / "step-000006"
     path, state = checkpoint.resume_point(out)
     assert path == out / "step-000006" and state["step"] == 6
-    checkpoint.save(checkpoint.step_dir(out, 6), model, _Tok(), {"step": 66})  # re-save replaces in place
+    checkpoint.save(checkpoint.step_dir(out, 6), model, StubTokenizer(), {"step": 66})  # re-save replaces in place
     assert checkpoint.load_state(out / "step-000006")["step"] == 66
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".old-")) == []
     assert {"config.json", "model.safetensors", "tokenizer.json", checkpoint.STATE_FILE} <= {
@@ -49,9 +45,9 @@ def test_save_resave_and_the_listing(tmp_path, model):
 
 def test_a_failing_save_leaves_nothing_behind(tmp_path, model, monkeypatch):
     out = tmp_path / "run"
-    checkpoint.save(checkpoint.step_dir(out, 2), model, _Tok(), {"step": 2})
+    checkpoint.save(checkpoint.step_dir(out, 2), model, StubTokenizer(), {"step": 2})
 
-    class Broken(_Tok):
+    class Broken(StubTokenizer):
         def save(self, folder):
             raise OSError("disk full")
 
@@ -64,11 +60,11 @@ def test_a_failing_save_leaves_nothing_behind(tmp_path, model, monkeypatch):
 def test_resume_errors_name_the_folder(tmp_path, model):
     with pytest.raises(ValueError, match="no complete checkpoint"):
         checkpoint.resume_point(tmp_path)
-    checkpoint.save(tmp_path / "final", model, _Tok())
+    checkpoint.save(tmp_path / "final", model, StubTokenizer())
     with pytest.raises(FileNotFoundError, match="cannot be resumed"):
         checkpoint.load_state(tmp_path / "final")
     bad = checkpoint.step_dir(tmp_path, 3)
-    checkpoint.save(bad, model, _Tok(), {"step": 3})
+    checkpoint.save(bad, model, StubTokenizer(), {"step": 3})
     (bad / checkpoint.STATE_FILE).write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="cannot read the training state.*delete step-000003/"):
         checkpoint.resume_point(tmp_path)
@@ -78,7 +74,7 @@ def test_temporaries_are_hidden_siblings_and_prune_keeps_the_newest(tmp_path, mo
     out = tmp_path / "a" / "b"  # parents are created
     seen, removed = [], []
 
-    class Recording(_Tok):
+    class Recording(StubTokenizer):
         def save(self, folder):
             seen.append(folder)
             super().save(folder)
@@ -90,7 +86,7 @@ def test_temporaries_are_hidden_siblings_and_prune_keeps_the_newest(tmp_path, mo
     assert all(f.parent == out and f.name.startswith(".tmp-step-000002-") for f in seen)
     old = [p for p in removed if p.parent == out]  # (save_pretrained removes temporaries of its own inside)
     assert len(old) == 1 and old[0].name.startswith(".old-step-000002-")
-    checkpoint.save(checkpoint.step_dir(out, 4), model, _Tok(), {"step": 4})
+    checkpoint.save(checkpoint.step_dir(out, 4), model, StubTokenizer(), {"step": 4})
     (out / ".old-step-000004-x").mkdir()
     checkpoint.clean_temporaries(out)
     assert sorted(p.name for p in out.iterdir()) == ["step-000002", "step-000004"]

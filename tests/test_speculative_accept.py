@@ -18,18 +18,9 @@ import math
 
 import pytest
 import torch
+from conftest import icdf
 
 from nemotron3.engine.speculative import Sampling, accept, cut_rounds, token_logprobs, uniforms_per_round
-
-
-def _icdf(weights: list[float], u: float) -> int:
-    """The first token whose cumulative weight exceeds u * total (the documented inverse-CDF draw)."""
-    total, acc = sum(weights), 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if acc > u * total:
-            return i
-    return len(weights) - 1
 
 
 def _greedy_reference(drafts: list[int], target: list[list[float]]) -> tuple[int, int]:
@@ -47,8 +38,8 @@ def _textbook(drafts, q, p, u_accept, u_extra) -> tuple[int, int]:
     for i, x in enumerate(drafts):
         if not u_accept[i] < p[i][x] / q[i][x]:  # reject: residual normalize(max(0, p - q))
             residual = [max(0.0, pi - qi) for pi, qi in zip(p[i], q[i])]
-            return i, _icdf(residual if sum(residual) > 0 else p[i], u_extra)
-    return k, _icdf(p[k], u_extra)
+            return i, icdf(residual if sum(residual) > 0 else p[i], u_extra)
+    return k, icdf(p[k], u_extra)
 
 
 # ------------------------------------------------------------------ greedy
@@ -100,7 +91,7 @@ def test_equal_laws_accept_every_draft_and_draw_the_bonus_from_the_last_position
     u_extra = torch.rand(B, generator=g, dtype=torch.float64)
     a, extra = accept(drafts, q, p, u_accept, u_extra, greedy=False)
     assert a.tolist() == [k] * B
-    assert extra.tolist() == [_icdf(p[b, k].tolist(), float(u_extra[b])) for b in range(B)]
+    assert extra.tolist() == [icdf(p[b, k].tolist(), float(u_extra[b])) for b in range(B)]
 
 
 def test_a_draft_the_target_never_emits_is_rejected_even_at_u_zero():

@@ -23,7 +23,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import icdf, randomize_
 
 import nemotron3
 from nemotron3.engine import speculative
@@ -291,19 +291,11 @@ def _law(logits: torch.Tensor, sampling: Sampling) -> list[float]:
     return filtered_probs(logits[None].float(), sampling.temperature, sampling.top_k, sampling.top_p)[0].tolist()
 
 
-def _icdf(weights: list[float], u: float) -> int:
-    total, acc = sum(weights), 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if acc > u * total:
-            return i
-    return len(weights) - 1
-
 
 @torch.no_grad()
 def _sampled_reference(model, prompt, n, k, sampling, u: list[float], stops=()) -> tuple[list[list[int]], list]:
     """One row's yields under speculative sampling, and each emitted token's log-probability, from full forwards."""
-    first = _icdf(_law(model(torch.tensor([prompt]))[0, -1], sampling), u[0])
+    first = icdf(_law(model(torch.tensor([prompt]))[0, -1], sampling), u[0])
     seq, rounds = prompt + [first], [[first]]
     lps = [float(torch.tensor(_law(model(torch.tensor([prompt]))[0, -1], sampling))[first].log())]
     r = 0
@@ -312,7 +304,7 @@ def _sampled_reference(model, prompt, n, k, sampling, u: list[float], stops=()) 
         drafts, qs, prev = [], [], []
         for j in range(1, k + 1):
             qs.append(_law(_uncached_draft_logits(model, seq, drafts, j, prev), sampling))
-            drafts.append(_icdf(qs[-1], col[j - 1]))
+            drafts.append(icdf(qs[-1], col[j - 1]))
         logits = model(torch.tensor([seq + drafts]))[0, len(seq) - 1:]  # (k+1, V)
         ps = [_law(row, sampling) for row in logits]
         a = 0
@@ -320,9 +312,9 @@ def _sampled_reference(model, prompt, n, k, sampling, u: list[float], stops=()) 
             a += 1
         if a < k:
             residual = [max(0.0, x - y) for x, y in zip(ps[a], qs[a])]
-            extra = _icdf(residual if sum(residual) > 0 else ps[a], col[2 * k])
+            extra = icdf(residual if sum(residual) > 0 else ps[a], col[2 * k])
         else:
-            extra = _icdf(ps[k], col[2 * k])
+            extra = icdf(ps[k], col[2 * k])
         out = drafts[:a] + [extra]
         lps += [float(torch.tensor(ps[i][t]).log()) for i, t in enumerate(out)]
         rounds.append(out)
