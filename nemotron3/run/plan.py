@@ -10,8 +10,8 @@ never the same work done slower. It was set on the reference machine (2 CPU core
     pretrain      300 NVFP4 steps of 16 x 256 tokens       steps = 15 B; the last 18 % unquantized (the switch)
     precision     the high-precision twin, 30 % of them   the same share of the pretraining steps
     sft           300 steps of 16 conversations           steps = 15 B
-    rl            240 GRPO steps of 8 prompts x 16,       steps = 12 B;  iGRPO at the same budget too when B >= 40;
-                  sampled at temperature 0.7              under 1 minute (smoke runs) 4 prompts x 8
+    rl            240 GRPO steps of 8 prompts x 16,       steps = 12 B; from B = 40 iGRPO runs beside GRPO and the
+                  sampled at temperature 0.7              two split them (6 B each); under 1 minute 4 prompts x 8
     eval          RL model: reasoning off, 2 budgets      held-out problems per family = min(80, 4 B)
     speculative   k = 1..3 against plain decoding         prompts = min(16, B), at least 2
     speed         engine against transformers             new tokens = 128
@@ -83,8 +83,8 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
     pre = pretrain_steps or _round(15 * b, 10 if b >= 4 else 1, 4)
     twin = _round(TWIN_SHARE * pre, 1, 2)
     sft = _round(15 * b, 10 if b >= 4 else 1, 4)
-    rl = _round(12 * b, 1, 2)
     igrpo = b >= IGRPO_FROM_MINUTES
+    rl = _round((6 if igrpo else 12) * b, 1, 2)  # per RL stage: GRPO and iGRPO share the RL steps
     eval_problems = min(MAX_EVAL_PROBLEMS, _round(4 * b, 1, 2))
     quant_problems = min(40, _round(2 * b, 1, 2))
     spec_prompts = min(16, _round(b, 1, 2))
