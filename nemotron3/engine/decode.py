@@ -86,11 +86,12 @@ class FastDecoder:
 
     @staticmethod
     def supports(model: HybridLM) -> bool:
-        """Plain fp32 modules without projection biases only (quantized or bf16 models, and models built
-        with `mlp_bias` / `use_bias`, run the reference cached path)."""
+        """Plain fp32 modules without projection biases or projection hooks only (quantized or bf16 models,
+        models built with `mlp_bias` / `use_bias`, and hooked projections, run the reference cached path)."""
         for mod in model.modules():
-            if isinstance(mod, nn.Linear) and (type(mod) is not nn.Linear or mod.bias is not None):
-                return False
+            if isinstance(mod, nn.Linear) and (type(mod) is not nn.Linear or mod.bias is not None
+                                               or mod._forward_pre_hooks or mod._forward_hooks):
+                return False  # a hook on a projection (activation quantization): the fused steps would skip it
             if mod.__dict__.get("gemm_quantizer") is not None:
                 return False
         return all(p.dtype == torch.float32 for p in model.parameters())

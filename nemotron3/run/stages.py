@@ -200,6 +200,17 @@ def quantize_skip() -> str | None:
     return None
 
 
+# what each scheme quantizes at inference: the report names it beside the scheme's row
+ACTIVATIONS = {"fp32": "fp32", "bf16": "bf16", "nvfp4": "NVFP4 (W4A4)", "fp8": "FP8 per token (W8A8)"}
+
+
+def load_scheme(path: Path) -> torch.nn.Module:
+    """A quantized checkpoint as its scheme runs: weights decoded, and the inputs of the quantized layers
+    quantized as the scheme says (nvfp4: W4A4 with the calibrated input scales; fp8: per-token W8A8; the
+    weight-only schemes: nothing to emulate). A weights-only load would make the W4A4 row a W4A16 result."""
+    return load_pretrained(path, dtype=torch.float32, quantize_activations=True)
+
+
 def _accuracy_on(model: torch.nn.Module, tok: Tokenizer, ctx: Context) -> dict[str, float]:
     res = accuracy_by_mode(model, tok, ctx.plan.quant_problems, seed=ctx.seed, modes=["on"])
     return {f: r["accuracy"] for f, r in res["on"].items()}
@@ -237,8 +248,9 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
             if path.exists():
                 shutil.rmtree(path)
             quantize(QuantizeConfig(model=final, out=path, scheme=name), ctx.console)
-            q = load_pretrained(path, dtype=torch.float32)
+            q = load_scheme(path)
         row = {"accuracy": _accuracy_on(q, tok, ctx), "bytes": checkpoint_bytes(path), "path": str(path),
+               "activations": ACTIVATIONS.get(name, "unquantized (weights only)"),
                "seconds": round(time.perf_counter() - t0, 1)}
         row["accuracy_mean"] = sum(row["accuracy"].values()) / len(row["accuracy"])
         write_json(done, row)
