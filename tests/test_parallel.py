@@ -70,7 +70,21 @@ def _same_as_one_rank(one: Path, two: Path) -> None:
             assert a["load_max_min"] == b["load_max_min"], a["step"]
     w1 = load_pretrained(one / "final").state_dict()
     for name, t in load_pretrained(two / "final").state_dict().items():
-        torch.testing.assert_close(t, w1[name], rtol=0, atol=1e-4)
+        _adam_close(t, w1[name], name)
+
+
+def _adam_close(a: torch.Tensor, b: torch.Tensor, name: str, lr: float = 3e-3, steps: int = 10) -> None:
+    """Final weights of two runs whose gradients differ only in summation order (fp32: ~1e-7 relative).
+
+    AdamW moves each element by lr·m/(sqrt(v) + 1e-8): for an element whose gradient is itself at the level of that
+    summation noise, the update's direction is the noise, and the two runs may part by up to lr per step there
+    (seen on an AMD EPYC: one embedding element of 57,344 off by 9e-4 after 10 steps). So every element within
+    1e-4, except at most 1 in 10,000 elements of a tensor, which stay within 2·lr per step (each run moves an element
+    by about lr per step at most, AdamW's normalised update)."""
+    diff = (a - b).abs()
+    far = int((diff > 1e-4).sum())
+    assert far <= max(1, a.numel() // 10_000), (name, far, diff.max().item())
+    assert diff.max().item() <= 2 * lr * steps, (name, diff.max().item())
 
 
 def test_two_ranks_give_the_losses_of_one_rank_at_the_same_global_batch(one_rank, tmp_path):
