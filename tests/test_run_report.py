@@ -4,9 +4,13 @@ part. Fast pieces only; tests/test_run.py runs the whole pipeline."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 import torch
 from conftest import TINY_HF_CONFIGS, randomize_
+from rich.console import Console
 from safetensors.torch import load_file
 
 import nemotron3
@@ -17,6 +21,7 @@ from nemotron3.model.moe import Experts
 from nemotron3.quant.nvfp4 import nvfp4_quantize
 from nemotron3.quantize import QuantizeConfig, quantize
 from nemotron3.run import stages
+from nemotron3.run.plan import RL_CURVE_EVALS, RL_CURVE_PROBLEMS, plan
 from nemotron3.train.tokenizer import Tokenizer
 
 
@@ -100,3 +105,43 @@ def test_w4a4_generation_quantizes_activations_at_every_step(tmp_path):
     got = Engine(stages.load_scheme(folder)).generate([prompt], 8, stop_token_ids=[]).tokens[0]
     want = greedy_generate_reference(_explicit_w4a4(folder), prompt, 8, set())
     assert got == want
+
+
+# ----------------------------------------------------------------------------------------- the RL curve
+def test_rl_evaluates_held_out_on_a_subset_between_before_and_after(tmp_path, monkeypatch):
+    from test_sft import small_model
+
+    from nemotron3.rl import grpo as grpo_mod
+    from nemotron3.train import checkpoint
+    from nemotron3.train import data as train_data
+
+    tok = Tokenizer.train(train_data.task_texts(300, seed=0), vocab_size=300)
+    model = small_model(-(-tok.vocab_size // 64) * 64)
+    randomize_(model)
+    ckpt = checkpoint.save(tmp_path / "sft", model, tok)
+    calls = []
+    real = grpo_mod.accuracy_by_mode
+
+    def recorded(model, tokenizer, n, *args, **kwargs):
+        calls.append(n)
+        return real(model, tokenizer, n, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_mod, "accuracy_by_mode", recorded)
+    cfg = grpo_mod.GRPOConfig(model=ckpt, out=tmp_path / "rl", steps=4, prompts_per_step=2, num_generations=2,
+                              max_completion_length=6, families=["add"], eval_problems=3, eval_every=1,
+                              eval_every_problems=1, log_every=100, speculative=-1)
+    grpo_mod.grpo(cfg, Console(file=io.StringIO()))
+    assert calls == [3, 1, 1, 1, 3]                  # full before, the subset at steps 1-3, full after
+    held = [r for r in map(json.loads, (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines())
+            if "heldout_accuracy" in r]
+    assert [(r["step"], r["heldout_problems"]) for r in held] == [(1, 1), (2, 1), (3, 1), (4, 3)]
+
+
+@pytest.mark.parametrize("budget", [0.5, 1, 20, 40, 60])
+def test_the_rl_stages_curve_fits_inside_the_stage(budget):
+    p = plan(budget)
+    at = list(range(p.rl_eval_every, p.rl_steps, p.rl_eval_every))   # grpo evaluates at multiples, before the end
+    assert 2 <= len(at) <= RL_CURVE_EVALS and (len(at) == RL_CURVE_EVALS or p.rl_steps < 5 * RL_CURVE_EVALS)
+    gaps = {b - a for a, b in zip([0, *at], [*at, p.rl_steps])}
+    assert max(gaps) - min(gaps) <= p.rl_eval_every                # evenly spaced up to the last step
+    assert p.rl_curve_problems == min(RL_CURVE_PROBLEMS, p.eval_problems)

@@ -124,6 +124,8 @@ class GRPOConfig(StageConfig):
     eval_problems: int = option(80, "held-out problems per task family for exact match (reasoning on) before, "
                                 "every --eval-every steps, and after (0 = none)", min=0)
     eval_every: int = option(0, "held-out exact match every K steps (0 = before and after only)", min=0)
+    eval_every_problems: int = option(0, "held-out problems per family at the --eval-every evaluations (0 = "
+                                      "--eval-problems): a cheaper curve between the full before and after", min=0)
     save_every: int = option(0, "checkpoint every K steps (0 = only final/)", min=0)
     keep_last: int = option(2, "training checkpoints kept (0 = all)", min=0)
     log_every: int = option(5, "print a line every K steps", min=1)
@@ -181,13 +183,14 @@ def _family_stats(rows: list[PromptRow], n: int, total: torch.Tensor) -> dict:
     return out
 
 
-def _heldout(run: RLRun) -> dict[str, float]:
-    """Held-out greedy exact match per family, reasoning on (evaluate.accuracy_by_mode)."""
+def _heldout(run: RLRun, n: int = 0) -> dict[str, float]:
+    """Held-out greedy exact match per family, reasoning on (evaluate.accuracy_by_mode), on the first `n`
+    problems per family (0: --eval-problems)."""
     cfg = run.cfg
     if cfg.eval_problems <= 0 or cfg.data:
         return {}
-    res = accuracy_by_mode(run.model, run.tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed,
-                           families=cfg.families or None, modes=["on"])
+    res = accuracy_by_mode(run.model, run.tokenizer, min(n or cfg.eval_problems, cfg.eval_problems), cfg.difficulty,
+                           cfg.seed, families=cfg.families or None, modes=["on"])
     run.model.train()
     return {f: r["accuracy"] for f, r in res["on"].items()}
 
@@ -260,9 +263,11 @@ def _run(cfg: GRPOConfig, console: Console, ckpt: Path | None, resume: dict | No
                               f"clip {record.get('clip_region', 0):.3f}  zero-std {record['zero_std_groups']}/"
                               f"{record['groups']}  rollout {record['rollout_tok_s']:.0f} tok/s")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                acc = _heldout(run)
+                acc = _heldout(run, cfg.eval_every_problems)
                 if acc:
-                    log.write({"step": step, "heldout_accuracy": acc})
+                    log.write({"step": step, "heldout_accuracy": acc,
+                               "heldout_problems": min(cfg.eval_every_problems or cfg.eval_problems,
+                                                       cfg.eval_problems)})
                     console.print(f"step {step:4d}  [bold]held-out[/] " + "  ".join(f"{f} {a:.0%}"
                                                                                    for f, a in acc.items()))
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
@@ -274,7 +279,7 @@ def _run(cfg: GRPOConfig, console: Console, ckpt: Path | None, resume: dict | No
     checkpoint.save(final, run.model, run.tokenizer)
     after = _heldout(run)
     if after:
-        log.write({"step": step, "heldout_accuracy": after})
+        log.write({"step": step, "heldout_accuracy": after, "heldout_problems": cfg.eval_problems})
     records = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "reward" in r]
     summary = {

@@ -12,6 +12,9 @@ never the same work done slower. It was set on the reference machine (2 CPU core
     sft           300 steps of 16 conversations           steps = 15 B
     rl            240 GRPO steps of 8 prompts x 16,       steps = 12 B; from B = 40 iGRPO runs beside GRPO and the
                   sampled at temperature 0.7              two split them (6 B each); under 1 minute 4 prompts x 8
+                  held-out exact match before and after   the curve: 4 evaluations inside the stage, evenly
+                  (the eval problems), and 4 times in     spaced, on the first min(20, eval) problems per family
+                  between (20 per family)
     eval          RL model: reasoning off, 2 budgets      held-out problems per family = min(80, 4 B)
     speculative   k = 1..3 against plain decoding         prompts = min(16, B), at least 2
     speed         engine against transformers             new tokens = 128
@@ -41,6 +44,8 @@ MAX_EVAL_PROBLEMS = 80  # the most held-out problems the easiest modpow difficul
 TWIN_SHARE = 0.3  # the high-precision twin trains this share of the pretraining steps (inside the stable phase)
 RL_TEMPERATURE = 0.7  # rollout temperature of the RL stages (see above)
 SWITCH_SHARE = 0.18  # NVFP4 end-of-training switch: the last 18 % of the pretraining steps in high precision
+RL_CURVE_EVALS = 4  # held-out evaluations inside each RL stage, evenly spaced, between the full before and after
+RL_CURVE_PROBLEMS = 20  # problems per family at those (the first of the full set): about 4 points s.e. on the mean
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,16 @@ class Plan:
     speed_new_tokens: int = 128
     eval_budgets: tuple[int, ...] = (8, 24)
     seconds: dict[str, float] = field(default_factory=dict)  # estimated seconds per stage on the reference
+
+    @property
+    def rl_eval_every(self) -> int:
+        """Steps between the RL stages' held-out evaluations: RL_CURVE_EVALS of them strictly inside the stage
+        (fewer when it has fewer steps)."""
+        return max(1, -(-self.rl_steps // (RL_CURVE_EVALS + 1)))
+
+    @property
+    def rl_curve_problems(self) -> int:
+        return min(RL_CURVE_PROBLEMS, self.eval_problems)
 
     @property
     def eval_every(self) -> int:
@@ -93,8 +108,9 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
         "pretrain": 1.0 * pre + 0.03 * eval_problems * 6,
         "precision": 0.65 * twin,
         "sft": 0.5 * sft + 0.6 * eval_problems * 2,
-        "rl": 2.0 * rl + 0.25 * eval_problems * 2,
-        "igrpo": (2.0 * rl + 0.25 * eval_problems * 2) if igrpo else 0.0,
+        "rl": 2.0 * rl + 0.25 * (eval_problems * 2 + min(RL_CURVE_PROBLEMS, eval_problems) * RL_CURVE_EVALS),
+        "igrpo": (2.0 * rl + 0.25 * (eval_problems * 2 + min(RL_CURVE_PROBLEMS, eval_problems) * RL_CURVE_EVALS))
+        if igrpo else 0.0,
         "eval": 0.4 * eval_problems,
         "speculative": 1.5 * spec_prompts,
         "speed": 30.0,

@@ -136,7 +136,8 @@ def sft_stage(ctx: Context) -> dict:
 def _rl(ctx: Context, stage: str, **kw: Any) -> dict:
     p, out = ctx.plan, ctx.dir(stage)
     grpo(GRPOConfig(model=ctx.dir("sft") / "final", out=out, steps=p.rl_steps, seed=ctx.seed,
-                    eval_problems=p.eval_problems, save_every=_save_every(p.rl_steps), keep_last=1,
+                    eval_problems=p.eval_problems, eval_every=p.rl_eval_every, eval_every_problems=p.rl_curve_problems,
+                    save_every=_save_every(p.rl_steps), keep_last=1,
                     prompts_per_step=p.rl_prompts, temperature=p.rl_temperature, log_every=max(1, p.rl_steps // 12),
                     resume=_fresh_or_resume(out), **kw), ctx.console)
     return ctx.summary(stage)
