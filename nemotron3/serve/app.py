@@ -14,9 +14,12 @@ unfinished choices are cancelled, which frees their cache slots at the batcher's
 meets a `stop` string is cancelled the same way.
 
 Every error is OpenAI's JSON body (`{"error": {"message", "type", "param", "code"}}`, protocol.py) with a 4xx
-status, and leaves the server serving: bad JSON or fields (400), a wrong key (401), an unknown model or route
-(404), a body over the size limit (413), more running + queued choices than allowed (429 with Retry-After).
-With an API key, every `/v1/` route wants `Authorization: Bearer KEY`, compared in constant time.
+status, and leaves the server serving: bad JSON or fields, a body nested too deep or holding a string that is not
+text, a prompt with ids the model has no row for (400), a wrong key (401), an unknown model or route (404), a body
+over the size limit (413), more running + queued choices than allowed (429 with Retry-After). A client gone during
+its upload is one line in the log (and a 499); anything unexpected is a JSON 500 and a traceback in the log.
+`Guard`, the outer layer, counts every status in /metrics, these included. With an API key, every `/v1/` route
+wants `Authorization: Bearer KEY`, compared in constant time.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
+import logging
 import threading
 import time
 import uuid
@@ -36,6 +39,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from nemotron3 import chat
@@ -43,10 +48,12 @@ from nemotron3.engine.batcher import Batcher, Event
 from nemotron3.engine.batcher import Request as GenRequest
 from nemotron3.engine.text import encode_prompt
 from nemotron3.serve.metrics import Metrics
-from nemotron3.serve.output import Reply
-from nemotron3.serve.protocol import APIError, ChatParams, CompletionParams, Limits, parse_chat, parse_completion
+from nemotron3.serve.output import Reply, chat_logprobs, completion_logprobs, finish_reason, sse, usage
+from nemotron3.serve.protocol import APIError, Limits, decode_body, parse_chat, parse_completion
 
 PAGE = Path(__file__).with_name("index.html")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+log = logging.getLogger("uvicorn.error")  # the server's log: uvicorn's, so these lines read like its own
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,19 @@ class Server:
     # ------------------------------------------------------------------ admission
     def encode(self, text: str) -> list[int]:
         return encode_prompt(self.tok, text, self.config.bos_token_id)
+
+    def prompt(self, source: str | list[int], asked: int | None, param: str) -> tuple[list[int], int]:
+        """(token ids, max new tokens) of one prompt, text through the tokenizer or ids as given, for both routes:
+        every id must have a row in the model's embedding (a checkpoint's tokenizer may have more ids than the
+        model's vocab_size), and the prompt must leave room for the reply."""
+        ids = self.encode(source) if isinstance(source, str) else list(source)
+        V = self.config.vocab_size
+        beyond = next((t for t in ids if not 0 <= t < V), None)
+        if beyond is not None:
+            origin = "the tokenizer turns it into" if isinstance(source, str) else "it holds"
+            raise APIError(400, f"{param}: {origin} token id {beyond}, outside the model's vocabulary [0, {V})",
+                           param=param, code="invalid_value")
+        return ids, self.max_new(ids, asked, param)
 
     def max_new(self, prompt: list[int], asked: int | None, param: str) -> int:
         """The request's max_tokens, checked against the prompt's length and the slot's room."""
@@ -183,34 +203,57 @@ class ClientGone(Exception):
     """The client closed the connection before its response was complete."""
 
 
-# ----------------------------------------------------------------------------------------- responses
-def _finish_reason(ev: Event, reply: Reply) -> str:
-    if ev.finish == "stop" and reply.chat and reply.message().get("tool_calls"):
-        return "tool_calls"
-    return {"stop": "stop", "length": "length"}.get(ev.finish, "abort" if ev.finish == "cancelled" else "error")
+class Guard:
+    """The app's outer layer (pure ASGI, outside every route and exception handler): the API key on /v1/, one count
+    in /metrics per response by route and status whatever produced it, and the ends no route answered. A client
+    gone before its response (ClientGone, or Starlette's ClientDisconnect while its body was read) is one log
+    line and a 499; any other exception is logged with its traceback (a bug) and answered as a JSON 500."""
+
+    def __init__(self, app: ASGIApp, server: Server) -> None:
+        self.app, self.server = app, server
+        key = server.settings.api_key
+        self.key = key.encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], None
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and path.startswith("/v1/") and not self._authorized(scope):
+                await error(APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                                     "invalid_request_error", None, "invalid_api_key"))(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        except (ClientGone, ClientDisconnect) as e:
+            log.warning("%s %s: the client disconnected %s", scope["method"], path,
+                        str(e) or "before its response was complete")
+            if status is None:
+                await Response(status_code=499)(scope, receive, counted)
+        except Exception as e:
+            log.exception("%s %s: the request failed", scope["method"], path)
+            if status is None:
+                await error(APIError(500, f"the server failed on this request ({type(e).__name__}; its log has "
+                                     "the details)", "server_error"))(scope, receive, counted)
+        finally:
+            if status is not None:  # else nothing was answered: the task was cancelled (the server stopping)
+                self.server.metrics.requests.labels(path if path in ROUTES else "other", str(status)).inc()
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = given[7:] if given[:7].lower() == b"bearer " else b""
+        return hmac.compare_digest(token, self.key)
 
 
-def _token_text(tok: Tokenizer, t: int) -> str:
-    return tok.decode([t], skip_special_tokens=False)
-
-
-def _chat_logprobs(tok: Tokenizer, ev: Event) -> list[dict]:
-    out = []
-    for t, lp, alts in zip(ev.tokens, ev.logprobs or [], ev.top_logprobs or []):
-        s = _token_text(tok, t)
-        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": (a := _token_text(tok, i)), "logprob": v, "bytes": list(a.encode())}
-                                     for i, v in alts]})
-    return out
-
-
-def _usage(prompt_tokens: int, replies: list[Reply]) -> dict:
-    completion = sum(len(r.tokens) for r in replies)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _sse(obj: dict | str) -> bytes:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+def error(e: APIError) -> JSONResponse:
+    """`e` as the response the client gets."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -224,27 +267,8 @@ def create_app(server: Server) -> FastAPI:
         server.batcher.stop(cancel=True)
 
     app = FastAPI(title="nemotron3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, server=server)
     settings, metrics, tok = server.settings, server.metrics, server.tok
-    key = settings.api_key.encode() if settings.api_key else None
-
-    def error(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        endpoint = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions",
-                                    "/v1/chat/completions") else "other"
-        if key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:].encode() if given[:7].lower() == "bearer " else b""
-            if not hmac.compare_digest(token, key):
-                metrics.requests.labels(endpoint, "401").inc()
-                return error(APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                                      "invalid_request_error", None, "invalid_api_key"))
-        response = await call_next(request)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -267,14 +291,14 @@ def create_app(server: Server) -> FastAPI:
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             raise too_big
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > settings.max_body_bytes:
-                raise too_big
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > settings.max_body_bytes:
+                    raise too_big
+        except ClientDisconnect:
+            raise ClientGone(f"during its upload ({len(data)} of {length or 'unknown'} bytes received)") from None
+        return decode_body(bytes(data))
 
     # ------------------------------------------------------------------ routes
     @app.get("/")
@@ -297,13 +321,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        p: ChatParams = parse_chat(await body_of(request), settings.served_model_name, server.limits)
+        p = parse_chat(await body_of(request), settings.served_model_name, server.limits)
         try:
             text = chat.render(p.messages, p.tools, enable_thinking=p.enable_thinking, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        prompt = server.encode(text)
-        max_new = server.max_new(prompt, p.max_tokens, "messages")
+        prompt, max_new = server.prompt(text, p.max_tokens, "messages")
         thinking = text.endswith(chat.THINK_START + "\n")
         specs = [(GenRequest(prompt, max_new, p.temperature, p.top_k, p.top_p, p.seed, i, server.chat_stops,
                              p.max_thinking_tokens if thinking else None, logprobs=p.logprobs),
@@ -314,15 +337,11 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        p: CompletionParams = parse_completion(await body_of(request), settings.served_model_name, server.limits)
+        p = parse_completion(await body_of(request), settings.served_model_name, server.limits)
         specs, prompts = [], []
-        V = server.config.vocab_size
         for item in p.prompts:
-            ids = server.encode(item) if isinstance(item, str) else list(item)
-            if any(not 0 <= t < V for t in ids):
-                raise APIError(400, f"prompt: token ids must be in [0, {V})", param="prompt")
+            ids, max_new = server.prompt(item, p.max_tokens, "prompt")
             prompts.append(ids)
-            max_new = server.max_new(ids, p.max_tokens, "prompt")
             for i in range(p.n):
                 specs.append((GenRequest(ids, max_new, p.temperature, p.top_k, p.top_p, p.seed, i, server.eos,
                                          logprobs=p.logprobs), Reply(tok, server.eos, p.stop)))
@@ -356,39 +375,26 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(500, "generation failed inside the engine (see the server's log)", "server_error")
         choices = []
         for i, reply in enumerate(replies):
-            reason = _finish_reason(ends[i], reply)
+            reason = finish_reason(ends[i], reply)
             metrics.finished.labels(reason).inc()
             if kind == "chat.completion":
-                lp = {"content": [x for ev in logprobs[i] for x in _chat_logprobs(tok, ev)]} \
+                lp = {"content": [x for ev in logprobs[i] for x in chat_logprobs(tok, ev)]} \
                     if p.logprobs is not None else None
                 choices.append({"index": i, "message": reply.message(), "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": echo[i] + reply.text, "finish_reason": reason,
-                                "logprobs": _completion_logprobs(logprobs[i]) if p.logprobs is not None else None})
-        return JSONResponse({**head, "object": kind, "choices": choices, "usage": _usage(n_prompt, replies)})
-
-    def _completion_logprobs(events: list[Event]) -> dict:
-        tokens, own, top = [], [], []
-        for ev in events:
-            for t, lp, alts in zip(ev.tokens, ev.logprobs or [], ev.top_logprobs or []):
-                tokens.append(_token_text(tok, t))
-                own.append(lp)
-                top.append({_token_text(tok, i): v for i, v in alts})
-        offsets, pos = [], 0
-        for s in tokens:
-            offsets.append(pos)
-            pos += len(s)
-        return {"tokens": tokens, "token_logprobs": own, "top_logprobs": top, "text_offset": offsets}
+                                "logprobs": completion_logprobs(tok, logprobs[i]) if p.logprobs is not None else None})
+        return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage(n_prompt, replies)})
 
     async def stream(request: Request, p, n_prompt: int, specs: list, kind: str, echo: list[str] | None,
                      head: dict) -> AsyncIterator[bytes]:
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         replies = [r for _, r in specs]
-        usage = {"usage": None} if p.include_usage else {}
+        no_usage = {"usage": None} if p.include_usage else {}
 
         def chunk(i: int, body: dict, reason: str | None = None, logprobs=None) -> bytes:
             choice = {"index": i, **body, "logprobs": logprobs, "finish_reason": reason}
-            return _sse({**head, "object": chunk_kind, "choices": [choice], **usage})
+            return sse({**head, "object": chunk_kind, "choices": [choice], **no_usage})
 
         if kind == "chat.completion":
             for i in range(len(specs)):
@@ -401,8 +407,8 @@ def create_app(server: Server) -> FastAPI:
                 async for i, ev, deltas in events:
                     lp = None
                     if p.logprobs is not None and ev.tokens:
-                        lp = {"content": _chat_logprobs(tok, ev)} if kind == "chat.completion" else \
-                            _completion_logprobs([ev])
+                        lp = {"content": chat_logprobs(tok, ev)} if kind == "chat.completion" else \
+                            completion_logprobs(tok, [ev])
                     if kind == "chat.completion":
                         body: dict = {"delta": {}}
                         for name, text in deltas:
@@ -411,7 +417,7 @@ def create_app(server: Server) -> FastAPI:
                         body = {"text": "".join(text for _, text in deltas)}
                     reason = None
                     if ev.finish is not None:
-                        reason = _finish_reason(ev, replies[i])
+                        reason = finish_reason(ev, replies[i])
                         metrics.finished.labels(reason).inc()
                         calls = replies[i].message().get("tool_calls") if kind == "chat.completion" else None
                         if calls:
@@ -421,7 +427,7 @@ def create_app(server: Server) -> FastAPI:
         except ClientGone:
             return
         if p.include_usage:
-            yield _sse({**head, "object": chunk_kind, "choices": [], "usage": _usage(n_prompt, replies)})
-        yield _sse("[DONE]")
+            yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(n_prompt, replies)})
+        yield sse("[DONE]")
 
     return app

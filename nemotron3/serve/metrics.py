@@ -1,6 +1,7 @@
 """Prometheus metrics of the server (`GET /metrics`, text format), in a registry of its own per app.
 
-    nemotron3_requests_total{endpoint, status}          HTTP requests answered, by route and status code
+    nemotron3_requests_total{endpoint, status}          HTTP requests answered, by route and status code (every
+                                                         one, errors included: app.Guard counts them)
     nemotron3_request_finish_total{reason}               choices ended: stop, length, tool_calls, cancelled, error
     nemotron3_prompt_tokens_total                        prompt tokens admitted (once per request)
     nemotron3_generation_tokens_total                    tokens generated (every choice)

@@ -1,4 +1,5 @@
-"""One choice's tokens -> what the client sees: text deltas, reasoning apart from the answer, tool calls.
+"""One choice's tokens -> what the client sees: text deltas, reasoning apart from the answer, tool calls;
+and the pieces of a response built from them (finish reasons, logprobs, usage, server-sent events).
 
     reply = Reply(tokenizer, stop_ids, stop=["\\n\\n"], chat=True, thinking=True, tools=tools)
     for deltas in (reply.push(event.tokens) for event in events):   # [("reasoning_content", "The user"), ...]
@@ -25,6 +26,7 @@ import uuid
 from tokenizers import Tokenizer
 
 from nemotron3 import chat
+from nemotron3.engine.batcher import Event
 from nemotron3.engine.text import TextStream
 
 TOOL_OPEN = "<tool_call>"
@@ -154,3 +156,51 @@ class Reply:
     def text(self) -> str:
         """A completion's text (everything, stop strings cut)."""
         return self._parts(final=True)[1]
+
+
+# ----------------------------------------------------------------------------------------- response pieces
+def finish_reason(ev: Event, reply: Reply) -> str:
+    """OpenAI's finish_reason of a choice's last event."""
+    if ev.finish == "stop" and reply.chat and reply.message().get("tool_calls"):
+        return "tool_calls"
+    return {"stop": "stop", "length": "length"}.get(ev.finish, "abort" if ev.finish == "cancelled" else "error")
+
+
+def _token_text(tok: Tokenizer, t: int) -> str:
+    return tok.decode([t], skip_special_tokens=False)
+
+
+def chat_logprobs(tok: Tokenizer, ev: Event) -> list[dict]:
+    """The chat API's `logprobs.content` items of one event's tokens."""
+    out = []
+    for t, lp, alts in zip(ev.tokens, ev.logprobs or [], ev.top_logprobs or []):
+        s = _token_text(tok, t)
+        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
+                    "top_logprobs": [{"token": (a := _token_text(tok, i)), "logprob": v, "bytes": list(a.encode())}
+                                     for i, v in alts]})
+    return out
+
+
+def completion_logprobs(tok: Tokenizer, events: list[Event]) -> dict:
+    """The legacy completions API's `logprobs` object of some events' tokens."""
+    tokens, own, top = [], [], []
+    for ev in events:
+        for t, lp, alts in zip(ev.tokens, ev.logprobs or [], ev.top_logprobs or []):
+            tokens.append(_token_text(tok, t))
+            own.append(lp)
+            top.append({_token_text(tok, i): v for i, v in alts})
+    offsets, pos = [], 0
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": own, "top_logprobs": top, "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, replies: list[Reply]) -> dict:
+    completion = sum(len(r.tokens) for r in replies)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(obj: dict | str) -> bytes:
+    """One server-sent event: `data: JSON` (or a bare string: `[DONE]`)."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()

@@ -6,6 +6,9 @@
 
 Every field the server reads is checked for its JSON type and range here, before any work, and a wrong one
 raises `APIError` naming it (`param`, OpenAI's convention: `messages[2].content`, `stream_options.include_usage`).
+The body itself is checked first (`decode_body`): JSON, an object, nested at most MAX_DEPTH levels (the chat template
+writes tool schemas and arguments out recursively), and no string holding a lone UTF-16 surrogate (JSON's
+`"\\ud800"`, which is no text: the tokenizer and the response encoder refuse it), wherever it is, known field or not.
 Fields the server does not know are ignored, as vLLM does; fields it knows but cannot honour (a non-zero
 `presence_penalty`, `tool_choice: "required"`, a `suffix`) are refused rather than silently dropped.
 docs/serving.md §2 lists every field, its default and its bounds.
@@ -13,12 +16,15 @@ docs/serving.md §2 lists every field, its default and its bounds.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP = 4  # OpenAI's limit on `stop` strings
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
+MAX_DEPTH = 64  # arrays and objects nested in a body at most (a request, tool schemas and arguments need a few)
 
 
 class APIError(Exception):
@@ -145,12 +151,71 @@ def _zero_only(body: dict, name: str) -> None:
         raise bad(name, "is not supported by this server (only 0)", "unsupported_value")
 
 
-# ----------------------------------------------------------------------------------------- requests
+# ----------------------------------------------------------------------------------------- the body
 def expect_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
     return body
 
+
+def decode_body(data: bytes) -> dict:
+    """A request body's bytes -> its JSON object, every string in it text and its nesting bounded; else APIError
+    400 (naming the field where there is one)."""
+    try:
+        body = json.loads(data)
+    except RecursionError:  # deeper than the parser's own recursion limit, which is far beyond MAX_DEPTH
+        raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep (arrays and objects)",
+                       code="invalid_json") from None
+    except ValueError as e:  # not JSON, not UTF-8, or an integer of more digits than Python converts
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    body = expect_object(body)
+    _check_values(body)
+    return body
+
+
+def _check_values(body: dict) -> None:
+    """Walk the body (without recursion): no container deeper than MAX_DEPTH, no string or key that is not text."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            top = re.match(r"[^.\[]*", path)[0]
+            raise bad(top, f"nested more than {MAX_DEPTH} levels deep (arrays and objects, counting the body)")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, v in items:
+            if isinstance(key, str) and not _is_text(key):
+                if not path:
+                    raise APIError(400, f"a key of the request body holds {_surrogate(key)}", code="invalid_value")
+                raise bad(path, f"a key holds {_surrogate(key)}")
+            if isinstance(v, str):
+                if not _is_text(v):
+                    raise bad(_where(path, key), f"holds {_surrogate(v)}")
+            elif isinstance(v, (dict, list)):
+                stack.append((v, _where(path, key), depth + 1))
+
+
+def _where(path: str, key: str | int) -> str:
+    """OpenAI's name for a field: `messages[2].content`."""
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+
+
+def _is_text(s: str) -> bool:
+    """Whether `s` is Unicode text, i.e. holds no lone UTF-16 surrogate (what JSON's \\ud800 escape gives)."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(s: str) -> str:
+    i = next(i for i, c in enumerate(s) if 0xD800 <= ord(c) <= 0xDFFF)
+    return f"a lone UTF-16 surrogate (\\u{ord(s[i]):04x} at character {i}), which is not text"
+
+
+# ----------------------------------------------------------------------------------------- requests
 
 def _sampling(body: dict, served: str, limits: Limits, cls: type, **extra: Any) -> Any:
     model = body.get("model")
@@ -243,8 +308,13 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool]:
                 raise bad(f"tools[{i}]", 'expected {"type": "function", "function": {...}}', "invalid_type")
             if not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise bad(f"tools[{i}].function.name", "is required (a non-empty string)", "missing_required_parameter")
-            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
                 raise bad(f"tools[{i}].function.parameters", "expected a JSON Schema object", "invalid_type")
+            if params is not None and params.get("properties") is not None and not isinstance(params["properties"],
+                                                                                               dict):
+                raise bad(f"tools[{i}].function.parameters.properties", "expected an object (JSON Schema), got "
+                          f"{_json_type(params['properties'])}", "invalid_type")
         tools = tools or None
     choice = body.get("tool_choice")
     if choice is None:
