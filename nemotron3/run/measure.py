@@ -1,5 +1,5 @@
 """The pipeline's inference measurements: MTP speculation against plain decoding, and the engine against
-transformers on the same weights.
+transformers on the same weights, and where the two greedy decodes part.
 
 Both time whole `generate` calls of one prompt at a time (batch 1: a chat user's case, and where speculation
 can pay), alternating the contenders so that a slow spell of the machine hits both, and keep the best of
@@ -90,8 +90,9 @@ def transformers_available() -> str | None:
 def engine_vs_transformers(folder: Path, model: nn.Module, prompt: list[int], new_tokens: int = 128,
                            repeats: int = 3) -> dict:
     """tok/s of transformers' `generate` and of our Engine on the checkpoint in `folder`, batch 1, greedy,
-    `new_tokens` new tokens (no stop token), best of `repeats` alternating calls; and whether they emit the
-    same tokens. `model` is our load of the same folder."""
+    `new_tokens` new tokens (no stop token), best of `repeats` alternating calls; whether they emit the same
+    tokens and, if not, where they part (`divergence`: a near-tie in fp32 logits, or a disagreement). `model`
+    is our load of the same folder."""
     from transformers import NemotronHForCausalLM
 
     hf = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -107,9 +108,63 @@ def engine_vs_transformers(folder: Path, model: nn.Module, prompt: list[int], ne
     def run_ours() -> list[int]:
         return engine.generate([prompt], new_tokens, stop_token_ids=[]).tokens[0]
 
+    def logits(m: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[list[int]], torch.Tensor]:
+        def last(ids: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                return m(torch.tensor([ids]))[0, -1]
+        return last
+
     run_hf(), run_ours()  # warm-up
     best, outs = _best({"transformers": run_hf, "nemotron3": run_ours}, repeats)
     hf_tok_s, ours_tok_s = new_tokens / best["transformers"], new_tokens / best["nemotron3"]
     return {"new_tokens": new_tokens, "prompt_tokens": len(prompt), "transformers_tok_s": hf_tok_s,
             "nemotron3_tok_s": ours_tok_s, "ratio": ours_tok_s / hf_tok_s,
-            "identical": outs["transformers"] == outs["nemotron3"]}
+            "identical": outs["transformers"] == outs["nemotron3"],
+            "divergence": divergence(prompt, outs["transformers"], outs["nemotron3"],
+                                     logits(lambda ids: hf(ids).logits), logits(model))}
+
+
+# ----------------------------------------------------------------------------------------- where two decodes part
+NEAR_TIE = 1e-3  # a top-2 margin (and a logit disagreement) under this share of the largest |logit| is fp32 noise
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token sequences differ (where the shorter one ends, if it is a prefix of
+    the other); None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_margin(logits: torch.Tensor) -> float:
+    """The largest logit minus the second largest (fp64): how close greedy decoding was to choosing otherwise."""
+    top = logits.detach().to(torch.float64).topk(2).values
+    return float(top[0] - top[1])
+
+
+def divergence(prompt: list[int], reference: list[int], ours: list[int],
+               reference_logits: Callable[[list[int]], torch.Tensor],
+               our_logits: Callable[[list[int]], torch.Tensor]) -> dict:
+    """Where two greedy decodes of `prompt` part, and whether that is a near-tie or a disagreement.
+
+    At the first differing position i both models read the same prefix (prompt + the shared i tokens); there
+    we take the reference's last-position logits and ours. `reference_top2_margin`: the reference's top-1 minus
+    top-2 logit; `max_abs_logit_diff`: how far the two implementations' logits are apart there. `near_tie`: the
+    margin and the disagreement are both under NEAR_TIE of the largest |logit| (fp32 rounding can flip such a
+    choice); otherwise the two compute different things and the split is a bug to find. `position` None: the
+    same tokens, nothing else measured.
+    """
+    i = first_divergence(reference, ours)
+    if i is None:
+        return {"position": None, "tokens": len(reference)}
+    prefix = [*prompt, *reference[:i]]
+    ref = reference_logits(prefix).detach().to(torch.float64)
+    mine = our_logits(prefix).detach().to(torch.float64)
+    scale = float(ref.abs().max())
+    margin, diff = top2_margin(ref), float((ref - mine).abs().max())
+    return {"position": i, "tokens": min(len(reference), len(ours)),
+            "reference_token": reference[i] if i < len(reference) else None,
+            "our_token": ours[i] if i < len(ours) else None,
+            "reference_top2_margin": margin, "max_abs_logit_diff": diff, "logit_scale": scale,
+            "near_tie": margin <= NEAR_TIE * scale and diff <= NEAR_TIE * scale}

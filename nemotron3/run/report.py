@@ -14,13 +14,21 @@ report.json keys (fractions in [0, 1] unless said otherwise):
     nvfp4_loss_gap       relative held-out loss gap of the NVFP4 run over its high-precision twin at the twin's
                          last step (nvfp4_loss_gap_nats: the same in nats)
     engine_vs_transformers  {transformers_tok_s, nemotron3_tok_s, ratio, identical}
-    quantized            {scheme: {accuracy (mean over families), bytes, accuracy_by_family}}
+    engine_vs_transformers_divergence  where the two greedy decodes part (measure.divergence): position (None:
+                         the same tokens), reference_top2_margin, max_abs_logit_diff, near_tie
+    quantized            {scheme: {accuracy (mean over families), accuracy_se, bytes, activations,
+                         accuracy_by_family}}
+    problems_per_family  {source: n} behind each accuracy figure (pretrain, sft, rl, igrpo, eval, quantize); a
+                         figure p on n problems has the binomial standard error sqrt(p (1 - p) / n) (binomial_se)
+    rl_heldout_curve     {"rl" | "igrpo": [{step, accuracy: {family: exact match}, problems}]}: before (step 0), the
+                         evaluations inside the stage (on the first problems of the set) and after
     seconds_by_stage, seconds_total, stages ({stage: "done" | "skipped: why"}), plan, environment
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -37,6 +45,37 @@ from nemotron3.run.stages import write_json
 
 def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The standard error of an exact-match rate p measured on n problems, sqrt(p (1 - p) / n): the sampling
+    noise of which problems were drawn (the plug-in estimate: 0 at p = 0 or 1, where it understates it)."""
+    if n <= 0:
+        raise ValueError(f"a standard error needs at least one problem, got n = {n}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"an exact-match rate is in [0, 1], got {p}")
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def mean_se(ps: list[float], n: int) -> float:
+    """The standard error of the mean of per-family rates, each on n problems of its own family (independent
+    samples): sqrt(sum p (1 - p) / n) / families."""
+    return math.sqrt(sum(binomial_se(p, n) ** 2 for p in ps)) / len(ps)
+
+
+def pct_se(x: float | None, se: float | None) -> str:
+    """`51 ± 6 %`; without a standard error, as pct."""
+    return pct(x) if x is None or se is None else f"{100 * x:.0f} ± {100 * se:.0f} %"
+
+
+def problems(summary: dict) -> int | None:
+    """Problems per family behind a stage's accuracy figures, from the stage's own summary."""
+    n = summary.get("problems_per_family", summary.get("config", {}).get("eval_problems"))
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def se_of(x: float | None, n: int | None) -> float | None:
+    return None if x is None or n is None else binomial_se(x, n)
 
 
 def environment() -> dict[str, Any]:
@@ -71,16 +110,33 @@ def accuracy_tables(s: dict[str, dict]) -> dict:
         rl_modes = {"on": s["rl"]["accuracy_after"], **rl_modes}
     igrpo = s.get("igrpo", {}).get("accuracy_after", {})
     families = sorted(set(pre) | set(sft_modes.get("on", {})) | set(rl_modes.get("on", {})))
-    series = [("after pretraining (pretraining prompt)", pre), ("after SFT, reasoning on", sft_modes.get("on", {})),
-              ("after RL (GRPO), reasoning on", rl_modes.get("on", {})), ("after iGRPO, reasoning on", igrpo)]
+    n = {name: problems(s[name]) for name in ("pretrain", "sft", "rl", "igrpo", "eval", "quantize") if name in s}
+
+    def ses(vals: dict[str, float], k: int | None) -> dict[str, float]:
+        return {f: binomial_se(v, k) for f, v in vals.items()} if k else {}
+
+    # (name, {family: exact match}, {family: standard error})
+    series = [("after pretraining (pretraining prompt)", pre, ses(pre, n.get("pretrain"))),
+              ("after SFT, reasoning on", sft_modes.get("on", {}), ses(sft_modes.get("on", {}), n.get("sft"))),
+              ("after RL (GRPO), reasoning on", rl_modes.get("on", {}), ses(rl_modes.get("on", {}), n.get("rl"))),
+              ("after iGRPO, reasoning on", igrpo, ses(igrpo, n.get("igrpo")))]
+    # per mode: the problems behind it (RL's `on` is the RL stage's own evaluation, its other modes the eval stage's)
+    mode_n = {"sft": dict.fromkeys(sft_modes, n.get("sft")),
+              "rl": {m: n.get("rl") if m == "on" and s.get("rl", {}).get("accuracy_after") else n.get("eval")
+                     for m in rl_modes}}
     modes = [m for m in ("on", "off", *sorted(set(sft_modes) - {"on", "off"}, key=lambda m: int(m.split("_")[1])))
              if m in sft_modes or m in rl_modes]
 
     def means(table: dict[str, dict[str, float]]) -> dict[str, float]:
         return {m: sum(v.values()) / len(v) for m, v in table.items() if v}
 
+    def mean_ses(table: dict[str, dict[str, float]], ns: dict[str, int | None]) -> dict[str, float]:
+        return {m: mean_se(list(v.values()), ns[m]) for m, v in table.items() if v and ns.get(m)}
+
     return {"families": families, "series": series, "modes": modes, "sft_modes": sft_modes, "rl_modes": rl_modes,
-            "mode_means": [("after SFT", means(sft_modes)), ("after RL", means(rl_modes))]}
+            "n": n, "mode_n": mode_n,
+            "mode_means": [("after SFT", means(sft_modes), mean_ses(sft_modes, mode_n["sft"])),
+                           ("after RL", means(rl_modes), mean_ses(rl_modes, mode_n["rl"]))]}
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -107,9 +163,15 @@ def build(out: Path, plan: Plan, status: dict[str, str], seconds: dict[str, floa
         "nvfp4_loss_gap_nats": (prec or {}).get("gap_nats"),
         "engine_vs_transformers": {k: speed[k] for k in ("transformers_tok_s", "nemotron3_tok_s", "ratio",
                                                          "identical")} if speed else None,
-        "quantized": {name: {"accuracy": row["accuracy_mean"], "bytes": row["bytes"],
+        "engine_vs_transformers_divergence": (speed or {}).get("divergence"),
+        "quantized": {name: {"accuracy": row["accuracy_mean"], "accuracy_se": _quant_se(row, acc["n"].get("quantize")),
+                             "bytes": row["bytes"], "activations": row.get("activations"),
                              "accuracy_by_family": row["accuracy"]}
                       for name, row in (quant or {}).get("schemes", {}).items()},
+        "problems_per_family": acc["n"],
+        "rl_heldout_curve": {name: [{"step": step, "accuracy": a, "problems": k} for step, a, k in
+                                    plots.heldout_points(out, name, s.get(name, {}))] for name in ("rl", "igrpo")
+                             if name in s},
         "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
         "seconds_total": round(sum(seconds.values()), 1),
         "stages": status,
@@ -125,6 +187,38 @@ def build(out: Path, plan: Plan, status: dict[str, str], seconds: dict[str, floa
     return report
 
 
+def _quant_se(row: dict, n: int | None) -> float | None:
+    return mean_se(list(row["accuracy"].values()), n) if n and row["accuracy"] else None
+
+
+def se_note(n: dict[str, int]) -> str:
+    """What the ± in the accuracy tables is, and the problems behind it."""
+    counts = sorted(set(n.values()))
+    k = " or ".join(str(c) for c in counts) if counts else "the"
+    return (f"± is one standard error of the sampling of problems, √(p(1 − p)/n), with n = {k} held-out problems per "
+            "family (for a mean over F families, √(Σ p(1 − p)/n) / F; for a difference, √(s₁² + s₂²)). Two "
+            "figures less than about two standard errors apart are within that noise; at 0 % or 100 % the formula "
+            "gives 0 and understates it.")
+
+
+def divergence_text(speed: dict) -> str:
+    """What the engine against transformers showed about their tokens, in the words the measurement allows."""
+    d, n = speed.get("divergence"), speed["new_tokens"]
+    if d is None:
+        return f"Identical tokens: {speed['identical']} (where they part was not measured)."
+    if d["position"] is None:
+        return f"Both emitted the same {n} tokens (compared token by token)."
+    i = d["position"]
+    where = (f"The two emitted the same first {i} tokens and part at token {i + 1} of {n} (transformers "
+             f"{d['reference_token']}, the engine {d['our_token']}). From the same prefix, transformers' top two "
+             f"logits there differ by {d['reference_top2_margin']:.2g} and the two implementations' logits by up to "
+             f"{d['max_abs_logit_diff']:.2g} (largest |logit| {d['logit_scale']:.3g}): ")
+    if d["near_tie"]:
+        return where + ("a near-tie in fp32, which rounding can decide either way; the implementations agree, the "
+                        "tokens after it are a different but equally greedy continuation.")
+    return where + "not a near-tie: the two compute different logits there, a disagreement to find."
+
+
 def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]]) -> list[Block]:
     plots = dict(made)
     env = r["environment"]
@@ -137,25 +231,34 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
         if f"plots/{name}" in plots:
             b.append(("img", f"plots/{name}", plots[f"plots/{name}"]))
 
-    fams = acc["families"]
+    fams, n = acc["families"], acc["n"]
     if fams:
         b.append(("h", 2, "Held-out exact match per task family"))
         rows = []
         for f in fams:
-            sft_on, rl_on = r["accuracy_sft"].get(f), r["accuracy_rl"].get(f)
-            delta = f"{100 * (rl_on - sft_on):+.0f}" if sft_on is not None and rl_on is not None else "–"
-            rows.append([f, pct(r["accuracy_pretrain"].get(f)), pct(sft_on), pct(rl_on), delta])
+            pre, sft_on, rl_on = r["accuracy_pretrain"].get(f), r["accuracy_sft"].get(f), r["accuracy_rl"].get(f)
+            s_sft, s_rl = se_of(sft_on, n.get("sft")), se_of(rl_on, n.get("rl"))
+            delta = "–"
+            if sft_on is not None and rl_on is not None:
+                delta = f"{100 * (rl_on - sft_on):+.0f}"
+                if s_sft is not None and s_rl is not None:
+                    delta += f" ± {100 * math.hypot(s_sft, s_rl):.0f}"
+            rows.append([f, pct_se(pre, se_of(pre, n.get("pretrain"))), pct_se(sft_on, s_sft), pct_se(rl_on, s_rl),
+                         delta])
         b.append(("table", ["family", "after pretraining", "after SFT (reasoning on)", "after RL (reasoning on)",
                             "RL − SFT (points)"], rows))
+        b.append(("p", se_note({k: v for k, v in n.items() if k != "quantize"})))
         img("accuracy.png")
         modes = acc["modes"]
         if modes:
             b.append(("p", "By reasoning mode (on: the model reasons then answers; off: an empty think block; "
                            "budget_N: reasoning cut after N tokens):"))
             mrows = []
-            for stage, table in (("SFT", acc["sft_modes"]), ("RL", acc["rl_modes"])):
+            for stage, table, ns in (("SFT", acc["sft_modes"], acc["mode_n"]["sft"]),
+                                     ("RL", acc["rl_modes"], acc["mode_n"]["rl"])):
                 for f in fams:
-                    mrows.append([f"{stage} {f}", *[pct(table.get(m, {}).get(f)) for m in modes]])
+                    cells = [(table.get(m, {}).get(f), ns.get(m)) for m in modes]
+                    mrows.append([f"{stage} {f}", *[pct_se(x, se_of(x, k)) for x, k in cells]])
             b.append(("table", ["model, family", *modes], mrows))
     b.append(("h", 2, "Pretraining"))
     pre, prec = s.get("pretrain"), s.get("precision")
@@ -183,6 +286,14 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
             ig = s["igrpo"]
             b.append(("p", f"iGRPO at the same rollout budget, from the same SFT model: reward {ig['reward_first']:.3f}"
                            f" -> {ig['reward_last']:.3f}; held-out exact match in the table's last series."))
+        curve = r["rl_heldout_curve"].get("rl", [])
+        inside = curve[1:-1] if len(curve) > 2 else []
+        if inside:
+            b.append(("p", f"Held-out exact match (reasoning on) at {len(curve)} points of the run: before (step 0), "
+                           f"at steps {', '.join(str(c['step']) for c in inside)} (the first "
+                           f"{inside[0]['problems']} problems per family, the same for every point between) and "
+                           f"after (step {curve[-1]['step']}); {curve[0]['problems']} problems per family before and "
+                           "after. Error bars: one standard error."))
         img("rl.png")
     spec = s.get("speculative")
     if spec:
@@ -199,14 +310,20 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
         b.append(("h", 2, "Engine against transformers"))
         b.append(("p", f"Same weights (the RL model), batch 1, greedy, {speed['new_tokens']} new tokens: transformers "
                        f"{speed['transformers_tok_s']:,.0f} tok/s, nemotron3 {speed['nemotron3_tok_s']:,.0f} tok/s "
-                       f"({speed['ratio']:.2f}x); identical tokens: {speed['identical']}."))
+                       f"({speed['ratio']:.2f}x). " + divergence_text(speed)))
         img("speed.png")
     quant = s.get("quantize")
     if quant:
         b.append(("h", 2, "Quantized checkpoints"))
-        rows = [[name, f"{row['bytes'] / 1e6:.2f} MB", pct(row["accuracy_mean"]),
-                 *[pct(row["accuracy"].get(f)) for f in fams]] for name, row in quant["schemes"].items()]
-        b.append(("table", ["scheme", "weights", "mean exact match", *fams], rows))
+        k = n.get("quantize")
+        rows = [[name, row.get("activations", "–"), f"{row['bytes'] / 1e6:.2f} MB",
+                 pct_se(row["accuracy_mean"], _quant_se(row, k)),
+                 *[pct_se(row["accuracy"].get(f), se_of(row["accuracy"].get(f), k)) for f in fams]]
+                for name, row in quant["schemes"].items()]
+        b.append(("table", ["scheme", "activations", "weights", "mean exact match", *fams], rows))
+        b.append(("p", f"Reasoning on, {k} held-out problems per family; ± as above. nvfp4 runs W4A4: each "
+                       "quantized layer's input is NVFP4-quantized with its calibrated global scale; fp8 quantizes "
+                       "inputs per token; the others quantize weights only."))
         for name, why in quant.get("skipped", {}).items():
             b.append(("p", f"{name}: skipped ({why})."))
         img("quantize.png")

@@ -251,7 +251,7 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
             quantize(QuantizeConfig(model=final, out=path, scheme=name), ctx.console)
             q = load_scheme(path)
         row = {"accuracy": _accuracy_on(q, tok, ctx), "bytes": checkpoint_bytes(path), "path": str(path),
-               "activations": ACTIVATIONS.get(name, "unquantized (weights only)"),
+               "activations": ACTIVATIONS.get(name, "fp32 (weight-only scheme)"),
                "seconds": round(time.perf_counter() - t0, 1)}
         row["accuracy_mean"] = sum(row["accuracy"].values()) / len(row["accuracy"])
         write_json(done, row)
