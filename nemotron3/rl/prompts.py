@@ -10,13 +10,13 @@ completion. Task prompts carry `family` and `answer` (the reference answer, as t
 
 Step `s`'s prompts depend only on (seed, s), so a resumed run draws the same prompts as an uninterrupted one.
 A file's prompts are used in a seeded order, epoch after epoch. Bad lines (not JSON, no `prompt`, a prompt
-that is neither a string nor a list of messages with roles and string contents, a line that is not UTF-8)
-are errors naming file:line.
+that is neither a string nor a list of messages with roles and contents, a message field of the wrong type, a
+line that is not UTF-8) are errors naming file:line. A message's content may be OpenAI text parts, joined as the
+SFT data joins them (train/sft_data.py `check_message`).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,7 @@ from typing import Any
 
 from nemotron3 import tasks
 from nemotron3.train.data import DataError, jsonl_records
-
-ROLES = ("system", "user", "assistant", "tool")
+from nemotron3.train.sft_data import check_message
 
 
 @dataclass
@@ -69,11 +68,12 @@ def _row(value: Any, where: str) -> PromptRow:
             raise DataError(f"{where}: empty prompt")
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and prompt:
+        messages = []
         for i, m in enumerate(prompt):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: prompt message {i} must be {{'role': one of {list(ROLES)}, 'content': "
-                                f"str}}, got {json.dumps(m)[:80]}")
-        messages = prompt
+            m = check_message(m, f"{where}: prompt message {i}")  # every field typed; text parts joined
+            if not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: prompt message {i}: content is required (a string or text parts)")
+            messages.append(m)
     else:
         raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
     return PromptRow(messages, {k: v for k, v in value.items() if k != "prompt"})

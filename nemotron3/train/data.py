@@ -5,8 +5,9 @@
 own, one conversation per row: train/sft_data.py.) Sources:
 
 - the synthetic reasoning tasks of `nemotron3.tasks` (the embedded default: no download);
-- `.txt` files (one document per file), `.jsonl` files (one JSON object per line with a string field
-  `text`), `.parquet` files (a string column `text`, read with pyarrow), or folders of such files.
+- `.txt` files (one document per file; an empty or all-whitespace file is an error naming it), `.jsonl` files
+  (one JSON object per line with a string field `text`, nested at most MAX_JSON_DEPTH deep), `.parquet` files
+  (a string column `text`, read with pyarrow), or folders of such files.
 
 **Packing.** Every document becomes `<s> ids </s>` and the documents are concatenated into one stream,
 cut into rows of T+1 tokens that overlap by one: row i = stream[i·T : i·T + T + 1], inputs row[:-1],
@@ -82,10 +83,49 @@ def _utf8(raw: bytes, where: str) -> str:
                         "as UTF-8") from None
 
 
+# Deepest nesting of arrays and objects a data line may have. Python's json parser recurses once per level and
+# raises RecursionError near 1000; whatever walks the value afterwards (json.dumps of tools and tool-call
+# arguments in the chat template, the reward functions' columns) recurses too, from a deeper stack. Real
+# conversations, tool schemas and arguments are a few levels deep.
+MAX_JSON_DEPTH = 100
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of a parsed JSON value (a scalar 0, `[]` 1, `[{}]` 2), walked without recursion; stops
+    counting once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def check_depth(value: Any, where: str) -> Any:
+    """`value`, or DataError naming `where` when it nests deeper than MAX_JSON_DEPTH."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise DataError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def loads(text: str, where: str) -> Any:
+    """`json.loads(text)`, with nesting deeper than MAX_JSON_DEPTH a DataError naming `where` instead of a
+    RecursionError (or a value that breaks whatever walks it next). json.JSONDecodeError passes through, for the
+    caller to word."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # cheap: only such a text can nest that deep
+        check_depth(value, where)
+    return value
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(`file:line`, parsed value) for every non-blank line of a .jsonl file, in order; DataError naming
-    file:line for a line that is not UTF-8 or not JSON. The pretraining texts, SFT conversations and RL
-    prompts all read their .jsonl files through it."""
+    file:line for a line that is not UTF-8, not JSON, or nested deeper than MAX_JSON_DEPTH. The pretraining
+    texts, SFT conversations and RL prompts all read their .jsonl files through it."""
     with Path(path).open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
@@ -93,9 +133,10 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                value = loads(line, where)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield where, value
 
 
 def read_texts(paths: list[str | Path]) -> list[str]:
@@ -103,7 +144,10 @@ def read_texts(paths: list[str | Path]) -> list[str]:
     texts: list[str] = []
     for f in _files(paths):
         if f.suffix == ".txt":
-            texts.append(_utf8(f.read_bytes(), str(f)))
+            text = _utf8(f.read_bytes(), str(f))
+            if not text.strip():  # one document per file: an empty one is a mistake, not a document
+                raise DataError(f"{f}: empty file (no text to train on)")
+            texts.append(text)
         elif f.suffix == ".jsonl":
             for where, obj in jsonl_records(f):
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):

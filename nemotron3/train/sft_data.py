@@ -3,9 +3,11 @@
 **Sources.** OpenAI-messages JSONL files, one conversation per line, `{"messages": [...], "tools": [...]}`
 (`tools` optional), read by `read_conversations`; or, by default, conversations built from the embedded task
 families (`task_conversations`): the problem's prompt as the user turn, its trace as the assistant's
-`reasoning_content`, its answer as the content. Before a conversation is accepted it is normalised (tool-call
-arguments given as a JSON string become an object; tool-call XML written inside an assistant's content is
-parsed into `tool_calls`) and rendered once, so every mistake is found while reading and named by file:line.
+`reasoning_content`, its answer as the content. Before a conversation is accepted it is normalised (every field
+the chat format reads is type-checked; a `content` given as OpenAI text parts, `[{"type": "text", "text": ...}]`,
+becomes their texts concatenated, as the server reads them, and any other kind of part is refused; tool-call
+arguments given as a JSON string become an object; tool-call XML written inside an assistant's content is parsed
+into `tool_calls`) and rendered once, so every mistake is found while reading and named by file:line and field.
 
 **Modes** (docs/post-training.md §3). Each conversation is drawn, from a generator seeded by (seed, index), into
 one of three modes: `off` with probability `off_share` (rendered with `enable_thinking=False`: every think
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 
 from nemotron3 import chat, tasks
-from nemotron3.train.data import DataError, PackedData, jsonl_records
+from nemotron3.train.data import MAX_JSON_DEPTH, DataError, PackedData, check_depth, jsonl_records, loads
 from nemotron3.train.tokenizer import Tokenizer
 
 MODES = ("on", "off", "budget")
@@ -70,40 +72,111 @@ class SFTRows:
 
 
 # ----------------------------------------------------------------------------------------- sources
+def _type(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text_parts(content: list, where: str) -> str:
+    """OpenAI content parts -> their texts concatenated (as the server does, serve/protocol.py); DataError for a
+    part that is not `{"type": "text", "text": str}`."""
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            got = f"type {part.get('type')!r}" if isinstance(part, dict) else _type(part)
+            raise DataError(f"{where}: content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                            f"supported, got {got}")
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: content[{j}].text must be a string, got {_type(part.get('text'))}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _check_call(call: object, where: str) -> None:
+    """One entry of `tool_calls`: `{"name", "arguments"}` or OpenAI's `{"id", "type", "function": {...}}`."""
+    if not isinstance(call, dict):
+        raise DataError(f"{where} must be an object, got {_type(call)}")
+    for key in ("id", "type"):
+        if call.get(key) is not None and not isinstance(call[key], str):
+            raise DataError(f"{where}.{key} must be a string, got {_type(call[key])}")
+    fn = call
+    if "function" in call:
+        fn, where = call["function"], f"{where}.function"
+        if not isinstance(fn, dict):
+            raise DataError(f"{where} must be an object with a name and arguments, got {_type(fn)}")
+    if not isinstance(fn.get("name"), str):
+        raise DataError(f"{where}.name must be a string, got {_type(fn.get('name'))}")
+    args = fn.get("arguments")
+    if args is not None and not isinstance(args, (str, dict)):
+        raise DataError(f"{where}.arguments must be an object or a JSON string, got {_type(args)}")
+
+
+def check_message(m: object, where: str) -> dict:
+    """One OpenAI message with every field the chat format reads type-checked, as a new dict whose `content` is a
+    string (or None): a list of text parts is joined. DataError `{where}: FIELD ...` names the field. Fields the
+    chat format does not read are kept unchecked (OpenAI messages carry others, e.g. `refusal`)."""
+    if not isinstance(m, dict):
+        raise DataError(f"{where}: expected an object, got {_type(m)}")
+    role = m.get("role")
+    if role is None:
+        raise DataError(f"{where} has no role")
+    if not isinstance(role, str):
+        raise DataError(f"{where}: role must be a string, got {_type(role)}")
+    if role not in chat.ROLES:
+        raise DataError(f"{where}: unknown role {role!r}; expected one of {', '.join(chat.ROLES)}")
+    m = dict(m)
+    content = m.get("content")
+    if isinstance(content, list):
+        m["content"] = _text_parts(content, where)
+    elif content is not None and not isinstance(content, str):
+        raise DataError(f"{where}: content must be a string or a list of text parts, got {_type(content)}")
+    for key in (*chat.REASONING_FIELDS, "name", "tool_call_id"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise DataError(f"{where}: {key} must be a string, got {_type(m[key])}")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise DataError(f"{where}: tool_calls must be a list of tool calls, got {_type(calls)}")
+        for j, call in enumerate(calls):
+            _check_call(call, f"{where}: tool_calls[{j}]")
+    return m
+
+
 def _normalise(messages: list, tools, where: str) -> Conversation:
-    """Check one conversation (by rendering it) and bring its tool calls into one form; ValueError names `where`."""
+    """Check one conversation (every message's fields, then by rendering it) and bring its content and tool calls
+    into one form; DataError names `where`."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of messages")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise DataError(f"{where}: 'tools' must be a list of objects")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {i}: expected an object, got {type(m).__name__}")
-        m = dict(m)
-        if m.get("role") == "assistant":
+        m = check_message(m, f"{where}: message {i}")
+        if m["role"] == "assistant":
             content = m.get("content")
             if isinstance(content, str) and "<tool_call>" in content:
                 try:
                     parsed = chat.parse(content)
                 except ValueError as e:
                     raise DataError(f"{where}: message {i}: {e}") from None
+                except RecursionError:  # a parameter value parsed as JSON (chat._value)
+                    raise DataError(f"{where}: message {i}: tool call XML: JSON nested deeper than "
+                                    f"{MAX_JSON_DEPTH} levels") from None
+                check_depth(parsed["tool_calls"], f"{where}: message {i}: tool call XML")
                 m["content"] = parsed["content"]
                 if parsed["reasoning_content"] is not None and m.get("reasoning_content") is None:
                     m["reasoning_content"] = parsed["reasoning_content"]
                 m["tool_calls"] = list(m.get("tool_calls") or []) + parsed["tool_calls"]
             calls = []
             for call in m.get("tool_calls") or []:
-                fn = call.get("function", call) if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                fn = call.get("function", call)
+                if isinstance(fn.get("arguments"), str):
+                    what = f"{where}: message {i}: tool call {fn.get('name')!r}"
                     try:
-                        args = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+                        args = loads(fn["arguments"], f"{what}: arguments") if fn["arguments"].strip() else {}
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{where}: message {i}: tool call {fn.get('name')!r}: arguments are not "
-                                        f"valid JSON ({e.msg} at column {e.colno})") from None
+                        raise DataError(f"{what}: arguments are not valid JSON ({e.msg} at column {e.colno})") from None
                     if not isinstance(args, dict):
-                        raise DataError(f"{where}: message {i}: tool call {fn.get('name')!r}: arguments must be a "
-                                        "JSON object")
+                        raise DataError(f"{what}: arguments must be a JSON object")
                     call = {"name": fn.get("name"), "arguments": args}
                 calls.append(call)
             if calls:
@@ -137,8 +210,9 @@ def read_conversations(paths: list[str | Path]) -> list[Conversation]:
     """Every conversation of the given .jsonl files and folders, in sorted file order; blank lines are skipped.
 
     Raises DataError naming file:line for a line that is not UTF-8 or not JSON, that has no `messages` list, a
-    message without a role or with an unknown one, an empty assistant turn, or a tool call that is malformed
-    (arguments that are not a JSON object, tool-call XML that does not parse).
+    message without a role or with an unknown one, a message field of the wrong type (named), a content part that
+    is not text, an empty assistant turn, or a tool call that is malformed (arguments that are not a JSON object,
+    tool-call XML that does not parse).
     """
     convs = []
     for f in _jsonl_files(paths):
