@@ -4,6 +4,15 @@ Byte-level means any string round-trips (every byte has a token, no `<unk>` is e
 BPE merges, numbers are split into single digits (as Llama and DeepSeek do): arithmetic stays learnable for
 a small model because every number is spelled with the same ten tokens, whatever merges the corpus favours.
 
+**Long words.** The BPE trainer's cost grows with the square of a pre-tokenized word's length: one 8 MiB line
+without whitespace is one word of 8 M symbols, and training on it takes minutes (a merge rewrites the whole
+word, thousands of times). No merge that long is ever useful, so `train` feeds the trainer every text cut
+before any run of non-whitespace (or of whitespace) longer than MAX_WORD_CHARS characters, at every
+MAX_WORD_CHARS characters of the run (`capped`): the byte-level pre-tokenizer's words stay within that run, so
+no word the trainer sees is longer than MAX_WORD_CHARS + 1 characters (a leading space), at most 4 bytes each.
+Texts without such a run are fed whole; nothing is dropped (the pieces concatenate back to the texts). Encoding
+is not affected: a long word encodes quickly, with the merges learned from its pieces.
+
 Special tokens, ids fixed in this order (`pad`/`bos`/`eos` = 0/1/2, the `ModelConfig` defaults):
 
     <unk> <s> </s>                           padding, begin / end of document
@@ -21,7 +30,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -36,6 +46,23 @@ SPECIAL_TOKENS = (
     "<tool_call>", "</tool_call>",
     "<tool_response>", "</tool_response>",
 )
+
+
+MAX_WORD_CHARS = 256  # longest run the trainer sees; real words are far shorter, longer runs are blobs (base64, hashes)
+_LONG_RUN = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}|\s{{{MAX_WORD_CHARS + 1},}}")
+
+
+def capped(texts: Iterable[str], cap: int = MAX_WORD_CHARS) -> Iterator[str]:
+    """Each text, or, when it holds a run of non-whitespace or of whitespace longer than `cap` characters, its
+    pieces cut at every `cap` characters of each such run (see the module docstring, *Long words*)."""
+    long_run = _LONG_RUN if cap == MAX_WORD_CHARS else re.compile(rf"\S{{{cap + 1},}}|\s{{{cap + 1},}}")
+    for text in texts:
+        start = 0
+        for m in long_run.finditer(text):
+            for cut in range(m.start() + cap, m.end(), cap):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
 
 
 class Tokenizer:
@@ -54,7 +81,8 @@ class Tokenizer:
     # ----------------------------------------------------------------- build / load / save
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-        """Learn up to `vocab_size` tokens (bytes + specials + merges) from `texts`; deterministic."""
+        """Learn up to `vocab_size` tokens (bytes + specials + merges) from `texts`, no word longer than
+        MAX_WORD_CHARS (`capped`); deterministic."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
         tk = HFTokenizer(models.BPE())
@@ -66,7 +94,7 @@ class Tokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
         )
-        tk.train_from_iterator(texts, trainer=trainer)
+        tk.train_from_iterator(capped(texts), trainer=trainer)
         return cls(tk)
 
     @classmethod
