@@ -60,6 +60,8 @@ class ChatConfig(StageConfig):
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
     threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
     compile: bool = option(False, "torch.compile the decode step (slow first reply)")
+    strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
+                                 "warning once per such tensor)")
 
 
 @dataclass
@@ -161,7 +163,7 @@ def chat_session(cfg: ChatConfig, lines: Iterable[str], console: Console | None 
     console = console or Console()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    served = open_folder(cfg.model, cfg.dtype, cfg.compile)
+    served = open_folder(cfg.model, cfg.dtype, cfg.compile, strict_finite=cfg.strict_finite)
     if served.tokenizer is None or served.tokenizer.token_to_id("<|im_start|>") is None:
         raise ConfigError(f"model (--model) {cfg.model}: chat needs a tokenizer.json with the chat tokens "
                           "(<|im_start|>, <|im_end|>, <think>, </think>)")

@@ -18,6 +18,7 @@ import importlib
 import sys
 import traceback
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     return parser, modules
 
 
+_FORMAT_WARNING = warnings.formatwarning
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """Our own warnings (nemotron3's categories, e.g. a NaN weight found at load) as one line, `warning: ...`,
+    like the errors; anyone else's as Python shows them."""
+    if category.__module__.startswith("nemotron3"):
+        return f"warning: {message}\n"
+    return _FORMAT_WARNING(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Subnormal fp32 values (below 1.2e-38) are flushed to zero. The SSD's decays and a freshly initialised
     # model's gradients produce them, x86 computes with them about 100x slower (a training step went from 0.6 s
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_flush_denormal(True)
+    warnings.formatwarning = _format_warning
     parser, modules = build_parser()
     args = vars(parser.parse_args(argv))
     command, debug = args.pop("command"), args.pop("debug", False)

@@ -58,6 +58,8 @@ class GenerateConfig(StageConfig):
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
     threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
     compile: bool = option(False, "torch.compile the decode step (slow first call)")
+    strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
+                                 "warning once per such tensor)")
     speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward (lossless, "
                               "greedy or sampled; models with an MTP block)", min=0, metavar="K")
 
@@ -94,7 +96,7 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
         raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    served = open_folder(folder, cfg.dtype, cfg.compile)
+    served = open_folder(folder, cfg.dtype, cfg.compile, strict_finite=cfg.strict_finite)
     if cfg.max_thinking_tokens is not None and not served.has_think:
         raise ConfigError(f"--max-thinking-tokens needs a tokenizer with <think> and </think> tokens ({folder})")
     tok = served.tokenizer

@@ -57,6 +57,26 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the model its config describes, or one of its files cannot be read."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but not quite as it says (the CLI shows it in one line, `warning: ...`)."""
+
+
+class NonFiniteWeightWarning(CheckpointWarning):
+    """A checkpoint's weight holds NaN or inf values (a diverged run, a bad conversion): the model would load and
+    generate garbage without a word; `load_pretrained(..., strict_finite=True)` refuses it instead."""
+
+
+def non_finite_count(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """NaN and ±inf values in a floating-point tensor, counted `chunk` elements at a time (the bool temporary
+    stays small however large the tensor); 0 for other dtypes."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    flat = t.reshape(-1)
+    if flat.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        flat = flat.float()  # the float8 kinds have no isfinite of their own
+    return sum(int(part.numel() - torch.isfinite(part).sum()) for part in flat.split(chunk))
+
+
 # Quantized checkpoints (config.json has a `quantization_config`) are decoded by a reader that the quantization
 # layer registers (nemotron3.quant.checkpoint, imported with the package): reader(quantization_config, tensor
 # names, get(name) -> tensor, {disk name: shape the model needs}) -> ({disk name: dense tensor}, activation hook
@@ -222,6 +242,7 @@ def load_pretrained(
     device: str | torch.device | None = None,
     strict: bool = True,
     quantize_activations: bool = False,
+    strict_finite: bool = False,
 ) -> HybridLM:
     """Load a `nemotron_h` checkpoint folder into a HybridLM.
 
@@ -241,6 +262,10 @@ def load_pretrained(
     docs/low-precision.md §7) load with their weights decoded exactly as the format defines, then cast to
     `dtype`; `quantize_activations=True` also quantizes the inputs of the quantized layers as the scheme does
     (NVFP4 with the calibrated input scales, FP8 per token; the weight-only schemes ignore it).
+
+    Every floating-point tensor is checked for NaN and inf as it is read (a quantized checkpoint's once decoded):
+    each one that has any gets a NonFiniteWeightWarning, `PATH: TENSOR has N non-finite values`, and loads as it
+    is; with `strict_finite=True` the first one is a CheckpointError with the same words instead.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -264,7 +289,7 @@ def load_pretrained(
             # transformers has no MTP module and saves none: load the backbone and say so
             warnings.warn(
                 f"{folder}: config declares {config.num_nextn_predict_layers} MTP block(s) but the checkpoint has no "
-                "mtp.* tensors; loading the model without MTP", stacklevel=2)
+                "mtp.* tensors; loading the model without MTP", CheckpointWarning, stacklevel=2)
             config = config.replace(num_nextn_predict_layers=0)
         with torch.device("meta"):
             model = HybridLM(config)
@@ -309,6 +334,13 @@ def load_pretrained(
                     raise CheckpointError(f"tensor {disk_name} in {shard.file.name} has shape {list(got)}, but the "
                                           f"config needs {list(shape)}")
                 t = shard.get(disk_name)
+                bad = non_finite_count(t)
+                if bad:
+                    msg = f"{shard.file}: {disk_name} has {bad} non-finite value{'s' if bad > 1 else ''}"
+                    if strict_finite:
+                        raise CheckpointError(f"{msg}; refusing the checkpoint (strict_finite, --strict-finite)")
+                    # issued from here (stacklevel 1): a checkpoint loaded twice in one process is reported once
+                    warnings.warn(msg, NonFiniteWeightWarning, stacklevel=1)
                 if t.is_floating_point() != expected[ours].is_floating_point():
                     kind = "a floating-point" if expected[ours].is_floating_point() else "an integer"
                     raise CheckpointError(f"tensor {disk_name} in {shard.file.name} has dtype {t.dtype}, but the "

@@ -58,7 +58,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # Fields that only decide what is saved, logged or reported: a resumed run may change them.
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems", "out",
-                      "resume", "dp_shard", "ep")
+                      "resume", "dp_shard", "ep", "strict_finite")
 
 
 @dataclass
@@ -90,6 +90,8 @@ class PretrainConfig(TrainConfig):
                                         "held-out loss (spread over the families)", min=1)
     out: Path = option(Path("runs/pretrain"), "output folder (metrics.jsonl, step-NNNNNN/, final/, summary.json)")
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
+    strict_finite: bool = option(False, "on --resume: refuse a checkpoint with NaN or inf in a weight (default: "
+                                 "load it, warning once per such tensor)")
 
     def validate(self) -> None:
         super().validate()
@@ -187,7 +189,7 @@ def _pretrain(cfg: PretrainConfig, console: Console, ckpt: Path | None, resume: 
                                                         cfg.vocab_size or config.vocab_size)
     data, heldout = _packed(cfg, tokenizer, user, task_train, task_heldout)
     if ckpt:
-        model = load_pretrained(ckpt, dtype=torch.float32)
+        model = load_pretrained(ckpt, dtype=torch.float32, strict_finite=cfg.strict_finite)
     else:
         vocab = -(-tokenizer.vocab_size // 64) * 64  # the tokenizer's vocabulary, rounded up for the matmuls
         config = config.replace(vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,

@@ -49,6 +49,8 @@ class QuantizeConfig(StageConfig):
                        "quantized checkpoint, which is replaced)", metavar="DIR")
     scheme: str = option("nvfp4", "number format of the quantized weights", choices=SCHEMES)
     calib: int = option(32, "held-out task documents for nvfp4's activation calibration", min=1)
+    strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
+                                 "warning once per such tensor)")
 
     def validate(self) -> None:
         super().validate()
@@ -81,7 +83,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
     console = console or Console()
     _source(cfg)
     ModelConfig.from_hf(cfg.model)
-    model = load_pretrained(cfg.model, dtype=torch.float32)
+    model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite)
     quant, ignore, misfit = qckpt.plan(model, cfg.scheme)
     if not quant:
         raise CheckpointError(f"{cfg.model}: no weight can be quantized to {cfg.scheme}")
@@ -95,7 +97,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
         amax = qckpt.calibrate(model, calibration_batches(tokenizer, cfg.calib), modules)
         input_scales = {m: qckpt.input_global_scale(a) for m, a in amax.items()}
     disk = dict(_state_dict_for_disk(model))
-    raw = load_pretrained(cfg.model)          # the stored dtypes, for what stays high
+    raw = load_pretrained(cfg.model, strict_finite=cfg.strict_finite)  # the stored dtypes, for what stays high
     stored = dict(_state_dict_for_disk(raw))
     tensors: dict[str, torch.Tensor] = {}
     for name in disk:

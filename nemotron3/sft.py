@@ -48,7 +48,7 @@ from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
-                      "eval_budgets", "out", "resume", "dp_shard", "ep")
+                      "eval_budgets", "out", "resume", "dp_shard", "ep", "strict_finite")
 
 
 @dataclass
@@ -79,6 +79,8 @@ class SFTConfig(TrainConfig):
                                         min=1)
     out: Path = option(Path("runs/sft"), "output folder (metrics.jsonl, step-NNNNNN/, final/, summary.json)")
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
+    strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
+                                 "warning once per such tensor)")
     # the training loop's defaults, for fine-tuning
     steps: int = option(300, "optimizer steps", min=1)
     lr: float = option(2e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
@@ -151,7 +153,7 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     torch.manual_seed(cfg.seed)
     source = ckpt or cfg.model
     tokenizer = Tokenizer.load(source)
-    model = load_pretrained(source, dtype=torch.float32)
+    model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{source}: the model's vocab_size {model.config.vocab_size} < its tokenizer's "
                           f"{tokenizer.vocab_size}")
@@ -161,7 +163,9 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     # a resumed run measures the checkpoint the run started from, as the uninterrupted run did
     if evaluate and (ckpt is None or (cfg.model / "config.json").is_file()):
         t0 = time.perf_counter()
-        before = _accuracy(cfg, model if ckpt is None else load_pretrained(cfg.model, dtype=torch.float32), tokenizer)
+        start = model if ckpt is None else load_pretrained(cfg.model, dtype=torch.float32,
+                                                           strict_finite=cfg.strict_finite)
+        before = _accuracy(cfg, start, tokenizer)
         console.print(f"[bold]before SFT[/] exact match by mode measured in {time.perf_counter() - t0:.0f} s")
     elif evaluate:
         console.print(f"[yellow]{cfg.model} (the checkpoint the run started from) is gone: no 'before' accuracy[/]")

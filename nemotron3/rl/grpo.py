@@ -62,7 +62,7 @@ from nemotron3.train.loop import MetricsLog, process_group
 from nemotron3.train.summary import print_footer, run_stage
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume",
-                      "threads")
+                      "threads", "strict_finite")
 
 
 @dataclass
@@ -73,6 +73,8 @@ class GRPOConfig(StageConfig):
                          "sft`)", metavar="DIR")
     out: Path = option(Path("runs/rl"), "output folder (metrics.jsonl, step-NNNNNN/, final/, summary.json)")
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
+    strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
+                                 "warning once per such tensor)")
     algo: str = option("grpo", "grpo, or igrpo (best-of-N drafts, then GRPO on refinements)",
                        choices=("grpo", "igrpo"))
     steps: int = option(120, "RL steps (rollouts + update)", min=1)

@@ -63,6 +63,8 @@ class ServeConfig(StageConfig):
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)", min=1024)
     shutdown_timeout: float = option(30.0, "seconds running streams get to finish after SIGTERM", min=0.0)
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
+                                 "warning once per such tensor)")
     threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
 
     def validate(self) -> None:
@@ -78,7 +80,8 @@ def build_server(cfg: ServeConfig) -> Server:
     folder = Path(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    opened = open_folder(folder, cfg.dtype, fast=False)  # the batcher builds its own fast decoder
+    # the batcher builds its own fast decoder
+    opened = open_folder(folder, cfg.dtype, strict_finite=cfg.strict_finite, fast=False)
     if opened.tokenizer is None:
         raise ConfigError(f"model (--model) {folder} has no tokenizer.json: the server needs one to read text")
     model = opened.engine.model
