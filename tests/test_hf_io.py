@@ -90,6 +90,7 @@ def test_sharded_checkpoint_round_trips(saved, tmp_path):
     again = nemotron3.load_pretrained(out)
     ids = torch.randint(0, 200, (1, 20))
     with torch.no_grad():
+        # exact by construction: the same weights (bits round-tripped), the same kernels on the same shapes
         torch.testing.assert_close(again(ids), model.eval()(ids), atol=0, rtol=0)
     # re-saving unsharded into the same folder removes the stale shards
     nemotron3.save_pretrained(model, out)
@@ -224,6 +225,7 @@ def test_mtp_declared_without_mtp_tensors_loads_the_backbone(saved):
     assert again.config.num_nextn_predict_layers == 0
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
+        # exact by construction: the same weights (bits round-tripped), the same kernels on the same shapes
         torch.testing.assert_close(again(ids), model.eval()(ids), atol=0, rtol=0)
 
 

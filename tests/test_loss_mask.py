@@ -104,6 +104,7 @@ def test_row_count_dtypes_and_the_held_out_tail():
     train, held = train_data.split_tail(data, 0.25)
     k = len(held)
     assert k == round(len(data) * 0.25) and len(train) + k == len(data)
+    # token ids and masks: integers
     assert torch.equal(train.rows, data.rows[:-k]) and torch.equal(train.mask, data.mask[:-k])
     assert torch.equal(held.rows, data.rows[-k:]) and torch.equal(held.mask, data.mask[-k:])
     assert train.seed == held.seed == 5

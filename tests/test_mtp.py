@@ -73,6 +73,7 @@ def test_mtp_checkpoint_round_trips_and_transformers_ignores_it(tmp_path):
     nemotron3.save_pretrained(model, tmp_path)
     again = nemotron3.load_pretrained(tmp_path)
     assert again.mtp is not None
+    # exact by construction: safetensors stores the bits
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
     ref = transformers.NemotronHForCausalLM.from_pretrained(tmp_path).eval()

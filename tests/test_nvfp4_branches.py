@@ -7,6 +7,11 @@ given. The inputs exercise each branch: zero and all-equal blocks, E2M1 and E4M3
 scales that are E4M3 subnormals or underflow to 0, saturation at 6·448 and past it (an amax below max|x|),
 inf, 16×16 tiles over rows that are not a multiple of 16, tensors large enough to be cut into chunks, and
 the error messages, matched whole.
+
+Bit-for-bit comparisons here are exact by construction: a codec is elementwise IEEE arithmetic (correctly rounded
+multiplications and divisions, casts), max reductions and integer bit manipulation, so its bits do not depend
+on the CPU's vector kernels; so are sums of exactly representable terms (integers, powers of two) and the same
+computation run twice. A comparison through any other sum (a matmul of random floats) has a stated tolerance.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ With p given, S_enc = 1/p (1 when p = 0 or 1/p underflows, FLT_MAX when it overf
 each block's scale is s_b = e4m3_rne(min(block_amax · (S_enc · fp32(1/6)), 448)), its elements are
 e2m1_rne(clamp(x / (s_b · S_dec), ±6)), and they decode as q · (S_dec · s_b). The numbers below are worked
 out by hand from that definition (E4M3 near 1/3: 0.3125 and 0.34375; E2M1: 0 .5 1 1.5 2 3 4 6).
+
+Bit-for-bit comparisons here are exact by construction: a codec is elementwise IEEE arithmetic (correctly rounded
+multiplications and divisions, casts), max reductions and integer bit manipulation, so its bits do not depend
+on the CPU's vector kernels; so are sums of exactly representable terms (integers, powers of two) and the same
+computation run twice. A comparison through any other sum (a matmul of random floats) has a stated tolerance.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def test_our_checkpoint_loads_in_transformers(tiny_hf_config, tmp_path):
         torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=0)
     # and the state round-trips exactly
     again = nemotron3.load_pretrained(tmp_path)
+    # exact by construction: safetensors stores the bits
     for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
 
@@ -66,5 +67,14 @@ def test_router_correction_bias_changes_selection_like_transformers(tmp_path):
     assert (idx == 5).any(-1).all()
     _, w_ref, idx_ref = ref.model.layers[0].mixer.gate(x)
     _, idx, w = ours.backbone.layers[0].mixer.gate(x)
-    assert torch.equal(idx.sort(-1).values, idx_ref.sort(-1).values)
+    # The choice is discrete but made from fp32 scores that the two systems compute with other kernels: demand the
+    # same experts wherever the float64 scores separate the k-th from the (k+1)-th choice by more than 1e-5
+    # (a true near-tie may go either way on another CPU), and that such clear rows are nearly all of them.
+    gate = ref.model.layers[0].mixer.gate
+    s64 = torch.sigmoid(x.double() @ gate.weight.double().t()) + gate.e_score_correction_bias.double()
+    top = s64.topk(3, -1).values
+    clear = (top[:, 1] - top[:, 2]) > 1e-5
+    assert int(clear.sum()) >= 18, "too many near-ties: the comparison would be too weak"
+    assert torch.equal(idx.sort(-1).values[clear], idx_ref.sort(-1).values[clear])
+    assert torch.equal(idx.sort(-1).values[clear], s64.topk(2, -1).indices.sort(-1).values[clear])
     torch.testing.assert_close(w.gather(1, idx.argsort(-1)), w_ref.gather(1, idx_ref.argsort(-1)))

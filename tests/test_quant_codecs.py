@@ -1,5 +1,11 @@
 """Element codecs (nemotron3/quant/fp_codecs.py) against hand-worked vectors, torchao's bit
-kernels and the slow table-lookup reference."""
+kernels and the slow table-lookup reference.
+
+Bit-for-bit comparisons here are exact by construction: a codec is elementwise IEEE arithmetic (correctly rounded
+multiplications and divisions, casts), max reductions and integer bit manipulation, so its bits do not depend
+on the CPU's vector kernels; so are sums of exactly representable terms (integers, powers of two) and the same
+computation run twice. A comparison through any other sum (a matmul of random floats) has a stated tolerance.
+"""
 
 import math
 

@@ -1,5 +1,11 @@
 """NVFP4 and MX quantizers: bit-identical to torchao 0.18, and the `te` convention against
-hand-worked vectors and a naive per-block loop written from docs/low-precision.md §1."""
+hand-worked vectors and a naive per-block loop written from docs/low-precision.md §1.
+
+Bit-for-bit comparisons here are exact by construction: a codec is elementwise IEEE arithmetic (correctly rounded
+multiplications and divisions, casts), max reductions and integer bit manipulation, so its bits do not depend
+on the CPU's vector kernels; so are sums of exactly representable terms (integers, powers of two) and the same
+computation run twice. A comparison through any other sum (a matmul of random floats) has a stated tolerance.
+"""
 
 import math
 

@@ -1,5 +1,11 @@
 """RHT, NVFP4Linear and MXFP8Linear: the three GEMMs against an independent emulation built
-from the public codecs, and against an unquantized nn.Linear within the format's error."""
+from the public codecs, and against an unquantized nn.Linear within the format's error.
+
+Bit-for-bit comparisons here are exact by construction: a codec is elementwise IEEE arithmetic (correctly rounded
+multiplications and divisions, casts), max reductions and integer bit manipulation, so its bits do not depend
+on the CPU's vector kernels; so are sums of exactly representable terms (integers, powers of two) and the same
+computation run twice. A comparison through any other sum (a matmul of random floats) has a stated tolerance.
+"""
 
 import itertools
 

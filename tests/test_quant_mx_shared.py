@@ -1,5 +1,11 @@
 """Shared-microexponent formats MX9 / MX6 / MX4 against vectors worked by hand from the definition
-(docs/low-precision.md §8) and an element-by-element Python reference."""
+(docs/low-precision.md §8) and an element-by-element Python reference.
+
+Bit-for-bit comparisons here are exact by construction: a codec is elementwise IEEE arithmetic (correctly rounded
+multiplications and divisions, casts), max reductions and integer bit manipulation, so its bits do not depend
+on the CPU's vector kernels; so are sums of exactly representable terms (integers, powers of two) and the same
+computation run twice. A comparison through any other sum (a matmul of random floats) has a stated tolerance.
+"""
 
 import pytest
 import torch

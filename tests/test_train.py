@@ -189,6 +189,7 @@ def test_gradient_is_the_same_however_the_batch_is_split():
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7, msg=n)
     for k in loads[0]:
+        # expert loads are token counts: integers
         assert torch.equal(loads[0][k], loads[1][k])
     assert sum(int(v.sum()) for v in loads[0].values()) == 8 * 24 * 4 * 5  # 3 backbone + 2 MTP-depth MoE forwards
 
@@ -232,6 +233,7 @@ def test_nan_guard_skips_the_step_and_says_so(tiny_run, tmp_path, monkeypatch, c
     cfg = loop.TrainConfig(steps=6, batch_size=4, lr=3e-3, eval_every=1000)
     result = loop.train(model, tok, data, cfg, tmp_path)
     assert result.skipped == [3]
+    # exact by construction: a skipped step writes no parameter
     for a, b in zip(snapshots[3], snapshots[4]):  # the skipped step changed nothing, bias included
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[4], snapshots[5]))  # the next one trains again

@@ -248,4 +248,5 @@ def test_stop_after_is_the_first_steps_of_the_longer_run_exactly(tmp_path):
     assert [r for r in rf if r["step"] <= 6] == rs and max(r["step"] for r in rs) == 6
     assert json.loads((short / "summary.json").read_text())["steps"] == 6
     a, b = load_pretrained(full / "step-000006").state_dict(), load_pretrained(short / "final").state_dict()
+    # exact by construction: the stopped run executes the same ops on the same data as the full run's first 6 steps
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
