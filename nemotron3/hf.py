@@ -45,6 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nemotron3 import folders
 from nemotron3.config import ModelConfig
 from nemotron3.model.hybrid import HybridLM
 
@@ -424,11 +425,14 @@ def save_pretrained(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for fname, tensors in names.items():
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        # remove weights of an older save that this one does not overwrite (e.g. shards -> single file)
-        for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
-            if not (tmp / old.name).exists():
-                old.unlink()
+        folders.umask_modes(tmp, list(tmp.iterdir()))  # safetensors makes its files 0600 whatever the umask
+        # weights of an older save that this one does not overwrite (e.g. shards -> single file): removed once the
+        # new files are in, so that a kill in between never leaves the folder without weights
+        stale = [old for old in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]
+                 if not (tmp / old.name).exists()]
         for f in tmp.iterdir():
             os.replace(f, folder / f.name)
+        for old in stale:
+            old.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,7 +58,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # Fields that only decide what is saved, logged or reported: a resumed run may change them.
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems", "out",
-                      "resume", "dp_shard", "ep", "strict_finite")
+                      "resume", "dp_shard", "ep", "overwrite", "strict_finite")
 
 
 @dataclass
@@ -92,6 +92,8 @@ class PretrainConfig(TrainConfig):
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
     strict_finite: bool = option(False, "on --resume: refuse a checkpoint with NaN or inf in a weight (default: "
                                  "load it, warning once per such tensor)")
+    overwrite: bool = option(False, "replace the run already in --out (its final/, step-NNNNNN/, summary.json, "
+                             "metrics.jsonl; nothing else)")
 
     def validate(self) -> None:
         super().validate()
@@ -176,7 +178,9 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore(cfg, resume.get("run", {}), ckpt)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
-        checkpoint.clean_temporaries(cfg.out)
+    checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, reads={
+        "--config": Path(cfg.config) if Path(cfg.config).exists() else None, "--tokenizer": cfg.tokenizer,
+        "--data": cfg.data})
     with process_group() as rank:
         return _pretrain(cfg, console, ckpt, resume, rank, t_start)
 

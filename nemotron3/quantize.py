@@ -9,16 +9,17 @@
 nvfp4, nvfp4-w4a16 and fp8 are written in the compressed-tensors format that vLLM serves (`quantization_config`
 in config.json, `ignore` listing the layers kept in the checkpoint's precision); the others in nemotron3's own
 layout. nvfp4 runs a calibration pass over `--calib` held-out task documents for the activations' global scales.
-The tokenizer and generation config are copied. The folder is written next to `--out` and moved in only when
-complete: an error leaves nothing behind. docs/low-precision.md §7 has the formats and the policy.
+The tokenizer and generation config are copied. The folder is written next to `--out` and swapped in only when
+complete (nemotron3/folders.py): an error leaves nothing behind, and a kill at any point leaves the old folder or
+the new one, or pieces that the next `quantize` puts back together. An `--out` holding an earlier quantized
+checkpoint is replaced only with `--overwrite`; any other non-empty `--out`, and one that holds `--model`, never.
+docs/low-precision.md §7 has the formats and the policy.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from nemotron3 import tasks
+from nemotron3 import folders, tasks
 from nemotron3.config import ModelConfig
 from nemotron3.hf import CheckpointError, _state_dict_for_disk, checkpoint_bytes, load_pretrained, quantization_config
 from nemotron3.options import StageConfig, fail, option
@@ -46,20 +47,32 @@ class QuantizeConfig(StageConfig):
 
     model: Path = option(Path("runs/sft/final"), "checkpoint folder to quantize (not already quantized)", metavar="DIR")
     out: Path = option(Path("runs/quantized"), "folder to write (must not exist, be empty, or be an earlier "
-                       "quantized checkpoint, which is replaced)", metavar="DIR")
+                       "quantized checkpoint, which --overwrite replaces)", metavar="DIR")
     scheme: str = option("nvfp4", "number format of the quantized weights", choices=SCHEMES)
     calib: int = option(32, "held-out task documents for nvfp4's activation calibration", min=1)
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
+    overwrite: bool = option(False, "replace the quantized checkpoint already in --out")
 
     def validate(self) -> None:
         super().validate()
         if self.out.resolve() == self.model.resolve():
             fail(self, "out", "must differ from --model")
+        if folders.within(self.model, self.out) is not None:  # writing --out replaces the folder, and it with it
+            fail(self, "out", f"holds --model {self.model}, which writing {self.out} would delete; choose another "
+                 "--out")
         if self.out.exists() and not self.out.is_dir():
             fail(self, "out", f"{self.out} exists and is not a folder")
-        if self.out.is_dir() and any(self.out.iterdir()) and quantization_config(self.out) is None:
+        if not self.out.is_dir() or not any(self.out.iterdir()):
+            return
+        if quantization_config(self.out) is None:
             fail(self, "out", f"{self.out} is not empty and not a quantized checkpoint; refusing to overwrite it")
+        if subfolders := sorted(p.name + "/" for p in self.out.iterdir() if p.is_dir()):
+            fail(self, "out", f"{self.out} holds folders that quantize does not write ({', '.join(subfolders)}); "
+                 "refusing to overwrite it")
+        if not self.overwrite:
+            fail(self, "out", f"{self.out} holds an earlier quantized checkpoint: add --overwrite to replace it, or "
+                 "choose another --out")
 
 
 def _source(cfg: QuantizeConfig) -> None:
@@ -81,6 +94,8 @@ def calibration_batches(tokenizer: Tokenizer, n: int) -> list[torch.Tensor]:
 def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
     """Write the quantized checkpoint; returns its folder."""
     console = console or Console()
+    folders.recover(cfg.out)  # a quantize killed mid-swap: put its --out back first
+    cfg.validate()            # ... and check it again, as it now is
     _source(cfg)
     ModelConfig.from_hf(cfg.model)
     model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite)
@@ -118,27 +133,17 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
 
 
 def _write(cfg: QuantizeConfig, config: ModelConfig, tensors: dict[str, torch.Tensor], qc: dict) -> Path:
-    out = cfg.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         hf = config.to_hf()
         hf["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         for f in cfg.model.iterdir():        # tokenizer, generation config, ...
-            if f.is_file() and f.name not in _OWN_FILES and not f.name.endswith(".safetensors"):
-                shutil.copy2(f, tmp / f.name)
+            if f.is_file() and f.name not in _OWN_FILES and f.name != folders.MARKER and \
+                    not f.name.endswith(".safetensors"):
+                shutil.copyfile(f, tmp / f.name)  # the content; the mode is the umask's (copy2 would keep the source's)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return folders.write_folder(cfg.out, fill)
 
 
 def main(cfg: QuantizeConfig) -> int:

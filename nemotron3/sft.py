@@ -48,7 +48,7 @@ from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
-                      "eval_budgets", "out", "resume", "dp_shard", "ep", "strict_finite")
+                      "eval_budgets", "out", "resume", "dp_shard", "ep", "overwrite", "strict_finite")
 
 
 @dataclass
@@ -81,6 +81,8 @@ class SFTConfig(TrainConfig):
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
+    overwrite: bool = option(False, "replace the run already in --out (its final/, step-NNNNNN/, summary.json, "
+                             "metrics.jsonl; nothing else)")
     # the training loop's defaults, for fine-tuning
     steps: int = option(300, "optimizer steps", min=1)
     lr: float = option(2e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
@@ -143,7 +145,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> Path:
         ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
-        checkpoint.clean_temporaries(cfg.out)
+    checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, cfg.model, {"--data": cfg.data})
     with process_group() as rank:
         return _sft(cfg, console, ckpt, resume, rank, t_start)
 

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nemotron3"
 # top-level component of nemotron3 -> layer; a module may import its own component and any lower layer
 LAYERS = {
     "presets": 0, "tasks": 0, "options": 0, "chat": 0,  # data, stage-config helpers, the chat format: no imports
+    "folders": 0,  # output folders: atomic swap, recovery, modes
     "config": 1,
     "model": 2,
     "hf": 3, "expert_parallel": 3,

@@ -62,7 +62,7 @@ from nemotron3.train.loop import MetricsLog, process_group
 from nemotron3.train.summary import print_footer, run_stage
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume",
-                      "threads", "strict_finite")
+                      "threads", "overwrite", "strict_finite")
 
 
 @dataclass
@@ -75,6 +75,8 @@ class GRPOConfig(StageConfig):
     resume: bool = option(False, "continue from the newest checkpoint in --out, with its saved configuration")
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
+    overwrite: bool = option(False, "replace the run already in --out (its final/, step-NNNNNN/, summary.json, "
+                             "metrics.jsonl; nothing else)")
     algo: str = option("grpo", "grpo, or igrpo (best-of-N drafts, then GRPO on refinements)",
                        choices=("grpo", "igrpo"))
     steps: int = option(120, "RL steps (rollouts + update)", min=1)
@@ -167,7 +169,7 @@ def grpo(cfg: GRPOConfig, console: Console | None = None) -> Path:
         ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
-        checkpoint.clean_temporaries(cfg.out)
+    checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, cfg.model, {"--data": cfg.data})
     with process_group() as rank:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise NotImplementedError("nemotron3 rl runs on one process; launch it without torchrun")

@@ -144,8 +144,10 @@ def _restore(cfg: RunConfig) -> RunConfig:
         if saved_file.is_file():
             raise ConfigError(f"{cfg.out} holds an earlier run (run.json): add --resume to continue it, or choose "
                               "another --out")
+        S.check_new_run(cfg.out)
         return cfg
     if not saved_file.is_file():
+        S.check_new_run(cfg.out)
         return cfg
     return restore_config(cfg, json.loads(saved_file.read_text()), saved_file, OPERATIONAL)
 

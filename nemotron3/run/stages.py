@@ -12,9 +12,11 @@
     out/quantize/       every quantization scheme of the RL model: accuracy and bytes
 
 A stage is complete when its `summary.json` exists (written last, atomically); a complete stage is skipped
-when the run resumes. A training stage that was killed resumes from its newest checkpoint (the stages save
-every few steps), bit for bit; a measuring stage that was killed starts over. A stage that cannot run here
-says why (`skip_reason`) and is listed as skipped in the report; nothing stands in for it.
+when the run resumes. Since a new run clears what a killed start left in its stage folders, an `--out` that holds
+anything of another run (`check_new_run`) is refused; checkpoint folders are written whole (nemotron3/folders.py).
+A training stage that was killed resumes from its newest checkpoint (the stages save every few steps), bit for
+bit; a measuring stage that was killed starts over. A stage that cannot run here says why (`skip_reason`) and is
+listed as skipped in the report; nothing stands in for it.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from nemotron3 import folders
 from nemotron3.config import ModelConfig
 from nemotron3.evaluate import accuracy_by_mode, mode_names
 from nemotron3.hf import load_pretrained, save_pretrained
+from nemotron3.options import ConfigError
 from nemotron3.pretrain import PretrainConfig, pretrain
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.run import measure
-from nemotron3.run.plan import SEEDLM_FROM_MINUTES, SWITCH_SHARE, Plan
+from nemotron3.run.plan import SEEDLM_FROM_MINUTES, STAGES, SWITCH_SHARE, Plan
 from nemotron3.sft import SFTConfig, sft
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
@@ -70,6 +74,16 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_new_run(out: Path) -> None:
+    """A run without run.json in `out` is new, and clears the stage folders a killed start of its own left: refuse
+    an `out` that holds another run's files or a folder named like a stage (nothing here wrote them)."""
+    marks = folders.run_marks(out) + sorted(f"{n}/" for n in STAGES if (out / n).exists())
+    marks += [n for n in ("report.json", "report.md", "timing.json") if (out / n).exists()]
+    if marks:
+        raise ConfigError(f"--out {out} holds another run ({', '.join(marks)}) that `nemotron3 run` did not write: "
+                          "choose another --out")
+
+
 def _save_every(steps: int) -> int:
     """Checkpoint about every 20 % of a training stage, so that a kill loses little."""
     return max(1, steps // 5)
@@ -77,6 +91,7 @@ def _save_every(steps: int) -> int:
 
 def _fresh_or_resume(folder: Path) -> bool:
     """True when `folder` holds a checkpoint to resume from; otherwise clear what a killed start left there."""
+    checkpoint.clean_temporaries(folder)  # a checkpoint whose save was killed: put it back first
     if checkpoint.latest(folder) is not None:
         return True
     if folder.exists():
@@ -240,15 +255,15 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
         if name == "fp32":
             q, path = model, final
         elif name == "bf16":
-            path = folder / "bf16"
-            save_pretrained(load_pretrained(final, dtype=torch.bfloat16), path)
-            tok.save(path)
+            def fill(tmp: Path) -> None:
+                save_pretrained(load_pretrained(final, dtype=torch.bfloat16), tmp)
+                tok.save(tmp)
+
+            path = folders.write_folder(folder / "bf16", fill)
             q = load_pretrained(path, dtype=torch.bfloat16)
-        else:
+        else:  # an export a killed start of this stage left is replaced
             path = folder / name
-            if path.exists():
-                shutil.rmtree(path)
-            quantize(QuantizeConfig(model=final, out=path, scheme=name), ctx.console)
+            quantize(QuantizeConfig(model=final, out=path, scheme=name, overwrite=True), ctx.console)
             q = load_scheme(path)
         row = {"accuracy": _accuracy_on(q, tok, ctx), "bytes": checkpoint_bytes(path), "path": str(path),
                "activations": ACTIVATIONS.get(name, "fp32 (weight-only scheme)"),

@@ -7,9 +7,15 @@ position and fingerprint, the run's arguments, and every RNG state (torch, Pytho
 per-module generators of layers that own one, such as NVFP4's stochastic rounding).
 
 **Atomicity.** Everything is written into a hidden temporary folder next to the target
-(`.tmp-step-NNNNNN-xxxx`), then renamed into place in one `os.rename`; a process killed mid-write leaves
-only the temporary folder, which `latest()` ignores and `clean_temporaries()` removes, and the previous
-checkpoint untouched. Re-saving over an existing folder renames the old one aside first, then deletes it.
+(`.tmp-step-NNNNNN-xxxx`), then swapped into place by renames (nemotron3/folders.py); a process killed at any
+point leaves either the old folder or the new one, or the pieces from which `recover_all()` (run by every start:
+`prepare_out`, `resume_point`, the next save) puts one back together; `latest()` never lists a temporary.
+Folders and files get the modes the umask gives.
+
+**Whose folder.** `prepare_out` runs before a training run writes its `--out`: an `--out` holding another run
+(or a checkpoint) is refused unless `--overwrite`, which removes only that run's final/, step-NNNNNN/,
+summary.json and metrics.jsonl; `--model` inside what the run replaces (its final/ or a step-NNNNNN/) is always
+refused.
 
 **Exactness.** Weights are written in fp32 (the training dtype), so reloading them is lossless; the
 optimizer's moments and step counts are saved as tensors; the batch at a given position is a pure function
@@ -22,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from nemotron3 import folders
 from nemotron3.hf import save_pretrained
+from nemotron3.options import ConfigError
 from nemotron3.train.tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -44,25 +51,13 @@ def step_dir(out_dir: Path, step: int) -> Path:
 def save(folder: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer,
          state: dict[str, Any] | None = None) -> Path:
     """Write model + tokenizer (+ resume state) to `folder` atomically; returns `folder`."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
+    def fill(tmp: Path) -> None:
         save_pretrained(model, tmp)
         tokenizer.save(tmp)
         if state is not None:
             torch.save(state, tmp / STATE_FILE)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
-            os.rename(folder, old / folder.name)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return folders.write_folder(folder, fill)
 
 
 def checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -90,17 +85,64 @@ def prune(out_dir: str | os.PathLike, keep: int) -> None:
 
 
 def clean_temporaries(out_dir: str | os.PathLike) -> None:
-    """Remove what interrupted saves left behind."""
-    d = Path(out_dir)
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+    """Finish or roll back the saves a kill interrupted, and remove what is left of them (folders.recover_all)."""
+    folders.recover_all(out_dir)
+
+
+LAYOUT = ("final", "summary.json", "metrics.jsonl")  # with step-NNNNNN/: what a training run writes in its --out
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_out(out: str | os.PathLike, resume: bool, overwrite: bool, model: str | os.PathLike | None = None,
+                reads: dict[str, Any] | None = None) -> None:
+    """Before a training run writes `out`: put back a folder whose save a kill interrupted, then refuse an `out`
+    that would lose another run or what the run reads (ConfigError naming the flag and the folder).
+
+    A new run needs an `out` that is missing, empty or free of another run's files (`folders.run_marks`);
+    `overwrite` lets it replace an earlier run: that run's final/, step-NNNNNN/, summary.json and metrics.jsonl
+    are removed now (so that neither `prune` nor a later `--resume` mistakes them for this run's), nothing else.
+    `model` (`--model`) inside `out` needs `overwrite`; it, or a path in `reads` ({flag: path or paths}), inside
+    what the run replaces is refused even then."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if _rank0():
+        clean_temporaries(out)
+    sources = [("--model", model)] if model is not None else []
+    for flag, paths in (reads or {}).items():
+        sources += [(flag, p) for p in (paths if isinstance(paths, (list, tuple)) else [paths]) if p is not None]
+    for flag, path in sources:
+        if (rel := folders.within(path, out)) is None:
+            continue
+        first = rel.parts[0] if rel.parts else ""
+        if first in LAYOUT or _STEP_RE.match(first):
+            raise ConfigError(f"--out {out}: the run replaces {out / first}, which holds {flag} {path}; choose "
+                              "another --out")
+        if flag == "--model" and not resume and not overwrite:
+            raise ConfigError(f"--out {out} contains --model {path}: choose another --out, or add --overwrite to "
+                              "write the run there (the --model checkpoint is kept)")
+    if resume:
+        return
+    marks = folders.run_marks(out)
+    if marks and not overwrite:
+        raise ConfigError(f"--out {out} holds another run ({', '.join(marks)}): choose another --out, add --resume "
+                          "to continue it, or --overwrite to replace it")
+    if marks and _rank0():
+        for p in out.iterdir():
+            if p.name in LAYOUT[1:] and p.is_file():
+                p.unlink()
+            elif p.is_dir() and (p.name == "final" or _STEP_RE.match(p.name)):
+                shutil.rmtree(p)
 
 
 def resume_point(out_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The newest complete training checkpoint in `out_dir` and its resume state (`--resume`); ValueError when
-    there is none."""
+    there is none. Puts back first a checkpoint whose save a kill interrupted."""
+    if _rank0():
+        clean_temporaries(out_dir)
     ckpt = latest(out_dir)
     if ckpt is None:
         raise ValueError(f"--resume: no complete checkpoint (step-NNNNNN/ with {STATE_FILE}) in {out_dir}; save "
