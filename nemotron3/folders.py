@@ -193,10 +193,13 @@ def run_marks(folder: str | os.PathLike) -> list[str]:
         return []
     marks = []
     for p in sorted(folder.iterdir()):
-        if p.is_dir() and (p.name == "final" or STEP_RE.match(p.name)):
-            marks.append(p.name + "/")
-        elif p.is_file() and (p.name in RUN_FILES or p.name.endswith(".safetensors")) and p.stat().st_size:
-            marks.append(p.name)  # (an empty file, such as the metrics.jsonl of a run that failed at once, is none)
+        try:
+            if p.is_dir() and (p.name == "final" or STEP_RE.match(p.name)):
+                marks.append(p.name + "/")
+            elif p.is_file() and (p.name in RUN_FILES or p.name.endswith(".safetensors")) and p.stat().st_size:
+                marks.append(p.name)  # (an empty file, such as the metrics.jsonl of a run that failed at once, is none)
+        except FileNotFoundError:  # removed meanwhile (rank 0 of the same run, clearing it for --overwrite)
+            continue
     return marks
 
 

@@ -103,6 +103,21 @@ def test_pretrain_twice_into_one_out_needs_overwrite_which_keeps_what_it_did_not
     assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 1
 
 
+def test_what_counts_as_another_run(tmp_path):
+    from nemotron3 import folders
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")  # a run that failed before its first step: nothing to lose
+    (out / "notes.txt").write_text("mine")
+    (out / "step-x").mkdir()
+    assert folders.run_marks(out) == [] and folders.run_marks(tmp_path / "missing") == []
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "step-000003").mkdir()
+    (out / "w.safetensors").write_bytes(b"x")
+    assert folders.run_marks(out) == ["metrics.jsonl", "step-000003/", "w.safetensors"]
+
+
 def test_sft_into_the_pretraining_runs_own_folder_is_refused_even_with_overwrite(tmp_path, source):
     run = tmp_path / "run"
     before = _fake_run(run, source)
