@@ -314,7 +314,7 @@ def test_divergence_tells_a_near_tie_from_a_disagreement():
     assert tie["position"] == 2 and tie["reference_token"] == 3 and tie["our_token"] == 7
     assert tie["reference_top2_margin"] == pytest.approx(4e-6, rel=1e-3)
     assert tie["max_abs_logit_diff"] == pytest.approx(5e-6, rel=1e-3) and tie["logit_scale"] == 12.0
-    assert tie["near_tie"] is True
+    assert tie["near_tie"] is True and (tie["reference_argmax"], tie["our_argmax"]) == (3, 7)
     bug = measure.divergence(prompt, ref_tokens, our_tokens, logits({3: 12.0, 7: 9.0}), logits({3: 8.0, 7: 12.0}))
     assert bug["reference_top2_margin"] == pytest.approx(3.0) and bug["near_tie"] is False
     same = measure.divergence(prompt, ref_tokens, list(ref_tokens), logits({}), logits({}))
@@ -323,10 +323,13 @@ def test_divergence_tells_a_near_tie_from_a_disagreement():
 
 def test_the_report_words_follow_the_measurement():
     base = {"new_tokens": 128, "identical": False}
-    d = {"position": 57, "tokens": 128, "reference_token": 412, "our_token": 97, "reference_top2_margin": 3e-5,
-         "max_abs_logit_diff": 2e-5, "logit_scale": 18.0}
+    d = {"position": 57, "tokens": 128, "reference_token": 412, "our_token": 97, "reference_argmax": 97,
+         "our_argmax": 97, "reference_top2_margin": 3e-5, "max_abs_logit_diff": 2e-5, "logit_scale": 18.0}
     tie = report.divergence_text({**base, "divergence": {**d, "near_tie": True}})
-    assert "the same first 57 tokens and part at token 58 of 128" in tie and "a near-tie in fp32" in tie
+    assert "the same first 57 tokens and part at token 58 of 128" in tie and "ranks token 97 first" in tie
+    assert "a near-tie in fp32, which transformers' generate resolved the other way in its cached decode" in tie
+    tie = report.divergence_text({**base, "divergence": {**d, "reference_argmax": 412, "near_tie": True}})
+    assert "which the engine resolved the other way" in tie
     bug = report.divergence_text({**base, "divergence": {**d, "max_abs_logit_diff": 2.5, "near_tie": False}})
     assert "not a near-tie" in bug and "near-tie in fp32" not in bug
     same = report.divergence_text({**base, "identical": True, "divergence": {"position": None, "tokens": 128}})

@@ -149,11 +149,13 @@ def divergence(prompt: list[int], reference: list[int], ours: list[int],
     """Where two greedy decodes of `prompt` part, and whether that is a near-tie or a disagreement.
 
     At the first differing position i both models read the same prefix (prompt + the shared i tokens); there
-    we take the reference's last-position logits and ours. `reference_top2_margin`: the reference's top-1 minus
-    top-2 logit; `max_abs_logit_diff`: how far the two implementations' logits are apart there. `near_tie`: the
-    margin and the disagreement are both under NEAR_TIE of the largest |logit| (fp32 rounding can flip such a
-    choice); otherwise the two compute different things and the split is a bug to find. `position` None: the
-    same tokens, nothing else measured.
+    we take each implementation's last-position logits from one full forward of that prefix (not from its
+    decode's cache). `reference_top2_margin`: the reference's top-1 minus top-2 logit; `max_abs_logit_diff`: how
+    far the two implementations' logits are apart there; `reference_argmax` / `our_argmax`: the token each full
+    forward ranks first (the decode whose token differs from it is the one whose cached steps flipped the
+    choice). `near_tie`: the margin and the disagreement are both under NEAR_TIE of the largest |logit| (fp32
+    rounding can flip such a choice); otherwise the two compute different things and the split is a bug to find.
+    `position` None: the same tokens, nothing else measured.
     """
     i = first_divergence(reference, ours)
     if i is None:
@@ -166,5 +168,6 @@ def divergence(prompt: list[int], reference: list[int], ours: list[int],
     return {"position": i, "tokens": min(len(reference), len(ours)),
             "reference_token": reference[i] if i < len(reference) else None,
             "our_token": ours[i] if i < len(ours) else None,
+            "reference_argmax": int(ref.argmax()), "our_argmax": int(mine.argmax()),
             "reference_top2_margin": margin, "max_abs_logit_diff": diff, "logit_scale": scale,
             "near_tie": margin <= NEAR_TIE * scale and diff <= NEAR_TIE * scale}

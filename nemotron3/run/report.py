@@ -210,13 +210,18 @@ def divergence_text(speed: dict) -> str:
         return f"Both emitted the same {n} tokens (compared token by token)."
     i = d["position"]
     where = (f"The two emitted the same first {i} tokens and part at token {i + 1} of {n} (transformers "
-             f"{d['reference_token']}, the engine {d['our_token']}). From the same prefix, transformers' top two "
-             f"logits there differ by {d['reference_top2_margin']:.2g} and the two implementations' logits by up to "
-             f"{d['max_abs_logit_diff']:.2g} (largest |logit| {d['logit_scale']:.3g}): ")
-    if d["near_tie"]:
-        return where + ("a near-tie in fp32, which rounding can decide either way; the implementations agree, the "
-                        "tokens after it are a different but equally greedy continuation.")
-    return where + "not a near-tie: the two compute different logits there, a disagreement to find."
+             f"{d['reference_token']}, the engine {d['our_token']}). From that shared prefix, one full forward of "
+             f"transformers ranks token {d.get('reference_argmax', '?')} first, {d['reference_top2_margin']:.2g} "
+             f"ahead of the next (largest |logit| {d['logit_scale']:.3g}), and the two implementations' logits "
+             f"differ by up to {d['max_abs_logit_diff']:.2g}: ")
+    if not d["near_tie"]:
+        return where + "not a near-tie: the two compute different logits there, a disagreement to find."
+    flipped = [name for name, tok in (("transformers' generate", d["reference_token"]),
+                                      ("the engine", d["our_token"])) if tok != d.get("reference_argmax")]
+    return where + ("a near-tie in fp32" + (f", which {' and '.join(flipped)} resolved the other way in its "
+                                            "cached decode" if flipped else "") +
+                    "; the implementations agree, and the tokens after it continue a different but equally "
+                    "greedy text.")
 
 
 def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]]) -> list[Block]:
