@@ -42,6 +42,19 @@ def heldout_points(out: Path, name: str, summary: dict) -> list[tuple[int, dict[
     return pts
 
 
+def _span(lo: float, hi: float, least: float, floor: float | None = 0.0, ceil: float | None = 100.0,
+          pad: float = 0.08) -> tuple[float, float]:
+    """Axis limits around data in [lo, hi], padded, clipped to [floor, ceil], at least `least` wide (all-equal
+    data, e.g. a smoke run's zeros, then still gets a readable axis above the floor)."""
+    d = max(hi - lo, least)
+    a, b = lo - pad * d, lo + d + pad * d
+    if floor is not None and a < floor:
+        a, b = floor, max(b, floor + least)
+    if ceil is not None:
+        b = min(b, ceil)
+    return a, b
+
+
 def _se(p: float, n: int | None) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
@@ -174,8 +187,11 @@ def _rl(out: Path, s: dict, acc: dict) -> tuple | None:
     if not runs:
         return None
     fig, axes = _figure(7.6, nrows=2)
+    seen: list[float] = []  # every value on each axis, for its limits
+    held: list[float] = []
     for j, (name, m) in enumerate(runs):
         label = "GRPO" if name == "rl" else "iGRPO"
+        seen += [r["reward"] for r in m] + [r["accuracy"] for r in m if "accuracy" in r]
         steps = [r["step"] for r in m]
         axes[0].plot(steps, smooth([r["reward"] for r in m]), color=f"C{j}", label=f"{label}: reward")
         if all("accuracy" in r for r in m):
@@ -191,8 +207,12 @@ def _rl(out: Path, s: dict, acc: dict) -> tuple | None:
                          color=f"C{fams.index(f) + 2}", label=f"{label}: {f}")
         mean = [sum(p[1].values()) / len(p[1]) for p in pts]
         err = [100 * math.sqrt(sum(_se(a, p[2]) ** 2 for a in p[1].values())) / len(p[1]) for p in pts]
+        held += [100 * a for p in pts for a in p[1].values()] + [100 * v + e for v, e in zip(mean, err)]
         axes[1].errorbar(xs, [100 * v for v in mean], yerr=err, fmt="o-" if j == 0 else "s--", color=f"C{j}",
                          lw=2.2, capsize=3, label=f"{label}: mean over families ± s.e.")
+    axes[0].set_ylim(*_span(min(seen), max(seen), 0.05, floor=min(0.0, min(seen)), ceil=None))
+    if held:
+        axes[1].set_ylim(*_span(0.0, max(held), 5.0))
     axes[0].set(xlabel="RL step", ylabel="mean over the step's completions",
                 title="RL reward and sampled accuracy (rolling mean of 5 steps)")
     axes[0].legend(loc="lower left", bbox_to_anchor=(1.0, 0.0), frameon=False)
@@ -261,7 +281,8 @@ def _quantize(out: Path, s: dict, acc: dict) -> tuple | None:
     tags = [re.search(r"\(W\d+A\d+\)", r.get("activations") or "") for r in rows]
     labels = [f"{k} {t.group(0)}" if t else k for k, t in zip(names, tags)]
     ax.set(yticks=y, yticklabels=labels, xlabel="mean exact match over families (%), ± one s.e.",
-           title="Accuracy, reasoning on", ylim=(-0.6, len(names) - 0.4))
+           title="Accuracy, reasoning on", ylim=(-0.6, len(names) - 0.4),
+           xlim=_span(min(m - e for m, e in zip(mean, err)), max(m + e for m, e in zip(mean, err)), 5.0))
     ax.grid(axis="x", alpha=0.3)
     bx.barh(y, [r["bytes"] / 1e6 for r in rows], color="C7")
     bx.set(xlabel="weight files (MB)", title="Size")
