@@ -92,8 +92,8 @@ class HybridLM(nn.Module):
         """
         h = self.hidden_states(input_ids, cache, rows, valid)
         if last_only:
-            last = (valid - 1) if valid is not None else torch.full((h.shape[0],), h.shape[1] - 1)
-            h = h[torch.arange(h.shape[0]), last.to(h.device)][:, None]  # (B, 1, H)
+            last = (valid - 1) if valid is not None else torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
+            h = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)][:, None]  # (B, 1, H)
         return self.lm_head(h).float()
 
     def forward_mtp(self, input_ids: torch.Tensor, depths: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -111,7 +111,7 @@ class Experts(nn.Module):
 
     def forward_reference(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Token by token and slot by slot: the definition the grouped path must reproduce."""
-        y = torch.zeros(x.shape, dtype=torch.float32)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for i in range(x.shape[0]):
             for j in range(idx.shape[1]):
                 e = int(idx[i, j])
@@ -225,7 +225,7 @@ class MoEStep:
         w = scores.gather(1, idx)  # (N, k) router weights of the chosen experts, not yet normalised
         z = fused[:, E : E + ell] if self.latent else x  # (N, ℓ)
         if N * k < E and not self.traceable:  # few (token, expert) pairs: one GEMV pair each, chosen experts only
-            y = torch.zeros(N, ell)
+            y = torch.zeros(N, ell, device=z.device)
             for b, (experts, ws) in enumerate(zip(idx.tolist(), w.tolist())):  # weights normalised on the host
                 scale = self.scaling / (sum(ws) + 1e-20) if self.norm_topk else self.scaling
                 zb, yb = z[b : b + 1], y[b : b + 1]
@@ -241,7 +241,7 @@ class MoEStep:
             out = (self.down[flat] * hid[:, None, :]).sum(-1).view(N, k, ell)
             y = (out * w[:, :, None]).sum(1)  # (N, ℓ)
         elif self.traceable:  # compiled, many more tokens: every expert for every token, weight 0 where not chosen
-            dense_w = torch.zeros(N, E).scatter_(1, idx, w)  # (N, E)
+            dense_w = torch.zeros(N, E, device=w.device).scatter_(1, idx, w)  # (N, E)
             hid = torch.mm(z, self.up_t).relu_().square_().view(N, E, inter)  # (N, E, I)
             y = torch.mm((hid * dense_w[:, :, None]).view(N, E * inter), self.down_t)  # (N, ℓ)
         elif N * k < self.padded_min_pairs:  # several tokens: one GEMM pair per chosen expert on its tokens
@@ -263,7 +263,7 @@ class MoEStep:
             if counts[e]:
                 outs.append(torch.mm(torch.mm(zs, self.up_e[e]).relu_().square_(), self.down_e[e]))
         ys = torch.cat(outs).mul_(w.reshape(-1)[order, None])  # (N·k, ℓ)
-        return torch.zeros(N, z.shape[1]).index_add_(0, rows, ys)
+        return torch.zeros(N, z.shape[1], device=z.device).index_add_(0, rows, ys)
 
     def _experts_padded(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """z (N, ℓ), idx (N, k), w (N, k) -> routed output (N, ℓ), for N·k >= padded_min_pairs.
