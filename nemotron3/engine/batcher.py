@@ -49,7 +49,7 @@ import torch
 
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
-from nemotron3.engine.sampling import inverse_cdf, sample, validate_sampling
+from nemotron3.engine.sampling import inverse_cdf, row_stream, sample, validate_sampling
 from nemotron3.engine.speculative import Drafter, Sampling, accept, cut_rounds, uniforms_per_round
 from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
 from nemotron3.model.hybrid import HybridLM
@@ -100,12 +100,6 @@ class _Seq:
     rounds: int = 0
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
-
-
-def row_stream(seed: int, index: int, steps: int) -> torch.Tensor:
-    """Row `index` of `row_uniforms(seed, rows, steps)` (engine/sampling.py), without drawing the other rows."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
-    return torch.rand(steps, generator=gen, dtype=torch.float64)
 
 
 class Batcher:
@@ -186,11 +180,11 @@ class Batcher:
     def submit(self, req: Request, on_event: Callable[[Event], None]) -> _Seq:
         """Queue `req`; returns its handle (for `cancel`). Checks it first (ValueError)."""
         self.check(req)
-        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,), device="cpu").item())
         uniforms = None
         if req.temperature > 0:
             steps = 1 + req.max_new_tokens * uniforms_per_round(self.k) if self.k else req.max_new_tokens
-            uniforms = row_stream(seed, req.stream_index, steps)
+            uniforms = row_stream(seed, req.stream_index, steps, self.device)
         stops = frozenset(self.config.eos_token_ids if req.stop_token_ids is None else req.stop_token_ids)
         budget = None
         if req.max_thinking_tokens is not None:
@@ -333,7 +327,7 @@ class Batcher:
     def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> tuple[list[float], list[list]]:
         """logits (t, V) of one row's emitted tokens -> their log-probabilities and top alternatives."""
         lp = torch.log_softmax(logits.float(), dim=-1)
-        own = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+        own = lp[torch.arange(len(tokens), device=lp.device), torch.tensor(tokens, device=lp.device)].tolist()
         alts: list[list] = [[] for _ in tokens]
         if top:
             v, i = lp.topk(min(top, lp.shape[-1]), dim=-1)
@@ -426,7 +420,7 @@ class Batcher:
         k, dev, cache, drafter = self.k, self.device, self._prefix(n), self.drafter
         seqs = list(self.owner[:n])
         per = uniforms_per_round(k)
-        u = torch.zeros(n, per, dtype=torch.float64)
+        u = torch.zeros(n, per, dtype=torch.float64, device=dev)
         for i, s in enumerate(seqs):
             if s.uniforms is not None:
                 u[i] = s.uniforms[1 + s.rounds * per : 1 + (s.rounds + 1) * per]
@@ -479,7 +473,7 @@ class Batcher:
         width = max(c for _, c in plan)
         ids = torch.zeros(len(plan), width, dtype=torch.long, device=dev)
         for i, (seq, c) in enumerate(plan):
-            ids[i, :c] = torch.tensor(seq.req.prompt[seq.prefilled : seq.prefilled + c])
+            ids[i, :c] = torch.tensor(seq.req.prompt[seq.prefilled : seq.prefilled + c], device=dev)
         rows = torch.tensor([seq.row for seq, _ in plan], device=dev)
         valid = torch.tensor([c for _, c in plan], device=dev)
         start = torch.tensor([seq.prefilled for seq, _ in plan], device=dev)
@@ -503,7 +497,7 @@ class Batcher:
             nxt = torch.zeros_like(ids)
             for i, (seq, c) in enumerate(plan):
                 p = seq.req.prompt[seq.prefilled + 1 : seq.prefilled + c + 1]
-                nxt[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+                nxt[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
                 if ends[i]:
                     nxt[i, c - 1] = first[i]
             h1 = self.drafter.mtp(self.cache, start, hidden, nxt, rows=rows, valid=valid)

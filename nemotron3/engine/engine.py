@@ -267,7 +267,7 @@ class Engine:
         B = len(prompts)
         with torch.inference_mode():
             cache = self._cache_for(B, max(len(p) for p in prompts) + max_new_tokens)
-            uniforms = row_uniforms(seed, B, max_new_tokens) if temperature > 0 else None
+            uniforms = row_uniforms(seed, B, max_new_tokens, self.device) if temperature > 0 else None
             step_fn = self._decode_fn(uniform=len({len(p) for p in prompts}) == 1)
             t0 = time.perf_counter()
             logits, passes = self._prefill(cache, prompts)
@@ -319,7 +319,7 @@ class Engine:
                                 max_rollback=k + 1, include_mtp=True)
             uniforms = None
             if sampling.temperature > 0:
-                uniforms = row_uniforms(seed, B, 1 + max_new_tokens * uniforms_per_round(k))
+                uniforms = row_uniforms(seed, B, 1 + max_new_tokens * uniforms_per_round(k), self.device)
             fast = self._fast_decoder()
         stats: dict = {}
         record = None if self.last_logprobs is None else [[] for _ in prompts]

@@ -22,7 +22,7 @@ def pad_prompts(prompts: list[list[int]], device: torch.device | str = "cpu") ->
     lens = torch.tensor([len(p) for p in prompts], device=device)
     ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
+        ids[i, : len(p)] = torch.tensor(p, device=device)
     return ids, lens
 
 

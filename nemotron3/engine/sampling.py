@@ -16,6 +16,12 @@ randomness is drawn up front, in float64, and a row's tokens depend only on (see
 logits), never on which other rows share the batch. Two rows with the same prompt therefore sample
 independently, and the same call with the same seed gives the same tokens.
 
+Devices: the streams are always drawn on the host, from a CPU `torch.Generator` (Mersenne Twister) per row,
+and then moved to the device of the logits. A CUDA generator (Philox) would give other numbers for the same
+seed; drawing on the host instead makes a seed's uniforms identical on every device, so CPU and CUDA pick the
+same tokens wherever their logits agree (their kernels may differ in the last bits, which changes a token
+only when a uniform falls that close to a boundary of the CDF). tests/test_device_factories.py checks it.
+
 `sample_reference` is the same rule written one row at a time with Python loops, for the tests.
 docs/inference.md §4 explains the choices.
 """
@@ -25,15 +31,21 @@ from __future__ import annotations
 import torch
 
 
-def row_uniforms(seed: int | None, rows: int, steps: int) -> torch.Tensor:
-    """(rows, steps) float64 uniforms in [0, 1); row i's stream depends only on (seed, i)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's global RNG: torch.manual_seed governs it
-    out = torch.empty(rows, steps, dtype=torch.float64)
+def row_stream(seed: int, index: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row `index` of `row_uniforms(seed, rows, steps)`, without drawing the other rows; drawn on the host
+    (see the module docstring), returned on `device`."""
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    return torch.rand(steps, generator=gen, dtype=torch.float64, device="cpu").to(device)
+
+
+def row_uniforms(seed: int | None, rows: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows, steps) float64 uniforms in [0, 1) on `device`; row i's stream depends only on (seed, i)."""
+    if seed is None:  # from torch's global (CPU) RNG: torch.manual_seed governs it
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+    out = torch.empty(rows, steps, dtype=torch.float64, device="cpu")
     for i in range(rows):
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63 - 1))
-        out[i] = torch.rand(steps, generator=gen, dtype=torch.float64)
-    return out
+        out[i] = row_stream(seed, i, steps)
+    return out.to(device)
 
 
 def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -77,7 +89,7 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """weights (B, V) >= 0, not necessarily normalised, uniforms (B,) in [0, 1) -> tokens (B,) int64: the
     first token whose cumulative weight exceeds u · total (a zero-weight token is never chosen)."""
     cdf = weights.double().cumsum(-1)  # (B, V)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, target, right=True)
     return tokens.clamp_(max=weights.shape[-1] - 1).view(-1)
 

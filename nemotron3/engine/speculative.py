@@ -175,13 +175,11 @@ def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[i
         logp = torch.log_softmax(logits.float() / T, dim=-1)
     else:
         logp = Sampling(T, sampling.top_k, sampling.top_p).probs(logits.float()).log()
-    n = torch.tensor([len(row) for row in tokens])
-    width = max(int(n.max()), 1)
-    ids = torch.zeros(B, width, dtype=torch.long)
-    for b, row in enumerate(tokens):
-        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    picked = logp[:, :width].gather(-1, ids.to(logits.device)[..., None])[..., 0].tolist()  # (B, width)
-    return [row[:k] for row, k in zip(picked, n.tolist())]
+    n = [len(row) for row in tokens]
+    width = max(max(n), 1)
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in tokens], dtype=torch.long, device=logits.device)
+    picked = logp[:, :width].gather(-1, ids[..., None])[..., 0].tolist()  # (B, width)
+    return [row[:k] for row, k in zip(picked, n)]
 
 
 def speculative_rounds(
