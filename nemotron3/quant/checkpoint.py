@@ -151,7 +151,7 @@ def encode_weight(scheme: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"weight_packed": m.qdata, "weight_scale": m.scales.view(torch.uint8)}
     s = seedlm_quantize(w, SEEDLM_SPECS[scheme])
     return {"weight_seeds": s.seeds, "weight_codes": s.codes, "weight_exps": s.exps,
-            "weight_etop": torch.tensor([s.e_top], dtype=torch.int8)}
+            "weight_etop": torch.tensor([s.e_top], dtype=torch.int8, device=s.seeds.device)}
 
 
 def decode_weight(scheme: str, t: dict[str, torch.Tensor], shape: tuple[int, ...],
@@ -354,17 +354,18 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], modules: set[st
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
         return x
 
+    dev = next(model.parameters()).device
     handles = _install(model, modules, record)
     try:
         for ids in batches:
-            model(ids)
+            model(ids.to(dev))
     finally:
         _uninstall(handles)
     for name in modules - set(amax):
         layer, _, proj = name.rpartition(".")
         prefix = layer.rsplit(".", 1)[0]
         peers = [v for k, v in amax.items() if k.startswith(f"{prefix}.") and k.endswith(f".{proj}")]
-        amax[name] = torch.stack(peers).max() if peers else torch.zeros(())
+        amax[name] = torch.stack(peers).max() if peers else torch.zeros((), device=dev)
     return amax
 
 

@@ -127,8 +127,8 @@ def _check_float(x: torch.Tensor, what: str = "input") -> None:
 # Value tables (from the bit fields, no arithmetic shared with the fast path)
 
 
-def element_values(fmt: str | ElementFormat) -> torch.Tensor:
-    """fp32 value of every code of a sub-byte format, indexed by code (sign bit on top)."""
+def element_values(fmt: str | ElementFormat, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 value of every code of a sub-byte format, indexed by code (sign bit on top), on `device`."""
     f = element_format(fmt)
     if f.torch_dtype is not None:
         raise ValueError(f"{f.name} is decoded by PyTorch's float8 cast, it has no value table here")
@@ -139,7 +139,7 @@ def element_values(fmt: str | ElementFormat) -> torch.Tensor:
         m = code & ((1 << f.mbits) - 1)
         mag = (m / (1 << f.mbits)) * 2.0 ** f.emin if e == 0 else (1 + m / (1 << f.mbits)) * 2.0 ** (e - f.bias)
         vals.append(sign * mag)
-    return torch.tensor(vals, dtype=torch.float32)
+    return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -148,7 +148,7 @@ _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 def _table(f: ElementFormat, device: torch.device) -> torch.Tensor:
     key = (f.name, device)
     if key not in _TABLES:
-        _TABLES[key] = element_values(f).to(device)
+        _TABLES[key] = element_values(f, device)
     return _TABLES[key]
 
 

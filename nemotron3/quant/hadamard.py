@@ -45,12 +45,12 @@ def hadamard_matrix(
         raise ValueError(f"Hadamard size must be a power of two, got {size}")
     if signs is not None and len(signs) != size:
         raise ValueError(f"need {size} signs, got {len(signs)}")
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, device=device)
     while h.shape[0] < size:                                  # Sylvester: [[H, H], [H, -H]]
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     if signs is not None:
-        h = torch.tensor(signs, dtype=torch.float32).unsqueeze(1) * h   # diag(s) @ H
-    return (h / size ** 0.5).to(device)
+        h = torch.tensor(signs, dtype=torch.float32, device=device).unsqueeze(1) * h   # diag(s) @ H
+    return h / size ** 0.5
 
 
 def hadamard_matrix_reference(size: int = RHT_SIZE, signs: tuple[int, ...] | None = TE_SIGN_VECTOR) -> torch.Tensor:
@@ -105,8 +105,8 @@ _SCALES: dict[tuple[torch.device, tuple[int, ...] | None, int], torch.Tensor] = 
 def _sign_scale(device: torch.device, signs: tuple[int, ...] | None, axis: int) -> torch.Tensor:
     key = (device, signs, axis)
     if key not in _SCALES:
-        s = torch.tensor(signs if signs is not None else (1,) * RHT_SIZE, dtype=torch.float32) / 4
-        _SCALES[key] = s.view(1, RHT_SIZE, 1).to(device)
+        s = torch.tensor(signs if signs is not None else (1,) * RHT_SIZE, dtype=torch.float32, device=device) / 4
+        _SCALES[key] = s.view(1, RHT_SIZE, 1)
     return _SCALES[key]
 
 

@@ -90,7 +90,7 @@ class SeedLMQuantized:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s = self.spec
-        basis = lfsr_basis(s)[(self.seeds.to(torch.int64) & 0xFFFF) - 1]                  # (nblk, C, P)
+        basis = lfsr_basis(s, self.seeds.device)[(self.seeds.to(torch.int64) & 0xFFFF) - 1]     # (nblk, C, P)
         w = (basis @ self.coefficients().unsqueeze(-1)).reshape(-1)             # (nblk·C,)
         return w[:math.prod(self.shape)].reshape(self.shape).to(dtype)
 
@@ -107,12 +107,19 @@ def _lfsr_step(state: torch.Tensor, k: int, taps: tuple[int, ...]) -> torch.Tens
     return (state >> 1) | ((bit & 1) << (k - 1))
 
 
-@lru_cache(maxsize=4)
-def lfsr_basis(spec: SeedLMSpec) -> torch.Tensor:
-    """U(s) for every seed s = 1 .. 2^K - 1, fp32 (2^K - 1, C, P): row s - 1 is seed s."""
+def lfsr_basis(spec: SeedLMSpec, device: torch.device | str = "cpu") -> torch.Tensor:
+    """U(s) for every seed s = 1 .. 2^K - 1, fp32 (2^K - 1, C, P) on `device`: row s - 1 is seed s.
+    Computed on the host (one table per spec) and copied, so every device reads the same values."""
+    return _lfsr_table(spec, torch.device(device))
+
+
+@lru_cache(maxsize=8)
+def _lfsr_table(spec: SeedLMSpec, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return _lfsr_table(spec, torch.device("cpu")).to(device)
     k = spec.lfsr_bits
-    state = torch.arange(1, 1 << k, dtype=torch.int32)
-    out = torch.empty(state.numel(), spec.block * spec.coeffs, dtype=torch.float32)
+    state = torch.arange(1, 1 << k, dtype=torch.int32, device="cpu")
+    out = torch.empty(state.numel(), spec.block * spec.coeffs, dtype=torch.float32, device="cpu")
     half = float(1 << (k - 1))
     for j in range(spec.block * spec.coeffs):
         for _ in range(k):
@@ -137,13 +144,16 @@ def lfsr_reference(seed: int, spec: SeedLMSpec) -> list[list[float]]:
     return [vals[r * spec.coeffs:(r + 1) * spec.coeffs] for r in range(spec.block)]
 
 
-@lru_cache(maxsize=4)
-def _search_tables(spec: SeedLMSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pinv U (S, P, C), quadratic-form weights (C(C+1)/2, S), upper-triangle indices (2, C(C+1)/2))."""
+@lru_cache(maxsize=8)
+def _search_tables(spec: SeedLMSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pinv U (S, P, C), quadratic-form weights (C(C+1)/2, S), upper-triangle indices (2, C(C+1)/2)) on
+    `device`; factorised on the host in float64 (one result whatever the device), then copied."""
+    if device.type != "cpu":
+        return tuple(t.to(device) for t in _search_tables(spec, torch.device("cpu")))
     u = lfsr_basis(spec).double()
     q, _ = torch.linalg.qr(u)                                      # (S, C, P), orthonormal columns
     proj = q @ q.mT                                                # (S, C, C)
-    iu = torch.triu_indices(spec.block, spec.block)
+    iu = torch.triu_indices(spec.block, spec.block, device="cpu")
     weight = proj[:, iu[0], iu[1]] * torch.where(iu[0] == iu[1], 1.0, 2.0).double()
     return torch.linalg.pinv(u).float(), weight.float().T.contiguous(), iu
 
@@ -164,8 +174,8 @@ def _quantize_coeffs(t: torch.Tensor, spec: SeedLMSpec, e_lo: int, e_top: int) -
 def _top_seeds(feats: torch.Tensor, weight: torch.Tensor, n: int, seed_chunk: int) -> torch.Tensor:
     """Indices (b, n) of the n seeds capturing the most energy of each block, best first. The (blocks, seeds)
     scores are formed one tile of `seed_chunk` seeds at a time (a tile that stays in cache) and merged."""
-    best_v = torch.full((feats.shape[0], 0), -math.inf)
-    best_i = torch.empty((feats.shape[0], 0), dtype=torch.int64)
+    best_v = torch.full((feats.shape[0], 0), -math.inf, device=feats.device)
+    best_i = torch.empty((feats.shape[0], 0), dtype=torch.int64, device=feats.device)
     for s0 in range(0, weight.shape[1], seed_chunk):
         score = feats @ weight[:, s0:s0 + seed_chunk]                  # (b, seeds of the tile)
         v, i = score.topk(min(n, score.shape[1]), dim=-1)
@@ -179,13 +189,14 @@ def seedlm_quantize(w: torch.Tensor, spec: SeedLMSpec, chunk: int = 512, seed_ch
     `seed_chunk` seeds is the tile of the exhaustive search."""
     if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
         raise ValueError("SeedLM needs a finite floating-point tensor")
-    pinv, weight, iu = _search_tables(spec)
-    basis = lfsr_basis(spec)
+    dev = w.device
+    pinv, weight, iu = _search_tables(spec, dev)
+    basis = lfsr_basis(spec, dev)
     flat = w.detach().to(torch.float32).reshape(-1)
     blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % spec.block)).view(-1, spec.block)   # (B, C)
     n_seeds = basis.shape[0]
     ncand = n_seeds if spec.candidates == 0 else min(spec.candidates, n_seeds)
-    cands = torch.empty(blocks.shape[0], ncand, dtype=torch.int64)
+    cands = torch.empty(blocks.shape[0], ncand, dtype=torch.int64, device=dev)
     for i in range(0, blocks.shape[0], chunk):
         b = blocks[i:i + chunk]
         feats = b[:, iu[0]] * b[:, iu[1]]                            # (b, C(C+1)/2)
@@ -195,9 +206,9 @@ def seedlm_quantize(w: torch.Tensor, spec: SeedLMSpec, chunk: int = 512, seed_ch
     e_top = int(_block_exponent(t_best.abs().amax(-1), spec).max()) if blocks.numel() else 0
     e_top = max(-128 + (1 << spec.exp_bits), min(127, e_top))
     e_lo = e_top - (1 << spec.exp_bits) + 1
-    seeds = torch.empty(blocks.shape[0], dtype=torch.int64)
-    qs = torch.empty(blocks.shape[0], spec.coeffs)
-    es = torch.empty(blocks.shape[0], dtype=torch.int32)
+    seeds = torch.empty(blocks.shape[0], dtype=torch.int64, device=dev)
+    qs = torch.empty(blocks.shape[0], spec.coeffs, device=dev)
+    es = torch.empty(blocks.shape[0], dtype=torch.int32, device=dev)
     step = max(1, chunk * 64 // ncand)
     for i in range(0, blocks.shape[0], step):
         b, c = blocks[i:i + step], cands[i:i + step]                             # (b, C), (b, n)
@@ -205,7 +216,7 @@ def seedlm_quantize(w: torch.Tensor, spec: SeedLMSpec, chunk: int = 512, seed_ch
         q, e = _quantize_coeffs(t, spec, e_lo, e_top)
         rec = (basis[c] @ torch.ldexp(q, e.unsqueeze(-1)).unsqueeze(-1)).squeeze(-1)   # (b, n, C)
         best = ((rec - b[:, None]) ** 2).sum(-1).argmin(-1)                       # first minimum: lowest rank
-        r = torch.arange(b.shape[0])
+        r = torch.arange(b.shape[0], device=dev)
         seeds[i:i + step], qs[i:i + step], es[i:i + step] = c[r, best] + 1, q[r, best], e[r, best]
     return _pack(seeds, qs, es, e_top, tuple(w.shape), spec)
 
