@@ -29,22 +29,23 @@ from nemotron3.train.tokenizer import Tokenizer
 def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
                     stop_ids: set[int]) -> list[list[int]]:
     """Greedy continuation of each prompt (ids), up to `max_new_tokens` or a stop token (included)."""
-    lens = torch.tensor([len(p) for p in prompts])
+    dev = next(model.parameters()).device
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
     if int(lens.min()) < 1:
         raise ValueError("every prompt needs at least one token")
     B, width = len(prompts), int(lens.max()) + max_new_tokens
-    ids = torch.zeros(B, width, dtype=torch.long)
+    ids = torch.zeros(B, width, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-    done = torch.zeros(B, dtype=torch.bool)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+        ids[i, : len(p)] = torch.tensor(p, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
     end = lens + max_new_tokens  # exclusive end of each row's generation
     for t in range(int(lens.min()), width):
         active = (~done) & (t < end)
         if not bool(active.any()):
             break
         rows = active.nonzero().squeeze(1)  # finished rows drop out of the forward
-        nxt = torch.zeros(B, dtype=torch.long)
+        nxt = torch.zeros(B, dtype=torch.long, device=dev)
         nxt[rows] = model(ids[rows, :t])[:, -1].argmax(-1)
         gen = active & (t >= lens)  # rows generating (not still reading their prompt)
         ids[gen, t] = nxt[gen]

@@ -71,7 +71,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     g = r.view(-1, G)  # (P, G)
     valid = ~g.isnan()
     zero_std = torch.tensor([bool((row[ok] == row[ok][0]).all()) if ok.any() else True
-                             for row, ok in zip(g, valid)])
+                             for row, ok in zip(g, valid)], device=r.device)
     if leave_one_out:
         filled = g.nan_to_num(0.0)
         n_other = valid.sum(-1, keepdim=True) - valid.long()  # (P, G) valid rewards besides this one
@@ -107,22 +107,20 @@ def completion_logprobs(model: nn.Module, prompts: list[list[int]], completions:
     Tc = max(max(len(c) for c in completions), 1)
     L = max(lens)
     dev = next(model.parameters()).device
-    ids = torch.full((N, L), pad_id, dtype=torch.long)
-    targets = torch.full((N, Tc), pad_id, dtype=torch.long)
-    mask = torch.zeros(N, Tc)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, : lens[i]] = torch.tensor(p + c)
-        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, : len(c)] = 1.0
-    plen = torch.tensor([len(p) for p in prompts])
-    pos = (plen[:, None] - 1 + torch.arange(Tc)[None]).clamp(max=L - 1)  # (N, Tc): the position predicting it
-    logits = model(ids.to(dev))  # (N, L, V)
+    # each row padded on the host, then one copy per tensor to the model's device
+    ids = torch.tensor([[*p, *c] + [pad_id] * (L - n) for p, c, n in zip(prompts, completions, lens)],
+                       dtype=torch.long, device=dev)
+    targets = torch.tensor([[*c] + [pad_id] * (Tc - len(c)) for c in completions], dtype=torch.long, device=dev)
+    mask = torch.tensor([[1.0] * len(c) + [0.0] * (Tc - len(c)) for c in completions], device=dev)
+    plen = torch.tensor([len(p) for p in prompts], device=dev)
+    pos = (plen[:, None] - 1 + torch.arange(Tc, device=dev)[None]).clamp(max=L - 1)  # (N, Tc): the predicting position
+    logits = model(ids)  # (N, L, V)
     V = logits.shape[-1]
-    picked = logits.gather(1, pos.to(dev)[..., None].expand(N, Tc, V)).float() / (temperature or 1.0)
+    picked = logits.gather(1, pos[..., None].expand(N, Tc, V)).float() / (temperature or 1.0)
     logp_all = torch.log_softmax(picked, dim=-1)  # (N, Tc, V)
-    logp = logp_all.gather(-1, targets.to(dev)[..., None])[..., 0]
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy.detach(), mask.to(dev)
+    return logp, entropy.detach(), mask
 
 
 @dataclass

@@ -127,20 +127,21 @@ class RLRun:
     def update(self, batch: RolloutBatch, adv: torch.Tensor, keep: torch.Tensor, lr: float) -> dict:
         """`num_iterations` optimizer steps on the kept completions; returns the step's loss metrics."""
         cfg, model = self.cfg, self.model
+        dev = next(model.parameters()).device
         for g in self.opt.param_groups:
             g["lr"] = lr
         idx = keep.nonzero().view(-1).tolist()
         prompts = [batch.prompt_ids[i] for i in idx]
         comps = [batch.completion_ids[i] for i in idx]
-        loss_mask = torch.tensor([0.0 if (cfg.mask_truncated_completions and batch.truncated[i]) else 1.0
-                                  for i in idx])
-        A = adv[idx]
+        kept = [0.0 if (cfg.mask_truncated_completions and batch.truncated[i]) else 1.0 for i in idx]
+        loss_mask = torch.tensor(kept, device=dev)
+        A = adv[idx].to(dev)
         mb = cfg.micro_batch_size or len(idx)
         chunks = [list(range(s, min(s + mb, len(idx)))) for s in range(0, len(idx), mb)]
-        n_items = float(sum(len(comps[j]) * loss_mask[j] for j in range(len(idx))))
+        n_items = float(sum(len(comps[j]) * kept[j] for j in range(len(idx))))
         T = max(len(c) for c in comps)
-        old = torch.zeros(len(idx), T)
-        ref = torch.zeros(len(idx), T) if self.reference is not None else None
+        old = torch.zeros(len(idx), T, device=dev)
+        ref = torch.zeros(len(idx), T, device=dev) if self.reference is not None else None
         model.train()
         if cfg.num_iterations > 1 or ref is not None:
             with torch.no_grad():
@@ -168,10 +169,10 @@ class RLRun:
                                        cfg.max_completion_length, n_items, len(idx))
                 loss.backward()
                 if it == 0:
-                    full = torch.zeros(len(ch), t)
-                    for r, j in enumerate(ch):
-                        full[r, : len(comps[j])] = torch.tensor(batch.logprobs[idx[j]])
-                    m = (torch.arange(t)[None] < torch.tensor([len(comps[j]) for j in ch])[:, None]).float()
+                    full = torch.tensor([[*batch.logprobs[idx[j]]] + [0.0] * (t - len(comps[j])) for j in ch],
+                                        device=dev)  # the engine's log-probabilities, padded
+                    n_c = torch.tensor([len(comps[j]) for j in ch], device=dev)
+                    m = (torch.arange(t, device=dev)[None] < n_c[:, None]).float()
                     err_sum += float((torch.exp((logp.detach() - full).abs()) * m).sum())
                     err_n += float(m.sum())
                     ent_sum += float((ent * m).sum())

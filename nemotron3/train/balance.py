@@ -79,7 +79,8 @@ class ExpertBalance:
     def __init__(self, model: nn.Module, rate: float = 1e-3, seq_aux_coeff: float = 1e-4) -> None:
         self.rate, self.seq_aux_coeff = rate, seq_aux_coeff
         self.moes: dict[str, MoE] = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
-        self.loads = {name: torch.zeros(m.gate.num_experts, dtype=torch.long) for name, m in self.moes.items()}
+        self.loads = {name: torch.zeros(m.gate.num_experts, dtype=torch.long, device=m.tokens_per_expert.device)
+                      for name, m in self.moes.items()}  # on the model's device: all_reduce over NCCL needs it
         self.aux_terms: list[torch.Tensor] = []
         self.active = False
         self._handles = []

@@ -65,7 +65,7 @@ def micro_loss(model: torch.nn.Module, batch: Batch, norm: Normalizer, mtp_depth
         logits, mtp_logits = model(batch.inputs), []
     lm = token_ce_sum(logits, batch.targets, batch.mask) / norm.tokens
     total = lm
-    mtp = torch.zeros(())
+    mtp = torch.zeros((), device=lm.device)
     for k, lk in enumerate(mtp_logits, start=1):
         mtp = mtp + token_ce_sum(lk[:, :-k], batch.targets[:, k:], batch.mask[:, k:]) / norm.mtp_tokens[k - 1]
     if mtp_logits:
