@@ -191,8 +191,8 @@ class Mamba2Step:
         self.heads, self.groups, self.p, self.n = m.num_heads, m.n_groups, m.head_dim, m.state_size
         self.eps = eps
         self.w_in_t = transposed(m.in_proj.weight)  # (H, d_inner + C + h)
-        dev = m.dt_bias.device
-        self.in_bias = torch.cat([torch.zeros(m.d_inner + m.conv_dim, device=dev), m.dt_bias.float()])  # dt_bias via addmm
+        dev = m.dt_bias.device  # the model's device: the fused copies live beside its weights
+        self.in_bias = torch.cat([torch.zeros(m.d_inner + m.conv_dim, device=dev), m.dt_bias.float()])  # dt_bias
         self.conv_w = m.conv1d.weight[:, 0].contiguous()  # (C, K)
         self.conv_b = m.conv1d.bias if m.conv1d.bias is not None else torch.zeros(m.conv_dim, device=dev)
         self.A = -torch.exp(m.A_log.float())  # (h,)
