@@ -35,8 +35,8 @@ from rich.markup import escape
 
 from nemotron3 import chat
 from nemotron3.engine.folder import OpenFolder, open_folder
-from nemotron3.engine.text import TextStream
-from nemotron3.options import ConfigError, StageConfig, option
+from nemotron3.engine.text import TextStream, not_utf8
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
 
 HELP = """commands: /think  /no_think  /budget N | /budget off  /reset  /help  /exit"""
 
@@ -44,6 +44,8 @@ HELP = """commands: /think  /no_think  /budget N | /budget off  /reset  /help  /
 @dataclass
 class ChatConfig(StageConfig):
     """An interactive chat with a checkpoint: the model, the reasoning mode and the sampling settings."""
+
+    stage = "chat"
 
     model: Path = option(help="checkpoint folder with a tokenizer.json that has the chat tokens")
     system: str | None = option(None, "system prompt, the conversation's first turn")
@@ -58,10 +60,16 @@ class ChatConfig(StageConfig):
     speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward", min=0,
                               metavar="K")
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
-    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
+    threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
+                                 "use)", min=1, max=CPU_COUNT)
     compile: bool = option(False, "torch.compile the decode step (slow first reply)")
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.system is not None and (problem := not_utf8(self.system)):
+            fail(self, "system", problem)
 
 
 @dataclass
@@ -180,6 +188,9 @@ def chat_session(cfg: ChatConfig, lines: Iterable[str], console: Console | None 
             if not _command(line, state, system, console):
                 break
             continue
+        if problem := not_utf8(line):  # bytes that are not UTF-8 on stdin: say so, and wait for the next line
+            console.print(f"[red]this line {escape(problem)}; it was not sent[/]")
+            continue
         state.messages.append({"role": "user", "content": line})
         try:
             reply = _reply(served, cfg, state, turn, console)
@@ -199,7 +210,11 @@ def chat_session(cfg: ChatConfig, lines: Iterable[str], console: Console | None 
 
 
 def _terminal_lines() -> Iterator[str]:
-    """Lines typed at the prompt (with readline editing on a terminal) or piped in, until end of input."""
+    """Lines typed at the prompt (with readline editing on a terminal) or piped in, until end of input. Bytes
+    that are not UTF-8 arrive as lone surrogates (surrogateescape), which chat_session refuses line by line,
+    rather than as a UnicodeDecodeError that would end the chat."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     if not sys.stdin.isatty():
         yield from sys.stdin
         return

@@ -28,8 +28,8 @@ import torch
 
 from nemotron3 import chat
 from nemotron3.engine.folder import open_folder
-from nemotron3.engine.text import TextStream, load_tokenizer
-from nemotron3.options import ConfigError, StageConfig, fail, option
+from nemotron3.engine.text import TextStream, load_tokenizer, not_utf8
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
 
 
 def parse_ids(text: str) -> list[int]:
@@ -45,6 +45,8 @@ def parse_ids(text: str) -> list[int]:
 class GenerateConfig(StageConfig):
     """One generation call: the checkpoint, the prompt (text or ids) and the sampling settings."""
 
+    stage = "generate"
+
     model: Path = option(help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     prompt: str | None = option(None, "prompt text, tokenized with the folder's tokenizer.json")
     ids: list[int] | None = option(None, "prompt as comma-separated token ids, e.g. 1,2,3", metavar="IDS",
@@ -56,7 +58,8 @@ class GenerateConfig(StageConfig):
     seed: int | None = option(None, "seed of the sampling streams (default: a fresh one)", min=0)
     no_stop: bool = option(False, "ignore the checkpoint's end-of-sequence ids")
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
-    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
+    threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
+                                 "use)", min=1, max=CPU_COUNT)
     compile: bool = option(False, "torch.compile the decode step (slow first call)")
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
@@ -78,6 +81,8 @@ class GenerateConfig(StageConfig):
             fail(self, "ids", "is empty; give at least one token id")
         if self.prompt is not None and not self.prompt:
             fail(self, "prompt", "is empty")
+        if self.prompt is not None and (problem := not_utf8(self.prompt)):
+            fail(self, "prompt", problem)
 
 
 @dataclass

@@ -14,12 +14,21 @@ from Python is checked exactly like one built from the command line:
 
 `check_fields` checks every field's type against its annotation (`int`, `float` (ints accepted), `bool`,
 `str`, `Path` (strings accepted), `X | None`, `list[X]`, `tuple[X, ...]`) and the `min` / `max` / `choices`
-of its option. `from_dict` rebuilds a config from its JSON form (what `--resume` reads back).
+of its option. Two bounds hold for every number whatever its option says: a float is finite (NaN and ±inf are
+never a setting; NaN would also pass every `min` / `max` comparison), and an int fits in 64 bits (torch's
+sizes and indices; beyond, the first tensor would fail with an OverflowError). Sizes that decide how much memory
+a stage holds are bounded by the machine itself: `check_fits` refuses a field when a lower bound of the bytes
+it makes the stage hold exceeds the machine's physical memory (`memory_bytes`), before anything is allocated.
+
+`to_dict` gives a config's JSON form with the stage it belongs to (`stage`); `from_dict` rebuilds a config from
+it (what `--resume` reads back) and refuses another stage's configuration by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -42,16 +51,18 @@ def option(
     positional: bool = False,
     metavar: str | None = None,
     parse: typing.Callable[[str], Any] | None = None,
+    infinite: bool = False,
 ) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
     default: the value (lists are copied per instance); omit it for a required field. min / max: inclusive
     bounds of a number (or of each element of a list). choices: allowed values (of each element of a list).
     positional: a positional argument instead of a flag. parse: turns the flag's one string into the field's
-    value (e.g. `"1,2,3"` -> [1, 2, 3]); its errors reach the user as they are.
+    value (e.g. `"1,2,3"` -> [1, 2, 3]); its errors reach the user as they are. infinite: a float field that
+    gives ±inf a meaning opts in with True (NaN is refused all the same); by default a float must be finite.
     """
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices is not None else None,
-            "positional": positional, "metavar": metavar, "parse": parse}
+            "positional": positional, "metavar": metavar, "parse": parse, "infinite": infinite}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -133,7 +144,10 @@ def coerce(value: Any, hint: Any) -> Any:
         raise TypeError
     if inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond the float range: not a number a setting can hold
+                return math.inf if value > 0 else -math.inf
         raise TypeError
     if inner is str:
         if isinstance(value, str):
@@ -146,10 +160,29 @@ def coerce(value: Any, hint: Any) -> Any:
     return value  # an annotation this module does not check (e.g. Any)
 
 
+INT64_MAX = 2**63 - 1  # the largest size or index a torch tensor takes
+# Lower bounds of what a setting makes a stage hold, true of every model and tokenizer here (see check_fits):
+TOKEN_BYTES = 8  # a token id in a batch or a packed corpus (int64)
+LOGIT_BYTES = 4 * 256  # one position's fp32 logits: a byte-level BPE vocabulary has at least its 256 byte tokens
+ITEM_BYTES = 256  # a task problem, conversation or document held as Python objects (a task problem takes ~1 KiB)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+CPU_COUNT = _cpus()  # the CPUs this process may run on: the most intra-op threads that can run at once
+
+
 def check_fields(obj: Any) -> None:
     """Type-check and range-check every field of a dataclass instance in place (conversions are written back).
 
-    Raises ConfigError naming the first field that is wrong, its flag, the value and what was expected.
+    Raises ConfigError naming the first field that is wrong, its flag, the value and what was expected. Besides
+    the option's min / max / choices: floats must be finite (unless the option opts in to ±inf) and ints must
+    fit in 64 bits. Each check is written so that NaN fails it (`not lo <= x`), never passes it.
     """
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -164,12 +197,56 @@ def check_fields(obj: Any) -> None:
         for item in items:
             if item is None:
                 continue
+            if isinstance(item, float) and not (math.isfinite(item) or (f.metadata.get("infinite") and item == item)):
+                raise ConfigError(f"{describe(f)} = {item!r}: must be a finite number")
+            if isinstance(item, int) and not isinstance(item, bool) and not -INT64_MAX <= item <= INT64_MAX:
+                raise ConfigError(f"{describe(f)} = {item!r}: must fit in 64 bits (at most {INT64_MAX:,} in size)")
             if choices is not None and item not in choices:
                 raise ConfigError(f"{describe(f)} = {item!r}: expected one of {', '.join(map(str, choices))}")
-            if lo is not None and item < lo:
+            if lo is not None and not item >= lo:
                 raise ConfigError(f"{describe(f)} = {item!r}: must be >= {lo}")
-            if hi is not None and item > hi:
+            if hi is not None and not item <= hi:
                 raise ConfigError(f"{describe(f)} = {item!r}: must be <= {hi}")
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory (RAM) in bytes: what no stage's working set can exceed.
+
+    The ceiling of `check_fits`. Physical, not currently free, memory: a setting that needs more than the whole
+    machine can never run, while free memory changes from minute to minute. NEMOTRON3_MEMORY_BYTES overrides it
+    (a container whose limit is below the host's RAM, or a test)."""
+    given = os.environ.get("NEMOTRON3_MEMORY_BYTES")
+    if given:
+        return int(given)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no ceiling rather than a wrong one
+        return INT64_MAX
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def check_fits(obj: Any, name: str, nbytes: int, what: str) -> None:
+    """Refuse field `name` when `nbytes`, a lower bound of what it makes the stage hold (`what` says which
+    tensors), exceeds `memory_bytes()`: such a setting would hang or die in the allocator later, so it is
+    refused now, in one line, without allocating anything."""
+    have = memory_bytes()
+    if nbytes > have:
+        fail(obj, name, f"{what} takes at least {_size(nbytes)}, more than this machine's {_size(have)} of memory")
+
+
+def check_items(obj: Any, *names: str) -> None:
+    """check_fits for fields that count task problems, conversations or documents held at once (ITEM_BYTES
+    each at least)."""
+    for name in names:
+        n = getattr(obj, name)
+        check_fits(obj, name, n * ITEM_BYTES, f"{n:,} problems, conversations or documents held at once")
 
 
 def field_named(obj_or_cls: Any, name: str) -> dataclasses.Field:
@@ -184,22 +261,59 @@ def fail(obj_or_cls: Any, name: str, message: str) -> typing.NoReturn:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """The JSON form of a config: paths as strings, tuples as lists."""
+    """The JSON form of a config: paths as strings, tuples as lists, and first its stage (`"stage": "sft"`)
+    when the class names one, so that a saved configuration says which command wrote it."""
     def plain(v: Any) -> Any:
         if isinstance(v, Path):
             return str(v)
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
-    return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    stage = {"stage": obj.stage} if getattr(obj, "stage", "") else {}
+    return {**stage, **{f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+
+
+def _a(stage: str) -> str:
+    """`a pretrain run`, `an sft run`, `an rl run`: short stage names are read letter by letter."""
+    vowel_sound = stage[:1] in ("aefhilmnorsx" if len(stage) <= 3 else "aeiou")
+    return f"{'an' if vowel_sound else 'a'} {stage}"
+
+
+def _stage_of(data: dict[str, Any], cls: type) -> str | None:
+    """The stage whose configuration `data` is: its `stage` key, or for a configuration saved before stages
+    were recorded, `cls`'s stage when its fields hold every key of `data`, else the stage config class (among
+    those imported) whose fields hold them all, the closest such class when several do."""
+    if isinstance(data.get("stage"), str):
+        return data["stage"]
+    keys = set(data)
+    fits = [c for c in (cls, *_subclasses(StageConfig)) if getattr(c, "stage", "")
+            and keys <= {f.name for f in dataclasses.fields(c)}]
+    return min(fits, key=lambda c: (c is not cls, len(dataclasses.fields(c)))).stage if fits else None
+
+
+def check_stage(cls: type, data: dict[str, Any], where: Any) -> None:
+    """Refuse a saved configuration `data` of another stage than `cls`'s: `DIR holds a pretrain run, not an sft
+    run` (rather than the other stage's fields listed as unknown)."""
+    ours, theirs = getattr(cls, "stage", ""), _stage_of(data, cls)
+    if ours and theirs is not None and theirs != ours:
+        raise ConfigError(f"{where} holds {_a(theirs)} run, not {_a(ours)} run: --resume continues a run of the "
+                          f"same command; give `nemotron3 {ours}` an --out of its own")
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Rebuild `cls` from its JSON form; unknown keys are an error naming them, missing keys take defaults."""
+    """Rebuild `cls` from its JSON form; missing keys take defaults. Another stage's configuration is refused
+    naming both stages; unknown keys (of no stage) are an error naming them."""
+    where = where or cls.__name__
+    check_stage(cls, data, where)
+    data = {k: v for k, v in data.items() if k != "stage"}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown fields {unknown}")
+        raise ConfigError(f"{where}: unknown fields {unknown}")
     return cls(**data)
 
 
@@ -212,6 +326,7 @@ def restore_config(cfg: T, saved: dict[str, Any], where: Any, operational: typin
     would match neither run.
     """
     cls = type(cfg)
+    check_stage(cls, saved, where)
     defaults = cls()
     restored = from_dict(cls, {**saved, "out": cfg.out, "resume": True}, where=f"{where} (saved run)")
     changed = [f.name for f in dataclasses.fields(cfg) if f.name not in operational
@@ -228,7 +343,12 @@ def restore_config(cfg: T, saved: dict[str, Any], where: Any, operational: typin
 
 @dataclasses.dataclass
 class StageConfig:
-    """Base of the stage configs: `__post_init__` runs `check_fields` and then the stage's own `validate()`."""
+    """Base of the stage configs: `__post_init__` runs `check_fields` and then the stage's own `validate()`.
+
+    `stage` (a class attribute, not a field) is the command a subclass configures; `to_dict` records it.
+    """
+
+    stage = ""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -41,7 +41,7 @@ from nemotron3.config import ModelConfig
 from nemotron3.evaluate import task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.model import HybridLM
-from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
+from nemotron3.options import ConfigError, check_items, fail, option, restore_config, to_dict
 from nemotron3.parallel import gathered
 from nemotron3.presets import PRESETS
 from nemotron3.train import checkpoint
@@ -63,8 +63,14 @@ OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "sto
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    """Model, data and precision recipe of a pretraining run (with the training loop's fields of TrainConfig)."""
+    """Model, data and precision recipe of a pretraining run (with the training loop's fields of TrainConfig).
 
+    Sizes are bounded by this machine's memory (TrainConfig.check_memory): a row, a step, and with the embedded
+    tasks the whole run's task text (packed up front), besides the problems held for the tokenizer and the
+    evaluations.
+    """
+
+    stage = "pretrain"
     config: str = option("tiny", f"model: a preset ({', '.join(sorted(PRESETS))}), a config.json or a checkpoint "
                          "folder (its config; the weights start from scratch)")
     data: list[Path] = option([], ".txt / .jsonl / .parquet files or folders (default: the embedded tasks)",
@@ -97,6 +103,9 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        run_tokens = self.steps * self.batch_size * self.seq_len // (2 if self.data else 1) if self.use_tasks else 0
+        self.check_memory(self.seq_len, run_tokens)
+        check_items(self, "eval_problems", "tokenizer_sample", "heldout_task_problems")
         if 0 < self.vocab_size < MIN_VOCAB:
             fail(self, "vocab_size", f"a byte-level BPE needs at least {MIN_VOCAB} tokens (256 bytes + "
                  f"{len(SPECIAL_TOKENS)} special tokens); 0 = the model config's")

@@ -38,6 +38,11 @@ __all__ = ["QuantizeConfig", "quantize", "SCHEMES", "checkpoint_bytes", "main"]
 
 SCHEMES = qckpt.SCHEMES
 CALIB_SEED = 1   # the calibration documents' seed: evaluation (nemotron3.evaluate) draws seed 0
+# The most calibration documents there are: tasks.mixture spreads them evenly over the 6 task families, and the
+# held-out split of the smallest at difficulty 1 (modpow) holds 82 problems; 80 per family (as run/plan.py's
+# MAX_EVAL_PROBLEMS) are always found. More could never be drawn: tasks.generate would try 200 draws per document
+# before giving up (hours for 10**9).
+MAX_CALIB = 80 * 6
 _OWN_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json"}
 
 
@@ -45,11 +50,14 @@ _OWN_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json"
 class QuantizeConfig(StageConfig):
     """The checkpoint to quantize, the scheme and where the result goes."""
 
+    stage = "quantize"
+
     model: Path = option(Path("runs/sft/final"), "checkpoint folder to quantize (not already quantized)", metavar="DIR")
     out: Path = option(Path("runs/quantized"), "folder to write (must not exist, be empty, or be an earlier "
                        "quantized checkpoint, which --overwrite replaces)", metavar="DIR")
     scheme: str = option("nvfp4", "number format of the quantized weights", choices=SCHEMES)
-    calib: int = option(32, "held-out task documents for nvfp4's activation calibration", min=1)
+    calib: int = option(32, f"held-out task documents for nvfp4's activation calibration (at most {MAX_CALIB}: the "
+                        "held-out split has no more at difficulty 1)", min=1, max=MAX_CALIB)
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
     overwrite: bool = option(False, "replace the quantized checkpoint already in --out")

@@ -39,7 +39,7 @@ from rich.console import Console
 
 from nemotron3.evaluate import accuracy_by_mode, budget_supported, task_accuracy
 from nemotron3.hf import load_pretrained
-from nemotron3.options import ConfigError, fail, option, restore_config, to_dict
+from nemotron3.options import ITEM_BYTES, ConfigError, check_fits, check_items, fail, option, restore_config, to_dict
 from nemotron3.parallel import gathered
 from nemotron3.train import checkpoint, sft_data
 from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
@@ -53,8 +53,13 @@ OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "sto
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """Checkpoint, conversations, reasoning modes and evaluation of an SFT run (and the loop's TrainConfig)."""
+    """Checkpoint, conversations, reasoning modes and evaluation of an SFT run (and the loop's TrainConfig).
 
+    Sizes are bounded by this machine's memory (TrainConfig.check_memory): a row, a step, and the conversations
+    and problems held at once (the task conversations are all built before training).
+    """
+
+    stage = "sft"
     model: Path = option(Path("runs/pretrain/final"), "checkpoint folder to fine-tune (weights + tokenizer.json; "
                          "default: the final/ of `nemotron3 pretrain`)", metavar="DIR")
     data: list[Path] = option([], "OpenAI-messages .jsonl files or folders of them (default: conversations built "
@@ -89,6 +94,12 @@ class SFTConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.check_memory(self.seq_len)
+        check_items(self, "conversations", "eval_problems", "heldout_task_problems")
+        if self.use_tasks and not self.conversations:  # one task conversation per row the run reads
+            n = self.steps * self.batch_size // (2 if self.data else 1)
+            check_fits(self, "steps", n * ITEM_BYTES, f"{n:,} task conversations (--conversations 0: one per row "
+                       "the run reads, --steps x --batch-size)")
         if self.reasoning_off_share + self.budget_share > 1:
             fail(self, "budget_share", f"with --reasoning-off-share {self.reasoning_off_share} the shares exceed 1")
 

@@ -51,6 +51,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from nemotron3 import options
 from nemotron3.evaluate import accuracy_by_mode
 from nemotron3.options import StageConfig, fail, option, restore_config, to_dict
 from nemotron3.rl import igrpo
@@ -67,7 +68,13 @@ OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eva
 
 @dataclass
 class GRPOConfig(StageConfig):
-    """An RL run: the checkpoint, the prompts and rewards, the rollouts, the GRPO loss and the optimizer."""
+    """An RL run: the checkpoint, the prompts and rewards, the rollouts, the GRPO loss and the optimizer.
+
+    Sizes are bounded by this machine's memory (`check_memory`): a completion, a step's completions, one
+    forward's logits, and the held-out problems.
+    """
+
+    stage = "rl"
 
     model: Path = option(Path("runs/sft/final"), "checkpoint folder to train (default: the final/ of `nemotron3 "
                          "sft`)", metavar="DIR")
@@ -133,10 +140,12 @@ class GRPOConfig(StageConfig):
     save_every: int = option(0, "checkpoint every K steps (0 = only final/)", min=0)
     keep_last: int = option(2, "training checkpoints kept (0 = all)", min=0)
     log_every: int = option(5, "print a line every K steps", min=1)
-    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
+    threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
+                                 "use)", min=1, max=options.CPU_COUNT)
 
     def validate(self) -> None:
         super().validate()
+        self.check_memory()
         if self.algo == "igrpo" and self.rollout_budget:
             igrpo.split_budget(self.rollout_budget)
         if self.algo == "grpo" and self.rollout_budget == 1:
@@ -148,6 +157,27 @@ class GRPOConfig(StageConfig):
             fail(self, "micro_batch_size", "is larger than the completions per step")
         if self.top_p <= 0:
             fail(self, "top_p", "must be in (0, 1]")
+
+    def check_memory(self) -> None:
+        """Refuse sizes this machine cannot hold (options.check_fits), before the model is loaded. Lower bounds:
+        a completion is max_completion_length token ids and the loss forward's fp32 logits at each position; a
+        step holds every completion of its prompts (drafts and trained ones) as ids, and one forward the logits
+        of its rows (--micro-batch-size, else all of them)."""
+        length = self.max_completion_length
+        options.check_fits(self, "max_completion_length", length * (options.TOKEN_BYTES + options.LOGIT_BYTES),
+                           f"one completion of {length:,} tokens (its token ids and fp32 logits)")
+        drafts, trained = self.group_sizes()
+        per_prompt, rows = drafts + trained, self.prompts_per_step * (drafts + trained)
+        many = "prompts_per_step" if self.prompts_per_step >= per_prompt else (
+            "rollout_budget" if self.rollout_budget else "num_generations" if trained >= drafts else "num_drafts")
+        token, logit = options.TOKEN_BYTES, options.LOGIT_BYTES
+        ids = rows * length * token
+        options.check_fits(self, many, ids + length * logit, f"a step's {rows:,} completions of {length:,} token ids")
+        fwd = self.micro_batch_size or self.prompts_per_step * trained
+        options.check_fits(self, "micro_batch_size" if self.micro_batch_size else many, ids + fwd * length * logit,
+                           f"a step's {rows:,} completions of {length:,} token ids and one forward's fp32 logits over "
+                           f"{fwd:,} of them")
+        options.check_items(self, "eval_problems")
 
     def group_sizes(self) -> tuple[int, int]:
         """(drafts N, trained completions G) per prompt; N = 0 for GRPO."""

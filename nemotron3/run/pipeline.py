@@ -34,7 +34,7 @@ from nemotron3.options import ConfigError, StageConfig, fail, option, restore_co
 from nemotron3.presets import PRESETS
 from nemotron3.run import report as report_mod
 from nemotron3.run import stages as S
-from nemotron3.run.plan import IGRPO_FROM_MINUTES, STAGES, Plan, plan
+from nemotron3.run.plan import IGRPO_FROM_MINUTES, MAX_BUDGET_MINUTES, STAGES, Plan, plan
 
 REQUIRES = {"pretrain": ["tokenizer"], "precision": ["pretrain"], "sft": ["pretrain"], "rl": ["sft"],
             "igrpo": ["sft"], "eval": ["rl"], "speculative": ["rl", "sft"], "speed": ["rl"], "quantize": ["rl"]}
@@ -46,9 +46,11 @@ OPERATIONAL = ("out", "resume", "stages")
 class RunConfig(StageConfig):
     """Where the run writes, how long it may take, and which stages run."""
 
+    stage = "run"
+
     out: Path = option(Path("runs/latest"), "output folder: one subfolder per stage, report.md/.html/.json, plots/")
     budget_minutes: float = option(20.0, "total budget in minutes; every stage's size follows from it (run/plan.py)",
-                                   min=0.25)
+                                   min=0.25, max=MAX_BUDGET_MINUTES)
     stages: list[str] = option([], "run only these stages (default: all); the others are listed as skipped",
                                choices=STAGES, metavar="STAGE")
     steps: int = option(0, "pretraining steps (0 = from the budget)", min=0)

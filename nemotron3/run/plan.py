@@ -44,6 +44,9 @@ MAX_EVAL_PROBLEMS = 80  # the most held-out problems the easiest modpow difficul
 TWIN_SHARE = 0.3  # the high-precision twin trains this share of the pretraining steps (inside the stable phase)
 RL_TEMPERATURE = 0.7  # rollout temperature of the RL stages (see above)
 SWITCH_SHARE = 0.18  # NVFP4 end-of-training switch: the last 18 % of the pretraining steps in high precision
+# The largest budget (about two years): the stages' sizes grow linearly with it and stay far inside 64 bits (each
+# stage then checks that its own sizes fit in memory); 15 x 1e308 would overflow the float arithmetic itself.
+MAX_BUDGET_MINUTES = 1_000_000
 RL_CURVE_EVALS = 4  # held-out evaluations inside each RL stage, evenly spaced, between the full before and after
 RL_CURVE_PROBLEMS = 20  # problems per family at those (the first of the full set): about 4 points s.e. on the mean
 
@@ -92,8 +95,8 @@ def _round(x: float, to: int = 1, at_least: int = 1) -> int:
 
 def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
     """The plan for `budget_minutes` (`pretrain_steps` > 0 overrides the rule's pretraining steps)."""
-    if budget_minutes <= 0:
-        raise ValueError(f"budget_minutes must be positive, got {budget_minutes}")
+    if not 0 < budget_minutes <= MAX_BUDGET_MINUTES:  # NaN fails this too
+        raise ValueError(f"budget_minutes must be positive and at most {MAX_BUDGET_MINUTES:,}, got {budget_minutes}")
     b = budget_minutes
     pre = pretrain_steps or _round(15 * b, 10 if b >= 4 else 1, 4)
     twin = _round(TWIN_SHARE * pre, 1, 2)

@@ -23,6 +23,7 @@ running it (the tests mount it on a socket of their own).
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import socket
@@ -32,9 +33,11 @@ from pathlib import Path
 
 import torch
 
+from nemotron3.config import ModelConfig
 from nemotron3.engine.batcher import Batcher
+from nemotron3.engine.cache import cache_size
 from nemotron3.engine.folder import open_folder
-from nemotron3.options import ConfigError, StageConfig, fail, option
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, check_fits, fail, option
 from nemotron3.serve.app import Server, Settings, create_app
 
 API_KEY_ENV = "NEMOTRON3_API_KEY"
@@ -42,7 +45,14 @@ API_KEY_ENV = "NEMOTRON3_API_KEY"
 
 @dataclass
 class ServeConfig(StageConfig):
-    """An OpenAI-compatible server over one checkpoint: where it listens, how it batches, what it allows."""
+    """An OpenAI-compatible server over one checkpoint: where it listens, how it batches, what it allows.
+
+    The cache the batcher allocates (`max_batch` slots of `max_seq_len` tokens, plus a step's padding) and the
+    largest body must fit in this machine's memory: `check_memory` computes the cache's bytes from the folder's
+    config.json (engine/cache.py `cache_size`) before anything is loaded.
+    """
+
+    stage = "serve"
 
     model: Path = option(help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
@@ -65,7 +75,8 @@ class ServeConfig(StageConfig):
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
-    threads: int | None = option(None, "torch intra-op threads (default: torch's)", min=1)
+    threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
+                                 "use)", min=1, max=CPU_COUNT)
 
     def validate(self) -> None:
         super().validate()
@@ -73,6 +84,36 @@ class ServeConfig(StageConfig):
             fail(self, "served_model_name", "is empty")
         if self.api_key is not None and not self.api_key:
             fail(self, "api_key", "is empty")
+        self.check_memory()
+
+    def slots(self, config: ModelConfig) -> tuple[int, int]:
+        """(tokens per slot, speculative tokens) the server runs `config` with: the flags, or their defaults."""
+        k = self.speculative if self.speculative is not None else (3 if config.num_nextn_predict_layers else 0)
+        return self.max_seq_len or min(config.max_position_embeddings, 4096), k
+
+    def check_memory(self) -> None:
+        """Refuse a cache or a body this machine cannot hold (options.check_fits): the bytes of the batcher's
+        cache, exactly, for one slot (--max-seq-len), for the padding a step adds to each (--token-budget) and for
+        all of them (--max-batch). Skipped when the folder's config.json cannot be read (loading it says why)."""
+        check_fits(self, "max_body_bytes", self.max_body_bytes, "a request body")
+        try:
+            config = ModelConfig.from_hf(self.model)
+        except (ValueError, OSError, TypeError):
+            return
+        max_seq_len, k = self.slots(config)
+        min_prefill = inspect.signature(Batcher).parameters["min_prefill_tokens"].default  # what build_server uses
+        pad = max(self.token_budget, min_prefill)
+        dtype = torch.float32 if self.dtype == "float32" else torch.bfloat16
+
+        def cache(rows: int, tokens: int) -> int:
+            return cache_size(config, rows, tokens, dtype, max_rollback=k + 1 if k else 0, include_mtp=bool(k)).total
+
+        check_fits(self, "token_budget", cache(1, pad) + self.token_budget * config.hidden_size * 4,
+                   f"a step of {self.token_budget:,} tokens (fp32 hidden states, and the padding it adds to a cache "
+                   "slot)")
+        check_fits(self, "max_seq_len", cache(1, max_seq_len + pad), f"one cache slot of {max_seq_len:,} tokens")
+        check_fits(self, "max_batch", cache(self.max_batch, max_seq_len + pad),
+                   f"the cache's {self.max_batch:,} slots of {max_seq_len:,} tokens")
 
 
 def build_server(cfg: ServeConfig) -> Server:
@@ -85,11 +126,9 @@ def build_server(cfg: ServeConfig) -> Server:
     if opened.tokenizer is None:
         raise ConfigError(f"model (--model) {folder} has no tokenizer.json: the server needs one to read text")
     model = opened.engine.model
-    has_mtp = model.mtp is not None
-    k = cfg.speculative if cfg.speculative is not None else (3 if has_mtp else 0)
-    if k and not has_mtp:
+    max_seq_len, k = cfg.slots(model.config)
+    if k and model.mtp is None:
         fail(cfg, "speculative", f"needs a checkpoint with an MTP block; {folder} has none (use 0)")
-    max_seq_len = cfg.max_seq_len or min(model.config.max_position_embeddings, 4096)
     if max_seq_len <= 2 * k + 2:
         fail(cfg, "max_seq_len", f"leaves no room for a prompt and a reply with {k} speculative tokens")
     batcher = Batcher(model, rows=cfg.max_batch, max_seq_len=max_seq_len, token_budget=cfg.token_budget,

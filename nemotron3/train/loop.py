@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from nemotron3 import parallel
-from nemotron3.options import StageConfig, fail, option, to_dict
+from nemotron3.options import LOGIT_BYTES, TOKEN_BYTES, StageConfig, check_fits, fail, option, to_dict
 from nemotron3.train import checkpoint
 from nemotron3.train.balance import ExpertBalance
 from nemotron3.train.data import PackedData
@@ -59,7 +59,8 @@ class TrainConfig(StageConfig):
     """
 
     steps: int = option(300, "optimizer steps", min=1)
-    batch_size: int = option(16, "global batch in sequences (split over ranks and micro-batches)", min=1)
+    batch_size: int = option(16, "global batch in sequences (split over ranks and micro-batches; a step must fit in "
+                             "this machine's memory)", min=1)
     micro_batch_size: int = option(0, "rows per forward on each rank (0 = the rank's whole share at once)", min=0)
     lr: float = option(3e-3, "peak learning rate of the warmup-stable-decay schedule", min=0.0)
     min_lr_ratio: float = option(0.01, "final learning rate as a fraction of the peak", min=0.0, max=1.0)
@@ -93,6 +94,31 @@ class TrainConfig(StageConfig):
             fail(self, "nvfp4_high_precision_tail", "must be a fraction in [0, 1)")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             fail(self, "micro_batch_size", f"does not divide --batch-size {self.batch_size}")
+
+    def check_memory(self, seq_len: int, run_tokens: int = 0) -> None:
+        """Refuse sizes this machine cannot hold (options.check_fits), before any data is built; the stage
+        configs call it with their --seq-len. Lower bounds: one row is seq_len + 1 token ids and a forward's
+        fp32 logits at each position; a step is this rank's share of the batch as ids (the batch over torchrun's
+        WORLD_SIZE) and the logits of one forward's rows (--micro-batch-size, else the share); `run_tokens` are
+        the tokens a stage packs up front for the whole run (pretraining's task text), as ids."""
+        try:
+            world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        except ValueError:
+            world = 1
+        share = -(-self.batch_size // world)
+        check_fits(self, "seq_len", (seq_len + 1) * TOKEN_BYTES + seq_len * LOGIT_BYTES,
+                   f"one row of {seq_len:,} tokens (its token ids and fp32 logits)")
+        ids = share * (seq_len + 1) * TOKEN_BYTES
+        check_fits(self, "batch_size", ids + seq_len * LOGIT_BYTES,
+                   f"a step's {share:,} rows of {seq_len:,} token ids")
+        name = "micro_batch_size" if self.micro_batch_size else "batch_size"
+        rows = self.micro_batch_size or share
+        check_fits(self, name, ids + rows * seq_len * LOGIT_BYTES,
+                   f"a step's {share:,} rows of {seq_len:,} token ids and one forward's fp32 logits over {rows:,} rows")
+        if run_tokens:
+            check_fits(self, "steps", run_tokens * TOKEN_BYTES,
+                       f"the run's {run_tokens:,} task tokens (--steps x --batch-size x --seq-len, packed before "
+                       "training as token ids)")
 
     @property
     def high_precision_from(self) -> int:
