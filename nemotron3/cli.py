@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("nemotron3.chat_cli", "ChatConfig", "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
     "quantize": ("nemotron3.quantize", "QuantizeConfig",
                  "write a checkpoint in NVFP4 / FP8 (compressed-tensors), MX9/6/4, MXFP4 or SeedLM"),
+    "export": ("nemotron3.export", "ExportConfig", "write a checkpoint as a GGUF file for llama.cpp (f32, bf16, q8_0)"),
 }
 
 # What a command may fail with that is the user's to fix: shown as one line, not a traceback. ValueError covers

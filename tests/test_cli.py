@@ -36,6 +36,7 @@ PUBLIC_FLAGS = {
     "info": [],
     "serve": ["--model", "--host", "--port", "--api-key", "--speculative", "--max-batch", "--token-budget"],
     "quantize": ["--model", "--out", "--scheme", "--calib"],
+    "export": ["--model", "--format", "--outtype", "--out"],
 }
 
 

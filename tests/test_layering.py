@@ -24,7 +24,7 @@ LAYERS = {
     "train": 5,
     "evaluate": 6,
     "rl": 7,
-    "pretrain": 8, "sft": 8, "generate": 8, "chat_cli": 8, "info": 8, "quantize": 8,  # the stages
+    "pretrain": 8, "sft": 8, "generate": 8, "chat_cli": 8, "info": 8, "quantize": 8, "export": 8,  # the stages
     "serve": 8,  # the OpenAI-compatible server (a stage too)
     "run": 9,  # the pipeline: chains the stages
     "cli": 10,
