@@ -1,6 +1,6 @@
 """Generation speed of the nemotron3 Engine against transformers' `generate`, same T9 weights, one run.
 
-    python benchmarks/decode.py [--repeats 5] [--compile] [--long 65536] [--threads N]
+    python benchmarks/decode.py [--repeats 5] [--compile] [--long 65536] [--threads N] [--llama-cpp [f32|bf16]]
 
 Builds the T9 benchmark model with transformers (seed 0), saves it, loads the same weights into
 nemotron3, and prints:
@@ -11,6 +11,10 @@ nemotron3, and prints:
   * prefill tokens/s at 512, 8k and `--long` (64k) tokens;
   * cache bytes per token for tiny, T9, Nano and Super (computed, nothing allocated; Super at 1M tokens).
 With --compile the torch.compile'd decode step is timed too (its compilation time is printed apart).
+With --llama-cpp the same weights are exported to GGUF (`nemotron3 export`, f32 or bf16, with a small tokenizer
+trained here: the tokens are ids either way) and llama-cpp-python (the `llama-cpp` extra) runs the same batch-1
+greedy decode, timed in the same race as the others, with the same number of threads; with bf16 our engine runs
+the model cast to bf16, so both sides are at the same precision.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nemotron3.engine.cache import HybridCache, cache_size
 # llama.cpp's CPU build on the same T9 weights, 2 threads, this machine class (docs/results.md, Peers): a figure
 # measured separately, not in this run, so the ratio against it is only indicative
 LLAMA_CPP_TOK_S = 1260
+OUTTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
 def timed(fn) -> tuple[float, object]:
@@ -48,6 +53,23 @@ def race(fns: dict, repeats: int) -> tuple[dict, dict]:
     return best, outs
 
 
+def llama_cpp_model(folder: Path, outtype: str, threads: int, n_ctx: int):
+    """The checkpoint in `folder` exported to GGUF (with a small tokenizer trained here, which the file needs) and
+    opened with llama-cpp-python; one line saying how to install it when it is missing."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("--llama-cpp needs llama-cpp-python: pip install -e '.[llama-cpp]'") from None
+    from nemotron3.export import ExportConfig, export
+    from nemotron3.train.tokenizer import Tokenizer
+
+    Tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 20, 300).save(folder)
+    path = export(ExportConfig(model=folder, outtype=outtype, out=folder / f"model-{outtype}.gguf"))
+    # logits_all: llama-cpp-python keeps a step's logits (in `scores`) only then; one row per token is copied
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, logits_all=True,
+                           verbose=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=T9_CONFIG)
@@ -58,6 +80,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=65536, help="longest prefill measured (0 to skip)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--llama-cpp", nargs="?", const="f32", default=None, choices=sorted(OUTTYPES),
+                    help="also time llama-cpp-python on a GGUF export of the same weights, at this precision")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,9 +91,12 @@ def main() -> None:
     hf = NemotronHForCausalLM(NemotronHConfig(**t9_hf_config(args.config))).eval()
     hf.generation_config.eos_token_id = None  # always 128 new tokens, as ours with stop_token_ids=[]
     hf.generation_config.pad_token_id = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        ours = nemotron3.load_pretrained(tmp)
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = tmpdir.name
+    hf.save_pretrained(tmp)
+    ours = nemotron3.load_pretrained(tmp, dtype=OUTTYPES[args.llama_cpp] if args.llama_cpp else None)
+    llm = (llama_cpp_model(Path(tmp), args.llama_cpp, args.threads, args.prompt_len + args.new + 8)
+           if args.llama_cpp else None)
     V = ours.config.vocab_size
     print(f"model: T9 ({ours.num_parameters() / 1e6:.2f}M params), threads={torch.get_num_threads()}")
 
@@ -89,7 +116,19 @@ def main() -> None:
         decode_tok_s[key] = max(decode_tok_s.get(key, 0.0), out.stats["decode_tok_s"])
         return out.tokens[0]
 
+    def run_llama_cpp():
+        ids = prompt[0].tolist()
+        llm.reset()
+        llm.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+            llm.eval([out[-1]])
+        return out
+
     fns = {"transformers": run_hf, "nemotron3": run_ours}
+    if llm is not None:
+        fns[f"llama.cpp {args.llama_cpp}"] = run_llama_cpp
     compiled = None
     if args.compile:
         compiled = nemotron3.Engine(ours, max_seq_len=8192, compile=True)
@@ -99,14 +138,20 @@ def main() -> None:
     for fn in fns.values():
         fn()  # warm-up
     best, outs = race(fns, args.repeats)
-    same = all(o == outs["transformers"] for o in outs.values())
+    same = all(o == outs["transformers"] for k, o in outs.items() if not k.startswith("llama.cpp"))
     hf_tok_s = n / best["transformers"]
+    measured = next((n / t for k, t in best.items() if k.startswith("llama.cpp")), None)
     print(f"\nbatch-1 greedy, {args.prompt_len}-token prompt, {n} new tokens "
           f"(whole generate call, best of {args.repeats})")
     for name, t in best.items():
         print(f"  {name:20s}{n / t:10,.0f} tok/s   {n / t / hf_tok_s:5.2f}x transformers   "
               f"{n / t / LLAMA_CPP_TOK_S:5.2f}x llama.cpp (docs/results.md, {LLAMA_CPP_TOK_S}; not this run)")
     print(f"  greedy tokens identical to transformers: {same}")
+    if measured is not None:
+        key, dtype = f"llama.cpp {args.llama_cpp}", str(next(ours.parameters()).dtype).split(".")[-1]
+        print(f"  llama.cpp ({args.llama_cpp} GGUF, this run, {args.threads} threads): {measured:,.0f} tok/s; "
+              f"nemotron3 ({dtype}) at {n / best['nemotron3'] / measured:.2f}x of it; "
+              f"greedy tokens identical to ours: {outs[key] == outs['nemotron3']}")
     for key, v in decode_tok_s.items():
         print(f"  ours {key}, decode steps only (prefill excluded): {v:,.0f} tok/s ({1e3 / v:.2f} ms/step)")
 
