@@ -15,7 +15,7 @@ Nemotron 3 checkpoints use:
     mtp.*                                                             the MTP block (Super)
 
 Our modules carry these names already, except that the routed experts of a layer live in two 3-D
-tensors; `_state_dict_for_disk` and the stacking in `load_pretrained` convert between the two layouts.
+tensors; `state_dict_for_disk` and the stacking in `load_pretrained` convert between the two layouts.
 
 Loading is strict and memory-frugal: the model is built on the meta device, every tensor is read from a
 memory-mapped safetensors file, checked against the expected name, shape and kind of dtype, cast, and assigned in
@@ -79,9 +79,11 @@ def non_finite_count(t: torch.Tensor, chunk: int = 1 << 24) -> int:
 
 
 # Quantized checkpoints (config.json has a `quantization_config`) are decoded by a reader that the quantization
-# layer registers (nemotron3.quant.checkpoint, imported with the package): reader(quantization_config, tensor
-# names, get(name) -> tensor, {disk name: shape the model needs}) -> ({disk name: dense tensor}, activation hook
-# or None). The hook, called on the loaded model, makes it quantize the activations as the scheme does.
+# layer registers (nemotron3.quant.checkpoint, imported with the package; it sits above this module, so it cannot
+# be imported from here): reader(quantization_config, tensor names, get(name) -> tensor, {disk name: shape the
+# model needs}, files={disk name: file}, folder=, pack=, dtype=) -> ({disk name: dense tensor}, finish(model,
+# quantize_activations), {disk names of the weights kept packed}). finish, called on the loaded model, installs
+# the packed layers and, if asked, makes the model quantize the activations as the scheme does.
 QuantizedReader = Callable[..., tuple[dict[str, torch.Tensor], Callable[[HybridLM], None] | None]]
 _QUANTIZED_READER: list[QuantizedReader] = []
 
@@ -92,18 +94,22 @@ def register_quantized_reader(reader: QuantizedReader) -> None:
 
 
 def quantization_config(folder: str | os.PathLike) -> dict | None:
-    """The `quantization_config` of a checkpoint folder's config.json, or None."""
-    try:
-        raw = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    return qc if isinstance(qc, dict) else None
+    """The `quantization_config` of a checkpoint folder's config.json, else the settings of an older ModelOpt
+    export's `hf_quant_config.json` (`{"producer": ..., "quantization": {...}}`), or None."""
+    for name, key in (("config.json", "quantization_config"), ("hf_quant_config.json", None)):
+        try:
+            raw = json.loads((Path(folder) / name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        qc = (raw.get(key) if key else raw) if isinstance(raw, dict) else None
+        if isinstance(qc, dict) and (key or isinstance(qc.get("quantization"), dict)):
+            return qc
+    return None
 
 
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
     """Bytes of a checkpoint's weight files (the safetensors files and their index)."""
-    files, _ = _checkpoint_files(Path(folder))
+    files, _ = checkpoint_files(Path(folder))
     index = Path(folder) / "model.safetensors.index.json"
     return sum(f.stat().st_size for f in files) + (index.stat().st_size if index.is_file() else 0)
 
@@ -124,7 +130,7 @@ class _Decoded:
         pass
 
 
-def _state_dict_for_disk(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
+def state_dict_for_disk(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (disk name, tensor) pairs: our state dict with each 3-D expert tensor split per expert."""
     for name, tensor in model.state_dict().items():
         m = _EXPERT_RE.match(name)
@@ -135,7 +141,7 @@ def _state_dict_for_disk(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
-def _checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint folder, and the index's tensor -> file map when it is sharded."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -159,6 +165,9 @@ def _checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if not files:
         raise CheckpointError(f"no *.safetensors files in {folder}")
     return files, None
+
+
+_state_dict_for_disk, _checkpoint_files = state_dict_for_disk, checkpoint_files  # the older private spellings
 
 
 def _libc_madvise() -> Callable[..., int] | None:
@@ -244,6 +253,7 @@ def load_pretrained(
     strict: bool = True,
     quantize_activations: bool = False,
     strict_finite: bool = False,
+    dequantize: bool = False,
 ) -> HybridLM:
     """Load a `nemotron_h` checkpoint folder into a HybridLM.
 
@@ -262,7 +272,11 @@ def load_pretrained(
     Quantized checkpoints (nemotron3 quantize: compressed-tensors NVFP4 / FP8, MX9/6/4, MXFP4, SeedLM;
     docs/low-precision.md §7) load with their weights decoded exactly as the format defines, then cast to
     `dtype`; `quantize_activations=True` also quantizes the inputs of the quantized layers as the scheme does
-    (NVFP4 with the calibrated input scales, FP8 per token; the weight-only schemes ignore it).
+    (NVFP4 with the calibrated input scales, FP8 per token; the weight-only schemes ignore it). The weights of
+    the schemes that can stay packed (NVFP4, FP8, MX9/6/4, MXFP4; ModelOpt NVFP4 / FP8) do: their layers become
+    inference-only PackedLinear / PackedExperts that decode a tile at a time inside the matmul
+    (quant/packed.py), so resident weight bytes follow the format; `dequantize=True`, or `quantize_activations`,
+    decodes them into ordinary dense layers instead.
 
     Every floating-point tensor is checked for NaN and inf as it is read (a quantized checkpoint's once decoded):
     each one that has any gets a NonFiniteWeightWarning, `PATH: TENSOR has N non-finite values`, and loads as it
@@ -275,7 +289,7 @@ def load_pretrained(
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     config = ModelConfig.from_hf(folder)
     device = torch.device(device or "cpu")
-    files, weight_map = _checkpoint_files(folder)
+    files, weight_map = checkpoint_files(folder)
     with ExitStack() as stack:
         shards = [_Shard(file, stack) for file in files]
         if weight_map is not None:
@@ -305,14 +319,16 @@ def load_pretrained(
             else:
                 wanted[name] = (name, None, tuple(t.shape))
         has_mtp = any(n.startswith("mtp.") for n in expected)
-        activation_hook = None
+        finish, packed = None, set()
         qc = quantization_config(folder)
         if qc is not None:
             if not _QUANTIZED_READER:
                 raise CheckpointError(f"{folder} is quantized, and no reader of quantized checkpoints is loaded")
             owner = {k: s for s in shards for k in s.keys}
-            dense, activation_hook = _QUANTIZED_READER[0](
-                qc, list(owner), lambda k: owner[k].get(k), {k: v[2] for k, v in wanted.items()})
+            dense, finish, packed = _QUANTIZED_READER[0](
+                qc, list(owner), lambda k: owner[k].get(k), {k: v[2] for k, v in wanted.items()},
+                files={k: s.file for k, s in owner.items()}, folder=folder,
+                pack=not (dequantize or quantize_activations), dtype=dtype, device=device)
             shards = [_Decoded(folder / "model.safetensors", dense)]
 
         loaded: dict[str, torch.Tensor] = {}
@@ -364,7 +380,7 @@ def load_pretrained(
                 stacked[ours][expert].copy_(t)
                 shard.release(t)
                 filled[ours].add(expert)
-    missing = sorted(set(wanted) - set(where))
+    missing = sorted(set(wanted) - set(where) - packed)
     if strict and (missing or unexpected):
         msg = []
         for what, names in (("missing", missing), ("unexpected", unexpected)):
@@ -374,17 +390,21 @@ def load_pretrained(
     for ours, experts in stacked.items():
         if len(filled[ours]) == experts.shape[0]:
             loaded[ours] = experts
-    result = model.load_state_dict(loaded, strict=strict, assign=True)
-    if not strict and result.missing_keys:
-        raise CheckpointError(
-            f"checkpoint {folder} lacks {result.missing_keys[:8]} (strict=False cannot invent weights)")
+    kept_packed = {wanted[n][0] for n in packed}  # installed by `finish` below
+    result = model.load_state_dict(loaded, strict=strict and not packed, assign=True)
+    lacking = [k for k in result.missing_keys if k not in kept_packed]
+    if strict and packed and (lacking or result.unexpected_keys):
+        raise CheckpointError(f"checkpoint {folder} does not match its config: missing {lacking[:8]}, unexpected "
+                              f"{result.unexpected_keys[:8]}")
+    if not strict and lacking:
+        raise CheckpointError(f"checkpoint {folder} lacks {lacking[:8]} (strict=False cannot invent weights)")
+    if finish is not None:
+        finish(model, quantize_activations)
     # non-persistent buffers are not in the state dict: materialise them on the target device
     for mod in model.modules():
         for bname, buf in list(mod.named_buffers(recurse=False)):
             if buf.device.type == "meta":
                 mod.register_buffer(bname, torch.zeros(buf.shape, dtype=buf.dtype, device=device), persistent=False)
-    if quantize_activations and activation_hook is not None:
-        activation_hook(model)
     return model.eval()
 
 
@@ -406,7 +426,7 @@ def save_pretrained(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, t in _state_dict_for_disk(model):
+        for name, t in state_dict_for_disk(model):
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})

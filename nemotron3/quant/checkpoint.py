@@ -48,20 +48,17 @@ from safetensors import safe_open
 from torch import nn
 
 from nemotron3.config import ModelConfig
-from nemotron3.hf import (
-    CheckpointError,
-    _checkpoint_files,
-    _state_dict_for_disk,
-    register_quantized_reader,
-)
+from nemotron3.hf import CheckpointError, checkpoint_files, register_quantized_reader, state_dict_for_disk
 from nemotron3.hf import quantization_config as read_quantization_config
 from nemotron3.model.hybrid import HybridLM
 from nemotron3.model.moe import Experts
+from nemotron3.quant import modelopt
 from nemotron3.quant.convert import PrecisionPolicy
 from nemotron3.quant.fp_codecs import decode, round_magnitude_, round_to_format
 from nemotron3.quant.mx import MXQuantized, mx_quantize
 from nemotron3.quant.mx_shared import MXS_FORMATS, MXSQuantized, mxs_quantize
 from nemotron3.quant.nvfp4 import nvfp4_quantize, te_global_scales
+from nemotron3.quant.packed import PackedWeight, install, settle_experts
 from nemotron3.quant.seedlm import SEEDLM_SPECS, SeedLMQuantized, SeedLMSpec, seedlm_quantize
 
 __all__ = ["SCHEMES", "CT_SCHEMES", "EXPORT_POLICY", "BLOCK", "bits_per_weight", "plan", "encode_weight",
@@ -232,19 +229,71 @@ def scheme_of(qc: dict) -> str:
 
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale", "weight_exponents",
              "weight_micro", "weight_codes", "weight_seeds", "weight_exps", "weight_etop")
+# the schemes whose weights stay packed at runtime (quant/packed.py): their tensors per weight, split into those
+# that lead with the weight's rows and the per-tensor scales; SeedLM's seeds are decoded on load
+PACKED_LAYOUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "nvfp4": (("weight_packed", "weight_scale"), ("weight_global_scale",)),
+    "nvfp4-w4a16": (("weight_packed", "weight_scale"), ("weight_global_scale",)),
+    "fp8": (("weight", "weight_scale"), ()),
+    "mx9": (("weight_exponents", "weight_micro", "weight_codes"), ()),
+    "mx6": (("weight_exponents", "weight_micro", "weight_codes"), ()),
+    "mx4": (("weight_exponents", "weight_micro", "weight_codes"), ()),
+    "mxfp4": (("weight_packed", "weight_scale"), ()),
+}
 
 
-def _read(qc: dict, keys: Iterable[str], get: Callable[[str], torch.Tensor],
-          shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], Callable[[nn.Module], None] | None]:
-    """The hf reader: dense fp32 weights for the quantized ones, the rest as stored, and the activation hook."""
-    scheme = scheme_of(qc)
+def _packed(scheme: str, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> PackedWeight:
+    rows, shared = PACKED_LAYOUT[scheme]
+    return PackedWeight(scheme, {k: t[k] for k in rows}, {k: t[k].reshape(1) for k in shared}, shape,
+                        lambda parts: decode_weight(scheme, parts, ()))
+
+
+def _read(qc: dict, keys: Iterable[str], get: Callable[[str], torch.Tensor], shapes: dict[str, tuple[int, ...]],
+          files: dict[str, Path] | None = None, folder: Path | None = None, pack: bool = False,
+          dtype: torch.dtype | None = None, device: torch.device | None = None
+          ) -> tuple[dict[str, torch.Tensor], Callable[[nn.Module, bool], None], set[str]]:
+    """The hf reader: ({disk name: dense tensor} for all that is read densely, finish(model, quantize_activations)
+    to call on the loaded model (installs the packed layers, then the activation emulation if asked), the disk
+    names of the weights kept packed). The layout is chosen by `quant_method`, explicitly: modelopt
+    (quant/modelopt.py), compressed-tensors or nemotron3 (this module). `pack` keeps the weights of a packable
+    scheme packed (`PACKED_LAYOUT`; ModelOpt NVFP4 / FP8) instead of decoding them to fp32."""
+    files = files or {}
+    config_file = folder / "config.json" if folder is not None else Path("config.json")
+
+    def file_of(k: str) -> str:
+        return str(files.get(k, config_file))
+
+    keys = list(keys)
+    packed: dict[str, PackedWeight] = {}
+    act: Callable[[nn.Module], None] | None = None
+    if modelopt.is_modelopt(qc):
+        source = modelopt.source_file(folder or Path("."), qc)
+        plain, packed = modelopt.read(qc, keys, get, shapes, file_of, source, pack)
+    else:
+        try:
+            scheme = scheme_of(qc)
+        except CheckpointError as e:
+            raise CheckpointError(f"{config_file}: {e}") from e
+        plain, packed, act = _read_ours(scheme, qc, keys, get, shapes, file_of, pack)
+    settle_experts(packed, plain, shapes)
+
+    def finish(model: nn.Module, quantize_activations: bool = False) -> None:
+        install(model, packed, dtype or torch.float32, device)
+        if quantize_activations and act is not None:
+            act(model)
+
+    return plain, finish, set(packed)
+
+
+def _read_ours(scheme: str, qc: dict, keys: list[str], get: Callable[[str], torch.Tensor],
+               shapes: dict[str, tuple[int, ...]], file_of: Callable[[str], str], pack: bool):
+    """compressed-tensors and nemotron3 folders: (dense tensors, packed weights, activation hook or None)."""
     spec = None
     if scheme in SEEDLM_SPECS and isinstance(qc.get("seedlm"), dict):
         raw = qc["seedlm"]
         spec = SeedLMSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
-    keys = list(keys)
     quantized_modules = {k.rsplit(".", 1)[0] for k in keys if k.endswith((".weight_packed", ".weight_codes"))
                          or (scheme == "fp8" and k.endswith(".weight_scale"))}
     for k in keys:
@@ -254,22 +303,59 @@ def _read(qc: dict, keys: Iterable[str], get: Callable[[str], torch.Tensor],
         else:
             plain[k] = get(k)
     input_scales: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedWeight] = {}
     for module, t in groups.items():
         name = f"{module}.weight"
         if name not in shapes:
-            raise CheckpointError(f"quantized tensors for {module}, which the model does not have")
+            raise CheckpointError(f"{file_of(next(f'{module}.{s}' for s in t))}: quantized tensors for {module}, "
+                                  "which the model does not have")
+        _check_shapes(scheme, module, t, shapes[name], file_of)
         try:
-            plain[name] = decode_weight(scheme, t, shapes[name], spec)
+            if pack and scheme in PACKED_LAYOUT:
+                packed[name] = _packed(scheme, t, shapes[name])
+                decoded_shape = shapes[name]
+            else:
+                plain[name] = decode_weight(scheme, t, shapes[name], spec)
+                decoded_shape = tuple(plain[name].shape)
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot decode the {scheme} tensors of {module}: {e!r}") from e
-        if plain[name].shape != shapes[name]:
-            raise CheckpointError(f"{module} decodes to shape {list(plain[name].shape)}, the config needs "
-                                  f"{list(shapes[name])}")
+            raise CheckpointError(f"{file_of(name)}: cannot decode the {scheme} tensors of {module}: {e!r}") from e
+        if decoded_shape != shapes[name]:
+            raise CheckpointError(f"{file_of(name)}: {module} decodes to shape {list(decoded_shape)}, the config "
+                                  f"needs {list(shapes[name])}")
         if "input_global_scale" in t:
             input_scales[module] = t["input_global_scale"]
     if scheme not in ("nvfp4", "fp8"):
-        return plain, None
-    return plain, lambda model: emulate_activations(model, scheme, input_scales, set(groups))
+        return plain, packed, None
+    return plain, packed, lambda model: emulate_activations(model, scheme, input_scales, set(groups))
+
+
+def _check_shapes(scheme: str, module: str, t: dict[str, torch.Tensor], shape: tuple[int, ...],
+                  file_of: Callable[[str], str]) -> None:
+    """Each stored tensor of a packable scheme has the shape its weight (out, in) implies: one line naming the file
+    and the tensor otherwise (a wrong scale shape would otherwise broadcast, or fail deep inside a matmul)."""
+    if scheme not in PACKED_LAYOUT or len(shape) != 2:
+        return
+    out, inp = shape
+    want: dict[str, tuple[int, ...]]
+    if scheme in ("nvfp4", "nvfp4-w4a16"):
+        want = {"weight_packed": (out, inp // 2), "weight_scale": (out, inp // 16), "weight_global_scale": (1,)}
+        if "input_global_scale" in t:
+            want["input_global_scale"] = (1,)
+    elif scheme == "fp8":
+        want = {"weight": (out, inp), "weight_scale": (out, 1)}
+    elif scheme == "mxfp4":
+        want = {"weight_packed": (out, inp // 2), "weight_scale": (out, inp // 32)}
+    else:
+        nblk = inp // 16
+        want = {"weight_exponents": (out, nblk), "weight_micro": (out, nblk),
+                "weight_codes": (out, nblk * 2 * (MXS_FORMATS[scheme] + 1))}
+    for suffix, shp in want.items():
+        name = f"{module}.{suffix}"
+        if suffix not in t:
+            raise CheckpointError(f"{file_of(f'{module}.weight')}: {scheme} module {module} has no {suffix} tensor")
+        if tuple(t[suffix].shape) != shp:
+            raise CheckpointError(f"{file_of(name)}: tensor {name} has shape {list(t[suffix].shape)}, but {scheme} "
+                                  f"needs {list(shp)} for a weight of shape {list(shape)}")
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -409,7 +495,7 @@ def layer_bytes(folder: str | os.PathLike) -> list[dict]:
     scheme = scheme_of(qc) if qc is not None else None
     with torch.device("meta"):
         model = HybridLM(ModelConfig.from_hf(folder))
-    params = {name: t.numel() for name, t in _state_dict_for_disk(model)}
+    params = {name: t.numel() for name, t in state_dict_for_disk(model)}
     rows: dict[str, dict] = {}
 
     def row(name: str) -> dict:
@@ -418,7 +504,7 @@ def layer_bytes(folder: str | os.PathLike) -> list[dict]:
 
     for name, n in params.items():
         row(name)["params"] += n
-    files, _ = _checkpoint_files(Path(folder))
+    files, _ = checkpoint_files(Path(folder))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
