@@ -39,6 +39,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quantize": ("nemotron3.quantize", "QuantizeConfig",
                  "write a checkpoint in NVFP4 / FP8 (compressed-tensors), MX9/6/4, MXFP4 or SeedLM"),
     "export": ("nemotron3.export", "ExportConfig", "write a checkpoint as a GGUF file for llama.cpp (f32, bf16, q8_0)"),
+    "eval": ("nemotron3.eval.stage", "EvalConfig",
+             "score a checkpoint on a benchmark file or the built-in tasks: per reasoning mode, pass@k, tokens"),
+}
+# Commands that hand their arguments to another program's command line: command -> (module, function, help).
+PASSTHROUGH: dict[str, tuple[str, str, str]] = {
+    "lm-eval": ("nemotron3.eval.harness", "cli_main",
+                "lm-evaluation-harness's command line with the nemotron3 model registered (the `eval` extra)"),
 }
 
 # What a command may fail with that is the user's to fix: shown as one line, not a traceback. ValueError covers
@@ -134,7 +141,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
         p = sub.add_parser(name, help=help_text, description=doc, parents=[common], argument_default=argparse.SUPPRESS,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(p, modules[name][1])
+    for name, (_, _, help_text) in PASSTHROUGH.items():  # listed in --help; main() hands them their arguments
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser, modules
+
+
+def _passthrough(name: str, argv: list[str]) -> int:
+    """Run a PASSTHROUGH command; its module's missing dependency is one line naming the extra to install."""
+    module_name, function, _ = PASSTHROUGH[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        print(f"error: nemotron3 {name} needs {e.name}: pip install 'nemotron3[eval]'", file=sys.stderr)
+        return 1
+    try:
+        return int(getattr(module, function)(argv) or 0)
+    except EXPECTED_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 _FORMAT_WARNING = warnings.formatwarning
@@ -157,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)
     warnings.formatwarning = _format_warning
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] and given[0] in PASSTHROUGH:
+        return _passthrough(given[0], given[1:])
     parser, modules = build_parser()
     args = vars(parser.parse_args(argv))
     command, debug = args.pop("command"), args.pop("debug", False)

@@ -21,7 +21,7 @@ LAYERS = {
     "model": 2,
     "hf": 3, "expert_parallel": 3,
     "quant": 4, "engine": 4, "parallel": 4,
-    "train": 5,
+    "train": 5, "eval": 5,  # side by side: evaluation on benchmark files and the lm-eval backend (engine, tasks)
     "evaluate": 6,
     "rl": 7,
     "pretrain": 8, "sft": 8, "generate": 8, "chat_cli": 8, "info": 8, "quantize": 8, "export": 8,  # the stages
