@@ -22,6 +22,8 @@ from torch import nn
 
 from nemotron3 import chat, tasks
 from nemotron3.engine import Engine
+from nemotron3.eval.data import problem_items
+from nemotron3.eval.runner import generate_batched, grade_all
 from nemotron3.train.tokenizer import Tokenizer
 
 
@@ -74,20 +76,22 @@ def greedy_generate_reference(model: nn.Module, prompt: list[int], max_new_token
 
 def _exact_match(model: nn.Module, tokenizer: Tokenizer, family: str, problems: list[tasks.Problem],
                  prompts: list[list[int]], batch_size: int, engine: bool = True, engine_kwargs: dict | None = None,
-                 generate_kwargs: dict | None = None) -> dict:
-    """Greedy completions of `prompts` scored by the family's verifier: {"accuracy", "n", "example"}."""
+                 generate_kwargs: dict | None = None, think_open: bool = False) -> dict:
+    """Greedy completions of `prompts` graded by the family's verifier: {"accuracy", "n", "example"}.
+
+    Generation and grading are `nemotron3 eval`'s (eval/runner.py, format `task`): batched through one Engine,
+    the answer read after the last `</think>`; with `think_open` (the prompt opened the think block) a completion
+    that never closed it answers nothing."""
     budget = max(len(tokenizer.encode(p.completion())) for p in problems) * 3 // 2 + 8
-    stops = {tokenizer.eos_id, tokenizer.end_of_turn_id}
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i: i + batch_size]
-        if engine:
-            gen = Engine(model, max_seq_len=max(map(len, chunk)) + budget, **(engine_kwargs or {}))
-            outs += gen.generate(chunk, budget, stop_token_ids=sorted(stops), **(generate_kwargs or {})).tokens
-        else:
-            outs += greedy_generate(model, chunk, budget, stops)
-    completions = [tokenizer.decode(o) for o in outs]
-    rewards = tasks.family_reward(family)([p.prompt for p in problems], completions)
+    stops = sorted({tokenizer.eos_id, tokenizer.end_of_turn_id})
+    if engine:
+        gen = Engine(model, max_seq_len=max(map(len, prompts)) + budget, **(engine_kwargs or {}))
+        outs = generate_batched(gen, prompts, budget, stops, batch_size, **(generate_kwargs or {}))
+    else:
+        outs = [o for i in range(0, len(prompts), batch_size)
+                for o in greedy_generate(model, prompts[i: i + batch_size], budget, set(stops))]
+    completions = [tokenizer.decode(o) for o in outs]  # a final stop token shown (grading cuts the text there)
+    rewards = [float(ok) for _, ok, _ in grade_all(problem_items(problems), completions, think_open)]
     return {"accuracy": sum(rewards) / len(rewards), "n": len(rewards),
             "example": {"prompt": problems[0].prompt, "completion": completions[0], "reward": rewards[0]}}
 
@@ -160,6 +164,6 @@ def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int =
             kwargs = {"max_thinking_tokens": int(mode.split("_")[1])} if mode.startswith("budget_") else {}
             results[mode][family] = _exact_match(model, tokenizer, family, problems, prompts, batch_size,
                                                  engine_kwargs=think_kwargs if kwargs else None,
-                                                 generate_kwargs=kwargs)
+                                                 generate_kwargs=kwargs, think_open=mode != "off")
     model.train(was_training)
     return results

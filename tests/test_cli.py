@@ -37,6 +37,7 @@ PUBLIC_FLAGS = {
     "serve": ["--model", "--host", "--port", "--api-key", "--speculative", "--max-batch", "--token-budget"],
     "quantize": ["--model", "--out", "--scheme", "--calib"],
     "export": ["--model", "--format", "--outtype", "--out"],
+    "eval": ["--model", "--data", "--format", "--modes", "--n", "--out"],
 }
 
 

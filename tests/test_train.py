@@ -253,17 +253,13 @@ def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run, m
     tok, _ = tiny_run
     model = small_model(vocab=-(-tok.vocab_size // 64) * 64, seed=3)
     seen: list[list[str]] = []
-    real = evaluate.tasks.family_reward
+    real = evaluate.grade_all
 
-    def recording(family):  # the completions the scorer is shown
-        fn = real(family)
+    def recording(items, completions, *args, **kw):  # the completions the grader is shown
+        seen.append(list(completions))
+        return real(items, completions, *args, **kw)
 
-        def score(prompts, completions, **kw):
-            seen.append(list(completions))
-            return fn(prompts, completions, **kw)
-        return score
-
-    monkeypatch.setattr(evaluate.tasks, "family_reward", recording)
+    monkeypatch.setattr(evaluate, "grade_all", recording)
     fast = task_accuracy(model, tok, n_per_family=3, families=["add"])
     slow = task_accuracy(model, tok, n_per_family=3, families=["add"], engine=False)
     assert fast == slow

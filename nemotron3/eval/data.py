@@ -128,12 +128,15 @@ def task_items(spec: str, count: int, seed: int = 0, difficulty: int = 1) -> lis
     if unknown or not names:
         raise ValueError(f"data (--data) {spec!r}: unknown task family {unknown[0] if unknown else ''!r}; "
                          f"expected tasks or tasks:NAME,... with names from {', '.join(sorted(tasks.FAMILIES))}")
-    items = []
-    for name in names:
-        for p in tasks.generate(name, count, seed=seed, split="heldout", difficulty=difficulty):
-            items.append(Item(len(items), [{"role": "user", "content": p.prompt}], p.answer, "task", None, p.answer,
-                              f"tasks:{name}", {"family": name}))
-    return items
+    problems = [p for name in names for p in tasks.generate(name, count, seed=seed, split="heldout",
+                                                            difficulty=difficulty)]
+    return problem_items(problems)
+
+
+def problem_items(problems: list[tasks.Problem]) -> list[Item]:
+    """Task-family problems as items of the `task` format (graded by the family's verifier)."""
+    return [Item(i, [{"role": "user", "content": p.prompt}], p.answer, "task", None, p.answer, f"tasks:{p.family}",
+                 {"family": p.family}) for i, p in enumerate(problems)]
 
 
 def is_builtin(spec: str) -> bool:
