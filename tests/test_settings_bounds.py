@@ -78,8 +78,8 @@ def test_the_walk_finds_every_stage_config():
 def test_every_float_field_refuses_non_finite_values(cls, bad, tmp_path):
     """Built from Python, as the CLI builds it: the error names the field and its flag, whatever its min / max."""
     for name, shape in _float_fields(cls):
-        if dataclasses.fields(cls) and options.field_named(cls, name).metadata.get("infinite") and bad != bad:
-            continue
+        if options.field_named(cls, name).metadata.get("infinite") and not math.isnan(bad):
+            continue  # an option that gives +-inf a meaning (none today); NaN is refused all the same
         value = bad if shape == "scalar" else [0.5] * (shape - 1) + [bad]
         with pytest.raises(ConfigError) as e:
             cls(**_required(cls, tmp_path), **{name: value})
