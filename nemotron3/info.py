@@ -6,8 +6,10 @@
     nemotron3 info                                  every preset
     nemotron3 info super-120b-a12b path/to/checkpoint_or_config.json
 
-For a checkpoint folder it also prints the bytes per layer type on disk and, for a quantized checkpoint
-(`nemotron3 quantize`), the scheme and bits per weight.
+For a checkpoint folder it also prints, per layer type, the bytes on disk and the bytes resident in memory once
+`load_pretrained` has loaded it (weight-only quantized weights stay packed: quant/packed.py; read from the
+safetensors headers, so it works for a folder of any size), and for a quantized checkpoint the scheme and bits per
+weight.
 """
 
 from __future__ import annotations
@@ -53,16 +55,17 @@ def info(cfg: InfoConfig) -> list[dict]:
 
 
 def bytes_table(folder: Path) -> Table:
-    """A checkpoint folder's scheme and bytes per layer type."""
+    """A checkpoint folder's scheme, and bytes on disk and resident once loaded, per layer type."""
     table = Table(title=f"{folder}: {describe(folder)}")
-    for col in ("layer type", "precision", "parameters", "bytes", "bits / parameter"):
+    for col in ("layer type", "precision", "parameters", "bytes on disk", "bits / parameter", "resident bytes"):
         table.add_column(col, justify="right")
     rows = layer_bytes(folder)
     for r in rows:
         table.add_row(r["type"], r["precision"], f"{r['params']:,}", f"{r['bytes']:,}",
-                      f"{8 * r['bytes'] / max(r['params'], 1):.2f}")
+                      f"{8 * r['bytes'] / max(r['params'], 1):.2f}", f"{r['resident']:,}")
     total_p, total_b = sum(r["params"] for r in rows), sum(r["bytes"] for r in rows)
-    table.add_row("total", "", f"{total_p:,}", f"{total_b:,}", f"{8 * total_b / max(total_p, 1):.2f}")
+    total_r = sum(r["resident"] for r in rows)
+    table.add_row("total", "", f"{total_p:,}", f"{total_b:,}", f"{8 * total_b / max(total_p, 1):.2f}", f"{total_r:,}")
     return table
 
 

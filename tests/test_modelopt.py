@@ -271,3 +271,18 @@ def test_super_nvfp4_layout_on_the_meta_device():
     experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
     assert len(experts) == 40 and all(m.up_proj.shape == (512, 2688, 1024) for m in experts)
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 140
+
+
+def test_info_reads_modelopt_folders(mixed_folder):
+    from nemotron3.quant.checkpoint import describe, layer_bytes
+    from nemotron3.quant.packed import resident_bytes
+
+    folder = mixed_folder[0]
+    assert describe(folder) == "modelopt MIXED_PRECISION (FP8, FP8_PER_CHANNEL_PER_TOKEN, W4A16_NVFP4)"
+    rows = {r["type"]: r for r in layer_bytes(folder)}
+    assert rows["routed experts"]["precision"] == "w4a16_nvfp4"
+    assert rows["attention"]["precision"] == "fp32"
+    model = nemotron3.load_pretrained(folder)
+    runtime = sum(b.numel() * b.element_size() for m in model.modules() for n, b in m.named_buffers(recurse=False)
+                  if n in m._non_persistent_buffers_set and not isinstance(m, (PackedLinear, PackedExperts)))
+    assert sum(r["resident"] for r in rows.values()) + runtime == resident_bytes(model)

@@ -127,3 +127,19 @@ def test_activation_emulation_dequantizes(source, tmp_path):
     folder = quantize(QuantizeConfig(model=source, out=tmp_path / "fp8", scheme="fp8", calib=1))
     model = nemotron3.load_pretrained(folder, quantize_activations=True)
     assert not any(isinstance(m, (PackedLinear, PackedExperts)) for m in model.modules())
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4-w4a16", "mx4", "fp8"])
+def test_info_reports_resident_bytes(exports, scheme):
+    """`nemotron3 info DIR` reads the resident bytes from the headers; they are what a load measures (plus the
+    model's runtime buffers, which no file holds)."""
+    from nemotron3.info import bytes_table
+    from nemotron3.quant.checkpoint import layer_bytes
+
+    rows = layer_bytes(exports[scheme])
+    model = nemotron3.load_pretrained(exports[scheme])
+    runtime = sum(b.numel() * b.element_size() for m in model.modules() for n, b in m.named_buffers(recurse=False)
+                  if n in m._non_persistent_buffers_set and not isinstance(m, (PackedLinear, PackedExperts)))
+    assert sum(r["resident"] for r in rows) + runtime == resident_bytes(model)
+    assert sum(r["resident"] for r in rows) < sum(r["bytes"] for r in rows) * 1.01
+    assert "resident bytes" in [c.header for c in bytes_table(exports[scheme]).columns]

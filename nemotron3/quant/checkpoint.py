@@ -480,19 +480,29 @@ _DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8"}
 
 
 def describe(folder: str | os.PathLike) -> str:
-    """'nvfp4, 4.5 bits per quantized weight', or 'not quantized'."""
+    """'nvfp4, 4.5 bits per quantized weight', 'modelopt MIXED_PRECISION (FP8, NVFP4)', or 'not quantized'."""
     qc = read_quantization_config(folder)
     if qc is None:
         return "not quantized"
+    if modelopt.is_modelopt(qc):
+        algo, _, layers = modelopt.settings(qc, modelopt.source_file(Path(folder), qc))
+        per_layer = sorted({str(v["quant_algo"]).upper() for v in layers.values()})
+        return f"modelopt {algo}" + (f" ({', '.join(per_layer)})" if per_layer else "")
     scheme = scheme_of(qc)
     return f"{scheme}, {bits_per_weight(scheme):g} bits per quantized weight"
 
 
+_NOT_LOADED = ("input_global_scale", "input_scale", "k_scale", "v_scale")  # read, checked, not held by a packed model
+
+
 def layer_bytes(folder: str | os.PathLike) -> list[dict]:
-    """Per layer type: {"type", "precision", "params", "bytes"}: parameters from the config, bytes and dtypes
-    from the safetensors headers (a quantized weight's tensors count towards its layer)."""
+    """Per layer type: {"type", "precision", "params", "bytes", "resident"}: parameters from the config, bytes and
+    dtypes from the safetensors headers (a quantized weight's tensors count towards its layer), and the bytes
+    `load_pretrained(folder)` holds: a packed weight's stored tensors (quant/packed.py), fp32 for a quantized
+    weight decoded on load (SeedLM), the stored tensor otherwise. Reads headers only (works for any size)."""
     qc = read_quantization_config(folder)
-    scheme = scheme_of(qc) if qc is not None else None
+    mo = modelopt.settings(qc, modelopt.source_file(Path(folder), qc)) if qc and modelopt.is_modelopt(qc) else None
+    scheme = scheme_of(qc) if qc is not None and mo is None else None
     with torch.device("meta"):
         model = HybridLM(ModelConfig.from_hf(folder))
     params = {name: t.numel() for name, t in state_dict_for_disk(model)}
@@ -500,23 +510,40 @@ def layer_bytes(folder: str | os.PathLike) -> list[dict]:
 
     def row(name: str) -> dict:
         kind = next(t for t, test in _TYPES if test(name))
-        return rows.setdefault(kind, {"type": kind, "precision": set(), "params": 0, "bytes": 0})
+        return rows.setdefault(kind, {"type": kind, "precision": set(), "params": 0, "bytes": 0, "resident": 0})
 
     for name, n in params.items():
         row(name)["params"] += n
+    headers: dict[str, tuple[str, int]] = {}
     files, _ = checkpoint_files(Path(folder))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
                 sl = st.get_slice(k)
-                dtype = sl.get_dtype()
-                owner = k if k in params else f"{k.rpartition('.')[0]}.weight"
-                r = row(owner)
-                r["bytes"] += math.prod(sl.get_shape()) * _DTYPE_BYTES.get(dtype, 4)
-                if owner != k or (scheme == "fp8" and dtype == "F8_E4M3"):
-                    r["precision"].add(scheme)
-                elif owner == k and k.endswith(".weight"):
-                    r["precision"].add(_DTYPE_NAMES.get(dtype, dtype.lower()))
+                headers[k] = (sl.get_dtype(), math.prod(sl.get_shape()))
+    quantized = {k.rpartition(".")[0] for k in headers if k.endswith(("weight_packed", "weight_codes",
+                                                                          "weight_exponents", "weight_seeds"))
+                 or (scheme == "fp8" and k.endswith(".weight_scale"))}
+    decoded: set[str] = set()
+    for k, (dtype, numel) in headers.items():
+        module, _, suffix = k.rpartition(".")
+        owner = k if k in params else f"{module}.weight"
+        r = row(owner)
+        stored = numel * _DTYPE_BYTES.get(dtype, 4)
+        r["bytes"] += stored
+        algo = modelopt.layer_algo(module, *mo) if mo is not None and module.rsplit(".", 1)[-1] in \
+            modelopt.GEMM_LEAVES else None
+        if algo is not None or module in quantized:
+            r["precision"].add(algo.lower() if algo else scheme)
+            if algo is not None or scheme in PACKED_LAYOUT:
+                r["resident"] += 0 if suffix in _NOT_LOADED else stored
+            elif owner not in decoded:
+                decoded.add(owner)
+                r["resident"] += params.get(owner, 0) * 4
+        else:
+            if owner == k and k.endswith(".weight"):
+                r["precision"].add(_DTYPE_NAMES.get(dtype, dtype.lower()))
+            r["resident"] += 0 if suffix in ("k_scale", "v_scale") else stored
     for r in rows.values():
         r["precision"] = " + ".join(sorted(r["precision"])) or "-"
     return [r for r in rows.values() if r["params"]]
