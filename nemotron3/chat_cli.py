@@ -35,6 +35,7 @@ from rich.markup import escape
 
 from nemotron3 import chat
 from nemotron3.engine.folder import OpenFolder, open_folder
+from nemotron3.engine.params import SamplingParams
 from nemotron3.engine.text import TextStream, not_utf8
 from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
 
@@ -57,8 +58,9 @@ class ChatConfig(StageConfig):
     top_k: int = option(0, "keep the k most likely tokens (0 = off)", min=0)
     top_p: float = option(0.95, "nucleus sampling mass (1 = off)", min=0.0, max=1.0)
     seed: int | None = option(None, "seed of the first reply's sampling (later replies use seed + turn)", min=0)
-    speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward", min=0,
-                              metavar="K")
+    speculative: int | None = option(None, "MTP speculative decoding with K drafted tokens per verify forward "
+                                     "(default: the device's, engine/params.py: off on a CPU, where it was measured "
+                                     "slower)", min=0, metavar="K")
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
     threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
                                  "use)", min=1, max=CPU_COUNT)
@@ -124,10 +126,11 @@ def _reply(served: OpenFolder, cfg: ChatConfig, state: ChatState, turn: int, con
     tok = served.tokenizer
     think_end = tok.token_to_id("</think>")
     seed = None if cfg.seed is None else cfg.seed + turn
-    steps = served.engine.stream([ids], min(cfg.max_new_tokens, room), temperature=cfg.temperature,
-                                 top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, stop_token_ids=served.chat_stops,
-                                 num_speculative_tokens=cfg.speculative,
-                                 max_thinking_tokens=state.budget if state.thinking else None)
+    params = SamplingParams(max_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, seed=seed, stop_token_ids=served.chat_stops,
+                            num_speculative_tokens=cfg.speculative,
+                            max_thinking_tokens=state.budget if state.thinking else None)
+    steps = served.engine.stream([ids], params)
     text = TextStream(tok)
     in_reasoning = state.thinking
     if in_reasoning:

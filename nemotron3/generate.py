@@ -28,6 +28,7 @@ import torch
 
 from nemotron3 import chat
 from nemotron3.engine.folder import open_folder
+from nemotron3.engine.params import SamplingParams
 from nemotron3.engine.text import TextStream, load_tokenizer, not_utf8
 from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
 
@@ -63,8 +64,9 @@ class GenerateConfig(StageConfig):
     compile: bool = option(False, "torch.compile the decode step (slow first call)")
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
-    speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward (lossless, "
-                              "greedy or sampled; models with an MTP block)", min=0, metavar="K")
+    speculative: int | None = option(None, "MTP speculative decoding with K drafted tokens per verify forward "
+                                     "(lossless; models with an MTP block; default: the device's, engine/params.py: "
+                                     "off on a CPU, where it was measured slower)", min=0, metavar="K")
 
     chat: bool = option(False, "wrap the prompt as a user turn of the chat format and stop at the turn's end")
     no_think: bool = option(False, "with --chat: reasoning off (the generation prompt ends with an empty think)")
@@ -114,9 +116,10 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
     else:
         ids = list(cfg.ids)
     stops = [] if cfg.no_stop else served.chat_stops if cfg.chat else None
-    steps = served.engine.stream([ids], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=stops,
-                                 num_speculative_tokens=cfg.speculative, max_thinking_tokens=cfg.max_thinking_tokens)
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=stops,
+                            num_speculative_tokens=cfg.speculative, max_thinking_tokens=cfg.max_thinking_tokens)
+    steps = served.engine.stream([ids], params)
     new: list[int] = []
     text_out = TextStream(tok) if tok is not None else None
     for step in steps:

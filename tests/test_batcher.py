@@ -14,9 +14,17 @@ from conftest import randomize_
 from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
-from nemotron3.engine.batcher import Batcher, Event, Request, row_stream
-from nemotron3.engine.sampling import row_uniforms
+from nemotron3.engine.params import SamplingParams
+from nemotron3.engine.sampling import row_stream, row_uniforms
+from nemotron3.engine.scheduler import Event
+from nemotron3.engine.scheduler import Request as _Request
+from nemotron3.engine.scheduler import Scheduler as Batcher
 from nemotron3.engine.thinking import ThinkTokens
+
+
+def Request(prompt, max_new_tokens, stream_index=0, **kw):
+    """The scheduler's Request with its SamplingParams built from the old keyword form."""
+    return _Request(prompt, SamplingParams(max_tokens=max_new_tokens, **kw), stream_index)
 
 
 def _model(mtp: bool) -> nemotron3.HybridLM:
@@ -182,11 +190,12 @@ def test_thinking_budget_matches_the_engine(plain):
 
 def test_bad_requests_are_refused_before_queueing(plain):
     batcher = Batcher(plain, rows=1, max_seq_len=64)
-    for req, words in [(Request([], 4), "empty"), (Request([1, 999], 4), "vocabulary"),
-                       (Request([1], 0), "max_new_tokens"), (Request([1] * 60, 10), "more than a slot holds"),
-                       (Request([1], 4, temperature=-1), "temperature")]:
+    for req, words in [(lambda: Request([], 4), "empty"), (lambda: Request([1, 999], 4), "vocabulary"),
+                       (lambda: Request([1], 0), "max_new_tokens"),
+                       (lambda: Request([1] * 60, 10), "more than a slot holds"),
+                       (lambda: Request([1], 4, temperature=-1), "temperature")]:
         with pytest.raises(ValueError, match=words):
-            batcher.submit(req, lambda ev: None)
+            batcher.submit(req(), lambda ev: None)
     assert batcher.idle()
 
 

@@ -11,8 +11,9 @@ from conftest import randomize_
 from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
+from nemotron3.engine.params import SamplingParams
 from nemotron3.rl.loss import completion_logprobs
-from nemotron3.rl.rollout import rollout
+from nemotron3.rl.rollout import rollout as _rollout
 from nemotron3.train import data as train_data
 from nemotron3.train.tokenizer import Tokenizer
 
@@ -20,6 +21,12 @@ from nemotron3.train.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train(train_data.task_texts(200, seed=0), vocab_size=300)
+
+
+def rollout(engine, tok, prompts, n, length, temperature=1.0, seed=0, speculative=0):
+    """rl/rollout.py's rollout with its SamplingParams built from the old keyword form."""
+    params = SamplingParams(max_tokens=length, temperature=temperature, seed=seed, num_speculative_tokens=speculative)
+    return _rollout(engine, tok, prompts, n, params)
 
 
 def _model(vocab: int, seed: int = 0):

@@ -53,7 +53,7 @@ def reward_file(tmp_path_factory) -> Path:
 
 def _cfg(ckpt: Path, out: Path, reward_file: Path, **kw) -> GRPOConfig:
     base = dict(model=ckpt, out=out, steps=4, prompts_per_step=3, num_generations=4, max_completion_length=10,
-                reward_funcs=[f"{reward_file}:parity"], eval_problems=0, lr=1e-2, log_every=100, speculative=-1)
+                reward_funcs=[f"{reward_file}:parity"], eval_problems=0, lr=1e-2, log_every=100, speculative=3)
     return GRPOConfig(**{**base, **kw})
 
 

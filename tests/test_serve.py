@@ -3,7 +3,7 @@
 The checkpoint (tests/serving.py) has learnt three replies by heart, so greedy requests have known
 answers: reasoning apart from the answer, reasoning off, a tool call. Sampled requests are compared with
 `Engine.generate` on the same prompt and seed (choice i of n = row i), with the speculation the server uses
-(the checkpoint has an MTP block, so 3 drafts per round by default). Logprobs are compared with a full forward.
+(the checkpoint has an MTP block; the server runs with --speculative 3). Logprobs are compared with a full forward.
 Bad requests are sent raw (http.client) where the client would refuse to send them, and every one is followed
 by a good request that must still succeed.
 """
@@ -33,7 +33,7 @@ from nemotron3.serve import ServeConfig, build_server
 
 openai = pytest.importorskip("openai")
 
-K = 3  # the server's default drafts for a checkpoint with an MTP block
+K = 3  # the drafts the server runs with (speculation is off by default on a CPU: it is turned on here)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(folder):
-    s = Running(ServeConfig(model=folder, max_batch=4, max_seq_len=2048, token_budget=64, max_tokens=2000,
-                            max_prompt_tokens=400, max_n=4, max_body_bytes=64 * 1024))
+    s = Running(ServeConfig(model=folder, speculative=K, max_batch=4, max_seq_len=2048, token_budget=64,
+                            max_tokens=2000, max_prompt_tokens=400, max_n=4, max_body_bytes=64 * 1024))
     yield s
     s.stop()
 
@@ -269,7 +269,7 @@ def test_bad_completions_routes_and_size(server):
 # ----------------------------------------------------------------------------------------- slots, keys, limits
 def test_a_disconnect_mid_stream_frees_its_slot(server):
     before = server.metric("nemotron3_request_finish_total", '{reason="cancelled"}')
-    generated = server.state.batcher.stats["decode_tokens"]
+    generated = server.state.scheduler.stats["decode_tokens"]
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(
         {"model": "tiny-chat", "prompt": [1, 2, 3], "max_tokens": 2000, "stream": True, "temperature": 1.0,
@@ -284,8 +284,8 @@ def test_a_disconnect_mid_stream_frees_its_slot(server):
         assert time.time() < deadline, "the slot was not freed"
         time.sleep(0.05)
     assert server.metric("nemotron3_request_finish_total", '{reason="cancelled"}') == before + 1
-    assert server.state.batcher.stats["decode_tokens"] - generated < 1000  # cut short, not run to its end
-    assert server.state.batcher.running == 0 and not any(server.state.batcher.cache.in_use)
+    assert server.state.scheduler.stats["decode_tokens"] - generated < 1000  # cut short, not run to its end
+    assert server.state.scheduler.running == 0 and not any(server.state.scheduler.cache.in_use)
 
 
 @pytest.fixture(scope="module")

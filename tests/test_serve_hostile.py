@@ -125,7 +125,7 @@ def test_an_unexpected_exception_is_a_counted_json_500(server, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.state.batcher, "submit", broken)
+    monkeypatch.setattr(server.state.scheduler, "submit", broken)
     for route, body in [(CHAT, GOOD), (COMPLETIONS, {"model": "tiny-chat", "prompt": [1, 2], "max_tokens": 2})]:
         before = counts(server)
         got, _, err = server.raw("POST", route, body)

@@ -20,7 +20,13 @@ import pytest
 import torch
 from conftest import icdf
 
-from nemotron3.engine.speculative import Sampling, accept, cut_rounds, token_logprobs, uniforms_per_round
+from nemotron3.engine.params import SamplingParams
+from nemotron3.engine.speculative import accept, cut_rounds, token_logprobs, uniforms_per_round
+
+
+def Sampling(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
+    """The target's sampling rule (SamplingParams' three sampling fields, positionally)."""
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def _greedy_reference(drafts: list[int], target: list[list[float]]) -> tuple[int, int]:

@@ -1,5 +1,10 @@
-"""The rounds loop of MTP speculative decoding (`speculative_rounds`, `Drafter`) on a micro model (hidden 16,
-vocab 32, one Mamba, one attention and one MoE layer; an MTP block of one attention and one MoE layer).
+"""The rounds of MTP speculative decoding (the scheduler's static batch, engine/scheduler.py, over
+`speculative_round` and `Drafter`) on a micro model (hidden 16, vocab 32, one Mamba, one attention and one MoE
+layer; an MTP block of one attention and one MoE layer).
+
+The rounds are the scheduler's events, step by step: each row's tokens cut at its stop token and max_new_tokens, as
+every caller gets them (the former `speculative_rounds` generator yielded whole rounds and left the cut to the
+Engine), so the references below are cut the same way (`_clip`).
 
 References, none of which runs engine/speculative.py:
 - greedy: plain greedy decoding by full forwards (no cache), and the round-by-round outcome of an oracle
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 
 import pytest
 import torch
@@ -29,8 +33,15 @@ import nemotron3
 from nemotron3.engine import speculative
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.params import SamplingParams
 from nemotron3.engine.sampling import filtered_probs, row_uniforms
-from nemotron3.engine.speculative import Drafter, Sampling, speculative_rounds
+from nemotron3.engine.scheduler import Request, Scheduler
+from nemotron3.engine.speculative import Drafter
+
+
+def Sampling(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
+    """The target's sampling rule (SamplingParams' three sampling fields, positionally)."""
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
 
 MICRO = dict(pattern="M*E", vocab_size=32, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
              intermediate_size=32, mamba_num_heads=2, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=8,
@@ -70,24 +81,60 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt):]
 
 
-def _run(model, prompts, n, k, fast=True, limit=40, stats=None, on_yield=None, **kw) -> list[list[list[int]]]:
-    """speculative_rounds' yields (at most `limit`, then the generator must be exhausted): per yield a list per
-    row, each passed to `on_yield` before the next round runs. `fast`: True (an eager FastDecoder), False (the
-    reference path) or a FastDecoder."""
+def _run(model, prompts, n, k, fast=True, limit=40, stats=None, on_yield=None, stops=(), sampling=None, seed=None,
+         constrain=None, compiled=None, logprobs=None, grown=None) -> list[list[list[int]]]:
+    """The rounds of one static batch: per scheduler step that emitted tokens, a list per row (at most `limit`
+    of them, else the test fails), each passed to `on_yield` before the next step runs; `stats` holds the
+    scheduler's forward passes and acceptance statistics as of that step. `fast`: True (an eager FastDecoder),
+    False (the reference path) or a FastDecoder. `seed`: the rows' streams are row_uniforms(seed, B, ...).
+    `logprobs` (lists per row) is extended with the sampled law's log-probability of each emitted token; `grown`
+    (a list) gets, per round, each row's kept tokens before the cut (accepted + 1, 0 for a finished row)."""
     if fast is True:
         fast = FastDecoder(model)
-    cache = HybridCache(model.config, len(prompts), max(map(len, prompts)) + n + 2 * k + 1,
-                        next(model.parameters()).dtype, max_rollback=k + 1, include_mtp=True)
+    p = sampling or SamplingParams()
+    params = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, max_tokens=n, seed=seed,
+                            stop_token_ids=stops, logprobs=None if logprobs is None else 0, logprobs_mode="sampled")
+    sched = Scheduler(model, len(prompts), max(map(len, prompts)) + n + 2 * k + 1, None, CHUNK,
+                      num_speculative_tokens=k, fast=fast or False, compiled=compiled, static=True)
+    events = [[] for _ in prompts]
+    hooks = [None if constrain is None else (lambda tokens, b=b: constrain(b, tokens)) for b in range(len(prompts))]
+    sched.submit_group([(Request(list(pr), params, b, hooks[b]), events[b].append) for b, pr in enumerate(prompts)])
     stats = {} if stats is None else stats
+    out = []
     with torch.inference_mode():
-        gen = speculative_rounds(model, fast or None, cache, prompts, n, k, CHUNK, set(kw.pop("stops", ())), stats,
-                                 **kw)
-        out = []
-        for r in itertools.islice(gen, limit):
-            out.append(r)
-            if on_yield is not None:
-                on_yield(r)
-        assert next(gen, None) is None, "more rounds than the bound"
+        while not sched.idle():
+            sched.step()
+            rows = [[t for ev in evs for t in ev.tokens] for evs in events]
+            if grown is not None and any(ev.accepted is not None for evs in events for ev in evs):
+                grown.append([sum(ev.accepted + 1 for ev in evs if ev.accepted is not None) for evs in events])
+            if logprobs is not None:
+                for b, evs in enumerate(events):
+                    logprobs[b] += [x for ev in evs for x in ev.logprobs or []]
+            for evs in events:
+                evs.clear()
+            stats.clear()
+            stats.update(forward_passes=sched.stats["forward_passes"], **sched.speculation_stats())
+            if any(rows):
+                out.append(rows)
+                assert len(out) <= limit, "more rounds than the bound"
+                if on_yield is not None:
+                    on_yield(rows)
+    return out
+
+
+def _clip(rounds: list[list[list[int]]], n: int, stops=()) -> list[list[list[int]]]:
+    """Whole rounds per row cut as the scheduler cuts them: at max_new_tokens and after a stop token."""
+    out, done, count = [], [False] * len(rounds[0]), [0] * len(rounds[0])
+    for r in rounds:
+        row_out = []
+        for b, row in enumerate(r):
+            row = [] if done[b] else row[: n - count[b]]
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            row = row[:cut]
+            count[b] += len(row)
+            done[b] = done[b] or count[b] >= n or cut < len(r[b]) or any(t in stops for t in row)
+            row_out.append(row)
+        out.append(row_out)
     return out
 
 
@@ -190,7 +237,7 @@ def test_an_oracle_drafter_gives_greedy_tokens_and_the_planned_rounds(model, mon
 
     rounds = _run(model, PROMPTS, n, k, fast=fast, stats=stats, on_yield=feed)
     expected, want_stats = _plan_outcome(want, plan, n, k)
-    assert rounds == expected
+    assert rounds == _clip(expected, n)
     # the statistics are current at every yield, not only once the rounds are over
     assert live == [(r, _prefill_passes(PROMPTS) + r) for r in range(1, len(expected))]
     _assert_stats(stats, want_stats, PROMPTS)
@@ -207,7 +254,7 @@ def test_stop_tokens_inside_the_accepted_drafts_and_rows_that_stop_at_different_
     stats: dict = {}
     rounds = _run(model, PROMPTS, n, k, stats=stats, stops=[stop], on_yield=oracle.feed)
     expected, want_stats = _plan_outcome(want, [[True] * k], n, k, stops=[stop])
-    assert rounds == expected
+    assert rounds == _clip(expected, n, [stop])
     assert rounds[2][0] == [] and len(rounds) > 3  # row 0 stopped after the first round, the others did not
     _assert_stats(stats, want_stats, PROMPTS)
 
@@ -230,7 +277,7 @@ def test_a_row_stopped_earlier_stays_done_when_another_row_stops_later(model, mo
     # the scenario: row 0 done after round 1, row b after round 2, some row still live in round 3
     assert expected[1][0] and expected[2][b] and len(expected) > 3 and any(expected[3])
     assert all(r[0] == [] for r in expected[2:]) and all(r[b] == [] for r in expected[3:])
-    assert rounds == expected
+    assert rounds == _clip(expected, n, stops)
     _assert_stats(stats, want_stats, PROMPTS)
 
 
@@ -244,7 +291,8 @@ def test_one_row_one_round_gives_that_round_s_acceptance_rates(model, monkeypatc
     stats: dict = {}
     rounds = _run(model, prompt, 3, k, stats=stats, on_yield=oracle.feed)
     expected, want_stats = _plan_outcome(want, plan, 3, k)
-    assert rounds == expected and len(rounds) == 2 and want_stats["acceptance_rate_per_position"] == [1.0, 0.0, 0.0]
+    assert rounds == _clip(expected, 3) and len(rounds) == 2
+    assert want_stats["acceptance_rate_per_position"] == [1.0, 0.0, 0.0]
     _assert_stats(stats, want_stats, prompt)
 
 
@@ -333,12 +381,13 @@ def test_sampled_rounds_equal_the_textbook_rule_token_for_token(model, fast, k, 
     u = row_uniforms(5, len(PROMPTS), 1 + n * (2 * k + 1))  # (B, 1 + n(2k+1)) float64
     logprobs = [[] for _ in PROMPTS]
     stats: dict = {}
-    rounds = _run(model, PROMPTS, n, k, fast=fast, sampling=sampling, uniforms=u, logprobs=logprobs, stats=stats)
+    rounds = _run(model, PROMPTS, n, k, fast=fast, sampling=sampling, seed=5, logprobs=logprobs, stats=stats)
     refs = [_sampled_reference(model, p, n, k, sampling, u[b].tolist()) for b, p in enumerate(PROMPTS)]
     for b, (ref, lps) in enumerate(refs):
         got = [r[b] for r in rounds]
+        ref = [r[0] for r in _clip([[r] for r in ref], n)]
         assert got == ref + [[]] * (len(got) - len(ref)), b
-        assert logprobs[b] == pytest.approx(lps, abs=1e-4), b
+        assert logprobs[b] == pytest.approx(lps[:n], abs=1e-4), b
     lengths = {len(r) for ref, _ in refs for r in ref[1:]}
     assert len(lengths) >= 2  # rounds of different acceptance counts
     assert stats["rounds"] == len(rounds) - 1 == max(len(ref) for ref, _ in refs) - 1
@@ -361,14 +410,16 @@ def test_the_drafts_follow_the_documented_mtp_layout(model, monkeypatch):
 
     monkeypatch.setattr(speculative.Drafter, "mtp", mtp)
     n, k, B = 9, 3, len(PROMPTS)
-    rounds = _run(model, PROMPTS, n, k)
+    grown: list[list[int]] = []  # per round, each row's kept tokens (before the cut at max_new_tokens)
+    rounds = _run(model, PROMPTS, n, k, grown=grown)
     segments = -(-max(map(len, PROMPTS)) // CHUNK)
     assert [c[3] for c in calls[:segments]] == [False] * segments
     start, want = [len(p) for p in PROMPTS], []
-    for out in rounds[1:]:
+    assert len(grown) == len(rounds) - 1
+    for kept in grown:
         want += [([s + j - 2 for s in start], (B, 1), j, True) for j in range(2, k + 1)]
         want.append((list(start), (B, k + 1), 1, True))
-        start = [s + len(row) for s, row in zip(start, out)]
+        start = [s + g for s, g in zip(start, kept)]
     assert calls[segments:] == want
 
 
@@ -380,11 +431,6 @@ def test_a_bf16_model_runs_the_reference_path_in_its_dtype():
     want = [_greedy(model, p, n + 3) for p in PROMPTS]
     rows = _rows(_run(model, PROMPTS, n, 3, fast=False))
     assert rows == [w[: len(r)] for w, r in zip(want, rows)]
-
-
-def test_sampling_without_uniform_streams_is_refused(model):
-    with pytest.raises(ValueError, match="^speculative sampling needs the rows' uniform streams$"):
-        _run(model, PROMPTS, 4, 2, sampling=Sampling(1.0))
 
 
 # ------------------------------------------------------------------ hooks: constrain, logprobs
@@ -464,9 +510,10 @@ def test_the_compiled_branches_eagerly_give_the_reference_rounds(model, monkeypa
     fast = FastDecoder(model, traceable=True)
     n, sampling = 7, Sampling(1.5)
     u = row_uniforms(9, len(PROMPTS), 1 + n * (2 * k + 1))
-    rounds = _run(model, PROMPTS, n, k, fast=fast, sampling=sampling, uniforms=u, compiled=compiled)
+    rounds = _run(model, PROMPTS, n, k, fast=fast, sampling=sampling, seed=9, compiled=compiled)
     for b, p in enumerate(PROMPTS):
         ref, _ = _sampled_reference(model, p, n, k, sampling, u[b].tolist())
+        ref = [r[0] for r in _clip([[r] for r in ref], n)]
         got = [r[b] for r in rounds]
         assert got == ref + [[]] * (len(got) - len(ref)), b
     B = len(PROMPTS)

@@ -31,30 +31,31 @@ from __future__ import annotations
 import torch
 
 
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of stream `index` of `seed`: `(seed · 1,000,003 + index) mod (2^63 − 1)`, the one rule every
+    per-row stream (and RL's per-step seeds) derives its seed by."""
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+def fresh_seed() -> int:
+    """A seed from torch's global (CPU) RNG, for a request without one: torch.manual_seed governs it."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item())
+
+
 def row_stream(seed: int, index: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Row `index` of `row_uniforms(seed, rows, steps)`, without drawing the other rows; drawn on the host
     (see the module docstring), returned on `device`."""
-    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, index))
     return torch.rand(steps, generator=gen, dtype=torch.float64, device="cpu").to(device)
 
 
 def row_uniforms(seed: int | None, rows: int, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(rows, steps) float64 uniforms in [0, 1) on `device`; row i's stream depends only on (seed, i)."""
-    if seed is None:  # from torch's global (CPU) RNG: torch.manual_seed governs it
-        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+    seed = fresh_seed() if seed is None else seed
     out = torch.empty(rows, steps, dtype=torch.float64, device="cpu")
     for i in range(rows):
         out[i] = row_stream(seed, i, steps)
     return out.to(device)
-
-
-def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -72,6 +73,20 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def log_law(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, mode: str) -> torch.Tensor:
+    """logits (..., V) -> log-probabilities (..., V) fp32 of one of the two logprobs modes (engine/params.py):
+    `raw`, the model's log-softmax; `sampled`, the law a token is drawn from (temperature, top-k, top-p,
+    renormalised; temperature 0 reads as 1, so a greedy row gets the raw softmax, top-k and top-p applied)."""
+    logits = logits.float()
+    if mode == "raw":
+        return torch.log_softmax(logits, dim=-1)
+    T = temperature or 1.0
+    if top_k == 0 and top_p == 1.0:
+        return torch.log_softmax(logits / T, dim=-1)
+    shape = logits.shape
+    return filtered_probs(logits.reshape(-1, shape[-1]), T, top_k, top_p).view(shape).log()
 
 
 def sample(

@@ -39,32 +39,15 @@ MTP block holds no Mamba layer, so positions written past the accepted ones need
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
-from nemotron3.engine.prefill import pad_prompts, prefill, segments
-from nemotron3.engine.sampling import filtered_probs, inverse_cdf
+from nemotron3.engine.params import SamplingParams, speculative_config
+from nemotron3.engine.sampling import inverse_cdf, log_law
 from nemotron3.model.hybrid import HybridLM
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The target's sampling rule: temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (..., V) -> the law tokens are drawn from (..., V) fp32 (one-hot at the argmax if greedy)."""
-        if self.temperature == 0:
-            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        shape = logits.shape
-        return filtered_probs(logits.reshape(-1, shape[-1]), self.temperature, self.top_k, self.top_p).view(shape)
 
 
 def uniforms_per_round(k: int) -> int:
@@ -97,9 +80,7 @@ class Drafter:
     """The verify forward and the MTP block on a cache, through the fast decoder or the reference path."""
 
     def __init__(self, model: HybridLM, fast: FastDecoder | None, compiled: dict | None = None) -> None:
-        if model.mtp is None:
-            raise ValueError(
-                "num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")
+        speculative_config(model, 1)  # ValueError without an MTP block
         if "M" in model.config.mtp_pattern:
             raise NotImplementedError("MTP blocks with Mamba layers are not supported by the drafter")
         self.model, self.fast = model, fast
@@ -161,7 +142,7 @@ def cut_rounds(out: list[list[int]], accepted: list[int], extra: list[int],
             accepted[b], extra[b] = n - 1, out[b][-1]
 
 
-def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[int]]) -> list[list[float]]:
+def token_logprobs(logits: torch.Tensor, params: SamplingParams, tokens: list[list[int]]) -> list[list[float]]:
     """logits (B, t, V) at the positions that emitted `tokens[b]` (the first len(tokens[b]) of them) -> each
     token's log-probability under the sampling law (temperature, top-k, top-p; greedy: the raw softmax).
 
@@ -169,12 +150,7 @@ def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[i
     Under speculative sampling every emitted token has the target's law p at its position, accepted draft and
     extra token alike, so the verify forward's p is the law each one was drawn from.
     """
-    B, t, V = logits.shape
-    T = sampling.temperature or 1.0
-    if sampling.top_k == 0 and sampling.top_p == 1.0:
-        logp = torch.log_softmax(logits.float() / T, dim=-1)
-    else:
-        logp = Sampling(T, sampling.top_k, sampling.top_p).probs(logits.float()).log()
+    logp = log_law(logits, params.temperature, params.top_k, params.top_p, "sampled")
     n = [len(row) for row in tokens]
     width = max(max(n), 1)
     ids = torch.tensor([row + [0] * (width - len(row)) for row in tokens], dtype=torch.long, device=logits.device)
@@ -182,123 +158,43 @@ def token_logprobs(logits: torch.Tensor, sampling: Sampling, tokens: list[list[i
     return [row[:k] for row, k in zip(picked, n)]
 
 
-def speculative_rounds(
-    model: HybridLM,
-    fast: FastDecoder | None,
-    cache: HybridCache,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    k: int,
-    prefill_chunk: int,
-    stops: set[int],
-    stats: dict,
-    sampling: Sampling = Sampling(),
-    uniforms: torch.Tensor | None = None,
-    constrain: Callable[[int, list[int]], tuple[int, int | None]] | None = None,
-    compiled: dict | None = None,
-    logprobs: list[list[float]] | None = None,
-) -> Iterator[list[list[int]]]:
-    """Yield, per round, the new tokens of each row (a list per row, possibly empty). Fills `stats`.
-
-    `cache` must have max_rollback >= k + 1: a row that has finished (max_new_tokens or a stop token) still
-    runs in the batch, and undoes all its k + 1 verified tokens each round so that it stops growing.
-    `uniforms` (B, 1 + rounds·(2k+1)): each row's stream when sampling (column 0 draws the first token).
-    `constrain(row, tokens) -> (n, token)`: a hook that may cut a row's emitted tokens to the first n and
-    replace the last one by `token` (the thinking budget, engine/thinking.py); it is told every row's
-    tokens of the round in order. `compiled`: a dict the caller keeps, holding the torch.compile'd verify
-    and MTP forwards of a traceable fast decoder (built on first use). `logprobs`: one list per row, extended
-    with the log-probability of each token the row emits under the law it was emitted from (`token_logprobs`).
-    """
-    B, dev = len(prompts), cache.device
-    greedy = sampling.temperature == 0
-    if not greedy and uniforms is None:
-        raise ValueError("speculative sampling needs the rows' uniform streams")
-    drafter = Drafter(model, fast, compiled)
-    ids, lens = pad_prompts(prompts, dev)
-    T = ids.shape[1]
-    ar = torch.arange(B, device=dev)
-
-    # prefill: main model, then the MTP block over every prompt position (h0[t], token t+1)
-    last, hidden, passes = prefill(model, cache, ids, lens, prefill_chunk, keep_hidden=True)
-    logits0 = drafter.logits(last)  # (B, V)
-    p0 = sampling.probs(logits0)
-    x = p0.argmax(-1) if greedy else inverse_cdf(p0, uniforms[:, 0])  # (B,) first new token
-    first = x.tolist()
-    if constrain is not None:
-        for b in range(B):
-            n, forced = constrain(b, first[b : b + 1])
-            if forced is not None:
-                first[b] = forced
-        x = torch.tensor(first, device=dev)
-    if logprobs is not None:
-        for b, lp in enumerate(token_logprobs(logits0[:, None], sampling, [[t] for t in first])):
-            logprobs[b] += lp
-    yield [[t] for t in first]
-    nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-    nxt[ar, lens - 1] = x
-    h1 = torch.empty(B, model.config.hidden_size, device=dev, dtype=hidden.dtype)
-    for s, rows, valid in segments(lens, T, prefill_chunk):
-        out = drafter.mtp(cache, torch.full_like(rows, s), hidden[rows, s : s + prefill_chunk],
-                          nxt[rows, s : s + prefill_chunk], rows=rows, valid=valid)
-        ends = lens[rows] <= s + prefill_chunk
-        h1[rows[ends]] = out[ends.nonzero().view(-1), (valid - 1)[ends]]
-    del hidden
-    mtp_start = lens.clone()
-    produced = torch.ones(B, dtype=torch.long, device=dev)  # new tokens per row so far
-    done = (produced >= max_new_tokens) | torch.tensor([t in stops for t in first], device=dev)
-    per_round = uniforms_per_round(k)
-    live_rounds, accepted_at = 0, [0] * k  # accepted_at[i]: live rounds whose drafts 1..i+1 were all accepted
-    rounds = 0
-
-    while not bool(done.all()):
-        u = None if greedy else uniforms[:, 1 + rounds * per_round : 1 + (rounds + 1) * per_round]  # (B, 2k+1)
-        drafts, qs, h = [], [], h1
-        for j in range(1, k + 1):
-            if j > 1:
-                h = drafter.mtp(cache, mtp_start + j - 2, h[:, None], drafts[-1][:, None], depth=j)[:, 0]
-            logits = drafter.logits(h)  # (B, V)
-            if greedy:
-                drafts.append(logits.argmax(-1))
-            else:
-                qs.append(sampling.probs(logits))
-                drafts.append(inverse_cdf(qs[-1], u[:, j - 1]))
-        drafts_t = torch.stack(drafts, 1)  # (B, k): d_1..d_k
-        verified = drafter.verify(cache, torch.cat([x[:, None], drafts_t], 1))  # (B, k+1, H)
-        logits = drafter.logits(verified)  # (B, k+1, V)
-        if greedy:  # the target's argmax: accept while the drafts agree, then its token
-            a, extra = accept(drafts_t, None, logits, None, None, greedy=True)
+def speculative_round(drafter: Drafter, cache: HybridCache, x: torch.Tensor, h1: torch.Tensor,
+                      mtp_start: torch.Tensor, k: int, laws: Callable[[torch.Tensor], torch.Tensor] | None,
+                      u: torch.Tensor, done: list[bool], cut: Callable[[int, list[int]], tuple[int, int | None]]
+                      ) -> tuple[list[list[int]], list[int], torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One round for every row of `cache` (the module docstring): x (n,) each row's last emitted token, h1 (n, H)
+    its next draft's input, mtp_start (n,) its next MTP position; `laws(logits (n, ..., V))` each row's sampling
+    law, None when every row is greedy; u (n, 2k+1) each row's uniforms of this round. A row in `done` emits
+    nothing and undoes all k + 1 verified tokens (it stays in a static batch). `cut(row, tokens)` may cut a row's
+    tokens (cut_rounds; the thinking budget). Returns each row's tokens, its accepted drafts, the verify logits
+    (n, k+1, V) and the new (x, h1, mtp_start)."""
+    n, dev = x.shape[0], x.device
+    drafts, qs, h = [], [], h1
+    for j in range(1, k + 1):
+        if j > 1:
+            h = drafter.mtp(cache, mtp_start + j - 2, h[:, None], drafts[-1][:, None], depth=j)[:, 0]
+        logits = drafter.logits(h)  # (n, V)
+        if laws is None:
+            drafts.append(logits.argmax(-1))
         else:
-            a, extra = accept(drafts_t, torch.stack(qs, 1), sampling.probs(logits), u[:, k : 2 * k], u[:, 2 * k],
-                              greedy=False)
-        a_l, extra_l, done_l, drafts_l = a.tolist(), extra.tolist(), done.tolist(), drafts_t.tolist()
-        out = [[] if done_l[b] else drafts_l[b][: a_l[b]] + [extra_l[b]] for b in range(B)]
-        if constrain is not None:
-            cut_rounds(out, a_l, extra_l, [constrain(b, row) if row else None for b, row in enumerate(out)])
-            a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
-        if logprobs is not None:
-            for b, lp in enumerate(token_logprobs(logits, sampling, out)):
-                logprobs[b] += lp
-        for b in range(B):
-            if not done_l[b]:
-                live_rounds += 1
-                for i in range(a_l[b]):
-                    accepted_at[i] += 1
-        # a finished row undoes all k + 1 tokens, so it keeps its length (it stays in the batch)
-        cache.rollback(torch.where(done, k + 1, k - a), check=False)
-        x = torch.where(done, x, extra)
-        nxt = torch.cat([drafts_t, drafts_t[:, :1]], 1)
-        nxt[ar, a] = x
-        mtp_hidden = drafter.mtp(cache, mtp_start, verified, nxt)  # MTP positions of the kept tokens
-        grown = torch.where(done, 0, a + 1)
-        h1, mtp_start, produced = mtp_hidden[ar, a], mtp_start + grown, produced + grown  # h1: next round's draft
-        passes, rounds = passes + 1, rounds + 1
-        done = (produced >= max_new_tokens) | done
-        hit = [any(t in stops for t in row) for row in out]
-        if any(hit):
-            done |= torch.tensor(hit, device=dev)
-        rates = [n / max(live_rounds, 1) for n in accepted_at]
-        stats.update(forward_passes=passes, rounds=rounds, drafted=live_rounds * k, accepted=sum(accepted_at),
-                     acceptance_length=1 + sum(rates), acceptance_rate_per_position=rates,
-                     acceptance_rate=sum(rates) / k)
-        yield out
-    stats.setdefault("forward_passes", passes)
+            qs.append(laws(logits))
+            drafts.append(inverse_cdf(qs[-1], u[:, j - 1]))
+    drafts_t = torch.stack(drafts, 1)  # (n, k): d_1..d_k
+    verified = drafter.verify(cache, torch.cat([x[:, None], drafts_t], 1))  # (n, k+1, H)
+    logits = drafter.logits(verified)  # (n, k+1, V)
+    if laws is None:  # the target's argmax: accept while the drafts agree, then its token
+        a, extra = accept(drafts_t, None, logits, None, None, greedy=True)
+    else:
+        a, extra = accept(drafts_t, torch.stack(qs, 1), laws(logits), u[:, k : 2 * k], u[:, 2 * k], greedy=False)
+    a_l, extra_l, drafts_l = a.tolist(), extra.tolist(), drafts_t.tolist()
+    out = [[] if done[b] else drafts_l[b][: a_l[b]] + [extra_l[b]] for b in range(n)]
+    cut_rounds(out, a_l, extra_l, [cut(b, row) if row else None for b, row in enumerate(out)])
+    a, extra = torch.tensor(a_l, device=dev), torch.tensor(extra_l, device=dev)
+    finished = torch.tensor(done, device=dev)
+    cache.rollback(torch.where(finished, k + 1, k - a), check=False)
+    x = torch.where(finished, x, extra)
+    ar = torch.arange(n, device=dev)
+    nxt = torch.cat([drafts_t, drafts_t[:, :1]], 1)
+    nxt[ar, a] = x
+    mtp_hidden = drafter.mtp(cache, mtp_start, verified, nxt)  # MTP positions of the kept tokens
+    return out, a_l, logits, (x, mtp_hidden[ar, a], mtp_start + torch.where(finished, 0, a + 1))

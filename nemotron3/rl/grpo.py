@@ -100,10 +100,10 @@ class GRPOConfig(StageConfig):
     top_k: int = option(0, "rollout top-k (0 = off)", min=0)
     enable_thinking: bool = option(True, "prompts with reasoning on (the generation prompt opens <think>)")
     max_thinking_tokens: int | None = option(None, "cap each rollout's reasoning at N tokens", min=0, metavar="N")
-    speculative: int = option(0, "MTP draft tokens per verify forward in rollouts, lossless (0 = off; -1 = 3 when "
-                              "the model has an MTP block). Off by default: at rollout batch sizes on a CPU the "
-                              "verify forward costs about as much per token as plain decoding (benchmarks/rl.py)",
-                              min=-1, metavar="K")
+    speculative: int | None = option(None, "MTP draft tokens per verify forward in rollouts, lossless (0 = off; "
+                                     "default: the device's, engine/params.py: off on a CPU, where at rollout batch "
+                                     "sizes the verify forward costs about as much per token as plain decoding, "
+                                     "benchmarks/rl.py)", min=0, metavar="K")
     lr: float = option(1e-4, "learning rate (constant after warmup)", min=0.0)
     warmup: int = option(2, "warmup steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay of the matrices", min=0.0)

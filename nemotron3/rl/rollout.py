@@ -1,7 +1,7 @@
 """Rollouts: G sampled completions per prompt from the current policy, through the engine.
 
-    batch = rollout(engine, tokenizer, prompt_ids, num_generations=8, max_completion_length=128,
-                    temperature=1.0, seed=step_seed, speculative=3)
+    params = SamplingParams(max_tokens=128, temperature=1.0, seed=step_seed, num_speculative_tokens=3)
+    batch = rollout(engine, tokenizer, prompt_ids, num_generations=8, params=params)
     batch.completion_ids, batch.logprobs, batch.texts, batch.truncated, batch.stats
 
 Each prompt (token ids, already rendered with the chat template and its generation prompt) is repeated G
@@ -9,24 +9,24 @@ times, the repeats of one prompt next to each other (the group), and all P·G ro
 batch with the engine's cache. Each row draws from its own uniform stream (engine/sampling.py), so the
 samples depend only on (seed, row, weights), and on nothing else in the batch.
 
-With `speculative = k > 0` the engine decodes with the model's MTP block drafting k tokens per verify
+With `params.num_speculative_tokens = k > 0` the engine decodes with the model's MTP block drafting k tokens per verify
 forward, by lossless speculative sampling (engine/speculative.py): the completions have exactly the
 policy's law, and the log-probabilities reported are the target's, from the verify forward. Greedy
 speculation gives the very tokens of plain greedy decoding; sampled speculation the same law but not the
 same draws (it reads its uniforms differently), which tests/test_rl_rollout.py checks statistically.
 
 A completion ends at a stop token (`<|im_end|>` or `</s>`, kept: the policy learns to stop) or at
-`max_completion_length` (then `truncated`). `logprobs[i][t]` is the engine's log π(token t) under the
-sampling temperature: the trainer recomputes the same numbers with a full forward and logs how far apart
-they are (`token_mult_prob_error`, rl/grpo.py).
+`params.max_tokens` (then `truncated`). `logprobs[i][t]` is the engine's log π(token t) under the
+sampling law (logprobs_mode "sampled"): the trainer recomputes the same numbers with a full forward and logs how
+far apart they are (`token_mult_prob_error`, rl/grpo.py).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from nemotron3.engine import Engine
+from nemotron3.engine import Engine, SamplingParams
 from nemotron3.train.tokenizer import Tokenizer
 
 
@@ -41,15 +41,13 @@ class RolloutBatch:
 
 
 def rollout(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[list[int]], num_generations: int,
-            max_completion_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-            seed: int = 0, speculative: int = 0, max_thinking_tokens: int | None = None) -> RolloutBatch:
-    """Sample `num_generations` completions of every prompt; see the module docstring."""
+            params: SamplingParams) -> RolloutBatch:
+    """Sample `num_generations` completions of every prompt with `params` (its stop ids and logprobs are the
+    rollout's own: the tokenizer's end ids, each token's log-probability under the sampling law)."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
     stops = sorted({tokenizer.eos_id, tokenizer.end_of_turn_id})
     t0 = time.perf_counter()
-    out = engine.generate(rows, max_completion_length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop_token_ids=stops, num_speculative_tokens=speculative,
-                          max_thinking_tokens=max_thinking_tokens, return_logprobs=True)
+    out = engine.generate(rows, replace(params, stop_token_ids=stops, logprobs=0, logprobs_mode="sampled", n=1))
     seconds = time.perf_counter() - t0
     texts = [tokenizer.decode([t for t in c if t not in stops]) for c in out.tokens]
     truncated = [not (c and c[-1] in stops) for c in out.tokens]

@@ -15,6 +15,7 @@ rl/grpo.py; the arithmetic in rl/loss.py (docs/post-training.md §6).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,9 @@ import torch
 from rich.console import Console
 
 from nemotron3 import chat
-from nemotron3.engine import Engine
+from nemotron3.engine import Engine, SamplingParams
+from nemotron3.engine.params import has_mtp, speculative_config
+from nemotron3.engine.sampling import derive_seed
 from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.hf import load_pretrained
 from nemotron3.options import ConfigError
@@ -53,10 +56,13 @@ class RLRun:
         self.reward_fns = [rewards.load(s) for s in cfg.reward_funcs]
         self.weights = list(cfg.reward_weights) or [1.0] * len(self.reward_fns)
         self.tasks_reward = cfg.reward_funcs.index("tasks") if "tasks" in cfg.reward_funcs else None
-        has_mtp = self.model.mtp is not None
-        if cfg.speculative > 0 and not has_mtp:
+        if cfg.speculative and not has_mtp(self.model):
             raise ConfigError(f"--speculative {cfg.speculative}: {source} has no MTP block")
-        self.k = (3 if has_mtp else 0) if cfg.speculative < 0 else cfg.speculative
+        self.spec = speculative_config(self.model, cfg.speculative)  # None: the device's default
+        self.k = self.spec.k
+        self.params = SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                     top_k=cfg.top_k, top_p=cfg.top_p, num_speculative_tokens=self.k,
+                                     max_thinking_tokens=cfg.max_thinking_tokens)
         self.context = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, max_seq_len=self.context,
                              think_tokens=ThinkTokens.from_tokenizer(self.tokenizer.tk))
@@ -72,11 +78,10 @@ class RLRun:
         """Each conversation rendered with the generation prompt, as ids after <s>; a prompt that leaves no
         room for a completion in the context is an error naming it."""
         out = []
-        overshoot = 2 * self.k + 1 if self.k else 0
         for i, row in enumerate(rows):
             text = chat.render(row.messages, add_generation_prompt=True, enable_thinking=self.cfg.enable_thinking)
             ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
-            if len(ids) + self.cfg.max_completion_length + overshoot > self.context:
+            if len(ids) + self.cfg.max_completion_length + self.spec.room > self.context:
                 raise ValueError(f"prompt {i} {row.label} has {len(ids)} tokens: with --max-completion-length "
                                  f"{self.cfg.max_completion_length} it does not fit the model's context "
                                  f"({self.context} tokens)")
@@ -84,10 +89,8 @@ class RLRun:
         return out
 
     def sample(self, prompt_ids: list[list[int]], n: int, seed: int) -> RolloutBatch:
-        cfg = self.cfg
         self.model.eval()
-        return rollout(self.engine, self.tokenizer, prompt_ids, n, cfg.max_completion_length, cfg.temperature,
-                       cfg.top_k, cfg.top_p, seed, self.k, cfg.max_thinking_tokens)
+        return rollout(self.engine, self.tokenizer, prompt_ids, n, replace(self.params, seed=seed))
 
     def score(self, rows: list[PromptRow], batch: RolloutBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of a rollout batch whose completions come `n` per row of `rows`."""
@@ -104,7 +107,7 @@ class RLRun:
         rows = self.prompts.batch(step, cfg.prompts_per_step)
         if not rows:
             raise ValueError("the prompt set gave no prompts")
-        seed = cfg.seed * 1_000_003 + step
+        seed = derive_seed(cfg.seed, step)
         extra: dict = {}
         prompt_ids = self.encode(rows)
         if self.N:  # iGRPO stage 1: drafts, no gradient; keep each prompt's best

@@ -8,14 +8,14 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")
     client.chat.completions.create(model="final", messages=[{"role": "user", "content": "What is 7 * 6?"}])
 
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming, n, logprobs,
-tools, `reasoning_content`, `chat_template_kwargs.enable_thinking`, `max_thinking_tokens`), `GET /health`,
-`GET /metrics` (Prometheus), `GET /` (a chat page). Requests share one running batch (engine/batcher.py):
-they join and leave it at step boundaries through cache slots, long prompts are prefilled in chunks under a
-per-step token budget, and MTP speculation is on when the checkpoint has an MTP block (`--speculative 0` turns
-it off). Limits (prompt length, max_tokens, n, running + queued requests, body size) answer with OpenAI-style
-errors. SIGTERM stops accepting connections, lets running streams finish for up to `--shutdown-timeout`
-seconds, then cancels the rest. docs/serving.md describes all of it.
+Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming, n, logprobs, tools,
+`reasoning_content`, `chat_template_kwargs.enable_thinking`, `max_thinking_tokens`), `GET /health`, `GET /metrics`
+(Prometheus), `GET /` (a chat page). Requests share one running batch (engine/scheduler.py): they join and leave it
+at step boundaries through cache slots, long prompts are prefilled in chunks under a per-step token budget, and MTP
+speculation follows the device's default (engine/params.py: off on a CPU, where it was measured slower;
+`--speculative K` turns it on for a checkpoint with an MTP block). Limits (prompt length, max_tokens, n, running +
+queued requests, body size) answer with OpenAI-style errors. SIGTERM stops accepting connections, lets running
+streams finish for up to `--shutdown-timeout` seconds, then cancels the rest. docs/serving.md describes all of it.
 
 `serve(cfg)` runs the server until it is stopped; `build_server(cfg)` returns the `app.Server` without
 running it (the tests mount it on a socket of their own).
@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from nemotron3.config import ModelConfig
-from nemotron3.engine.batcher import Batcher
 from nemotron3.engine.cache import cache_size
 from nemotron3.engine.folder import open_folder
+from nemotron3.engine.params import default_speculative_tokens, has_mtp, speculative_config
+from nemotron3.engine.scheduler import Scheduler
 from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, check_fits, fail, option
 from nemotron3.serve.app import Server, Settings, create_app
 
@@ -47,7 +48,7 @@ API_KEY_ENV = "NEMOTRON3_API_KEY"
 class ServeConfig(StageConfig):
     """An OpenAI-compatible server over one checkpoint: where it listens, how it batches, what it allows.
 
-    The cache the batcher allocates (`max_batch` slots of `max_seq_len` tokens, plus a step's padding) and the
+    The cache the scheduler allocates (`max_batch` slots of `max_seq_len` tokens, plus a step's padding) and the
     largest body must fit in this machine's memory: `check_memory` computes the cache's bytes from the folder's
     config.json (engine/cache.py `cache_size`) before anything is loaded.
     """
@@ -63,9 +64,10 @@ class ServeConfig(StageConfig):
     max_batch: int = option(32, "cache slots: the most requests decoding or prefilling at once", min=1)
     max_seq_len: int | None = option(None, "tokens one slot holds, prompt and reply (default: the model's "
                                      "max_position_embeddings, at most 4096)", min=16)
-    token_budget: int = option(512, "tokens one batcher step processes (decode rows + prefill chunks)", min=1)
-    speculative: int | None = option(None, "MTP drafts per verify forward (default: 3 when the checkpoint has an "
-                                     "MTP block, else 0; 0 turns speculation off)", min=0, metavar="K")
+    token_budget: int = option(512, "tokens one scheduler step processes (decode rows + prefill chunks)", min=1)
+    speculative: int | None = option(None, "MTP drafts per verify forward (default: the device's, engine/params.py: "
+                                     "off on a CPU, where it was measured slower; 0 turns it off)", min=0,
+                                     metavar="K")
     max_prompt_tokens: int | None = option(None, "longest prompt accepted (default: what a slot holds)", min=1)
     max_tokens: int = option(2048, "the most tokens a request may ask for (max_tokens), also its default", min=1)
     max_n: int = option(8, "the most choices (n) one request may ask for", min=1)
@@ -88,11 +90,13 @@ class ServeConfig(StageConfig):
 
     def slots(self, config: ModelConfig) -> tuple[int, int]:
         """(tokens per slot, speculative tokens) the server runs `config` with: the flags, or their defaults."""
-        k = self.speculative if self.speculative is not None else (3 if config.num_nextn_predict_layers else 0)
+        k = self.speculative
+        if k is None:  # the server loads on the CPU
+            k = default_speculative_tokens("cpu", bool(config.num_nextn_predict_layers))
         return self.max_seq_len or min(config.max_position_embeddings, 4096), k
 
     def check_memory(self) -> None:
-        """Refuse a cache or a body this machine cannot hold (options.check_fits): the bytes of the batcher's
+        """Refuse a cache or a body this machine cannot hold (options.check_fits): the bytes of the scheduler's
         cache, exactly, for one slot (--max-seq-len), for the padding a step adds to each (--token-budget) and for
         all of them (--max-batch). Skipped when the folder's config.json cannot be read (loading it says why)."""
         check_fits(self, "max_body_bytes", self.max_body_bytes, "a request body")
@@ -101,8 +105,8 @@ class ServeConfig(StageConfig):
         except (ValueError, OSError, TypeError):
             return
         max_seq_len, k = self.slots(config)
-        min_prefill = inspect.signature(Batcher).parameters["min_prefill_tokens"].default  # what build_server uses
-        pad = max(self.token_budget, min_prefill)
+        defaults = inspect.signature(Scheduler).parameters  # what build_server uses, the padding Scheduler adds
+        pad = min(defaults["prefill_chunk"].default, max(self.token_budget, defaults["min_prefill_tokens"].default))
         dtype = torch.float32 if self.dtype == "float32" else torch.bfloat16
 
         def cache(rows: int, tokens: int) -> int:
@@ -117,27 +121,27 @@ class ServeConfig(StageConfig):
 
 
 def build_server(cfg: ServeConfig) -> Server:
-    """Load the checkpoint and build the batcher and the app's state (nothing runs yet)."""
+    """Load the checkpoint and build the scheduler and the app's state (nothing runs yet)."""
     folder = Path(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # the batcher builds its own fast decoder
+    # the scheduler builds its own fast decoder
     opened = open_folder(folder, cfg.dtype, strict_finite=cfg.strict_finite, fast=False)
     if opened.tokenizer is None:
         raise ConfigError(f"model (--model) {folder} has no tokenizer.json: the server needs one to read text")
     model = opened.engine.model
     max_seq_len, k = cfg.slots(model.config)
-    if k and model.mtp is None:
+    if k and not has_mtp(model):
         fail(cfg, "speculative", f"needs a checkpoint with an MTP block; {folder} has none (use 0)")
-    if max_seq_len <= 2 * k + 2:
+    if max_seq_len <= speculative_config(model, k).room + 1:
         fail(cfg, "max_seq_len", f"leaves no room for a prompt and a reply with {k} speculative tokens")
-    batcher = Batcher(model, rows=cfg.max_batch, max_seq_len=max_seq_len, token_budget=cfg.token_budget,
-                      num_speculative_tokens=k, think_tokens=opened.engine.think_tokens)
+    scheduler = Scheduler(model, rows=cfg.max_batch, max_seq_len=max_seq_len, token_budget=cfg.token_budget,
+                          num_speculative_tokens=k, think_tokens=opened.engine.think_tokens)
     api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     settings = Settings(cfg.served_model_name or folder.resolve().name, api_key,
                         cfg.max_prompt_tokens or max_seq_len, cfg.max_tokens, cfg.max_n, cfg.max_requests,
                         cfg.max_body_bytes)
-    return Server(batcher, opened.tokenizer, settings)
+    return Server(scheduler, opened.tokenizer, settings)
 
 
 def serve(cfg: ServeConfig, sock: socket.socket | None = None) -> None:
@@ -152,7 +156,7 @@ def serve(cfg: ServeConfig, sock: socket.socket | None = None) -> None:
     config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=cfg.shutdown_timeout,
                             access_log=False)
     host, port = sock.getsockname()[:2]
-    s, b = server.settings, server.batcher
+    s, b = server.settings, server.scheduler
     print(f"serving {s.served_model_name} on http://{host}:{port} ({b.rows} slots of {b.max_seq_len} tokens, "
           f"{b.k} speculative tokens{', API key required' if s.api_key else ''})", flush=True)
     runner = uvicorn.Server(config)

@@ -1,4 +1,4 @@
-"""The HTTP server: FastAPI routes over the continuous batcher (engine/batcher.py), OpenAI's wire format.
+"""The HTTP server: FastAPI routes over the scheduler (engine/scheduler.py), OpenAI's wire format.
 
     app = create_app(Server(model, tokenizer, settings))     # then uvicorn.run(app, ...)
 
@@ -6,12 +6,12 @@ Routes (docs/serving.md §1): `GET /v1/models`, `POST /v1/completions`, `POST /v
 `stream`: server-sent events ending in `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus), and `GET /`,
 the chat page (index.html beside this file).
 
-The batcher runs on its own thread; each request submits its choices (n of them, each a batcher request with
-its own stream of the seed) and awaits their events on an asyncio queue, fed from that thread (one
-`call_soon_threadsafe` per batcher step for all requests). A client that goes away is noticed by a watcher
-polling `is_disconnected` twice a second, or sooner by a streaming response whose write fails, and its
-unfinished choices are cancelled, which frees their cache slots at the batcher's next step. A choice that
-meets a `stop` string is cancelled the same way.
+The scheduler runs on its own thread; each request submits its choices (n of them, each a scheduler request with
+its own stream of the seed and the request's SamplingParams) and awaits their events on an asyncio queue, fed from
+that thread (one `call_soon_threadsafe` per scheduler step for all requests). A client that goes away is noticed by
+a watcher polling `is_disconnected` twice a second, or sooner by a streaming response whose write fails, and its
+unfinished choices are cancelled, which frees their cache slots at the scheduler's next step. A choice that meets a
+`stop` string is cancelled the same way.
 
 Every error is OpenAI's JSON body (`{"error": {"message", "type", "param", "code"}}`, protocol.py) with a 4xx
 status, and leaves the server serving: bad JSON or fields, a body nested too deep or holding a string that is not
@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -44,8 +44,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from nemotron3 import chat
-from nemotron3.engine.batcher import Batcher, Event
-from nemotron3.engine.batcher import Request as GenRequest
+from nemotron3.engine.scheduler import Event, Scheduler
+from nemotron3.engine.scheduler import Request as GenRequest
 from nemotron3.engine.text import encode_prompt
 from nemotron3.serve.metrics import Metrics
 from nemotron3.serve.output import Reply, chat_logprobs, completion_logprobs, finish_reason, sse, usage
@@ -70,13 +70,12 @@ class Settings:
 
 
 class Server:
-    """The batcher, the tokenizer and the limits one app serves."""
+    """The scheduler, the tokenizer and the limits one app serves."""
 
-    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, settings: Settings) -> None:
-        self.batcher, self.tok, self.settings = batcher, tokenizer, settings
-        self.config = batcher.config
-        overshoot = 2 * batcher.k + 1 if batcher.k else 0
-        self.room = batcher.max_seq_len - overshoot  # prompt + new tokens one slot holds
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, settings: Settings) -> None:
+        self.scheduler, self.tok, self.settings = scheduler, tokenizer, settings
+        self.config = scheduler.config
+        self.room = scheduler.max_seq_len - scheduler.spec.room  # prompt + new tokens one slot holds
         self.limits = Limits(min(settings.max_prompt_tokens, self.room - 1), settings.max_tokens, settings.max_n,
                              self.room)
         self.eos = frozenset(self.config.eos_token_ids)
@@ -84,7 +83,7 @@ class Server:
         self.chat_stops = self.eos | ({end} if end is not None else set())
         self.in_flight = 0  # choices submitted and not yet ended
         self.created = int(time.time())
-        self.metrics = Metrics(lambda: batcher.running, lambda: batcher.queued, batcher.rows)
+        self.metrics = Metrics(lambda: scheduler.running, lambda: scheduler.queued, scheduler.rows)
         self._lock = threading.Lock()
         self._outbox: list[tuple[asyncio.Queue, tuple]] = []
         self._flush_scheduled = False
@@ -140,7 +139,7 @@ class Server:
         watcher = asyncio.create_task(self._watch(request, queue))
         try:
             for i, (req, _) in enumerate(specs):
-                handles.append(self.batcher.submit(req, lambda ev, i=i: self._deliver(queue, (i, ev))))
+                handles.append(self.scheduler.submit(req, lambda ev, i=i: self._deliver(queue, (i, ev))))
             while open_:
                 item = await queue.get()
                 if item is None:
@@ -156,10 +155,10 @@ class Server:
                     self.metrics.tokens(len(ev.tokens), now - last[i] if i in last else None)
                     last[i] = now
                 if ev.accepted is not None:
-                    self.metrics.round(ev.accepted, self.batcher.k)
+                    self.metrics.round(ev.accepted, self.scheduler.k)
                 deltas = reply.push(ev.tokens)
                 if reply.stopped and ev.finish is None:  # a stop string: the rest is not wanted
-                    self.batcher.cancel(handles[i])
+                    self.scheduler.cancel(handles[i])
                     ev = Event(ev.tokens, ev.logprobs, ev.top_logprobs, finish="stop")
                 if ev.finish is not None:
                     deltas += reply.finish()
@@ -170,13 +169,13 @@ class Server:
             watcher.cancel()
             for i in open_:
                 if i < len(handles):
-                    self.batcher.cancel(handles[i])
+                    self.scheduler.cancel(handles[i])
                 self.in_flight -= 1
                 self.metrics.finished.labels("cancelled").inc()
             self.metrics.e2e.observe(time.perf_counter() - t0)
 
     def _deliver(self, queue: asyncio.Queue, item: tuple) -> None:
-        """From the batcher's thread: hand `item` to `queue` on the event loop. The items of one batcher step
+        """From the scheduler's thread: hand `item` to `queue` on the event loop. The items of one scheduler step
         travel together, with one wake-up of the loop for all of them."""
         with self._lock:
             self._outbox.append((queue, item))
@@ -257,14 +256,14 @@ def error(e: APIError) -> JSONResponse:
 
 
 def create_app(server: Server) -> FastAPI:
-    """The FastAPI app over `server`; its lifespan starts and stops the batcher's thread."""
+    """The FastAPI app over `server`; its lifespan starts and stops the scheduler's thread."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         server._loop = asyncio.get_running_loop()
-        server.batcher.start()
+        server.scheduler.start()
         yield
-        server.batcher.stop(cancel=True)
+        server.scheduler.stop(cancel=True)
 
     app = FastAPI(title="nemotron3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, server=server)
@@ -307,7 +306,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": server.batcher.running, "waiting": server.batcher.queued}
+        return {"status": "ok", "running": server.scheduler.running, "waiting": server.scheduler.queued}
 
     @app.get("/metrics")
     async def scrape() -> Response:
@@ -326,13 +325,13 @@ def create_app(server: Server) -> FastAPI:
             text = chat.render(p.messages, p.tools, enable_thinking=p.enable_thinking, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        prompt, max_new = server.prompt(text, p.max_tokens, "messages")
+        prompt, max_new = server.prompt(text, p.params.max_tokens, "messages")
         thinking = text.endswith(chat.THINK_START + "\n")
-        specs = [(GenRequest(prompt, max_new, p.temperature, p.top_k, p.top_p, p.seed, i, server.chat_stops,
-                             p.max_thinking_tokens if thinking else None, logprobs=p.logprobs),
-                  Reply(tok, server.chat_stops, p.stop, chat=True, thinking=thinking,
-                        tools=p.tools if p.parse_tools else None))
-                 for i in range(p.n)]
+        params = replace(p.params, max_tokens=max_new, stop_token_ids=tuple(sorted(server.chat_stops)),
+                         max_thinking_tokens=p.params.max_thinking_tokens if thinking else None)
+        specs = [(GenRequest(prompt, params, i), Reply(tok, server.chat_stops, p.stop, chat=True, thinking=thinking,
+                                                       tools=p.tools if p.parse_tools else None))
+                 for i in range(params.n)]
         return await respond(request, p, prompt, specs, "chat.completion")
 
     @app.post("/v1/completions")
@@ -340,12 +339,11 @@ def create_app(server: Server) -> FastAPI:
         p = parse_completion(await body_of(request), settings.served_model_name, server.limits)
         specs, prompts = [], []
         for item in p.prompts:
-            ids, max_new = server.prompt(item, p.max_tokens, "prompt")
+            ids, max_new = server.prompt(item, p.params.max_tokens, "prompt")
             prompts.append(ids)
-            for i in range(p.n):
-                specs.append((GenRequest(ids, max_new, p.temperature, p.top_k, p.top_p, p.seed, i, server.eos,
-                                         logprobs=p.logprobs), Reply(tok, server.eos, p.stop)))
-        echo = [tok.decode(ids) if p.echo else "" for ids in prompts for _ in range(p.n)]
+            params = replace(p.params, max_tokens=max_new, stop_token_ids=tuple(sorted(server.eos)))
+            specs += [(GenRequest(ids, params, i), Reply(tok, server.eos, p.stop)) for i in range(params.n)]
+        echo = [tok.decode(ids) if p.echo else "" for ids in prompts for _ in range(p.params.n)]
         return await respond(request, p, sum(len(x) for x in prompts), specs, "text_completion", echo)
 
     async def respond(request: Request, p, prompt: list[int] | int, specs: list, kind: str,
@@ -367,7 +365,7 @@ def create_app(server: Server) -> FastAPI:
                 async for i, ev, _ in events:
                     if ev.finish is not None:
                         ends[i] = ev
-                    if p.logprobs is not None and ev.tokens:
+                    if p.params.logprobs is not None and ev.tokens:
                         logprobs[i].append(ev)
         except ClientGone:
             return Response(status_code=499)
@@ -379,11 +377,12 @@ def create_app(server: Server) -> FastAPI:
             metrics.finished.labels(reason).inc()
             if kind == "chat.completion":
                 lp = {"content": [x for ev in logprobs[i] for x in chat_logprobs(tok, ev)]} \
-                    if p.logprobs is not None else None
+                    if p.params.logprobs is not None else None
                 choices.append({"index": i, "message": reply.message(), "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": echo[i] + reply.text, "finish_reason": reason,
-                                "logprobs": completion_logprobs(tok, logprobs[i]) if p.logprobs is not None else None})
+                                "logprobs": None if p.params.logprobs is None
+                                else completion_logprobs(tok, logprobs[i])})
         return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage(n_prompt, replies)})
 
     async def stream(request: Request, p, n_prompt: int, specs: list, kind: str, echo: list[str] | None,
@@ -406,7 +405,7 @@ def create_app(server: Server) -> FastAPI:
             async with contextlib.aclosing(server.run(specs, request)) as events:
                 async for i, ev, deltas in events:
                     lp = None
-                    if p.logprobs is not None and ev.tokens:
+                    if p.params.logprobs is not None and ev.tokens:
                         lp = {"content": chat_logprobs(tok, ev)} if kind == "chat.completion" else \
                             completion_logprobs(tok, [ev])
                     if kind == "chat.completion":

@@ -26,7 +26,7 @@ import uuid
 from tokenizers import Tokenizer
 
 from nemotron3 import chat
-from nemotron3.engine.batcher import Event
+from nemotron3.engine.scheduler import Event
 from nemotron3.engine.text import TextStream
 
 TOOL_OPEN = "<tool_call>"

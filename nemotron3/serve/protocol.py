@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from nemotron3.engine.params import SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on `stop` strings
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
@@ -56,33 +58,27 @@ class Limits:
 
 
 @dataclass
-class Sampling:
-    """The fields common to both endpoints, checked."""
+class Body:
+    """The fields common to both endpoints, checked; the sampling ones as the SamplingParams passed down (its
+    max_tokens None: as many as fit, up to Limits.max_tokens; its logprobs the model's own, `raw`)."""
 
     model: str
-    max_tokens: int | None  # None: as many as fit (up to Limits.max_tokens)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
+    params: SamplingParams
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
     stream: bool = False
     include_usage: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: the token's own and the k most likely
 
 
 @dataclass
-class ChatParams(Sampling):
+class ChatParams(Body):
     messages: list[dict] = field(default_factory=list)
     tools: list[dict] | None = None
     parse_tools: bool = False  # tool_choice "auto" with tools: calls are parsed out of the reply
     enable_thinking: bool = True
-    max_thinking_tokens: int | None = None
 
 
 @dataclass
-class CompletionParams(Sampling):
+class CompletionParams(Body):
     prompts: list[str | list[int]] = field(default_factory=list)  # one text or one token-id list each
     echo: bool = False
 
@@ -217,7 +213,7 @@ def _surrogate(s: str) -> str:
 
 # ----------------------------------------------------------------------------------------- requests
 
-def _sampling(body: dict, served: str, limits: Limits, cls: type, **extra: Any) -> Any:
+def _body(body: dict, served: str, limits: Limits, cls: type, thinking: int | None = None, **extra: Any) -> Any:
     model = body.get("model")
     if model is None:
         raise bad("model", "is required (the served model is " + repr(served) + ")", "missing_required_parameter")
@@ -253,10 +249,11 @@ def _sampling(body: dict, served: str, limits: Limits, cls: type, **extra: Any) 
             raise bad("stream_options", "is only allowed with stream: true")
         include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
     seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
-    return cls(model=model, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-               top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0),
-               n=_int(body, "n", 1, 1, limits.max_n), stop=stop, seed=seed, stream=stream,
-               include_usage=include_usage, **extra)
+    params = SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0),
+                            n=_int(body, "n", 1, 1, limits.max_n), seed=seed,
+                            max_thinking_tokens=thinking)
+    return cls(model=model, params=params, stop=stop, stream=stream, include_usage=include_usage, **extra)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -343,15 +340,14 @@ def parse_chat(body: Any, served: str, limits: Limits) -> ChatParams:
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise bad("response_format", "only {\"type\": \"text\"} is supported", "unsupported_value")
-    params = _sampling(body, served, limits, ChatParams, messages=messages, tools=tools, parse_tools=parse_tools,
-                       enable_thinking=enable_thinking,
-                       max_thinking_tokens=_int(body, "max_thinking_tokens", None, 0, limits.context))
+    parsed = _body(body, served, limits, ChatParams, _int(body, "max_thinking_tokens", None, 0, limits.context),
+                   messages=messages, tools=tools, parse_tools=parse_tools, enable_thinking=enable_thinking)
     if _bool(body, "logprobs", False):
-        params.logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        parsed.params = replace(parsed.params, logprobs=_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS))
     elif body.get("top_logprobs") is not None:
         _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
         raise bad("top_logprobs", "needs logprobs: true")
-    return params
+    return parsed
 
 
 def parse_completion(body: Any, served: str, limits: Limits) -> CompletionParams:
@@ -379,6 +375,6 @@ def parse_completion(body: Any, served: str, limits: Limits) -> CompletionParams
     if len(prompts) * n > limits.max_n:
         raise bad("prompt", f"{len(prompts)} prompts × n = {n} is more than the {limits.max_n} choices a request "
                   "may ask for")
-    params = _sampling(body, served, limits, CompletionParams, prompts=prompts, echo=_bool(body, "echo", False))
-    params.logprobs = _int(body, "logprobs", None, 0, 5)
-    return params
+    parsed = _body(body, served, limits, CompletionParams, prompts=prompts, echo=_bool(body, "echo", False))
+    parsed.params = replace(parsed.params, logprobs=_int(body, "logprobs", None, 0, 5))
+    return parsed

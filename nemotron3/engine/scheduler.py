@@ -1,0 +1,563 @@
+"""The one generation loop: requests join and leave a running batch at step boundaries, through cache slots.
+
+    scheduler = Scheduler(model, rows=64, max_seq_len=4096, token_budget=512, num_speculative_tokens=3)
+    handle = scheduler.submit(Request([1, 2, 3], SamplingParams(max_tokens=32)), on_event)   # from any thread
+    scheduler.step()                        # or scheduler.start(): a worker thread steps while there is work
+    scheduler.cancel(handle)                # its slot is freed at the next step boundary
+
+`Engine.generate` and `Engine.stream` submit their prompts as one group and step it until idle; the server and
+RL rollouts (through the Engine) use it too, so the drafter and verify, the thinking budget, logprobs, stop
+tokens and statistics live here once. `on_event(Event)` is called with each step's new tokens of a request (one,
+or up to k + 1 with speculation), their log-probabilities when asked for, and at the end a `finish` reason.
+
+One step (docs/serving.md §3)
+-----------------------------
+The cache has `rows` slots. The rows that are decoding are kept in a prefix [0, n) of it (`HybridCache.prefix`),
+so the fast decoder (engine/decode.py), which runs every row of the cache it is given, decodes exactly them, in
+place, while other rows are being prefilled. A step:
+
+1. applies the cancellations and admits waiting requests into free slots (rows >= n), first come first served;
+2. decodes the prefix: one token per row, or one MTP speculative round per row (engine/speculative.py), each row
+   with its own sampling settings and uniform stream;
+3. prefills: each prompt being prefilled gets its next chunk of at most `prefill_chunk` tokens, in arrival order,
+   within what is left of the step's `token_budget` (less one token per decoding row, k + 1 with speculation, and
+   never less than `min_prefill_tokens`; None: no budget), all as one right-padded forward. A group (the requests
+   submitted together, e.g. an Engine call) joins the prefix when its last prompt is done: its first tokens are
+   sampled together and the MTP block runs over every prompt's last chunk;
+4. a request that ends (a stop token, its max_tokens, a cancellation) leaves the prefix at once, the last decoding
+   row swapped into its slot; in a `static` batch (the Engine's) rows stay until every one has ended, decoding
+   (their tokens discarded) or rolling back their whole speculative round, so shapes stay fixed (compile).
+
+Each row decodes what it would alone: padding and chunking are exact (docs/inference.md §2) and a row samples
+from its own uniform stream, `row_stream(seed, stream_index)`, one uniform per token, 2k + 1 per speculative round
+(column 0 draws the first token), so a seeded request's tokens depend only on (seed, stream index, prompt).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nemotron3.engine.cache import HybridCache
+from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.params import SamplingParams, speculative_config
+from nemotron3.engine.sampling import fresh_seed, log_law, row_stream, sample
+from nemotron3.engine.speculative import Drafter, speculative_round, uniforms_per_round
+from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
+from nemotron3.model.hybrid import HybridLM
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `stream_index`: which row stream of the seed it samples from (choice i of n uses
+    stream i, as row i of `Engine.generate([prompt] * n, params)`). `constrain(tokens) -> (n, token)`: a hook told
+    the request's new tokens in order, which may keep the first n and replace the last by `token` (the thinking
+    budget is one, engine/thinking.py)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stream_index: int = 0
+    constrain: Callable[[list[int]], tuple[int, int | None]] | None = None
+
+
+@dataclass
+class Event:
+    """What one step produced for one request."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None  # each token's log-probability (params.logprobs_mode)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the most likely (id, logprob)
+    finish: str | None = None  # one of FINISH_REASONS on the request's last event
+    accepted: int | None = None  # speculative round: drafts accepted (the row emitted accepted + 1)
+
+
+@dataclass(eq=False)
+class Seq:
+    """A submitted request's state (the handle `submit` returns)."""
+
+    req: Request
+    on_event: Callable[[Event], None]
+    max_tokens: int
+    uniforms: torch.Tensor | None
+    stops: frozenset[int]
+    budget: ThinkingBudget | None
+    group: list[Seq] = field(default_factory=list)
+    row: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    tail: tuple | None = None  # the last prompt chunk, until the group joins: (start, hidden (c, H), ids (c,))
+    produced: int = 0
+    rounds: int = 0
+    done: bool = False
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    def cut(self, tokens: list[int]) -> tuple[int, int | None]:
+        """The request's hook (its own, else its thinking budget's) on its new tokens: (keep n, forced token)."""
+        if self.req.constrain is not None:
+            return self.req.constrain(tokens)
+        return (len(tokens), None) if self.budget is None else self.budget(0, tokens)
+
+
+class Scheduler:
+    """The continuous-batching scheduler over one HybridCache of `rows` slots; see the module docstring.
+
+    max_seq_len: tokens one slot holds (prompt + max_tokens + 2k + 1 with speculation). token_budget: tokens one
+    step processes, decoding rows included (None: no limit); prefill_chunk: prompt tokens of one row per step.
+    fast: a FastDecoder to share, True to build one when the model allows it, False for the reference path.
+    compiled: a dict the owner keeps for torch.compile'd steps of a traceable fast decoder (None: eager).
+    """
+
+    def __init__(self, model: HybridLM, rows: int = 16, max_seq_len: int = 4096, token_budget: int | None = 512,
+                 prefill_chunk: int = 2048, min_prefill_tokens: int = 32, num_speculative_tokens: int | None = 0,
+                 think_tokens: ThinkTokens | None = None, fast: FastDecoder | bool | None = True,
+                 compiled: dict | None = None, static: bool = False) -> None:
+        if min(rows, max_seq_len, prefill_chunk, min_prefill_tokens, token_budget or 1) <= 0:
+            raise ValueError("rows, max_seq_len, token_budget, prefill_chunk and min_prefill_tokens must be positive")
+        self.spec = speculative_config(model, num_speculative_tokens)
+        self.k = k = self.spec.k
+        self.model, self.config = model.eval(), model.config
+        self.rows, self.max_seq_len, self.static = rows, max_seq_len, static
+        self.token_budget, self.prefill_chunk, self.min_prefill_tokens = token_budget, prefill_chunk, min_prefill_tokens
+        self.think_tokens = think_tokens or ThinkTokens()
+        self.device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        if fast is True:
+            fast = FastDecoder(model) if FastDecoder.supports(model) else None
+        self.fast, self.compiled = fast or None, compiled
+        # rows of a static batch start their chunks together; otherwise a row's chunk is padded to the step's
+        # widest (at most prefill_chunk and the budget), and padding positions are written too
+        pad = 0 if static else min(prefill_chunk, max(token_budget or prefill_chunk, min_prefill_tokens))
+        self.cache = HybridCache(self.config, rows, max_seq_len + pad, dtype, self.device,
+                                 max_rollback=self.spec.max_rollback, include_mtp=bool(k))
+        self.drafter = Drafter(model, self.fast, compiled) if k else None
+        self.x = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's last emitted token
+        self.h1 = torch.zeros(rows, self.config.hidden_size, device=self.device, dtype=dtype)  # next draft's input
+        self.mtp_start = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.owner: list[Seq | None] = [None] * rows
+        self.n_decoding = 0
+        self.waiting: collections.deque[Seq] = collections.deque()
+        self._inbox: collections.deque[tuple[str, Seq]] = collections.deque()
+        self._prefixes: dict[int, HybridCache] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "forward_passes": 0, "rounds": 0, "drafted": 0,
+                      "accepted": 0, "accepted_at": [0] * self.k}
+
+    def speculation_stats(self) -> dict:
+        """Acceptance since reset_stats (docs/inference.md §5); {} before any round ran."""
+        s, k = self.stats, self.k
+        if not s["rounds"]:
+            return {}
+        rates = [n / max(s["drafted"] // k, 1) for n in s["accepted_at"]]
+        return {"rounds": s["rounds"], "drafted": s["drafted"], "accepted": s["accepted"],
+                "acceptance_length": 1 + sum(rates), "acceptance_rate_per_position": rates,
+                "acceptance_rate": sum(rates) / k}
+
+    # ------------------------------------------------------------------ requests (any thread)
+    def check(self, req: Request) -> int:
+        """Raise ValueError naming what is wrong with `req` (before it is queued); returns its max new tokens."""
+        V, p = self.config.vocab_size, req.params
+        if not req.prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in req.prompt):
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {V})")
+        if p.num_speculative_tokens is not None and p.num_speculative_tokens != self.k:
+            raise ValueError(f"num_speculative_tokens={p.num_speculative_tokens}, but this scheduler drafts {self.k} "
+                             "(its cache is sized for that)")
+        room = self.max_seq_len - self.spec.room - len(req.prompt)
+        new = room if p.max_tokens is None else p.max_tokens
+        if new > room or new <= 0:
+            raise ValueError(f"the prompt ({len(req.prompt)} tokens) plus max_tokens ({new}) needs "
+                             f"{len(req.prompt) + max(new, 1) + self.spec.room} cache positions, more than a slot "
+                             f"holds ({self.max_seq_len})")
+        return new
+
+    def submit(self, req: Request, on_event: Callable[[Event], None]) -> Seq:
+        """Queue `req`; returns its handle (for `cancel`). Checks it first (ValueError)."""
+        return self.submit_group([(req, on_event)])[0]
+
+    def submit_group(self, items: list[tuple[Request, Callable[[Event], None]]]) -> list[Seq]:
+        """Queue requests that join the decoding batch together (module docstring, step 3)."""
+        group: list[Seq] = []
+        for req, on_event in items:
+            new, p = self.check(req), req.params
+            uniforms = None
+            if not p.greedy:
+                seed = p.seed if p.seed is not None else fresh_seed()
+                steps = 1 + new * uniforms_per_round(self.k) if self.k else new
+                uniforms = row_stream(seed, req.stream_index, steps, self.device)
+            stops = frozenset(self.config.eos_token_ids if p.stop_token_ids is None else p.stop_token_ids)
+            budget = None
+            if p.max_thinking_tokens is not None:
+                budget = ThinkingBudget(self.think_tokens, [p.max_thinking_tokens], [req.prompt], p.thinking_grace)
+            group.append(Seq(req, on_event, new, uniforms, stops, budget, group))
+        with self._wake:
+            self._inbox.extend(("submit", seq) for seq in group)
+            self._wake.notify()
+        return group
+
+    def cancel(self, seq: Seq) -> None:
+        """Stop `seq` at the next step boundary (its slot is freed then; its last event says "cancelled")."""
+        with self._wake:
+            self._inbox.append(("cancel", seq))
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot (decoding or prefilling)."""
+        return sum(o is not None for o in self.owner)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting) + sum(1 for op, _ in list(self._inbox) if op == "submit")
+
+    def idle(self) -> bool:
+        return not self.waiting and not self._inbox and self.running == 0
+
+    def weights_updated(self) -> None:
+        """The model's weights changed without bumping version counters (a fused optimizer step): the fast
+        decoder's fused copies are rebuilt before the next request is admitted."""
+        if self.fast is not None:
+            self.fast._versions = None  # never equal to a signature: stale
+
+    # ------------------------------------------------------------------ the worker thread
+    def start(self) -> None:
+        """Run `step()` on a daemon thread whenever there is work."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="nemotron3-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, cancel: bool = True) -> None:
+        """End the worker thread; with `cancel`, every unfinished request first gets its "cancelled" event."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if cancel:
+            self._drain_inbox()
+            for seq in [*self.waiting, *(o for o in self.owner if o is not None and not o.done)]:
+                self._finish(seq, "cancelled")
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and self.idle():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug or an out-of-memory: fail what is in flight, reset, keep serving
+                traceback.print_exc()
+                self.fail()
+
+    def fail(self) -> None:
+        """End every request holding a slot with "error" and reset the cache."""
+        for r, seq in enumerate(self.owner):
+            if seq is not None:
+                seq.row, seq.done, self.owner[r] = -1, True, None
+                self.cache.free(r)
+                self._emit(seq, Event([], finish="error"))
+        self.n_decoding = 0
+        self.cache.reset()
+
+    # ------------------------------------------------------------------ one step
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._wake:
+                if not self._inbox:
+                    return
+                op, seq = self._inbox.popleft()
+            if op == "submit":
+                if seq.cancelled:
+                    self._emit(seq, Event([], finish="cancelled"))
+                else:
+                    self.waiting.append(seq)
+            elif not seq.cancelled and not seq.done:
+                seq.cancelled = True
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                    self._emit(seq, Event([], finish="cancelled"))
+                elif seq.row >= 0:
+                    self._finish(seq, "cancelled")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduler step (the module docstring)."""
+        self._drain_inbox()
+        if self.waiting:
+            self._refresh()
+        for r in range(self.n_decoding, self.rows):  # admit into free slots, first come first served
+            if not self.waiting:
+                break
+            if self.owner[r] is None:
+                seq = self.waiting.popleft()
+                seq.row, self.owner[r] = r, seq
+                self.cache.reset([r])
+                self.cache.in_use[r] = True
+        n = self.n_decoding
+        if n:
+            self._speculative(n) if self.k else self._decode(n)
+        budget = self.token_budget
+        self._prefill(None if budget is None else max(budget - n * (self.k + 1), self.min_prefill_tokens))
+        if self.static and self.n_decoding and all(o.done for o in self.owner[: self.n_decoding]):
+            for r in range(self.n_decoding):
+                self.owner[r].row, self.owner[r] = -1, None
+                self.cache.free(r)
+            self.n_decoding = 0
+        self.steps += 1
+
+    def _refresh(self) -> None:
+        """Rebuild the fast decoder if the weights changed in place (RL), or drop it if the model no longer allows
+        it (a module swapped for a quantized one)."""
+        if self.fast is None or not self.fast.is_stale():
+            return
+        if self.compiled is not None:
+            self.compiled.clear()
+        if FastDecoder.supports(self.model):
+            self.fast.refresh()
+        else:
+            self.fast = None
+            self.drafter = Drafter(self.model, None) if self.k else None
+
+    def _prefix(self, n: int) -> HybridCache:
+        if n not in self._prefixes:
+            self._prefixes[n] = self.cache.prefix(n)
+        return self._prefixes[n]
+
+    # ------------------------------------------------------------------ sampling, per row
+    @staticmethod
+    def _groups(seqs: list[Seq]) -> dict[tuple, tuple[SamplingParams, list[int]]]:
+        """Rows with the same sampling law, by (temperature, top_k, top_p); every greedy row in one."""
+        groups: dict[tuple, tuple[SamplingParams, list[int]]] = {}
+        for i, s in enumerate(seqs):
+            p = s.params
+            key = (0.0, 0, 1.0) if p.greedy else (float(p.temperature), p.top_k, float(p.top_p))
+            groups.setdefault(key, (p, []))[1].append(i)
+        return groups
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Seq], column: list[int]) -> list[int]:
+        """logits (b, V), row i's uniform at column[i] of its stream -> tokens."""
+        out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        for p, idx in self._groups(seqs).values():
+            u = None if p.greedy else torch.stack([seqs[i].uniforms[column[i]] for i in idx])
+            out[idx] = sample(logits[idx], p.temperature, p.top_k, p.top_p, u)
+        return out.tolist()
+
+    def _laws(self, seqs: list[Seq]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """logits (b, ..., V) -> each row's sampling law; None when every row is greedy."""
+        groups = self._groups(seqs)
+        if list(groups) == [(0.0, 0, 1.0)]:
+            return None
+
+        def laws(logits: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            for p, idx in groups.values():
+                out[idx] = p.probs(logits[idx])
+            return out
+        return laws
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> logits (..., V) fp32."""
+        return self.drafter.logits(hidden) if self.k else self.model.lm_head(hidden).float()
+
+    # ------------------------------------------------------------------ emitting
+    def _emit(self, seq: Seq, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a consumer's bug must not stop the batch
+            traceback.print_exc()
+
+    def _deliver(self, seq: Seq, tokens: list[int], logits: torch.Tensor, accepted: int | None = None) -> None:
+        """Give `seq` its new tokens, cut at a stop token or max_tokens; ends it when it is done."""
+        tokens = tokens[: seq.max_tokens - seq.produced]
+        for i, t in enumerate(tokens):
+            if t in seq.stops:
+                tokens = tokens[: i + 1]
+                break
+        seq.produced += len(tokens)
+        finish = "stop" if tokens and tokens[-1] in seq.stops else "length" if seq.produced >= seq.max_tokens else None
+        ev = Event(tokens, finish=finish, accepted=accepted)
+        p = seq.params
+        if p.logprobs is not None and tokens:
+            lp = log_law(logits[: len(tokens)], p.temperature, p.top_k, p.top_p, p.logprobs_mode)  # (t, V)
+            ev.logprobs = lp[torch.arange(len(tokens), device=lp.device),
+                             torch.tensor(tokens, device=lp.device)].tolist()
+            ev.top_logprobs = [[] for _ in tokens]
+            if p.logprobs:
+                v, i = lp.topk(min(p.logprobs, lp.shape[-1]), dim=-1)
+                ev.top_logprobs = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+        self.stats["decode_tokens"] += len(tokens)
+        if finish is not None:
+            self._end(seq)
+        self._emit(seq, ev)
+
+    def _finish(self, seq: Seq, reason: str) -> None:
+        if seq.row >= 0:
+            self._end(seq)
+        self._emit(seq, Event([], finish=reason))
+
+    def _end(self, seq: Seq) -> None:
+        """seq is done: free its slot (a decoding row's is refilled with the last decoding row, so the prefix stays
+        dense), or in a static batch keep it until every row is done."""
+        seq.done = True
+        r = seq.row
+        if self.static and r < self.n_decoding:
+            return
+        seq.row = -1
+        if r < self.n_decoding:
+            last = self.n_decoding - 1
+            self._swap(r, last)
+            self.n_decoding -= 1
+            r = last
+        self.owner[r] = None
+        self.cache.free(r)
+
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        self.cache.swap_rows(a, b)
+        for t in (self.x, self.h1, self.mtp_start):
+            t[[a, b]] = t[[b, a]]
+        self.owner[a], self.owner[b] = self.owner[b], self.owner[a]
+        for r in (a, b):
+            if self.owner[r] is not None:
+                self.owner[r].row = r
+
+    # ------------------------------------------------------------------ decoding
+    def _step_logits(self, x: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """x (n,) -> logits (n, V), every row of `cache` advanced by one token."""
+        fast = self.fast
+        if fast is None:
+            return self.model(x[:, None], cache=cache)[:, 0]
+        if self.compiled is not None and fast.traceable:  # static shapes: attention over the whole capacity
+            if ("step",) not in self.compiled:
+                self.compiled[("step",)] = torch.compile(fast.step, dynamic=False)
+            logits = self.compiled[("step",)](x, cache, None, False)
+        else:
+            lengths = cache.lengths
+            logits = fast.step(x, cache, int(lengths.max()) + 1, bool((lengths == lengths[0]).all()))
+        cache.lengths += 1
+        return logits
+
+    def _decode(self, n: int) -> None:
+        """One token for every decoding row."""
+        seqs = list(self.owner[:n])
+        logits = self._step_logits(self.x[:n], self._prefix(n))
+        self.stats["forward_passes"] += 1
+        live = [i for i, s in enumerate(seqs) if not s.done]
+        tokens = self.x[:n].tolist()  # a finished row of a static batch reads its last token again
+        for i, t in zip(live, self._sample(logits[live], [seqs[i] for i in live], [seqs[i].produced for i in live])):
+            forced = seqs[i].cut([t])[1]  # a forced </think> replaces the token and is what the row reads next
+            tokens[i] = t if forced is None else forced
+        self.x[:n] = torch.tensor(tokens, device=self.device)
+        for i in live:
+            self._deliver(seqs[i], [tokens[i]], logits[i : i + 1])
+
+    def _speculative(self, n: int) -> None:
+        """One MTP speculative round for every decoding row (engine/speculative.py, docs/inference.md §5)."""
+        k, seqs, per = self.k, list(self.owner[:n]), uniforms_per_round(self.k)
+        u = torch.zeros(n, per, dtype=torch.float64, device=self.device)
+        for i, s in enumerate(seqs):
+            if s.uniforms is not None and not s.done:
+                u[i] = s.uniforms[1 + s.rounds * per : 1 + (s.rounds + 1) * per]
+        done = [s.done for s in seqs]
+        out, accepted, logits, new = speculative_round(
+            self.drafter, self._prefix(n), self.x[:n].clone(), self.h1[:n], self.mtp_start[:n].clone(), k,
+            self._laws(seqs), u, done, lambda b, row: seqs[b].cut(row))
+        self.x[:n], self.h1[:n], self.mtp_start[:n] = new
+        s = self.stats
+        s["forward_passes"] += 1
+        s["rounds"] += 1
+        for b, seq in enumerate(seqs):
+            if done[b]:
+                continue
+            seq.rounds += 1
+            s["drafted"] += k
+            s["accepted"] += accepted[b]
+            for i in range(accepted[b]):
+                s["accepted_at"][i] += 1
+            self._deliver(seq, out[b], logits[b], accepted[b])
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, budget: int | None) -> None:
+        """The next chunks of the prompts being prefilled, as one right-padded forward (module docstring, step 3)."""
+        plan: list[tuple[Seq, int]] = []
+        todo = [o for o in self.owner[self.n_decoding:] if o is not None and o.prefilled < len(o.req.prompt)]
+        for seq in sorted(todo, key=lambda s: s.submitted):
+            if budget is not None and budget <= 0:
+                break
+            c = min(len(seq.req.prompt) - seq.prefilled, self.prefill_chunk, budget or self.prefill_chunk)
+            plan.append((seq, c))
+            budget = None if budget is None else budget - c
+        mtp: list[tuple[Seq, int, torch.Tensor, list[int]]] = []  # (seq, start, hidden (c, H), next ids (c))
+        if plan:
+            dev, width = self.device, max(c for _, c in plan)
+            ids = torch.zeros(len(plan), width, dtype=torch.long, device=dev)
+            for i, (seq, c) in enumerate(plan):
+                ids[i, :c] = torch.tensor(seq.req.prompt[seq.prefilled : seq.prefilled + c], device=dev)
+            rows = torch.tensor([seq.row for seq, _ in plan], device=dev)
+            valid = torch.tensor([c for _, c in plan], device=dev)
+            hidden = self.model.hidden_states(ids, self.cache, rows, valid)  # (b, width, H)
+            self.stats["forward_passes"] += 1
+            self.stats["prefill_tokens"] += int(valid.sum())
+            for i, (seq, c) in enumerate(plan):
+                start, seq.prefilled = seq.prefilled, seq.prefilled + c
+                if seq.prefilled == len(seq.req.prompt):
+                    seq.tail = (start, hidden[i, :c], ids[i, :c])
+                elif self.k:  # the MTP block over the chunk: position t reads (h0[t], token t+1)
+                    mtp.append((seq, start, hidden[i, :c], seq.req.prompt[start + 1 : start + c + 1]))
+        ready = [s for s in self.owner[self.n_decoding:] if s is not None and s.tail is not None
+                 and all(g.tail is not None or g.done for g in s.group)]
+        ready.sort(key=lambda s: (s.group[0].submitted, s.group.index(s)))
+        if ready:
+            logits = self._head(torch.stack([s.tail[1][-1] for s in ready]))  # (b, V)
+            first = self._sample(logits, ready, [0] * len(ready))
+            for j, seq in enumerate(ready):
+                forced = seq.cut(first[j : j + 1])[1]
+                first[j] = first[j] if forced is None else forced
+                start, h, chunk = seq.tail
+                mtp.append((seq, start, h, seq.req.prompt[start + 1 : start + len(chunk)] + [first[j]]))
+        h1 = self._mtp_prefill(mtp) if self.k and mtp else {}
+        for j, seq in enumerate(ready):
+            r = seq.row
+            self.x[r] = first[j]
+            if self.k:
+                self.h1[r], self.mtp_start[r] = h1[id(seq)], len(seq.req.prompt)
+            seq.tail = None
+            self._swap(r, self.n_decoding)  # join the decoding prefix
+            self.n_decoding += 1
+            self._deliver(seq, [first[j]], logits[j : j + 1])
+
+    def _mtp_prefill(self, jobs: list[tuple[Seq, int, torch.Tensor, list[int]]]) -> dict[int, torch.Tensor]:
+        """The MTP block over prompt chunks, one forward: fills its cache positions; returns each seq's h1 at its
+        chunk's last position (the next draft's input when the chunk was the prompt's last)."""
+        dev, width = self.device, max(len(n) for _, _, _, n in jobs)
+        hidden = torch.zeros(len(jobs), width, self.config.hidden_size, device=dev, dtype=jobs[0][2].dtype)
+        nxt = torch.zeros(len(jobs), width, dtype=torch.long, device=dev)
+        for i, (_, _, h, n) in enumerate(jobs):
+            hidden[i, : len(n)], nxt[i, : len(n)] = h[: len(n)], torch.tensor(n, dtype=torch.long, device=dev)
+        rows = torch.tensor([s.row for s, _, _, _ in jobs], device=dev)
+        start = torch.tensor([st for _, st, _, _ in jobs], device=dev)
+        valid = torch.tensor([len(n) for _, _, _, n in jobs], device=dev)
+        out = self.drafter.mtp(self.cache, start, hidden, nxt, rows=rows, valid=valid)  # (b, width, H)
+        return {id(s): out[i, len(n) - 1] for i, (s, _, _, n) in enumerate(jobs)}
