@@ -202,7 +202,7 @@ def _pretrain(cfg: PretrainConfig, console: Console, ckpt: Path | None, resume: 
                                                         cfg.vocab_size or config.vocab_size)
     data, heldout = _packed(cfg, tokenizer, user, task_train, task_heldout)
     if ckpt:
-        model = load_pretrained(ckpt, dtype=torch.float32, strict_finite=cfg.strict_finite)
+        model = load_pretrained(ckpt, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True)
     else:
         vocab = -(-tokenizer.vocab_size // 64) * 64  # the tokenizer's vocabulary, rounded up for the matmuls
         config = config.replace(vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,

@@ -106,7 +106,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
     cfg.validate()            # ... and check it again, as it now is
     _source(cfg)
     ModelConfig.from_hf(cfg.model)
-    model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite)
+    model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True)
     quant, ignore, misfit = qckpt.plan(model, cfg.scheme)
     if not quant:
         raise CheckpointError(f"{cfg.model}: no weight can be quantized to {cfg.scheme}")

@@ -166,7 +166,8 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     torch.manual_seed(cfg.seed)
     source = ckpt or cfg.model
     tokenizer = Tokenizer.load(source)
-    model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite)
+    # training needs dense weights: a quantized --model is expanded (quant/packed.py layers are inference-only)
+    model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{source}: the model's vocab_size {model.config.vocab_size} < its tokenizer's "
                           f"{tokenizer.vocab_size}")
@@ -177,7 +178,7 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     if evaluate and (ckpt is None or (cfg.model / "config.json").is_file()):
         t0 = time.perf_counter()
         start = model if ckpt is None else load_pretrained(cfg.model, dtype=torch.float32,
-                                                           strict_finite=cfg.strict_finite)
+                                                           strict_finite=cfg.strict_finite, dequantize=True)
         before = _accuracy(cfg, start, tokenizer)
         console.print(f"[bold]before SFT[/] exact match by mode measured in {time.perf_counter() - t0:.0f} s")
     elif evaluate:

@@ -261,3 +261,18 @@ def test_budget_modes_cap_the_reasoning(tok):
         assert text == _by_hand(model, tok, head, max_new, max_thinking_tokens=n)
         if "</think>" not in got["on"]["mul"]["example"]["completion"]:
             assert "</think>" in text  # the budget closed a reasoning the model never closed itself
+
+
+def test_a_quantized_model_is_fine_tuned_from_its_decoded_weights(pretrained, tmp_path):
+    """`load_pretrained` keeps weight-only quantized weights packed (inference-only layers); SFT from such a folder
+    starts from the decoded weights, the same ones `load_pretrained(..., dequantize=True)` gives."""
+    from nemotron3.quantize import QuantizeConfig, quantize
+
+    q = quantize(QuantizeConfig(model=pretrained, out=tmp_path / "q", scheme="nvfp4-w4a16", calib=1))
+    code, err = run("--model", str(q), "--out", str(tmp_path / "o"), *FAST, "--steps", "1", "--eval-problems", "0")
+    assert code == 0, err
+    start = load_pretrained(q, dequantize=True).state_dict()
+    after = load_pretrained(tmp_path / "o" / "final").state_dict()
+    assert after.keys() == start.keys()
+    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    assert moved and all((start[k] - after[k]).abs().max() < 0.05 for k in start)  # one small step from them
