@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nemotron3.engine.params import SamplingParams
+from nemotron3.engine.params import LOGPROBS_MODES, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on `stop` strings
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
@@ -249,10 +249,13 @@ def _body(body: dict, served: str, limits: Limits, cls: type, thinking: int | No
             raise bad("stream_options", "is only allowed with stream: true")
         include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
     seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
+    mode = body.get("logprobs_mode", "raw")
+    if mode not in LOGPROBS_MODES:
+        raise bad("logprobs_mode", f"expected one of {', '.join(LOGPROBS_MODES)}, got {_json_type(mode)}")
     params = SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0),
                             n=_int(body, "n", 1, 1, limits.max_n), seed=seed,
-                            max_thinking_tokens=thinking)
+                            max_thinking_tokens=thinking, logprobs_mode=mode)
     return cls(model=model, params=params, stop=stop, stream=stream, include_usage=include_usage, **extra)
 
 
