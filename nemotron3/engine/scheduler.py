@@ -10,11 +10,8 @@ RL rollouts (through the Engine) use it too, so the drafter and verify, the thin
 tokens and statistics live here once. `on_event(Event)` is called with each step's new tokens of a request (one,
 or up to k + 1 with speculation), their log-probabilities when asked for, and at the end a `finish` reason.
 
-One step (docs/serving.md §3)
------------------------------
-The cache has `rows` slots. The rows that are decoding are kept in a prefix [0, n) of it (`HybridCache.prefix`),
-so the fast decoder (engine/decode.py), which runs every row of the cache it is given, decodes exactly them, in
-place, while other rows are being prefilled. A step:
+One step (docs/serving.md §3). The decoding rows are kept in a prefix [0, n) of the cache (`HybridCache.prefix`),
+so the fast decoder (engine/decode.py), which runs every row it is given, decodes exactly them, in place:
 
 1. applies the cancellations and admits waiting requests into free slots (rows >= n), first come first served;
 2. decodes the prefix: one token per row, or one MTP speculative round per row (engine/speculative.py), each row
@@ -29,85 +26,25 @@ place, while other rows are being prefilled. A step:
    (their tokens discarded) or rolling back their whole speculative round, so shapes stay fixed (compile).
 
 Each row decodes what it would alone: padding and chunking are exact (docs/inference.md §2) and a row samples
-from its own uniform stream, `row_stream(seed, stream_index)`, one uniform per token, 2k + 1 per speculative round
-(column 0 draws the first token), so a seeded request's tokens depend only on (seed, stream index, prompt).
+from its own stream, `row_stream(seed, stream_index)`: one uniform per token, 2k + 1 per speculative round.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
-from nemotron3.engine.params import SamplingParams, speculative_config
-from nemotron3.engine.sampling import fresh_seed, log_law, row_stream, sample
+from nemotron3.engine.params import speculative_config
+from nemotron3.engine.requests import Event, Request, Seq, row_laws, sample_rows, token_logprobs_of
 from nemotron3.engine.speculative import Drafter, speculative_round, uniforms_per_round
-from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
+from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.model.hybrid import HybridLM
-
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
-
-@dataclass
-class Request:
-    """One sequence to generate. `stream_index`: which row stream of the seed it samples from (choice i of n uses
-    stream i, as row i of `Engine.generate([prompt] * n, params)`). `constrain(tokens) -> (n, token)`: a hook told
-    the request's new tokens in order, which may keep the first n and replace the last by `token` (the thinking
-    budget is one, engine/thinking.py)."""
-
-    prompt: list[int]
-    params: SamplingParams
-    stream_index: int = 0
-    constrain: Callable[[list[int]], tuple[int, int | None]] | None = None
-
-
-@dataclass
-class Event:
-    """What one step produced for one request."""
-
-    tokens: list[int]
-    logprobs: list[float] | None = None  # each token's log-probability (params.logprobs_mode)
-    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the most likely (id, logprob)
-    finish: str | None = None  # one of FINISH_REASONS on the request's last event
-    accepted: int | None = None  # speculative round: drafts accepted (the row emitted accepted + 1)
-
-
-@dataclass(eq=False)
-class Seq:
-    """A submitted request's state (the handle `submit` returns)."""
-
-    req: Request
-    on_event: Callable[[Event], None]
-    max_tokens: int
-    uniforms: torch.Tensor | None
-    stops: frozenset[int]
-    budget: ThinkingBudget | None
-    group: list[Seq] = field(default_factory=list)
-    row: int = -1
-    prefilled: int = 0  # prompt tokens in the cache
-    tail: tuple | None = None  # the last prompt chunk, until the group joins: (start, hidden (c, H), ids (c,))
-    produced: int = 0
-    rounds: int = 0
-    done: bool = False
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.req.params
-
-    def cut(self, tokens: list[int]) -> tuple[int, int | None]:
-        """The request's hook (its own, else its thinking budget's) on its new tokens: (keep n, forced token)."""
-        if self.req.constrain is not None:
-            return self.req.constrain(tokens)
-        return (len(tokens), None) if self.budget is None else self.budget(0, tokens)
 
 
 class Scheduler:
@@ -196,17 +133,9 @@ class Scheduler:
         """Queue requests that join the decoding batch together (module docstring, step 3)."""
         group: list[Seq] = []
         for req, on_event in items:
-            new, p = self.check(req), req.params
-            uniforms = None
-            if not p.greedy:
-                seed = p.seed if p.seed is not None else fresh_seed()
-                steps = 1 + new * uniforms_per_round(self.k) if self.k else new
-                uniforms = row_stream(seed, req.stream_index, steps, self.device)
-            stops = frozenset(self.config.eos_token_ids if p.stop_token_ids is None else p.stop_token_ids)
-            budget = None
-            if p.max_thinking_tokens is not None:
-                budget = ThinkingBudget(self.think_tokens, [p.max_thinking_tokens], [req.prompt], p.thinking_grace)
-            group.append(Seq(req, on_event, new, uniforms, stops, budget, group))
+            steps = self.check(req)
+            group.append(Seq.build(req, on_event, steps, self.k, self.config.eos_token_ids, self.think_tokens,
+                                   self.device, group))
         with self._wake:
             self._inbox.extend(("submit", seq) for seq in group)
             self._wake.notify()
@@ -229,12 +158,6 @@ class Scheduler:
 
     def idle(self) -> bool:
         return not self.waiting and not self._inbox and self.running == 0
-
-    def weights_updated(self) -> None:
-        """The model's weights changed without bumping version counters (a fused optimizer step): the fast
-        decoder's fused copies are rebuilt before the next request is admitted."""
-        if self.fast is not None:
-            self.fast._versions = None  # never equal to a signature: stale
 
     # ------------------------------------------------------------------ the worker thread
     def start(self) -> None:
@@ -344,38 +267,6 @@ class Scheduler:
             self._prefixes[n] = self.cache.prefix(n)
         return self._prefixes[n]
 
-    # ------------------------------------------------------------------ sampling, per row
-    @staticmethod
-    def _groups(seqs: list[Seq]) -> dict[tuple, tuple[SamplingParams, list[int]]]:
-        """Rows with the same sampling law, by (temperature, top_k, top_p); every greedy row in one."""
-        groups: dict[tuple, tuple[SamplingParams, list[int]]] = {}
-        for i, s in enumerate(seqs):
-            p = s.params
-            key = (0.0, 0, 1.0) if p.greedy else (float(p.temperature), p.top_k, float(p.top_p))
-            groups.setdefault(key, (p, []))[1].append(i)
-        return groups
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Seq], column: list[int]) -> list[int]:
-        """logits (b, V), row i's uniform at column[i] of its stream -> tokens."""
-        out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-        for p, idx in self._groups(seqs).values():
-            u = None if p.greedy else torch.stack([seqs[i].uniforms[column[i]] for i in idx])
-            out[idx] = sample(logits[idx], p.temperature, p.top_k, p.top_p, u)
-        return out.tolist()
-
-    def _laws(self, seqs: list[Seq]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """logits (b, ..., V) -> each row's sampling law; None when every row is greedy."""
-        groups = self._groups(seqs)
-        if list(groups) == [(0.0, 0, 1.0)]:
-            return None
-
-        def laws(logits: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-            for p, idx in groups.values():
-                out[idx] = p.probs(logits[idx])
-            return out
-        return laws
-
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> logits (..., V) fp32."""
         return self.drafter.logits(hidden) if self.k else self.model.lm_head(hidden).float()
@@ -397,15 +288,8 @@ class Scheduler:
         seq.produced += len(tokens)
         finish = "stop" if tokens and tokens[-1] in seq.stops else "length" if seq.produced >= seq.max_tokens else None
         ev = Event(tokens, finish=finish, accepted=accepted)
-        p = seq.params
-        if p.logprobs is not None and tokens:
-            lp = log_law(logits[: len(tokens)], p.temperature, p.top_k, p.top_p, p.logprobs_mode)  # (t, V)
-            ev.logprobs = lp[torch.arange(len(tokens), device=lp.device),
-                             torch.tensor(tokens, device=lp.device)].tolist()
-            ev.top_logprobs = [[] for _ in tokens]
-            if p.logprobs:
-                v, i = lp.topk(min(p.logprobs, lp.shape[-1]), dim=-1)
-                ev.top_logprobs = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+        if seq.params.logprobs is not None and tokens:
+            ev.logprobs, ev.top_logprobs = token_logprobs_of(logits[: len(tokens)], tokens, seq.params)
         self.stats["decode_tokens"] += len(tokens)
         if finish is not None:
             self._end(seq)
@@ -466,7 +350,7 @@ class Scheduler:
         self.stats["forward_passes"] += 1
         live = [i for i, s in enumerate(seqs) if not s.done]
         tokens = self.x[:n].tolist()  # a finished row of a static batch reads its last token again
-        for i, t in zip(live, self._sample(logits[live], [seqs[i] for i in live], [seqs[i].produced for i in live])):
+        for i, t in zip(live, sample_rows(logits[live], [seqs[i] for i in live], [seqs[i].produced for i in live])):
             forced = seqs[i].cut([t])[1]  # a forced </think> replaces the token and is what the row reads next
             tokens[i] = t if forced is None else forced
         self.x[:n] = torch.tensor(tokens, device=self.device)
@@ -483,7 +367,7 @@ class Scheduler:
         done = [s.done for s in seqs]
         out, accepted, logits, new = speculative_round(
             self.drafter, self._prefix(n), self.x[:n].clone(), self.h1[:n], self.mtp_start[:n].clone(), k,
-            self._laws(seqs), u, done, lambda b, row: seqs[b].cut(row))
+            row_laws(seqs), u, done, lambda b, row: seqs[b].cut(row))
         self.x[:n], self.h1[:n], self.mtp_start[:n] = new
         s = self.stats
         s["forward_passes"] += 1
@@ -531,7 +415,7 @@ class Scheduler:
         ready.sort(key=lambda s: (s.group[0].submitted, s.group.index(s)))
         if ready:
             logits = self._head(torch.stack([s.tail[1][-1] for s in ready]))  # (b, V)
-            first = self._sample(logits, ready, [0] * len(ready))
+            first = sample_rows(logits, ready, [0] * len(ready))
             for j, seq in enumerate(ready):
                 forced = seq.cut(first[j : j + 1])[1]
                 first[j] = first[j] if forced is None else forced
