@@ -149,10 +149,10 @@ class Nemotron3LM(TemplateLM):
         for start in range(0, len(order), bs):
             chunk = order[start: start + bs]
             width = len(rows[chunk[0]][0])
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
-            h = self.model.hidden_states(ids.to(self._device))
+            # right-padded with 0: causal attention, so a row's positions never see its padding
+            ids = torch.tensor([rows[i][0] + [0] * (width - len(rows[i][0])) for i in chunk], dtype=torch.long,
+                               device=self._device)  # (rows, width)
+            h = self.model.hidden_states(ids)
             for r, i in enumerate(chunk):
                 inp, cont = rows[i]
                 n = len(cont)

@@ -49,7 +49,8 @@ class RLRun:
         if not (Path(source) / "config.json").is_file():
             raise ConfigError(f"model (--model) {source} is not a checkpoint folder (no config.json)")
         self.tokenizer = Tokenizer.load(source)
-        self.model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite)
+        self.model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite,
+                                     dequantize=True)  # trained: dense weights (packed layers are inference-only)
         self.N, self.G = cfg.group_sizes()
         self.prompts = FilePrompts(cfg.data, cfg.seed) if cfg.data else TaskPrompts(cfg.families or None,
                                                                                     cfg.difficulty, cfg.seed)
@@ -68,7 +69,8 @@ class RLRun:
                              think_tokens=ThinkTokens.from_tokenizer(self.tokenizer.tk))
         self.reference = None
         if cfg.beta > 0:  # the frozen starting policy; on resume, the run's --model
-            self.reference = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite)
+            self.reference = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite,
+                                             dequantize=True)
             self.reference.eval().requires_grad_(False)
         self.opt = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.sched = WSD(cfg.lr, cfg.steps, cfg.warmup, 0.0, 1.0, "linear")
