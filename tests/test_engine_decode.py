@@ -110,13 +110,14 @@ def test_in_place_weight_updates_are_noticed():
 
 
 def test_unsupported_models_fall_back_to_the_reference_path():
-    model = build(nemotron3.ModelConfig.preset("tiny").to_hf()).to(torch.bfloat16)
+    # fp16: a dtype the fast path does not decode (fp32 and bf16 it does, tests/test_decode_bf16.py)
+    model = build(nemotron3.ModelConfig.preset("tiny").to_hf()).to(torch.float16)
     assert not FastDecoder.supports(model)
     engine = nemotron3.Engine(model)
     assert engine.fast is None
     out = engine.generate([[1, 2, 3]], 3, stop_token_ids=[])
     assert out.stats["path"] == "reference"
-    with torch.no_grad():  # the tokens of greedy decoding by full forwards (no cache), in the same bf16
+    with torch.no_grad():  # the tokens of greedy decoding by full forwards (no cache), in the same fp16
         assert out.tokens[0] == greedy_generate_reference(model, [1, 2, 3], 3, set())
 
 

@@ -26,8 +26,14 @@ sizes a CPU decodes.
 
 `FastDecoder.supports(model)` is False, and the Engine uses the reference path, for models the steps do
 not cover: layers swapped for quantized ones (quant/convert.py; they are not plain `nn.Linear`s), dtypes
-other than fp32, and projection biases (`mlp_bias` / `use_bias`, which the Nemotron 3 checkpoints do not
-use, so the steps do not carry them).
+other than fp32 and bf16, and projection biases (`mlp_bias` / `use_bias`, which the Nemotron 3 checkpoints do
+not use, so the steps do not carry them).
+
+bf16 models (docs/inference.md §6) decode in bf16 (weights, residual stream, KV cache) with the arithmetic
+that accumulates in fp32: the Mamba conv, dt, SSM state and gated norm, the router and the MoE combination,
+every norm's statistics, and the logits (an fp32 copy of the LM head over the bf16 final hidden state). One-row
+steps on a CPU switch oneDNN off so that bf16 matmuls take torch's GEMV (model/packing.py). `pack` replaces
+the dense weights by packed ones, e.g. per-channel int8 (quant/int8.py), for a separately measured variant.
 """
 
 from __future__ import annotations
@@ -43,17 +49,20 @@ from nemotron3.model.hybrid import HybridLM
 from nemotron3.model.mamba2 import Mamba2Step
 from nemotron3.model.moe import MoEStep
 from nemotron3.model.norms import MLPStep
+from nemotron3.model.packing import Packer, gemv_only, mm, nbytes, pack_weight
+
+DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the fast path decodes
 
 
-def _layer_step(block: nn.Module, config, traceable: bool):
+def _layer_step(block: nn.Module, config, traceable: bool, pack: Packer | None):
     """The fused step of one Block's mixer."""
     if block.kind == "M":
-        return Mamba2Step(block.mixer, config.layer_norm_epsilon)
+        return Mamba2Step(block.mixer, config.layer_norm_epsilon, pack)
     if block.kind == "*":
-        return AttentionStep(block.mixer)
+        return AttentionStep(block.mixer, pack)
     if block.kind == "E":
-        return MoEStep(block.mixer, config, traceable)
-    return MLPStep(block.mixer)
+        return MoEStep(block.mixer, config, traceable, pack)
+    return MLPStep(block.mixer, pack)
 
 
 @dataclass
@@ -62,7 +71,7 @@ class _MTPSteps:
 
     enorm: torch.Tensor
     hnorm: torch.Tensor
-    w_eh_t: torch.Tensor  # (2H, H)
+    w_eh_t: object  # 2H -> H (packing.py)
     layers: list  # (cache layer index, pre-norm weight, step)
     final_norm: torch.Tensor
 
@@ -71,30 +80,38 @@ class FastDecoder:
     """`step(tokens, cache, n_keys, uniform)` -> logits (B, V): the next token of every cache row.
 
     traceable=True selects the variant written for `torch.compile` (no host sync: MoEStep's traceable
-    path).
+    path). `pack`: how the steps store their weight matrices (model/packing.py; None: dense, in the model's
+    dtype); quant/int8.py's `Int8Weight` gives the int8 weight-only variant.
     """
 
-    def __init__(self, model: HybridLM, traceable: bool = False) -> None:
+    def __init__(self, model: HybridLM, traceable: bool = False, pack: Packer | None = None) -> None:
         if not self.supports(model):
-            raise ValueError(
-                "FastDecoder needs an fp32 HybridLM of plain nn.Linear layers without biases; use the reference path")
+            raise ValueError("FastDecoder needs an fp32 or bf16 HybridLM of plain nn.Linear layers without "
+                             "biases; use the reference path")
         self.model = model
         self.config = model.config
         self.traceable = traceable
+        self.pack = pack
         self.eps = model.config.layer_norm_epsilon
+        self.dtype = model.lm_head.weight.dtype  # the activations' (and the cache's) dtype
+        # one-row bf16 steps on a CPU: oneDNN off, torch's bf16 GEMV on (model/packing.py)
+        self._gemv = self.dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu" and not traceable
         self._build()
 
     @staticmethod
     def supports(model: HybridLM) -> bool:
-        """Plain fp32 modules without projection biases or projection hooks only (quantized or bf16 models,
-        models built with `mlp_bias` / `use_bias`, and hooked projections, run the reference cached path)."""
+        """Plain fp32 or bf16 modules without projection biases or projection hooks only (quantized models,
+        models built with `mlp_bias` / `use_bias`, hooked projections and other dtypes run the reference cached
+        path). The weight matrices share one dtype; vectors (norms, A_log, D, biases) may be fp32 or it."""
         for mod in model.modules():
             if isinstance(mod, nn.Linear) and (type(mod) is not nn.Linear or mod.bias is not None
                                                or mod._forward_pre_hooks or mod._forward_hooks):
                 return False  # a hook on a projection (activation quantization): the fused steps would skip it
             if mod.__dict__.get("gemm_quantizer") is not None:
                 return False
-        return all(p.dtype == torch.float32 for p in model.parameters())
+        dtype = model.lm_head.weight.dtype
+        return dtype in DTYPES and all(p.dtype in (dtype, torch.float32) and (p.dim() < 2 or p.dtype == dtype)
+                                       for p in model.parameters())
 
     def _signature(self) -> tuple:
         """(identity, version) of every weight, and the identity of every module: changes when a weight is
@@ -110,22 +127,49 @@ class FastDecoder:
 
     @torch.no_grad()
     def _build(self) -> None:
-        model, c = self.model, self.config
+        model, c, dt, pack = self.model, self.config, self.dtype, self.pack
         self.emb = model.backbone.embeddings.weight
-        self.norm_f = model.backbone.norm_f.weight
-        self.head_t = model.lm_head.weight.t().contiguous()  # (H, V)
-        self.layers = [(i, b.norm.weight, _layer_step(b, c, self.traceable))
+        self.norm_f = model.backbone.norm_f.weight.to(dt)
+        self.head_t = model.lm_head.weight.float().t().contiguous()  # (H, V) fp32: the logits are fp32
+        self.layers = [(i, b.norm.weight.to(dt), _layer_step(b, c, self.traceable, pack))
                        for i, b in enumerate(model.backbone.layers)]
         self.mtp_modules: list[_MTPSteps] = []
         if model.mtp is not None:
             for module in model.mtp.modules_:
                 first, last, base = module.layers[0], module.layers[-1], module.first_cache_layer
                 self.mtp_modules.append(_MTPSteps(
-                    first.enorm.weight, first.hnorm.weight, first.eh_proj.weight.t().contiguous(),
-                    [(base + j, b.norm.weight, _layer_step(b, c, self.traceable))
+                    first.enorm.weight.to(dt), first.hnorm.weight.to(dt), pack_weight(first.eh_proj.weight, pack),
+                    [(base + j, b.norm.weight.to(dt), _layer_step(b, c, self.traceable, pack))
                      for j, b in enumerate(module.layers)],
-                    last.final_layernorm.weight))
+                    last.final_layernorm.weight.to(dt)))
         self._versions = self._signature()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights the decode step reads (embedding, steps, norms, fp32 head), each storage once:
+        in fp32 the fused copies, in bf16 mostly the model's own tensors, with `pack` the packed ones."""
+        seen, total = set(), 0
+
+        def add(v) -> None:
+            nonlocal total
+            if isinstance(v, torch.Tensor):
+                key = v.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += v.untyped_storage().nbytes()
+            elif isinstance(v, (list, tuple)):
+                for u in v:
+                    add(u)
+            elif v is not None and hasattr(v, "mm"):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    total += nbytes(v)
+
+        add([self.emb, self.norm_f, self.head_t])
+        for _, norm, step in self.layers + [x for m in self.mtp_modules for x in m.layers]:
+            add([norm] + list(vars(step).values()))
+        for m in self.mtp_modules:
+            add([m.enorm, m.hnorm, m.w_eh_t, m.final_norm])
+        return total
 
     def refresh(self) -> None:
         """Rebuild the fused copies from the model's current weights."""
@@ -152,7 +196,8 @@ class FastDecoder:
         rollback ring. `commit` advances the lengths (cache.commit).
         """
         view = cache.begin_all(tokens.shape[1], n_keys, uniform)
-        h = self._run(F.embedding(tokens.reshape(-1), self.emb), self.layers, view)  # (B·t, H)
+        with gemv_only(self._gemv and tokens.numel() == 1):
+            h = self._run(F.embedding(tokens.reshape(-1), self.emb), self.layers, view)  # (B·t, H)
         if commit:
             cache.commit(view)
         return self._norm(h, self.norm_f)
@@ -161,7 +206,7 @@ class FastDecoder:
     def step(self, tokens: torch.Tensor, cache, n_keys: int | None = None, uniform: bool = False) -> torch.Tensor:
         """tokens (B,) -> logits (B, V) fp32; appends one token to every row. The caller advances
         `cache.lengths` (the Engine does it once per step, outside a compiled region)."""
-        return torch.mm(self.forward(tokens[:, None], cache, n_keys, uniform, commit=False), self.head_t)
+        return self.logits(self.forward(tokens[:, None], cache, n_keys, uniform, commit=False))
 
     @torch.no_grad()
     def mtp(self, prev_hidden: torch.Tensor, tokens: torch.Tensor, cache, start: torch.Tensor,
@@ -172,9 +217,12 @@ class FastDecoder:
         t = tokens.shape[1]
         view = cache.begin_all(t, None if self.traceable else int(start.max()) + t, False, start=start)
         emb = F.embedding(tokens.reshape(-1), self.emb)
-        u = torch.mm(torch.cat([self._norm(emb, m.enorm), self._norm(prev_hidden, m.hnorm)], dim=-1), m.w_eh_t)
-        return self._norm(self._run(u, m.layers, view), m.final_norm)
+        prev = self._norm(prev_hidden.to(self.dtype), m.hnorm)
+        with gemv_only(self._gemv and tokens.numel() == 1):
+            u = mm(torch.cat([self._norm(emb, m.enorm), prev], dim=-1), m.w_eh_t)
+            u = self._run(u, m.layers, view)
+        return self._norm(u, m.final_norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> logits (..., V) fp32."""
-        return torch.matmul(hidden, self.head_t)
+        """hidden (..., H) -> logits (..., V) fp32 (the bf16 hidden state times the fp32 head)."""
+        return torch.matmul(hidden.float(), self.head_t)

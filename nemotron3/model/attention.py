@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron3.config import ModelConfig
+from nemotron3.model.packing import Packer, addmm, mm, pack_weight
 from nemotron3.model.state import StateSpec
 
 SCORE_BUDGET = 1 << 24  # attention scores materialised at once by forward_cached (64 MB in fp32)
@@ -86,20 +87,20 @@ class AttentionStep:
     under `cache.mask` (None: every row at the same length, one token, no mask needed).
     """
 
-    def __init__(self, mixer: Attention) -> None:
+    def __init__(self, mixer: Attention, pack: Packer | None = None) -> None:
         m = mixer
         self.hq, self.hk, self.d = m.num_heads, m.num_kv_heads, m.head_dim
-        self.w_qkv_t = torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]).t().contiguous()  # (H, ·)
-        self.w_o_t = m.o_proj.weight.t().contiguous()  # (hq·d, H)
+        self.w_qkv_t = pack_weight(torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]), pack)  # H -> ·
+        self.w_o_t = pack_weight(m.o_proj.weight, pack)  # hq·d -> H
 
     def __call__(self, h: torch.Tensor, x: torch.Tensor, cache) -> torch.Tensor:
         hq, hk, d, t = self.hq, self.hk, self.d, cache.t
         B = h.shape[0] // t
-        qkv = torch.mm(x, self.w_qkv_t).view(B, t, (hq + 2 * hk) * d)
+        qkv = mm(x, self.w_qkv_t).view(B, t, (hq + 2 * hk) * d)
         q = qkv[..., : hq * d].view(B, t, hq, d).transpose(1, 2)  # (B, hq, t, d)
         k = qkv[..., hq * d : (hq + hk) * d].view(B, t, hk, d)
         v = qkv[..., (hq + hk) * d :].view(B, t, hk, d)
         keys, values = cache.append("key", k), cache.append("value", v)  # (B, hk, n, d)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, scale=d**-0.5,
                                            enable_gqa=hq != hk)  # (B, hq, t, d)
-        return torch.addmm(h, y.transpose(1, 2).reshape(B * t, hq * d), self.w_o_t)
+        return addmm(h, y.transpose(1, 2).reshape(B * t, hq * d), self.w_o_t)

@@ -42,6 +42,7 @@ from torch import nn
 from nemotron3.config import ModelConfig
 from nemotron3.model.conv import causal_conv1d
 from nemotron3.model.norms import GatedRMSNorm
+from nemotron3.model.packing import Packer, addmm, mm, pack_weight
 from nemotron3.model.ssd import ssd_chunked, ssd_step
 from nemotron3.model.state import StateSpec
 
@@ -182,22 +183,25 @@ class Mamba2Step:
     float summation order (tests/test_engine_decode.py).
     """
 
-    def __init__(self, mixer: Mamba2Mixer, eps: float) -> None:
-        def transposed(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> contiguous (in, out): x @ Wᵀ
-            return w.t().contiguous()
-
+    def __init__(self, mixer: Mamba2Mixer, eps: float, pack: Packer | None = None) -> None:
         m = mixer
         self.d_inner, self.conv_dim, self.K = m.d_inner, m.conv_dim, m.conv_kernel
         self.heads, self.groups, self.p, self.n = m.num_heads, m.n_groups, m.head_dim, m.state_size
         self.eps = eps
-        self.w_in_t = transposed(m.in_proj.weight)  # (H, d_inner + C + h)
+        dtype = m.in_proj.weight.dtype  # the activations' dtype: fp32, or bf16 with the SSM arithmetic in fp32
+        self.exact = dtype == torch.float32 and pack is None  # fp32: dt_bias folded into the addmm's bias
+        self.w_in_t = pack_weight(m.in_proj.weight, pack)  # x · W_inᵀ: (d_inner + C + h) outputs
         dev = m.dt_bias.device  # the model's device: the fused copies live beside its weights
-        self.in_bias = torch.cat([torch.zeros(m.d_inner + m.conv_dim, device=dev), m.dt_bias.float()])  # dt_bias
-        self.conv_w = m.conv1d.weight[:, 0].contiguous()  # (C, K)
-        self.conv_b = m.conv1d.bias if m.conv1d.bias is not None else torch.zeros(m.conv_dim, device=dev)
+        self.dt_bias = m.dt_bias.float()
+        self.in_bias = torch.cat([torch.zeros(m.d_inner + m.conv_dim, device=dev), self.dt_bias]) if self.exact \
+            else None  # dt_bias inside the fp32 addmm; otherwise added to dt in fp32
+        self.conv_w = m.conv1d.weight[:, 0].float().contiguous()  # (C, K): the conv runs in fp32
+        self.conv_b = m.conv1d.bias.float() if m.conv1d.bias is not None else torch.zeros(m.conv_dim, device=dev)
         self.A = -torch.exp(m.A_log.float())  # (h,)
-        self.D = m.D
-        self.w_out_t = m.norm.weight[:, None] * transposed(m.out_proj.weight)  # (d_inner, H), gated norm's weight
+        self.D = m.D.float()
+        # the gated norm's weight folded into out_proj's columns, in fp32, rounded once to the weights' dtype
+        self.w_out_t = pack_weight(m.out_proj.weight.float() * m.norm.weight.float()[None, :], pack, dtype)
+        self.dtype = dtype
         self.dt_min, self.dt_max = m.dt_min, m.dt_max
 
     def __call__(self, h: torch.Tensor, x: torch.Tensor, cache) -> torch.Tensor:
@@ -205,8 +209,12 @@ class Mamba2Step:
         nh, g, p, n = self.heads, self.groups, self.p, self.n
         B = h.shape[0] // t
         conv_state, state = cache.read("conv"), cache.read("ssm")  # (B, C, K-1), (B, h, p, n)
-        zxbcdt = torch.addmm(self.in_bias, x, self.w_in_t)  # (B·t, d_inner + C + h), dt_bias already added
-        z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + C], zxbcdt[:, di + C :]
+        if self.exact:
+            zxbcdt = torch.addmm(self.in_bias, x, self.w_in_t)  # (B·t, d_inner + C + h), dt_bias already added
+            z, xbc, dt = zxbcdt[:, :di], zxbcdt[:, di : di + C], zxbcdt[:, di + C :]
+        else:  # bf16 / packed: z, xBC in the activations' dtype (xBC is what the conv state stores), dt in fp32
+            zxbcdt = mm(x, self.w_in_t)
+            z, xbc, dt = zxbcdt[:, :di].float(), zxbcdt[:, di : di + C], zxbcdt[:, di + C :].float() + self.dt_bias
         if t == 1:
             window = torch.cat([conv_state, xbc[:, :, None]], dim=-1)  # (B, C, K)
             conv_state.copy_(window[:, :, 1:])
@@ -244,4 +252,4 @@ class Mamba2Step:
         y = y.reshape(B * t, nh, p).addcmul_(xs.reshape(B * t, nh, p), self.D[:, None]).view(B * t, di)  # + D·x
         y = y * F.silu(z)  # gated RMSNorm: gate, normalise per group (its weight is folded into w_out_t)
         y = F.rms_norm(y.view(B * t, g, di // g), (di // g,), None, self.eps).view(B * t, di)
-        return torch.addmm(h, y, self.w_out_t)
+        return addmm(h, y.to(self.dtype), self.w_out_t)

@@ -35,6 +35,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.model.norms import MLP, relu2
+from nemotron3.model.packing import Packer, addmm, mm, pack_weight
 from nemotron3.model.state import StateSpec
 
 
@@ -187,10 +188,7 @@ class MoEStep:
     for `torch.compile` (see the module docstring).
     """
 
-    def __init__(self, mixer: MoE, config: ModelConfig, traceable: bool = False) -> None:
-        def transposed(w: torch.Tensor) -> torch.Tensor:
-            return w.t().contiguous()
-
+    def __init__(self, mixer: MoE, config: ModelConfig, traceable: bool = False, pack: Packer | None = None) -> None:
         m, c = mixer, config
         self.traceable = traceable
         self.E, self.k = c.n_routed_experts, c.num_experts_per_tok
@@ -198,39 +196,60 @@ class MoEStep:
         self.n_group, self.topk_group = c.n_group, c.topk_group
         self.padded_min_pairs = 2 * c.n_routed_experts
         self.latent, self.shared = m.fc1_latent_proj is not None, m.shared_experts is not None
-        ins = [m.gate.weight] + ([m.fc1_latent_proj.weight] if self.latent else [])
+        self.dtype = dtype = m.experts.up_proj.dtype  # the activations' dtype
+        self.exact = dtype == torch.float32 and pack is None
+        if pack is not None and traceable:
+            raise ValueError("MoEStep: packed (int8) expert weights have no traceable (torch.compile) variant")
+        ins = [m.gate.weight] if self.exact else []  # bf16 / packed: the router runs apart, in fp32
+        ins += [m.fc1_latent_proj.weight] if self.latent else []
         ins += [m.shared_experts.up_proj.weight] if self.shared else []
         outs = [m.fc2_latent_proj.weight] if self.latent else []
         outs += [m.shared_experts.down_proj.weight] if self.shared else []
-        self.w_in_t = transposed(torch.cat(ins))  # (H, E [+ ℓ] [+ I_s]): router | fc1_latent | shared up
-        self.w_out_t = transposed(torch.cat(outs, dim=1)) if outs else None  # (ℓ + I_s, H)
-        self.up, self.down = m.experts.up_proj, m.experts.down_proj  # (E, I, ℓ), (E, ℓ, I): the model's own
-        E, inter, ell = self.up.shape
+        self.w_router_t = None if self.exact else m.gate.weight.float().t().contiguous()  # (H, E) fp32
+        self.off = self.E if self.exact else 0  # where the latent | shared-up columns start in the fused output
+        # router | fc1_latent | shared up (fp32), fc1_latent | shared up (bf16 / packed)
+        self.w_in_t = pack_weight(torch.cat(ins), pack) if ins else None
+        self.w_out_t = pack_weight(torch.cat(outs, dim=1), pack) if outs else None  # (ℓ + I_s) -> H
+        up, down = m.experts.up_proj, m.experts.down_proj  # (E, I, ℓ), (E, ℓ, I): the model's own
+        self.up, self.down = (up, down) if traceable else (None, None)  # read by the traceable variant only
+        E, inter, ell = up.shape
         self.inter, self.ell = inter, ell
-        self.up_blocks = self.up.transpose(1, 2).contiguous()  # (E, ℓ, I): one contiguous block per expert
-        self.down_t = self.down.transpose(1, 2).reshape(E * inter, ell).contiguous()  # (E·I, ℓ)
-        self.down_blocks = self.down_t.view(E, inter, ell)
+        if self.exact:  # fp32: contiguous (in, out) copies, MKL's layout
+            self.up_blocks = up.transpose(1, 2).contiguous()  # (E, ℓ, I): one contiguous block per expert
+            self.down_t = down.transpose(1, 2).reshape(E * inter, ell).contiguous()  # (E·I, ℓ)
+            self.down_blocks = self.down_t.view(E, inter, ell)
+        else:  # bf16: views of the model's own tensors (packing.py); packed: per-expert packed weights
+            self.up_blocks, self.down_blocks = up.transpose(1, 2), down.transpose(1, 2)
+            self.down_t = self.down_blocks.reshape(E * inter, ell) if traceable else None
         self.up_t = self.up_blocks.permute(1, 0, 2).reshape(ell, E * inter) if traceable else None  # dense form
-        self.up_e, self.down_e = list(self.up_blocks.unbind(0)), list(self.down_blocks.unbind(0))
+        if pack is None:
+            self.up_e, self.down_e = list(self.up_blocks.unbind(0)), list(self.down_blocks.unbind(0))
+        else:  # no batched form: the padded path runs grouped
+            self.up_e, self.down_e = [pack(w) for w in up.unbind(0)], [pack(w) for w in down.unbind(0)]
+            self.padded_min_pairs = float("inf")
         self.correction_bias = m.gate.e_score_correction_bias  # (E,) steers the selection only
 
     def __call__(self, h: torch.Tensor, x: torch.Tensor, cache=None) -> torch.Tensor:
-        N, E, k, inter, ell = h.shape[0], self.E, self.k, self.inter, self.ell
-        fused = torch.mm(x, self.w_in_t)  # (N, E + ℓ + I_s): router logits | latent input | shared up_proj
-        scores = torch.sigmoid(fused[:, :E])  # (N, E)
+        N, E, k, inter, ell, o = h.shape[0], self.E, self.k, self.inter, self.ell, self.off
+        # router logits | latent input | shared up_proj (fp32); latent | shared up (bf16 / packed)
+        fused = mm(x, self.w_in_t) if self.w_in_t is not None else None
+        scores = torch.sigmoid(fused[:, :E] if self.exact else torch.mm(x.float(), self.w_router_t))  # (N, E) fp32
         if self.n_group > 1:  # rare: the reference router's group-limited selection rule
             idx = self._grouped_topk(scores + self.correction_bias)
         else:
             idx = torch.topk(scores + self.correction_bias, k, dim=-1, sorted=False).indices  # (N, k)
         w = scores.gather(1, idx)  # (N, k) router weights of the chosen experts, not yet normalised
-        z = fused[:, E : E + ell] if self.latent else x  # (N, ℓ)
+        z = fused[:, o : o + ell] if self.latent else x  # (N, ℓ)
         if N * k < E and not self.traceable:  # few (token, expert) pairs: one GEMV pair each, chosen experts only
-            y = torch.zeros(N, ell, device=z.device)
+            y = torch.zeros(N, ell, device=z.device)  # fp32: the combination accumulates in fp32
             for b, (experts, ws) in enumerate(zip(idx.tolist(), w.tolist())):  # weights normalised on the host
                 scale = self.scaling / (sum(ws) + 1e-20) if self.norm_topk else self.scaling
                 zb, yb = z[b : b + 1], y[b : b + 1]
                 for e, we in zip(experts, ws):
-                    yb.addmm_(torch.mm(zb, self.up_e[e]).relu_().square_(), self.down_e[e], alpha=we * scale)
+                    if self.exact:
+                        yb.addmm_(torch.mm(zb, self.up_e[e]).relu_().square_(), self.down_e[e], alpha=we * scale)
+                    else:
+                        yb.add_(mm(mm(zb, self.up_e[e]).relu_().square_(), self.down_e[e]), alpha=we * scale)
             return self._out(h, fused, y)
         if self.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -241,7 +260,7 @@ class MoEStep:
             out = (self.down[flat] * hid[:, None, :]).sum(-1).view(N, k, ell)
             y = (out * w[:, :, None]).sum(1)  # (N, ℓ)
         elif self.traceable:  # compiled, many more tokens: every expert for every token, weight 0 where not chosen
-            dense_w = torch.zeros(N, E, device=w.device).scatter_(1, idx, w)  # (N, E)
+            dense_w = torch.zeros(N, E, device=w.device).scatter_(1, idx, w).to(self.dtype)  # (N, E)
             hid = torch.mm(z, self.up_t).relu_().square_().view(N, E, inter)  # (N, E, I)
             y = torch.mm((hid * dense_w[:, :, None]).view(N, E * inter), self.down_t)  # (N, ℓ)
         elif N * k < self.padded_min_pairs:  # several tokens: one GEMM pair per chosen expert on its tokens
@@ -261,8 +280,8 @@ class MoEStep:
         outs = []
         for e, zs in enumerate(z.index_select(0, rows).split(counts)):
             if counts[e]:
-                outs.append(torch.mm(torch.mm(zs, self.up_e[e]).relu_().square_(), self.down_e[e]))
-        ys = torch.cat(outs).mul_(w.reshape(-1)[order, None])  # (N·k, ℓ)
+                outs.append(mm(mm(zs, self.up_e[e]).relu_().square_(), self.down_e[e]))
+        ys = torch.cat(outs).float().mul_(w.reshape(-1)[order, None])  # (N·k, ℓ) fp32
         return torch.zeros(N, z.shape[1], device=z.device).index_add_(0, rows, ys)
 
     def _experts_padded(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -285,16 +304,17 @@ class MoEStep:
         Y = torch.bmm(torch.bmm(X, self.up_blocks).relu_().square_(), self.down_blocks)  # (E, m, ℓ)
         return (Y[flat, pos].view(N, k, ell) * w[:, :, None]).sum(1)
 
-    def _out(self, h: torch.Tensor, fused: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _out(self, h: torch.Tensor, fused: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         """Residual + fc2_latent_proj(y) + shared expert, as one addmm over [y | relu²(shared up)]."""
-        E, ell = self.E, self.ell
+        o, ell = self.off, self.ell
+        y = y.to(self.dtype)  # the routed output, accumulated in fp32
         if self.w_out_t is None:
             return h + y
         if not self.latent:  # plain MoE: the routed output is already in H; w_out is the shared down_proj
-            return torch.addmm(h + y, fused[:, E:].relu().square_(), self.w_out_t)
+            return addmm(h + y, fused[:, o:].relu().square_(), self.w_out_t)
         if self.shared:
-            y = torch.cat([y, fused[:, E + ell :].relu().square_()], dim=1)  # (N, ℓ + I_s)
-        return torch.addmm(h, y, self.w_out_t)
+            y = torch.cat([y, fused[:, o + ell :].relu().square_()], dim=1)  # (N, ℓ + I_s)
+        return addmm(h, y, self.w_out_t)
 
     def _grouped_topk(self, choice: torch.Tensor) -> torch.Tensor:
         N = choice.shape[0]

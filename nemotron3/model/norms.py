@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron3.model.packing import Packer, addmm, mm, pack_weight
+
 
 class RMSNorm(nn.Module):
     """y = weight · x / sqrt(mean(x²) + eps), computed in fp32 and cast back to the input dtype."""
@@ -77,9 +79,9 @@ class MLP(nn.Module):
 class MLPStep:
     """The fused dense layer of the fast decoder: `step(h, x, cache)` -> h + down(relu(up(x))²), x (N, H)."""
 
-    def __init__(self, mlp: MLP) -> None:
-        self.w_up_t = mlp.up_proj.weight.t().contiguous()
-        self.w_down_t = mlp.down_proj.weight.t().contiguous()
+    def __init__(self, mlp: MLP, pack: Packer | None = None) -> None:
+        self.w_up_t = pack_weight(mlp.up_proj.weight, pack)
+        self.w_down_t = pack_weight(mlp.down_proj.weight, pack)
 
     def __call__(self, h: torch.Tensor, x: torch.Tensor, cache=None) -> torch.Tensor:
-        return torch.addmm(h, torch.mm(x, self.w_up_t).relu_().square_(), self.w_down_t)
+        return addmm(h, mm(x, self.w_up_t).relu_().square_(), self.w_down_t)
