@@ -120,12 +120,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 seeds x 12 steps of 8 x 64, contexts 1k/8k")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768, 65536])
     ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192], help="prefill lengths timed")
-    ap.add_argument("--max-batch", type=int, default=32, help="cap of the timed large batch")
+    ap.add_argument("--max-batch", type=int, default=8, help="cap of the timed large batch (8 rows of 64k-token "
+                    "attention cache are 2 GB)")
     ap.add_argument("--steps-timed", type=int, default=12, help="decode steps timed per point")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=common.ROOT / "runs/claims/hybrid_vs_attention")
@@ -176,7 +177,7 @@ def main() -> None:
                      f"| {p[n]['active']:,} | {common.fmt(heldout[n], 4)} |")
     t = common.paired_test(heldout["hybrid"], heldout["attention"])
     lines += ["", f"held-out loss, hybrid - attention (paired by seed): {common.test_text(t)}", "",
-              "| context | cache MB/seq hybrid | attention | ratio | largest batch in 8 GB hybrid / attention | "
+              "| context | cache MiB/seq hybrid | attention | ratio | largest batch in 8 GB hybrid / attention | "
               "decode tok/s b=1 hybrid / attention (ratio) | timed batch | decode tok/s hybrid / attention (ratio) |",
               "|---|---|---|---|---|---|---|---|"]
     for ctx, cb, big, timed, s1, sb in rows:
@@ -198,7 +199,7 @@ def main() -> None:
         axes[0].plot(ctxs, [r[1][n] / 2**20 for r in rows], "o-", color=f"C{i}", label=n)
         axes[1].plot(ctxs, [r[4][n] for r in rows], "o-", color=f"C{i}", label=f"{n}, batch 1")
         axes[1].plot(ctxs, [r[5][n] for r in rows], "s--", color=f"C{i}", label=f"{n}, batch ≤ {args.max_batch}")
-    for ax, title, ylabel in ((axes[0], "cache per sequence (counted)", "MB (fp32)"),
+    for ax, title, ylabel in ((axes[0], "cache per sequence (counted)", "MiB (fp32)"),
                               (axes[1], "decode throughput (noisy)", "tok/s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -6,8 +6,8 @@ beats GRPO at a matched rollout budget, partly by delaying the collapse of the p
     .venv/bin/python benchmarks/claims/igrpo.py                            # full; builds the SFT checkpoint first
 
 The starting checkpoint: `--model` (an SFT checkpoint), or one built here with the ordinary stages,
-`nemotron3 pretrain` then `nemotron3 sft` at their defaults (quick: a few steps each), into OUT/base/ and
-reused by later invocations.
+`nemotron3 pretrain` at its defaults then `nemotron3 sft` for `--base-sft-steps` (100; its default is 300) steps
+(quick: a few steps each), into OUT/base/ and reused by later invocations.
 
 Runs: for each rollout budget B (`--budgets`, sampled completions per prompt) and each seed, one `nemotron3 rl`
 run per algorithm from that checkpoint, the same steps, prompts (fixed by seed and step) and sampling settings:
@@ -38,8 +38,9 @@ ALGOS = ("grpo", "igrpo")
 PAPER_SIGN = +1  # iGRPO higher exact match
 
 
-def base_checkpoint(out: Path, quick: bool) -> Path:
-    """An SFT checkpoint built by the ordinary stages (pretrain, then sft) into out/, reused when present."""
+def base_checkpoint(out: Path, quick: bool, sft_steps: int = 100) -> Path:
+    """An SFT checkpoint built by the ordinary stages (pretrain at its defaults, then `sft_steps` of sft) into
+    out/; a finished pretraining or SFT run there is reused."""
     from rich.console import Console
 
     from nemotron3.pretrain import PretrainConfig, pretrain
@@ -48,10 +49,13 @@ def base_checkpoint(out: Path, quick: bool) -> Path:
     final = out / "sft" / "final"
     if (final / "config.json").is_file():
         return final
-    small = dict(steps=30, batch_size=8, seq_len=128, eval_problems=0) if quick else {}
     common.say(f"building the starting checkpoint in {out} (pretrain, then sft) ...")
-    pre = pretrain(PretrainConfig(out=out / "pretrain", overwrite=True, log_every=10**6, **small), Console(quiet=True))
-    sft_small = dict(steps=10, batch_size=8, eval_problems=0) if quick else {}
+    pre = out / "pretrain" / "final"
+    if not (out / "pretrain" / "summary.json").is_file():
+        small = dict(steps=30, batch_size=8, seq_len=128, eval_problems=0) if quick else {}
+        pre = pretrain(PretrainConfig(out=out / "pretrain", overwrite=True, log_every=10**6, **small),
+                       Console(quiet=True))
+    sft_small = dict(steps=10, batch_size=8, eval_problems=0) if quick else dict(steps=sft_steps)
     return sft(SFTConfig(model=pre, out=out / "sft", overwrite=True, log_every=10**6, **sft_small), Console(quiet=True))
 
 
@@ -81,13 +85,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 2 steps, budgets 4 and 8 (a smoke test)")
     ap.add_argument("--model", type=Path, default=None, help="SFT checkpoint (default: build one in OUT/base)")
+    ap.add_argument("--base-sft-steps", type=int, default=100, help="SFT steps of the checkpoint built without --model")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="completions per prompt, both algorithms")
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-completion-length", type=int, default=128)
-    ap.add_argument("--eval-problems", type=int, default=30, help="held-out problems per family")
+    ap.add_argument("--eval-problems", type=int, default=20, help="held-out problems per family")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=common.ROOT / "runs/claims/igrpo")
     ap.add_argument("--plot", type=Path, default=None, help="PNG path (default: OUT/igrpo.png)")
@@ -99,7 +104,7 @@ def main() -> None:
         if b < 2 or b % 2:
             ap.error(f"--budgets: {b} is not an even number >= 2 (iGRPO splits a budget into drafts and refinements)")
     common.set_threads(args.threads)
-    model = args.model or base_checkpoint(args.out / "base", args.quick)
+    model = args.model or base_checkpoint(args.out / "base", args.quick, args.base_sft_steps)
     t0 = time.perf_counter()
     res: dict[tuple[str, int], list[dict]] = {(a, b): [] for b in args.budgets for a in ALGOS}
     for seed in range(args.seeds):
