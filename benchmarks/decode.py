@@ -1,6 +1,7 @@
 """Generation speed of the nemotron3 Engine against transformers' `generate`, same T9 weights, one run.
 
     python benchmarks/decode.py [--repeats 5] [--compile] [--long 65536] [--threads N] [--llama-cpp [f32|bf16]]
+                                [--dtype fp32|bf16|int8] [--trained CHECKPOINT]
 
 Builds the T9 benchmark model with transformers (seed 0), saves it, loads the same weights into
 nemotron3, and prints:
@@ -20,6 +21,7 @@ the model cast to bf16, so both sides are at the same precision.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ from t9 import T9_CONFIG, t9_hf_config
 
 import nemotron3
 from nemotron3.engine.cache import HybridCache, cache_size
+from nemotron3.engine.decode import FastDecoder
+from nemotron3.quant.int8 import Int8Weight
 
 # llama.cpp's CPU build on the same T9 weights, 2 threads, this machine class (docs/results.md, Peers): a figure
 # measured separately, not in this run, so the ratio against it is only indicative
@@ -70,6 +74,53 @@ def llama_cpp_model(folder: Path, outtype: str, threads: int, n_ctx: int):
                            verbose=False)
 
 
+def fast_greedy(model, fast: FastDecoder, ids: torch.Tensor, n: int, forced: list | None = None):
+    """Prefill ids (B, P) on the reference path, then n greedy steps on `fast` (or the `forced` tokens of row 0
+    for every row): (row 0's tokens, logits (n, V) of row 0, seconds of the steps alone)."""
+    B, P = ids.shape
+    cache = HybridCache(model.config, B, P + n + 1, model.lm_head.weight.dtype, include_mtp=False)
+    toks, logits = [], []
+    with torch.inference_mode():
+        tok = model(ids, cache=cache, last_only=True)[:, -1].float().argmax(-1)
+        t0 = time.perf_counter()
+        for i in range(n):
+            if forced is not None:
+                tok = torch.full((B,), forced[i])
+            toks.append(int(tok[0]))
+            lg = fast.step(tok, cache, P + i + 1, True)
+            cache.lengths += 1
+            logits.append(lg[0])
+            tok = lg.argmax(-1)
+        return toks, torch.stack(logits), time.perf_counter() - t0
+
+
+def precisions(base, label: str, prompt: torch.Tensor, B: int, n: int, repeats: int) -> None:
+    """fp32 / bf16 / int8 weight-only fast decoders of one fp32 model: batch-1 and batch-B decode tok/s (steps
+    alone, best of `repeats`, alternated), weight bytes, greedy agreement with fp32 over n tokens (the first
+    position where they part) and the max logit difference along fp32's greedy tokens (teacher-forced)."""
+    m16 = copy.deepcopy(base).to(torch.bfloat16)
+    variants = {"fp32": (base, FastDecoder(base)), "bf16": (m16, FastDecoder(m16)),
+                "int8": (m16, FastDecoder(m16, pack=Int8Weight))}
+    batch = prompt.expand(B, -1).contiguous()
+    best = {(k, b): float("inf") for k in variants for b in (1, B)}
+    for _ in range(repeats):
+        for k, (m, f) in variants.items():
+            for b, ids in ((1, prompt), (B, batch)):
+                best[k, b] = min(best[k, b], fast_greedy(m, f, ids, n)[2])
+    ref, ref_logits, _ = fast_greedy(base, variants["fp32"][1], prompt, n)
+    scale = float(ref_logits.abs().max())
+    print(f"\nprecision of the fast decoder, {label}: steps alone, best of {repeats}, {n} new tokens; agreement and "
+          f"logits against fp32 (max |logit| {scale:.1f})")
+    for k, (m, f) in variants.items():
+        toks, _, _ = fast_greedy(m, f, prompt, n)
+        _, forced_logits, _ = fast_greedy(m, f, prompt, n, forced=ref)
+        part = next((i for i, (a, c) in enumerate(zip(toks, ref)) if a != c), None)
+        d = float((forced_logits - ref_logits).abs().max())
+        print(f"  {k}: batch 1 {n / best[k, 1]:7,.0f} tok/s, batch {B} {B * n / best[k, B]:7,.0f} tok/s; weights "
+              f"{f.weight_bytes() / 2**20:6.2f} MiB; greedy {'identical' if part is None else f'parts at {part}'}"
+              f" ({sum(a == c for a, c in zip(toks, ref))}/{n} positions equal); max logit diff {d:.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=T9_CONFIG)
@@ -82,6 +133,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--llama-cpp", nargs="?", const="f32", default=None, choices=sorted(OUTTYPES),
                     help="also time llama-cpp-python on a GGUF export of the same weights, at this precision")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default=None,
+                    help="our engine's weights (int8: weight-only, bf16 activations); default fp32, or --llama-cpp's")
+    ap.add_argument("--trained", type=Path, default=None,
+                    help="a checkpoint folder: the precision table again on trained weights (greedy agreement)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,7 +149,9 @@ def main() -> None:
     tmpdir = tempfile.TemporaryDirectory()
     tmp = tmpdir.name
     hf.save_pretrained(tmp)
-    ours = nemotron3.load_pretrained(tmp, dtype=OUTTYPES[args.llama_cpp] if args.llama_cpp else None)
+    dtype = OUTTYPES[args.llama_cpp] if args.llama_cpp else None
+    dtype = torch.bfloat16 if args.dtype in ("bf16", "int8") else torch.float32 if args.dtype else dtype
+    ours = nemotron3.load_pretrained(tmp, dtype=dtype)
     llm = (llama_cpp_model(Path(tmp), args.llama_cpp, args.threads, args.prompt_len + args.new + 8)
            if args.llama_cpp else None)
     V = ours.config.vocab_size
@@ -102,6 +159,10 @@ def main() -> None:
 
     prompt = torch.randint(0, V, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     engine = nemotron3.Engine(ours, max_seq_len=max(8192, args.long) + 8)
+    if args.dtype == "int8":  # the engine's fast decoder swapped for the int8 weight-only one
+        engine.fast = FastDecoder(ours, pack=Int8Weight)
+    print(f"our engine: {args.dtype or str(ours.lm_head.weight.dtype).split('.')[-1]} weights, "
+          f"{'fast' if engine.fast is not None else 'reference'} decode path")
     n = args.new
 
     def run_hf():
@@ -171,7 +232,7 @@ def main() -> None:
     print("matrix products and attention kernels alone, benchmarks/gemm_floor.py)")
     step_ms = {}
     for rows in (1, B):
-        c = HybridCache(ours.config, rows, 512, include_mtp=False)
+        c = HybridCache(ours.config, rows, 512, ours.lm_head.weight.dtype, include_mtp=False)
         with torch.inference_mode():
             ours(torch.randint(0, V, (rows, 100)), cache=c)
         tok = torch.randint(0, V, (rows,))
@@ -191,6 +252,13 @@ def main() -> None:
         if rows == B:
             print(f"  batch-{B} over batch-1 throughput, steps alone: {B * step_ms[1] / step_ms[B]:.1f}x; "
                   f"with the batch-{B} step at its GEMM floor it would be {B * step_ms[1] / (floor * 1e3):.1f}x")
+
+    precisions(nemotron3.load_pretrained(tmp), "T9, random weights", prompt, B, n, max(3, args.repeats // 2))
+    if args.trained:
+        trained = nemotron3.load_pretrained(args.trained)
+        V2 = trained.config.vocab_size
+        p = torch.randint(0, V2, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+        precisions(trained, f"trained {args.trained}", p, B, n, max(3, args.repeats // 2))
 
     # prefill
     print("\nprefill (one prompt, engine segments of 2048 tokens)")

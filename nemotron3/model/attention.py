@@ -92,6 +92,10 @@ class AttentionStep:
         self.hq, self.hk, self.d = m.num_heads, m.num_kv_heads, m.head_dim
         self.w_qkv_t = pack_weight(torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]), pack)  # H -> ·
         self.w_o_t = pack_weight(m.o_proj.weight, pack)  # hq·d -> H
+        # bf16 on a CPU: torch's bf16 SDPA kernel is several times slower at decode than two bf16 bmm's with the
+        # softmax in fp32 between them (measured, docs/inference.md §6)
+        w = m.q_proj.weight
+        self.bmm = w.dtype == torch.bfloat16 and w.device.type == "cpu"
 
     def __call__(self, h: torch.Tensor, x: torch.Tensor, cache) -> torch.Tensor:
         hq, hk, d, t = self.hq, self.hk, self.d, cache.t
@@ -101,6 +105,13 @@ class AttentionStep:
         k = qkv[..., hq * d : (hq + hk) * d].view(B, t, hk, d)
         v = qkv[..., (hq + hk) * d :].view(B, t, hk, d)
         keys, values = cache.append("key", k), cache.append("value", v)  # (B, hk, n, d)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, scale=d**-0.5,
-                                           enable_gqa=hq != hk)  # (B, hq, t, d)
+        if self.bmm:  # query head h reads kv head h // (hq / hk): group the queries by kv head
+            r = hq // hk
+            s = torch.matmul(q.reshape(B, hk, r * t, d), keys.transpose(-1, -2)).float().mul_(d**-0.5)
+            if cache.mask is not None:  # (B, 1, t, n) -> (B, 1, 1, t, n) over the r heads of a group
+                s = s.view(B, hk, r, t, -1).masked_fill_(~cache.mask[:, :, None], float("-inf")).view(B, hk, r * t, -1)
+            y = torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), values).view(B, hq, t, d)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, scale=d**-0.5,
+                                               enable_gqa=hq != hk)  # (B, hq, t, d)
         return addmm(h, y.transpose(1, 2).reshape(B * t, hq * d), self.w_o_t)

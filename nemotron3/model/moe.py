@@ -218,9 +218,11 @@ class MoEStep:
             self.up_blocks = up.transpose(1, 2).contiguous()  # (E, ℓ, I): one contiguous block per expert
             self.down_t = down.transpose(1, 2).reshape(E * inter, ell).contiguous()  # (E·I, ℓ)
             self.down_blocks = self.down_t.view(E, inter, ell)
-        else:  # bf16: views of the model's own tensors (packing.py); packed: per-expert packed weights
+        elif pack is None:  # bf16: views of the model's own tensors (packing.py)
             self.up_blocks, self.down_blocks = up.transpose(1, 2), down.transpose(1, 2)
             self.down_t = self.down_blocks.reshape(E * inter, ell) if traceable else None
+        else:  # packed: per-expert packed weights only (below)
+            self.up_blocks = self.down_blocks = self.down_t = None
         self.up_t = self.up_blocks.permute(1, 0, 2).reshape(ell, E * inter) if traceable else None  # dense form
         if pack is None:
             self.up_e, self.down_e = list(self.up_blocks.unbind(0)), list(self.down_blocks.unbind(0))
