@@ -110,3 +110,81 @@ class StubTokenizer:
 @pytest.fixture(params=sorted(TINY_HF_CONFIGS))
 def tiny_hf_config(request) -> tuple[str, dict]:
     return request.param, TINY_HF_CONFIGS[request.param]
+
+
+@pytest.fixture
+def one_thread():
+    """Decode-sized ops gain nothing from a second thread, and on a machine whose cores are busy with other work every
+    OpenMP barrier waits for the slowest thread; restored after each test. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_from_hf_config(hf_cfg: dict, seed: int = 0):
+    """A HybridLM built from a transformers-style config dict, eval mode, with randomize_'s weights."""
+    import nemotron3
+
+    config = nemotron3.ModelConfig.from_hf(dict(hf_cfg, model_type="nemotron_h"))
+    torch.manual_seed(seed)
+    model = nemotron3.HybridLM(config).eval()
+    randomize_(model, seed)
+    return model
+
+
+def tiny_mtp_model(vocab: int | None = None, seed: int = 0):
+    """The `tiny` preset (it has an MTP block, *E), eval mode, randomize_'s weights; `vocab` overrides vocab_size."""
+    import nemotron3
+
+    config = nemotron3.ModelConfig.preset("tiny")
+    if vocab is not None:
+        config = config.replace(vocab_size=vocab)
+    torch.manual_seed(seed)
+    model = nemotron3.HybridLM(config).eval()
+    randomize_(model, seed)
+    return model
+
+
+TINY_PROMPTS = [list(range(3, 40)), [5, 6, 7], list(range(100, 120))]  # three prompts of uneven lengths
+
+
+def small_model(vocab: int, seed: int = 0):
+    """A narrower `tiny` (hidden 64, 8 experts): what a pretraining run's final/ looks like, fast to train."""
+    import dataclasses
+
+    from nemotron3 import HybridLM, ModelConfig
+
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=vocab, hidden_size=64, num_attention_heads=2,
+                              head_dim=32, mamba_num_heads=4, moe_latent_size=32, n_routed_experts=8)
+    return HybridLM(cfg)
+
+
+def tiny_moe_config(**kw):
+    """One LatentMoE layer (pattern E) small enough to check against a per-token loop."""
+    from nemotron3 import ModelConfig
+
+    base = dict(pattern="E", hidden_size=32, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
+                moe_shared_expert_intermediate_size=24, moe_latent_size=12, routed_scaling_factor=2.5, vocab_size=10)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+EVAL_TEXT = "What is 7 * 6? It is 42. The answer is B. Paris is the capital of France.\n"
+
+
+def eval_checkpoint(folder, seed: int = 0):
+    """A tiny random model saved with nemotron3's own tokenizer (the chat format's special tokens)."""
+    import nemotron3
+    from nemotron3.train.tokenizer import Tokenizer
+
+    tk = Tokenizer.train([EVAL_TEXT] * 50, vocab_size=300)
+    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
+    torch.manual_seed(seed)
+    model = nemotron3.HybridLM(config)
+    randomize_(model, seed)
+    nemotron3.save_pretrained(model, folder)
+    tk.save(folder)
+    return model.eval(), tk

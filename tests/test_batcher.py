@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.engine.params import SamplingParams
@@ -20,6 +19,8 @@ from nemotron3.engine.scheduler import Event
 from nemotron3.engine.scheduler import Request as _Request
 from nemotron3.engine.scheduler import Scheduler as Batcher
 from nemotron3.engine.thinking import ThinkTokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def Request(prompt, max_new_tokens, stream_index=0, **kw):

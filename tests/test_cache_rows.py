@@ -14,10 +14,11 @@ import random
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.engine.cache import HybridCache, cache_layer_kinds, cache_size, layer_specs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = nemotron3.ModelConfig.preset("tiny")  # pattern MEM*EME, MTP *E: cache layers M E M * E M E * E
 KINDS = list(CONFIG.pattern + CONFIG.mtp_pattern)

@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import randomize_
 from rich.console import Console
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3 import chat
 from nemotron3.chat_cli import ChatConfig, chat_session
 from nemotron3.cli import main
 from nemotron3.train.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

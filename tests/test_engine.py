@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_HF_CONFIGS, randomize_
-from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
+from conftest import model_from_hf_config as build
 
 import nemotron3
 from nemotron3.engine.sampling import row_uniforms, sample, sample_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 transformers = pytest.importorskip("transformers")
 

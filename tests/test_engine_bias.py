@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.engine.decode import FastDecoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
     # Mamba in/out_proj, LatentMoE fc1/fc2_latent_proj and shared expert, attention; an MTP block (*E)

@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
-from test_engine_speculative import PROMPTS, _model
+from conftest import TINY_PROMPTS as PROMPTS
+from conftest import tiny_mtp_model as _model
 
 import nemotron3
 from nemotron3.engine.sampling import filtered_probs
 from nemotron3.engine.thinking import ThinkTokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,15 @@ import itertools
 
 import pytest
 import torch
-from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
+from conftest import TINY_PROMPTS as PROMPTS
+from conftest import tiny_mtp_model as _model
 
 import nemotron3
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.engine.sampling import filtered_probs
 
-
-def _model(vocab: int | None = None, seed: int = 0) -> nemotron3.HybridLM:
-    config = nemotron3.ModelConfig.preset("tiny")  # has an MTP block (*E)
-    if vocab is not None:
-        config = config.replace(vocab_size=vocab)
-    torch.manual_seed(seed)
-    model = nemotron3.HybridLM(config).eval()
-    randomize_(model, seed)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +28,6 @@ def model():
 
 
 # the first prompt crosses the 16-token prefill chunks twice
-PROMPTS = [list(range(3, 40)), [5, 6, 7], list(range(100, 120))]
-
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_greedy_speculation_gives_the_greedy_tokens(model, fast):
     engine = nemotron3.Engine(model, prefill_chunk=16, fast=fast)

@@ -11,30 +11,14 @@ from itertools import combinations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import eval_checkpoint as build_checkpoint
 
-import nemotron3
 from nemotron3 import chat
 from nemotron3.cli import main
 from nemotron3.eval.code import run_tests
 from nemotron3.eval.data import load_items
 from nemotron3.eval.extract import answer_part, extract, grade
 from nemotron3.eval.metrics import mean_stderr, pass_at_k, summarize
-from nemotron3.train.tokenizer import Tokenizer
-
-TEXT = "What is 7 * 6? It is 42. The answer is B. Paris is the capital of France.\n"
-
-
-def build_checkpoint(folder, seed: int = 0):
-    """A tiny random model with nemotron3's own tokenizer (the chat format's special tokens)."""
-    tk = Tokenizer.train([TEXT] * 50, vocab_size=300)
-    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
-    torch.manual_seed(seed)
-    model = nemotron3.HybridLM(config)
-    randomize_(model, seed)
-    nemotron3.save_pretrained(model, folder)
-    tk.save(folder)
-    return model.eval(), tk
 
 
 @pytest.fixture(scope="module")

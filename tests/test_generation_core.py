@@ -19,7 +19,6 @@ import pytest
 import serving as sc
 import torch
 from serving import Running
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3 import chat
@@ -27,6 +26,8 @@ from nemotron3.engine.params import SamplingParams, default_speculative_tokens, 
 from nemotron3.engine.text import encode_prompt, load_tokenizer
 from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.serve import ServeConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 3
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from conftest import eval_checkpoint as build_checkpoint
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
-from test_eval import build_checkpoint
 
 import nemotron3.eval.harness  # noqa: F401  (registers the model)
 from nemotron3.cli import main

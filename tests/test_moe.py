@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import tiny_moe_config
 
-from nemotron3 import ModelConfig
 from nemotron3.model.moe import MoE, TopKRouter
-
-
-def tiny_moe_config(**kw) -> ModelConfig:
-    base = dict(pattern="E", hidden_size=32, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
-                moe_shared_expert_intermediate_size=24, moe_latent_size=12, routed_scaling_factor=2.5, vocab_size=10)
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def test_grouped_experts_equal_the_token_by_token_reference():

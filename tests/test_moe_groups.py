@@ -9,7 +9,7 @@ fast decoder's fused MoE step (`MoEStep`) must follow it.
 from __future__ import annotations
 
 import torch
-from test_moe import tiny_moe_config
+from conftest import tiny_moe_config
 
 from nemotron3.model.moe import MoE, MoEStep, TopKRouter
 

@@ -8,7 +8,6 @@ import collections
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.engine.params import SamplingParams
@@ -16,6 +15,8 @@ from nemotron3.rl.loss import completion_logprobs
 from nemotron3.rl.rollout import rollout as _rollout
 from nemotron3.train import data as train_data
 from nemotron3.train.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
-from test_sft import small_model
+from conftest import randomize_, small_model
 
 from nemotron3 import load_pretrained
 from nemotron3.cli import main
@@ -22,6 +20,8 @@ from nemotron3.rl.rewards import RewardError
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
 from nemotron3.train.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A reward with variance on a random model (the parity of the first completion token), and a switch that makes it
 # fail at its n-th call, as a flaky remote judge would.

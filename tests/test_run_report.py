@@ -62,7 +62,7 @@ def _codec(x: torch.Tensor, input_global_scale: torch.Tensor) -> torch.Tensor:
 def _explicit_w4a4(folder) -> torch.nn.Module:
     """The weights-only load of an nvfp4 checkpoint with every quantized GEMM's input sent through the NVFP4
     codec by hand: an independent W4A4 reference."""
-    model = nemotron3.load_pretrained(folder, dtype=torch.float32)
+    model = nemotron3.load_pretrained(folder, dtype=torch.float32, dequantize=True)  # decoded, hooks added here
     disk = load_file(str(folder / "model.safetensors"))
     scales = {k.removesuffix(".input_global_scale"): v for k, v in disk.items() if k.endswith(".input_global_scale")}
     assert scales
@@ -110,7 +110,7 @@ def test_w4a4_generation_quantizes_activations_at_every_step(tmp_path):
 
 # ----------------------------------------------------------------------------------------- the RL curve
 def test_rl_evaluates_held_out_on_a_subset_between_before_and_after(tmp_path, monkeypatch):
-    from test_sft import small_model
+    from conftest import small_model
 
     from nemotron3.rl import grpo as grpo_mod
     from nemotron3.train import checkpoint
@@ -130,7 +130,7 @@ def test_rl_evaluates_held_out_on_a_subset_between_before_and_after(tmp_path, mo
     monkeypatch.setattr(grpo_mod, "accuracy_by_mode", recorded)
     cfg = grpo_mod.GRPOConfig(model=ckpt, out=tmp_path / "rl", steps=4, prompts_per_step=2, num_generations=2,
                               max_completion_length=6, families=["add"], eval_problems=3, eval_every=1,
-                              eval_every_problems=1, log_every=100, speculative=-1)
+                              eval_every_problems=1, log_every=100)
     grpo_mod.grpo(cfg, Console(file=io.StringIO()))
     assert calls == [3, 1, 1, 1, 3]                  # full before, the subset at steps 1-3, full after
     held = [r for r in map(json.loads, (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines())

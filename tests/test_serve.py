@@ -24,12 +24,13 @@ import pytest
 import serving as sc
 import torch
 from serving import Running
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3 import chat
 from nemotron3.engine.text import encode_prompt, load_tokenizer
 from nemotron3.serve import ServeConfig, build_server
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 openai = pytest.importorskip("openai")
 

@@ -19,13 +19,14 @@ import pytest
 import serving as sc
 from prometheus_client.parser import text_string_to_metric_families
 from serving import Running
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3 import chat
 from nemotron3.engine.text import encode_prompt, load_tokenizer
 from nemotron3.serve import ServeConfig
 from nemotron3.serve.protocol import MAX_DEPTH
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 GOOD = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

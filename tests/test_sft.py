@@ -4,16 +4,15 @@ and the exact match by reasoning mode against hand-built chat prompts."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, small_model
 
-from nemotron3 import HybridLM, ModelConfig, chat, load_pretrained, tasks
+from nemotron3 import chat, load_pretrained, tasks
 from nemotron3.cli import main
 from nemotron3.evaluate import accuracy_by_mode, budget_supported, greedy_generate_reference
 from nemotron3.pretrain import PretrainConfig
@@ -24,13 +23,6 @@ from nemotron3.train.tokenizer import Tokenizer
 
 FAST = ["--steps", "8", "--batch-size", "4", "--conversations", "48", "--eval-every", "4", "--save-every", "4",
         "--heldout-task-problems", "12", "--log-every", "100"]
-
-
-def small_model(vocab: int, seed: int = 0) -> HybridLM:
-    torch.manual_seed(seed)
-    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=vocab, hidden_size=64, num_attention_heads=2,
-                              head_dim=32, mamba_num_heads=4, moe_latent_size=32, n_routed_experts=8)
-    return HybridLM(cfg)
 
 
 @pytest.fixture(scope="module")

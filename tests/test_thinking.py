@@ -14,10 +14,11 @@ import math
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.engine.thinking import ThinkingBudget, ThinkTokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 THINK, END = 5, 6
 
