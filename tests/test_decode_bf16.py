@@ -23,13 +23,14 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_HF_CONFIGS
-from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
+from conftest import TINY_HF_CONFIGS, model_from_hf_config
 
 import nemotron3
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.quant.int8 import Int8Weight, quantize_int8
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 U = 2.0**-9  # bf16's unit roundoff
 
@@ -66,7 +67,7 @@ def decode(model, fast: FastDecoder | None, lens: list[int], steps: int = 6, see
 
 
 def pair(cfg: dict, seed: int = 1) -> tuple[nemotron3.HybridLM, nemotron3.HybridLM]:
-    m32 = decisive(build(cfg, seed=seed), seed)
+    m32 = decisive(model_from_hf_config(cfg, seed=seed), seed)
     return m32, copy.deepcopy(m32).to(torch.bfloat16)
 
 
@@ -96,7 +97,7 @@ def test_int8_fast_path_against_fp32(tiny_hf_config, lens):
 
 
 def test_engine_decodes_a_bf16_model_on_the_fast_path():
-    model = decisive(build(TINY_HF_CONFIGS["latent-2groups"], seed=3)).to(torch.bfloat16)
+    model = decisive(model_from_hf_config(TINY_HF_CONFIGS["latent-2groups"], seed=3)).to(torch.bfloat16)
     engine = nemotron3.Engine(model)
     out = engine.generate([[1, 2, 3], [4, 5, 6, 7, 8]], 4, stop_token_ids=[])
     assert out.stats["path"] == "fast"
@@ -106,7 +107,7 @@ def test_engine_decodes_a_bf16_model_on_the_fast_path():
 
 
 def test_other_dtypes_and_mixed_matrices_are_not_supported():
-    model = build(TINY_HF_CONFIGS["dense-mlp"])
+    model = model_from_hf_config(TINY_HF_CONFIGS["dense-mlp"])
     assert not FastDecoder.supports(copy.deepcopy(model).to(torch.float16))
     mixed = copy.deepcopy(model).to(torch.bfloat16)
     mixed.backbone.layers[0].mixer.in_proj.float()  # one fp32 matrix in a bf16 model
