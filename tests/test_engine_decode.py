@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_HF_CONFIGS
-from test_engine_model import build, one_thread  # noqa: F401  (autouse fixture)
+from conftest import model_from_hf_config as build
 
 import nemotron3
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.evaluate import greedy_generate_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_both(model, lens: list[int], steps: int = 6, seed: int = 0, traceable: bool = False, step_fn=None):

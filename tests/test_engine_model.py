@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_HF_CONFIGS, randomize_
+from conftest import TINY_HF_CONFIGS
+from conftest import model_from_hf_config as build
 
-import nemotron3
 from nemotron3.engine.cache import HybridCache
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decode-sized ops gain nothing from a second thread, and on a machine whose cores are busy with other
-    work every OpenMP barrier waits for the slowest thread; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def build(hf_cfg: dict, seed: int = 0) -> nemotron3.HybridLM:
-    config = nemotron3.ModelConfig.from_hf(dict(hf_cfg, model_type="nemotron_h"))
-    torch.manual_seed(seed)
-    model = nemotron3.HybridLM(config).eval()
-    randomize_(model, seed)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

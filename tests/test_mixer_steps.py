@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_
-from test_engine_model import one_thread  # noqa: F401  (autouse fixture)
 
 import nemotron3
 from nemotron3.engine.cache import HybridCache
@@ -19,6 +18,8 @@ from nemotron3.model.attention import AttentionStep
 from nemotron3.model.mamba2 import Mamba2Step
 from nemotron3.model.moe import MoEStep
 from nemotron3.model.norms import MLPStep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps(config):
