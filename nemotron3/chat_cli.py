@@ -37,7 +37,7 @@ from nemotron3 import chat
 from nemotron3.engine.folder import OpenFolder, open_folder
 from nemotron3.engine.params import SamplingParams
 from nemotron3.engine.text import TextStream, not_utf8
-from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, device_of, device_option, fail, option
 
 HELP = """commands: /think  /no_think  /budget N | /budget off  /reset  /help  /exit"""
 
@@ -62,6 +62,7 @@ class ChatConfig(StageConfig):
                                      "(default: the device's, engine/params.py: off on a CPU, where it was measured "
                                      "slower)", min=0, metavar="K")
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    device: str = device_option()
     threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
                                  "use)", min=1, max=CPU_COUNT)
     compile: bool = option(False, "torch.compile the decode step (slow first reply)")
@@ -171,10 +172,11 @@ def _reply(served: OpenFolder, cfg: ChatConfig, state: ChatState, turn: int, con
 def chat_session(cfg: ChatConfig, lines: Iterable[str], console: Console | None = None) -> list[dict]:
     """Run the chat over `lines` (the user's input, one turn or command per line); returns the conversation."""
     cfg.validate()
+    device = device_of(cfg)
     console = console or Console()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    served = open_folder(cfg.model, cfg.dtype, cfg.compile, strict_finite=cfg.strict_finite)
+    served = open_folder(cfg.model, cfg.dtype, cfg.compile, strict_finite=cfg.strict_finite, device=device)
     if served.tokenizer is None or served.tokenizer.token_to_id("<|im_start|>") is None:
         raise ConfigError(f"model (--model) {cfg.model}: chat needs a tokenizer.json with the chat tokens "
                           "(<|im_start|>, <|im_end|>, <think>, </think>)")

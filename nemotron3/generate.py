@@ -30,7 +30,7 @@ from nemotron3 import chat
 from nemotron3.engine.folder import open_folder
 from nemotron3.engine.params import SamplingParams
 from nemotron3.engine.text import TextStream, load_tokenizer, not_utf8
-from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, device_of, device_option, fail, option
 
 
 def parse_ids(text: str) -> list[int]:
@@ -59,6 +59,7 @@ class GenerateConfig(StageConfig):
     seed: int | None = option(None, "seed of the sampling streams (default: a fresh one)", min=0)
     no_stop: bool = option(False, "ignore the checkpoint's end-of-sequence ids")
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    device: str = device_option()
     threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
                                  "use)", min=1, max=CPU_COUNT)
     compile: bool = option(False, "torch.compile the decode step (slow first call)")
@@ -96,6 +97,7 @@ class GenerateResult:
 
 def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResult:
     """Generate from `cfg.model`; the new text (or ids) is written to `stream` as it comes, when given."""
+    device = device_of(cfg)  # first: a device this machine lacks is refused before anything is read
     folder = Path(cfg.model)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model (--model) {folder} is not a checkpoint folder (no config.json)")
@@ -103,7 +105,7 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
         raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    served = open_folder(folder, cfg.dtype, cfg.compile, strict_finite=cfg.strict_finite)
+    served = open_folder(folder, cfg.dtype, cfg.compile, strict_finite=cfg.strict_finite, device=device)
     if cfg.max_thinking_tokens is not None and not served.has_think:
         raise ConfigError(f"--max-thinking-tokens needs a tokenizer with <think> and </think> tokens ({folder})")
     tok = served.tokenizer

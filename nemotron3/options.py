@@ -52,6 +52,7 @@ def option(
     metavar: str | None = None,
     parse: typing.Callable[[str], Any] | None = None,
     infinite: bool = False,
+    check: typing.Callable[[Any], str | None] | None = None,
 ) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
@@ -60,9 +61,11 @@ def option(
     positional: a positional argument instead of a flag. parse: turns the flag's one string into the field's
     value (e.g. `"1,2,3"` -> [1, 2, 3]); its errors reach the user as they are. infinite: a float field that
     gives ±inf a meaning opts in with True (NaN is refused all the same); by default a float must be finite.
+    check: a value's own rule beyond these, `value -> None` when it holds, else what is wrong (in words), which
+    `check_fields` reports as `name (--flag) = value: words` (e.g. `device_option`'s `cuda:N` syntax).
     """
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices is not None else None,
-            "positional": positional, "metavar": metavar, "parse": parse, "infinite": infinite}
+            "positional": positional, "metavar": metavar, "parse": parse, "infinite": infinite, "check": check}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -207,6 +210,56 @@ def check_fields(obj: Any) -> None:
                 raise ConfigError(f"{describe(f)} = {item!r}: must be >= {lo}")
             if hi is not None and not item <= hi:
                 raise ConfigError(f"{describe(f)} = {item!r}: must be <= {hi}")
+            if f.metadata.get("check") is not None and (problem := f.metadata["check"](item)):
+                raise ConfigError(f"{describe(f)} = {item!r}: {problem}")
+
+
+DEVICE_KINDS = ("auto", "cpu", "cuda")  # what --device takes: one of these, or cuda:N
+
+
+def device_syntax(spec: str) -> str | None:
+    """None when `spec` is a --device value (`auto`, `cpu`, `cuda`, `cuda:N`), else what is wrong with it."""
+    kind, colon, index = spec.partition(":")
+    if spec in DEVICE_KINDS or (kind == "cuda" and colon and index.isdecimal() and index.isascii()):
+        return None
+    return "expected auto, cpu, cuda or cuda:N (N the GPU's index, e.g. cuda:0)"
+
+
+def device_option() -> Any:
+    """The one declaration of the `--device` field every computing stage has (`device: str = device_option()`):
+    checked at construction for its form (`device_syntax`), and turned into a torch.device by `resolve_device`
+    when the stage starts, which is where a device this machine lacks is refused (a configuration names a device
+    without being on it: a saved run is read back on any machine)."""
+    return option("auto", "where the model and its tensors live: auto (CUDA when torch.cuda.is_available(), else "
+                  "the CPU), cpu, cuda or cuda:N", metavar="auto|cpu|cuda[:N]", check=device_syntax)
+
+
+def resolve_device(spec: str) -> Any:
+    """The torch.device a `--device` value names on this machine: `auto` is the current CUDA device when
+    torch.cuda.is_available(), else the CPU; `cuda` / `cuda:N` without CUDA, or with N beyond the device count,
+    is a ConfigError naming --device (one line), before any model is built."""
+    import torch  # here, not at the top: options is the configs' layer and reads no tensors
+
+    if (problem := device_syntax(spec)) is not None:
+        raise ConfigError(f"device (--device) = {spec!r}: {problem}")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device (--device) = {spec!r}: CUDA is not available on this machine "
+                          "(torch.cuda.is_available() is False); use --device cpu or auto")
+    if spec in ("auto", "cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    index, count = int(spec.partition(":")[2]), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device (--device) = {spec!r}: this machine has {count} CUDA device"
+                          f"{'s' if count != 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return torch.device("cuda", index)
+
+
+def device_of(cfg: Any) -> Any:
+    """`resolve_device(cfg.device)`: the torch.device a stage's configuration puts its model on. Looked up in this
+    module at call time, so that a test can stand a device in for `resolve_device`."""
+    return resolve_device(cfg.device)
 
 
 def memory_bytes() -> int:

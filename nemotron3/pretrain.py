@@ -41,7 +41,7 @@ from nemotron3.config import ModelConfig
 from nemotron3.evaluate import task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.model import HybridLM
-from nemotron3.options import ConfigError, check_items, fail, option, restore_config, to_dict
+from nemotron3.options import ConfigError, check_items, device_of, fail, option, restore_config, to_dict
 from nemotron3.parallel import gathered
 from nemotron3.presets import PRESETS
 from nemotron3.train import checkpoint
@@ -58,7 +58,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # Fields that only decide what is saved, logged or reported: a resumed run may change them.
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems", "out",
-                      "resume", "dp_shard", "ep", "overwrite", "strict_finite")
+                      "resume", "dp_shard", "ep", "overwrite", "strict_finite", "device")
 
 
 @dataclass
@@ -187,6 +187,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore(cfg, resume.get("run", {}), ckpt)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
+    device_of(cfg)  # a device this machine lacks is refused before --out is touched
     checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, reads={
         "--config": Path(cfg.config) if Path(cfg.config).exists() else None, "--tokenizer": cfg.tokenizer,
         "--data": cfg.data})
@@ -196,22 +197,25 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
 
 def _pretrain(cfg: PretrainConfig, console: Console, ckpt: Path | None, resume: dict | None, rank: int,
               t_start: float) -> Path:
+    device = device_of(cfg)  # inside the process group: under torchrun, `auto` is this rank's own GPU
     torch.manual_seed(cfg.seed)
     config = ModelConfig.load(cfg.config)
     tokenizer, user, task_train, task_heldout = _corpus(cfg, console, Tokenizer.load(ckpt) if ckpt else None,
                                                         cfg.vocab_size or config.vocab_size)
     data, heldout = _packed(cfg, tokenizer, user, task_train, task_heldout)
     if ckpt:
-        model = load_pretrained(ckpt, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True)
+        model = load_pretrained(ckpt, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True,
+                                device=device)
     else:
         vocab = -(-tokenizer.vocab_size // 64) * 64  # the tokenizer's vocabulary, rounded up for the matmuls
         config = config.replace(vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                 pad_token_id=tokenizer.pad_id)
-        model = HybridLM(config)
+        model = HybridLM(config)  # initialised on the CPU, so a seed gives the same weights on any --device
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the model's vocab_size {model.config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
     if cfg.nvfp4:
         model = _convert_nvfp4(model, cfg.nvfp4_off, cfg.seed)
+    model = model.to(device)
     if cfg.compile:
         model.compile_mixers()
     baseline = unigram_baseline(data, heldout, tokenizer.vocab_size)

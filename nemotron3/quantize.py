@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from nemotron3 import folders, tasks
 from nemotron3.config import ModelConfig
 from nemotron3.hf import CheckpointError, _state_dict_for_disk, checkpoint_bytes, load_pretrained, quantization_config
-from nemotron3.options import StageConfig, fail, option
+from nemotron3.options import StageConfig, device_of, device_option, fail, option
 from nemotron3.quant import checkpoint as qckpt
 from nemotron3.train.tokenizer import Tokenizer
 
@@ -61,6 +61,7 @@ class QuantizeConfig(StageConfig):
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
     overwrite: bool = option(False, "replace the quantized checkpoint already in --out")
+    device: str = device_option()  # where the calibration forwards and the weights' encoding run
 
     def validate(self) -> None:
         super().validate()
@@ -102,11 +103,13 @@ def calibration_batches(tokenizer: Tokenizer, n: int) -> list[torch.Tensor]:
 def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
     """Write the quantized checkpoint; returns its folder."""
     console = console or Console()
+    device = device_of(cfg)
     folders.recover(cfg.out)  # a quantize killed mid-swap: put its --out back first
     cfg.validate()            # ... and check it again, as it now is
     _source(cfg)
     ModelConfig.from_hf(cfg.model)
-    model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True)
+    model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True,
+                            device=device)
     quant, ignore, misfit = qckpt.plan(model, cfg.scheme)
     if not quant:
         raise CheckpointError(f"{cfg.model}: no weight can be quantized to {cfg.scheme}")
@@ -118,7 +121,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
         tokenizer = Tokenizer.load(cfg.model)
         modules = {n.removesuffix(".weight") for n in quant}
         amax = qckpt.calibrate(model, calibration_batches(tokenizer, cfg.calib), modules)
-        input_scales = {m: qckpt.input_global_scale(a) for m, a in amax.items()}
+        input_scales = {m: qckpt.input_global_scale(a).cpu() for m, a in amax.items()}
     disk = dict(_state_dict_for_disk(model))
     raw = load_pretrained(cfg.model, strict_finite=cfg.strict_finite)  # the stored dtypes, for what stays high
     stored = dict(_state_dict_for_disk(raw))
@@ -127,7 +130,7 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
         if name in quant:
             module = name.removesuffix(".weight")
             for suffix, t in qckpt.encode_weight(cfg.scheme, disk[name]).items():
-                tensors[f"{module}.{suffix}"] = t.contiguous()
+                tensors[f"{module}.{suffix}"] = t.cpu().contiguous()  # encoded on --device, written from the CPU
             if module in input_scales:
                 tensors[f"{module}.input_global_scale"] = input_scales[module]
         else:

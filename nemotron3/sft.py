@@ -39,7 +39,17 @@ from rich.console import Console
 
 from nemotron3.evaluate import accuracy_by_mode, budget_supported, task_accuracy
 from nemotron3.hf import load_pretrained
-from nemotron3.options import ITEM_BYTES, ConfigError, check_fits, check_items, fail, option, restore_config, to_dict
+from nemotron3.options import (
+    ITEM_BYTES,
+    ConfigError,
+    check_fits,
+    check_items,
+    device_of,
+    fail,
+    option,
+    restore_config,
+    to_dict,
+)
 from nemotron3.parallel import gathered
 from nemotron3.train import checkpoint, sft_data
 from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
@@ -48,7 +58,7 @@ from nemotron3.train.summary import print_footer, run_stage
 from nemotron3.train.tokenizer import Tokenizer
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
-                      "eval_budgets", "out", "resume", "dp_shard", "ep", "overwrite", "strict_finite")
+                      "eval_budgets", "out", "resume", "dp_shard", "ep", "overwrite", "strict_finite", "device")
 
 
 @dataclass
@@ -156,6 +166,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> Path:
         ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
+    device_of(cfg)  # a device this machine lacks is refused before --out is touched
     checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, cfg.model, {"--data": cfg.data})
     with process_group() as rank:
         return _sft(cfg, console, ckpt, resume, rank, t_start)
@@ -163,11 +174,13 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> Path:
 
 def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | None, rank: int,
          t_start: float) -> Path:
+    device = device_of(cfg)  # inside the process group: under torchrun, `auto` is this rank's own GPU
     torch.manual_seed(cfg.seed)
     source = ckpt or cfg.model
     tokenizer = Tokenizer.load(source)
     # training needs dense weights: a quantized --model is expanded (quant/packed.py layers are inference-only)
-    model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True)
+    model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True,
+                            device=device)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{source}: the model's vocab_size {model.config.vocab_size} < its tokenizer's "
                           f"{tokenizer.vocab_size}")
@@ -178,7 +191,8 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     if evaluate and (ckpt is None or (cfg.model / "config.json").is_file()):
         t0 = time.perf_counter()
         start = model if ckpt is None else load_pretrained(cfg.model, dtype=torch.float32,
-                                                           strict_finite=cfg.strict_finite, dequantize=True)
+                                                           strict_finite=cfg.strict_finite, dequantize=True,
+                                                           device=device)
         before = _accuracy(cfg, start, tokenizer)
         console.print(f"[bold]before SFT[/] exact match by mode measured in {time.perf_counter() - t0:.0f} s")
     elif evaluate:

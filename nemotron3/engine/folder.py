@@ -41,14 +41,15 @@ class OpenFolder:
 
 
 def open_folder(folder: Path | str, dtype: str = "float32", compile: bool = False, strict_finite: bool = False,
-                **engine_kwargs) -> OpenFolder:
+                device: str | torch.device | None = None, **engine_kwargs) -> OpenFolder:
     """Load the model, its tokenizer and an Engine over them; ValueError for a folder that is not a checkpoint.
-    NaN or inf weights are a warning naming the tensor, or with `strict_finite` a CheckpointError (hf.py)."""
+    NaN or inf weights are a warning naming the tensor, or with `strict_finite` a CheckpointError (hf.py).
+    `device`: where the weights are loaded (default the CPU); the engine computes where the model is."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
     tok = load_tokenizer(folder)
-    model = load_pretrained(folder, dtype=getattr(torch, dtype), strict_finite=strict_finite)
+    model = load_pretrained(folder, dtype=getattr(torch, dtype), strict_finite=strict_finite, device=device)
     has_think = tok is not None and None not in (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
     think = ThinkTokens.from_tokenizer(tok) if has_think else None
     engine = Engine(model, compile=compile, think_tokens=think, **engine_kwargs)

@@ -24,7 +24,7 @@ from nemotron3.eval.data import is_builtin, load_items, task_items
 from nemotron3.eval.extract import FORMATS
 from nemotron3.eval.runner import evaluate_items, parse_modes
 from nemotron3.folders import run_marks, within, write_folder
-from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, fail, option
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, device_of, device_option, fail, option
 
 OUR_FILES = {"results.json", "items.jsonl"}
 
@@ -57,6 +57,7 @@ class EvalConfig(StageConfig):
     speculative: int = option(0, "MTP speculative decoding with K drafted tokens per verify forward (greedy output "
                               "unchanged; pays at small batches)", min=0, metavar="K")
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    device: str = device_option()
     threads: int | None = option(None, "torch intra-op threads", min=1, max=CPU_COUNT)
     out: Path | None = option(None, "folder for results.json and items.jsonl (replaced whole)")
 
@@ -87,6 +88,7 @@ def _check_out(cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation of `cfg`: {"modes": {mode: summary}, "records": [...]}, written to cfg.out when given."""
+    device = device_of(cfg)
     folder = Path(cfg.model)
     if not (folder / "config.json").is_file():
         fail(cfg, "model", "is not a checkpoint folder (no config.json)")
@@ -99,7 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         items = load_items(cfg.data, cfg.format, cfg.limit)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    served = open_folder(folder, cfg.dtype)
+    served = open_folder(folder, cfg.dtype, device=device)
     if served.tokenizer is None:
         fail(cfg, "model", "has no tokenizer.json; evaluation needs the checkpoint's tokenizer")
     if any(m.budget is not None for m in modes) and not served.has_think:

@@ -53,7 +53,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nemotron3 import options
 from nemotron3.evaluate import accuracy_by_mode
-from nemotron3.options import StageConfig, fail, option, restore_config, to_dict
+from nemotron3.options import StageConfig, device_of, device_option, fail, option, restore_config, to_dict
 from nemotron3.rl import igrpo
 from nemotron3.rl.loss import LOSS_TYPES, SCALE_REWARDS, group_advantages
 from nemotron3.rl.prompts import PromptRow
@@ -63,7 +63,7 @@ from nemotron3.train.loop import MetricsLog, process_group
 from nemotron3.train.summary import print_footer, run_stage
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "eval_problems", "out", "resume",
-                      "threads", "overwrite", "strict_finite")
+                      "threads", "overwrite", "strict_finite", "device")
 
 
 @dataclass
@@ -142,6 +142,7 @@ class GRPOConfig(StageConfig):
     log_every: int = option(5, "print a line every K steps", min=1)
     threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
                                  "use)", min=1, max=options.CPU_COUNT)
+    device: str = device_option()  # the policy, its reference model, the rollouts' engine and the update
 
     def validate(self) -> None:
         super().validate()
@@ -199,6 +200,7 @@ def grpo(cfg: GRPOConfig, console: Console | None = None) -> Path:
         ckpt, resume = checkpoint.resume_point(cfg.out)
         cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
         console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
+    device_of(cfg)  # a device this machine lacks is refused before --out is touched (RLRun loads onto it)
     checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, cfg.model, {"--data": cfg.data})
     with process_group() as rank:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

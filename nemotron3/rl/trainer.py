@@ -28,7 +28,7 @@ from nemotron3.engine.params import has_mtp, speculative_config
 from nemotron3.engine.sampling import derive_seed
 from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.hf import load_pretrained
-from nemotron3.options import ConfigError
+from nemotron3.options import ConfigError, device_of
 from nemotron3.rl import igrpo, rewards
 from nemotron3.rl.loss import completion_logprobs, policy_loss
 from nemotron3.rl.prompts import FilePrompts, PromptRow, TaskPrompts
@@ -49,8 +49,9 @@ class RLRun:
         if not (Path(source) / "config.json").is_file():
             raise ConfigError(f"model (--model) {source} is not a checkpoint folder (no config.json)")
         self.tokenizer = Tokenizer.load(source)
+        device = device_of(cfg)
         self.model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite,
-                                     dequantize=True)  # trained: dense weights (packed layers are inference-only)
+                                     dequantize=True, device=device)  # trained: dense (packed is inference-only)
         self.N, self.G = cfg.group_sizes()
         self.prompts = FilePrompts(cfg.data, cfg.seed) if cfg.data else TaskPrompts(cfg.families or None,
                                                                                     cfg.difficulty, cfg.seed)
@@ -70,7 +71,7 @@ class RLRun:
         self.reference = None
         if cfg.beta > 0:  # the frozen starting policy; on resume, the run's --model
             self.reference = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite,
-                                             dequantize=True)
+                                             dequantize=True, device=device)
             self.reference.eval().requires_grad_(False)
         self.opt = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.sched = WSD(cfg.lr, cfg.steps, cfg.warmup, 0.0, 1.0, "linear")

@@ -95,10 +95,11 @@ def engine_vs_transformers(folder: Path, model: nn.Module, prompt: list[int], ne
     is our load of the same folder."""
     from transformers import NemotronHForCausalLM
 
-    hf = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dev = next(model.parameters()).device  # both on the device ours runs on (--device)
+    hf = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(dev)
     hf.generation_config.eos_token_id = None  # always new_tokens tokens, as ours with stop_token_ids=[]
     hf.generation_config.pad_token_id = model.config.pad_token_id or 0
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=dev)
     engine = Engine(model)
 
     def run_hf() -> list[int]:
@@ -111,7 +112,7 @@ def engine_vs_transformers(folder: Path, model: nn.Module, prompt: list[int], ne
     def logits(m: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[list[int]], torch.Tensor]:
         def last(ids: list[int]) -> torch.Tensor:
             with torch.no_grad():
-                return m(torch.tensor([ids]))[0, -1]
+                return m(torch.tensor([ids], device=dev))[0, -1]
         return last
 
     run_hf(), run_ours()  # warm-up

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 
-from nemotron3.options import ConfigError, StageConfig, fail, option, restore_config, to_dict
+from nemotron3.options import ConfigError, StageConfig, device_of, device_option, fail, option, restore_config, to_dict
 from nemotron3.presets import PRESETS
 from nemotron3.run import report as report_mod
 from nemotron3.run import stages as S
@@ -39,7 +39,7 @@ from nemotron3.run.plan import IGRPO_FROM_MINUTES, MAX_BUDGET_MINUTES, STAGES, P
 REQUIRES = {"pretrain": ["tokenizer"], "precision": ["pretrain"], "sft": ["pretrain"], "rl": ["sft"],
             "igrpo": ["sft"], "eval": ["rl"], "speculative": ["rl", "sft"], "speed": ["rl"], "quantize": ["rl"]}
 # the fields a resumed run may change: the others decide what the run computes
-OPERATIONAL = ("out", "resume", "stages")
+OPERATIONAL = ("out", "resume", "stages", "device")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class RunConfig(StageConfig):
     seed: int = option(0, "seed of every stage", min=0)
     resume: bool = option(False, "continue the run in --out: complete stages are skipped, the one in progress "
                           "resumes from its newest checkpoint")
+    device: str = device_option()  # every stage's: the models trained, measured and quantized live there
 
     def validate(self) -> None:
         super().validate()
@@ -159,10 +160,11 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict:
     console = console or Console()
     torch.set_flush_denormal(True)  # as every `nemotron3` command does (cli.py says why)
     cfg = _restore(cfg)
+    device_of(cfg)  # a device this machine lacks is refused before anything is written
     p: Plan = plan(cfg.budget_minutes, cfg.steps)
     cfg.out.mkdir(parents=True, exist_ok=True)
     S.write_json(cfg.out / "run.json", to_dict(cfg))
-    ctx = S.Context(cfg.out, p, console, cfg.config, cfg.seed, cfg.nvfp4)
+    ctx = S.Context(cfg.out, p, console, cfg.config, cfg.seed, cfg.nvfp4, cfg.device)
     timing_file = cfg.out / "timing.json"
     timing: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     status: dict[str, str] = {}

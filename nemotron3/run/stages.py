@@ -37,7 +37,7 @@ from nemotron3 import folders
 from nemotron3.config import ModelConfig
 from nemotron3.evaluate import accuracy_by_mode, mode_names
 from nemotron3.hf import load_pretrained, save_pretrained
-from nemotron3.options import ConfigError
+from nemotron3.options import ConfigError, resolve_device
 from nemotron3.pretrain import PretrainConfig, pretrain
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.run import measure
@@ -58,6 +58,7 @@ class Context:
     config: str = "tiny"
     seed: int = 0
     nvfp4: bool = True
+    device: str = "auto"  # --device of every stage (options.device_option)
 
     def dir(self, stage: str) -> Path:
         return self.out / stage
@@ -114,7 +115,8 @@ def _pretrain_config(ctx: Context, nvfp4: bool, out: Path, **kw: Any) -> Pretrai
     return PretrainConfig(config=ctx.config, steps=p.pretrain_steps, seed=ctx.seed, tokenizer=ctx.dir("tokenizer"),
                           nvfp4=nvfp4, nvfp4_high_precision_tail=SWITCH_SHARE if nvfp4 else 0.0,
                           eval_every=p.eval_every, save_every=_save_every(p.pretrain_steps), keep_last=1,
-                          log_every=max(1, p.pretrain_steps // 12), out=out, resume=_fresh_or_resume(out), **kw)
+                          log_every=max(1, p.pretrain_steps // 12), out=out, resume=_fresh_or_resume(out),
+                          device=ctx.device, **kw)
 
 
 def pretrain_stage(ctx: Context) -> dict:
@@ -144,7 +146,7 @@ def sft_stage(ctx: Context) -> dict:
     sft(SFTConfig(model=ctx.dir("pretrain") / "final", out=out, steps=p.sft_steps, seed=ctx.seed,
                   eval_problems=p.eval_problems, eval_budgets=list(p.eval_budgets),
                   eval_every=max(1, p.sft_steps // 6), save_every=_save_every(p.sft_steps), keep_last=1,
-                  log_every=max(1, p.sft_steps // 6), resume=_fresh_or_resume(out)), ctx.console)
+                  log_every=max(1, p.sft_steps // 6), resume=_fresh_or_resume(out), device=ctx.device), ctx.console)
     return ctx.summary("sft")
 
 
@@ -154,7 +156,7 @@ def _rl(ctx: Context, stage: str, **kw: Any) -> dict:
                     eval_problems=p.eval_problems, eval_every=p.rl_eval_every, eval_every_problems=p.rl_curve_problems,
                     save_every=_save_every(p.rl_steps), keep_last=1,
                     prompts_per_step=p.rl_prompts, temperature=p.rl_temperature, log_every=max(1, p.rl_steps // 12),
-                    resume=_fresh_or_resume(out), **kw), ctx.console)
+                    resume=_fresh_or_resume(out), device=ctx.device, **kw), ctx.console)
     return ctx.summary(stage)
 
 
@@ -170,7 +172,7 @@ def igrpo_stage(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------- measuring stages
 def _rl_model(ctx: Context, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Tokenizer, Path]:
     final = ctx.dir("rl") / "final"
-    return load_pretrained(final, dtype=dtype), Tokenizer.load(final), final
+    return load_pretrained(final, dtype=dtype, device=resolve_device(ctx.device)), Tokenizer.load(final), final
 
 
 def eval_stage(ctx: Context) -> dict:
@@ -191,7 +193,7 @@ def speculative_stage(ctx: Context) -> dict:
     result = measure.speculative_speedup(model, prompts, (1, 2, 3), p.spec_new_tokens)
     from nemotron3.engine import Engine
 
-    sft_model = load_pretrained(ctx.dir("sft") / "final")
+    sft_model = load_pretrained(ctx.dir("sft") / "final", device=resolve_device(ctx.device))
     g = Engine(sft_model).generate(prompts, p.spec_new_tokens, num_speculative_tokens=3)
     result["sft_acceptance_length_k3"] = g.stats["acceptance_length"]
     return result
@@ -220,11 +222,11 @@ def quantize_skip() -> str | None:
 ACTIVATIONS = {"fp32": "fp32", "bf16": "bf16", "nvfp4": "NVFP4 (W4A4)", "fp8": "FP8 per token (W8A8)"}
 
 
-def load_scheme(path: Path) -> torch.nn.Module:
+def load_scheme(path: Path, device: str = "cpu") -> torch.nn.Module:
     """A quantized checkpoint as its scheme runs: weights decoded, and the inputs of the quantized layers
     quantized as the scheme says (nvfp4: W4A4 with the calibrated input scales; fp8: per-token W8A8; the
     weight-only schemes: nothing to emulate). A weights-only load would make the W4A4 row a W4A16 result."""
-    return load_pretrained(path, dtype=torch.float32, quantize_activations=True)
+    return load_pretrained(path, dtype=torch.float32, quantize_activations=True, device=resolve_device(device))
 
 
 def _accuracy_on(model: torch.nn.Module, tok: Tokenizer, ctx: Context) -> dict[str, float]:
@@ -260,11 +262,11 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
                 tok.save(tmp)
 
             path = folders.write_folder(folder / "bf16", fill)
-            q = load_pretrained(path, dtype=torch.bfloat16)
+            q = load_pretrained(path, dtype=torch.bfloat16, device=resolve_device(ctx.device))
         else:  # an export a killed start of this stage left is replaced
             path = folder / name
-            quantize(QuantizeConfig(model=final, out=path, scheme=name, overwrite=True), ctx.console)
-            q = load_scheme(path)
+            quantize(QuantizeConfig(model=final, out=path, scheme=name, overwrite=True, device=ctx.device), ctx.console)
+            q = load_scheme(path, ctx.device)
         row = {"accuracy": _accuracy_on(q, tok, ctx), "bytes": checkpoint_bytes(path), "path": str(path),
                "activations": ACTIVATIONS.get(name, "fp32 (weight-only scheme)"),
                "seconds": round(time.perf_counter() - t0, 1)}

@@ -38,7 +38,7 @@ from nemotron3.engine.cache import cache_size
 from nemotron3.engine.folder import open_folder
 from nemotron3.engine.params import default_speculative_tokens, has_mtp, speculative_config
 from nemotron3.engine.scheduler import Scheduler
-from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, check_fits, fail, option
+from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, check_fits, device_of, device_option, fail, option
 from nemotron3.serve.app import Server, Settings, create_app
 
 API_KEY_ENV = "NEMOTRON3_API_KEY"
@@ -75,6 +75,7 @@ class ServeConfig(StageConfig):
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)", min=1024)
     shutdown_timeout: float = option(30.0, "seconds running streams get to finish after SIGTERM", min=0.0)
     dtype: str = option("float32", "weights' dtype in memory", choices=("float32", "bfloat16"))
+    device: str = device_option()
     strict_finite: bool = option(False, "refuse a checkpoint with NaN or inf in a weight (default: load it, "
                                  "warning once per such tensor)")
     threads: int | None = option(None, "torch intra-op threads (default: torch's; at most the CPUs this process may "
@@ -91,8 +92,12 @@ class ServeConfig(StageConfig):
     def slots(self, config: ModelConfig) -> tuple[int, int]:
         """(tokens per slot, speculative tokens) the server runs `config` with: the flags, or their defaults."""
         k = self.speculative
-        if k is None:  # the server loads on the CPU
-            k = default_speculative_tokens("cpu", bool(config.num_nextn_predict_layers))
+        if k is None:  # the default of the device the server loads on (a device it lacks: build_server says so)
+            try:
+                kind = device_of(self).type
+            except ConfigError:
+                kind = "cpu"
+            k = default_speculative_tokens(kind, bool(config.num_nextn_predict_layers))
         return self.max_seq_len or min(config.max_position_embeddings, 4096), k
 
     def check_memory(self) -> None:
@@ -122,11 +127,12 @@ class ServeConfig(StageConfig):
 
 def build_server(cfg: ServeConfig) -> Server:
     """Load the checkpoint and build the scheduler and the app's state (nothing runs yet)."""
+    device = device_of(cfg)
     folder = Path(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # the scheduler builds its own fast decoder
-    opened = open_folder(folder, cfg.dtype, strict_finite=cfg.strict_finite, fast=False)
+    opened = open_folder(folder, cfg.dtype, strict_finite=cfg.strict_finite, device=device, fast=False)
     if opened.tokenizer is None:
         raise ConfigError(f"model (--model) {folder} has no tokenizer.json: the server needs one to read text")
     model = opened.engine.model

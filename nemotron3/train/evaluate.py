@@ -11,8 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nemotron3.train.data import PackedData
+from nemotron3.train.data import Batch, PackedData
 from nemotron3.train.loss import token_ce_sum
+
+
+def _on_model(b: Batch, model: nn.Module) -> Batch:
+    """The rows on the model's device (--device): the packed data stays on the CPU."""
+    dev = next(model.parameters()).device
+    return Batch(b.inputs.to(dev), b.targets.to(dev), b.mask.to(dev))
 
 
 @torch.no_grad()
@@ -22,7 +28,7 @@ def eval_loss(model: nn.Module, data: PackedData, batch_size: int = 16) -> float
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        b = data.take(list(range(start, min(start + batch_size, len(data)))))
+        b = _on_model(data.take(list(range(start, min(start + batch_size, len(data))))), model)
         total += float(token_ce_sum(model(b.inputs), b.targets, b.mask))
         count += int(b.mask.sum())
     model.train(was_training)
@@ -37,7 +43,7 @@ def eval_mtp_loss(model: nn.Module, data: PackedData, depths: int, batch_size: i
     model.eval()
     totals, counts = [0.0] * depths, [0] * depths
     for start in range(0, len(data), batch_size):
-        b = data.take(list(range(start, min(start + batch_size, len(data)))))
+        b = _on_model(data.take(list(range(start, min(start + batch_size, len(data))))), model)
         _, mtp_logits = model.forward_mtp(b.inputs, depths)
         for k, lk in enumerate(mtp_logits, start=1):  # lk (B, T, V): position t predicts target t+k
             totals[k - 1] += float(token_ce_sum(lk[:, :-k], b.targets[:, k:], b.mask[:, k:]))

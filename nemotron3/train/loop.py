@@ -39,10 +39,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from nemotron3 import parallel
-from nemotron3.options import LOGIT_BYTES, TOKEN_BYTES, StageConfig, check_fits, fail, option, to_dict
+from nemotron3.options import (
+    LOGIT_BYTES,
+    TOKEN_BYTES,
+    StageConfig,
+    check_fits,
+    device_of,
+    device_option,
+    fail,
+    option,
+    to_dict,
+)
 from nemotron3.train import checkpoint
 from nemotron3.train.balance import ExpertBalance
-from nemotron3.train.data import PackedData
+from nemotron3.train.data import Batch, PackedData
 from nemotron3.train.evaluate import eval_loss, eval_mtp_loss
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import WSD, build_optimizer
@@ -87,6 +97,7 @@ class TrainConfig(StageConfig):
                            "torchrun (0 = the world size)", min=0)
     ep: int = option(0, "ranks each MoE layer's routed experts are partitioned over, tokens moved by all-to-all "
                      "(0 = 1; divides --dp-shard)", min=0)
+    device: str = device_option()  # under torchrun: auto (each rank's own GPU under nccl, else the CPU) or that one
 
     def validate(self) -> None:
         super().validate()
@@ -220,6 +231,9 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
         if cfg.high_precision_from:
             raise ValueError("--nvfp4-high-precision-tail swaps the quantized modules for plain ones, which FSDP2's "
                              "sharded parameters do not survive: run it in one process")
+        if cfg.device != "auto" and device_of(cfg) != parallel.device():
+            raise ValueError(f"--device {cfg.device}: under torchrun each rank computes on its own {parallel.device()} "
+                             "(the process group's backend decides); leave --device at auto")
         parallel.parallelize(model, parallel.build_mesh(cfg.dp_shard, cfg.ep))  # before the optimizer sees them
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
@@ -228,6 +242,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     if local % micro:
         raise ValueError(f"each rank's {local} rows do not split into micro-batches of {micro}")
     depths = cfg.mtp_depths if getattr(model, "mtp", None) is not None else 0
+    dev = next(model.parameters()).device  # the stage put the model on --device; batches follow it
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     sched = cfg.schedule()
     balance = ExpertBalance(model, cfg.bias_update_rate, cfg.seq_aux_coeff)
@@ -266,6 +281,7 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
             balance.active = True
             sums = torch.zeros(3, dtype=torch.float64)  # main CE, mean MTP CE, aux
             for mb in mine.split(micro):
+                mb = Batch(mb.inputs.to(dev), mb.targets.to(dev), mb.mask.to(dev))
                 ml = micro_loss(model, mb, norm, depths, cfg.mtp_scale, lambda: balance.take_aux_loss(cfg.batch_size))
                 ml.total.backward()
                 sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64)
