@@ -60,7 +60,10 @@ def _float_fields(cls: type) -> list[tuple[str, typing.Any]]:
 
 
 def _required(cls: type, tmp_path) -> dict:
-    return {f.name: tmp_path / "model" for f in dataclasses.fields(cls)
+    """A value of the declared type for each required field (a path, or its string where the field is a str)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: str(tmp_path / "model") if hints[f.name] is str else tmp_path / "model"
+            for f in dataclasses.fields(cls)
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
 
@@ -237,13 +240,13 @@ def test_serve_refuses_a_cache_or_body_beyond_the_machine(served, flag, value, c
     _refused(capsys, ["serve", "--model", str(served), flag, str(value)], flag)
 
 
-def test_the_serve_bound_is_the_cache_the_batcher_allocates(served, monkeypatch):
+def test_the_serve_bound_is_the_cache_the_scheduler_allocates(served, monkeypatch):
     """The estimate equals the bytes of the cache the server then builds (its own tensors, counted)."""
     from nemotron3.serve import ServeConfig, build_server
 
-    kw = dict(model=served, max_batch=3, max_seq_len=64, token_budget=32)
+    kw = dict(model=served, max_batch=3, max_seq_len=64, token_budget=32, max_body_bytes=4096)  # body under the cache
     server = build_server(ServeConfig(**kw))
-    allocated = server.batcher.cache.nbytes
+    allocated = server.scheduler.cache.nbytes
     monkeypatch.setenv("NEMOTRON3_MEMORY_BYTES", str(allocated - 1))
     with pytest.raises(ConfigError, match=r"^max_batch \(--max-batch\) = 3: "):
         ServeConfig(**kw)
