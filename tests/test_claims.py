@@ -59,10 +59,15 @@ def test_verdicts():
     strong = common.paired_test([1.0, 1.1, 0.9, 1.2, 1.05, 0.95], [0.0] * 6)  # p_sign = 2/64
     assert common.verdict(strong, +1) == "reproduced"
     assert common.verdict(strong, -1) == "not reproduced"
+    five = common.paired_test([-1.0, -1.2, -0.8, -1.1, -0.9], [0.0] * 5)  # every seed: sign-flip p at its floor 2/32
+    assert five["p_sign"] == pytest.approx(2 / 32)
+    assert common.verdict(five, -1) == "reproduced"
     weak = common.paired_test([1.0, -0.5, 0.2, 0.1, -0.3], [0.0] * 5)
     assert common.verdict(weak, +1) == "inside the noise"
-    few = common.paired_test([1.0, 1.1], [0.0, 0.0])  # two seeds: sign-flip p is at least 0.5
-    assert common.verdict(few, +1) == "inside the noise"
+    mixed = common.paired_test([1.0, 1.1, 0.9, 1.2, -0.05], [0.0] * 5)  # t's p < 0.05, one seed disagrees
+    assert mixed["p_t"] < 0.05 and common.verdict(mixed, +1) == "inside the noise"
+    few = common.paired_test([1.0, 1.1, 0.9], [0.0, 0.0, 0.0])  # three seeds cannot decide
+    assert common.verdict(few, +1).startswith("too few seeds")
 
 
 def test_mean_se():
