@@ -7,7 +7,7 @@
 
 The same template is `CHAT_TEMPLATE` (Jinja), which `Tokenizer.save` writes into `tokenizer_config.json`, so
 transformers' `apply_chat_template(messages, tools=..., add_generation_prompt=..., enable_thinking=...)` renders
-the same bytes as `render` (tests/test_chat.py checks it). The layout (docs/post-training.md §1):
+the same bytes as `render` (tests/chat/test_chat.py checks it). The layout (docs/post-training.md §1):
 
     <|im_start|>system\\n{system}\\n\\n{tools block}<|im_end|>\\n     a first system message and/or the tools
     <|im_start|>user\\n{content}<|im_end|>\\n

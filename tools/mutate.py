@@ -3,7 +3,7 @@
 
     tools/mutate.sh nemotron3/tasks                # every mutant of the package, with its covering tests
     tools/mutate.sh nemotron3/engine/cache.py      # one file
-    tools/mutate.sh nemotron3/model/moe.py --tests tests/test_moe.py   # a module with no entry in COVERING
+    tools/mutate.sh nemotron3/model/moe.py --tests tests/model/test_moe.py   # a module with no entry in COVERING
     tools/mutate.sh nemotron3/engine/speculative.py --only '*x_accept*'  # only the mutants of changed functions
 
 mutmut (pinned in the `test` extra) rewrites every function of the module into small variants ("mutants":
@@ -34,22 +34,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # module (file or package, relative to the repository) -> the test files that cover it
 COVERING: dict[str, list[str]] = {
-    "nemotron3/tasks": ["tests/test_tasks.py", "tests/test_tasks_reference.py", "tests/test_tasks_distribution_spec.py",
-                        "tests/test_tasks_registry_spec.py"],
-    "nemotron3/train/data.py": ["tests/test_data.py", "tests/test_loss_mask.py",
-                                "tests/test_data_sources_and_order.py"],
-    "nemotron3/train/loss.py": ["tests/test_loss_mask.py"],
-    # the in-process end-to-end resume (tests/test_checkpoint_rng.py) takes ~30 s a run: left to the suite
-    "nemotron3/train/checkpoint.py": ["tests/test_checkpoint_files.py", "tests/test_checkpoint_failures.py",
-                                      "tests/test_checkpoint_rng.py::test_rng_state_restores_every_stream_and_each_generator_by_name"],
-    "nemotron3/engine/cache.py": ["tests/test_cache.py", "tests/test_cache_rollback.py", "tests/test_engine_model.py",
-                                  "tests/test_cache_rows.py"],
+    "nemotron3/tasks": ["tests/tasks/test_tasks.py", "tests/tasks/test_tasks_reference.py",
+                        "tests/tasks/test_tasks_distribution_spec.py", "tests/tasks/test_tasks_registry_spec.py"],
+    "nemotron3/train/data.py": ["tests/train/test_data.py", "tests/train/test_loss_mask.py",
+                                "tests/train/test_data_sources_and_order.py"],
+    "nemotron3/train/loss.py": ["tests/train/test_loss_mask.py"],
+    # the in-process end-to-end resume (tests/checkpoint/test_checkpoint_rng.py) takes ~30 s a run: left to the suite
+    "nemotron3/train/checkpoint.py": [
+        "tests/checkpoint/test_checkpoint_files.py", "tests/checkpoint/test_checkpoint_failures.py",
+        "tests/checkpoint/test_checkpoint_rng.py::test_rng_state_restores_every_stream_and_each_generator_by_name"],
+    "nemotron3/engine/cache.py": ["tests/engine/test_cache.py", "tests/engine/test_cache_rollback.py",
+                                  "tests/engine/test_engine_model.py", "tests/engine/test_cache_rows.py"],
     # micro-model and hand-built-tensor tests (~8 s); test_speculative_oracle.py (~2 min, the tiny preset) and
     # test_engine_speculative.py (minutes: greedy for k = 1..5, the chi-square law) are left to the suite
-    "nemotron3/engine/speculative.py": ["tests/test_speculative_accept.py", "tests/test_speculative_rounds.py"],
-    "nemotron3/quant/nvfp4.py": ["tests/test_quant_formats.py", "tests/test_nvfp4_scales.py",
-                                 "tests/test_nvfp4_branches.py"],
-    "nemotron3/model/moe.py": ["tests/test_moe.py", "tests/test_moe_groups.py"],
+    "nemotron3/engine/speculative.py": ["tests/engine/test_speculative_accept.py",
+                                        "tests/engine/test_speculative_rounds.py"],
+    "nemotron3/quant/nvfp4.py": ["tests/quant/test_quant_formats.py", "tests/quant/test_nvfp4_scales.py",
+                                 "tests/quant/test_nvfp4_branches.py"],
+    "nemotron3/model/moe.py": ["tests/model/test_moe.py", "tests/model/test_moe_groups.py"],
 }
 
 
@@ -58,8 +60,8 @@ def covering_tests(module: str) -> list[str]:
     module = module.rstrip("/")
     best = max((k for k in COVERING if module == k or module.startswith(k + "/")), key=len, default=None)
     if best is None:
-        raise SystemExit(f"no covering tests known for {module}; pass --tests tests/test_x.py ... (or add it to "
-                         f"COVERING in {Path(__file__).relative_to(ROOT)})")
+        raise SystemExit(f"no covering tests known for {module}; pass --tests tests/PACKAGE/test_x.py ... "
+                         f"(or add it to COVERING in {Path(__file__).relative_to(ROOT)})")
     return COVERING[best]
 
 

@@ -17,7 +17,7 @@ is decoded (no gathers); the attention mask is built once per step for all layer
 speculative decoding (the recurrent states of each token go to the rollback ring when the cache records
 them); `mtp(...)` runs the MTP block's steps for the drafter.
 
-The maths is the reference's up to float summation order (tests/test_engine_decode.py compares the two
+The maths is the reference's up to float summation order (tests/engine/test_engine_decode.py compares the two
 step by step to 1e-4). Packed tensors are copies: `FastDecoder.is_stale()` notices in-place updates of
 the model's weights (RL updates them between rollouts) through the tensors' version counters, replaced
 tensors and swapped modules through their identities, and the Engine rebuilds before the next call.

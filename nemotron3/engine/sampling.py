@@ -20,7 +20,7 @@ Devices: the streams are always drawn on the host, from a CPU `torch.Generator` 
 and then moved to the device of the logits. A CUDA generator (Philox) would give other numbers for the same
 seed; drawing on the host instead makes a seed's uniforms identical on every device, so CPU and CUDA pick the
 same tokens wherever their logits agree (their kernels may differ in the last bits, which changes a token
-only when a uniform falls that close to a boundary of the CDF). tests/test_device_factories.py checks it.
+only when a uniform falls that close to a boundary of the CDF). tests/repo/test_device_factories.py checks it.
 
 `sample_reference` is the same rule written one row at a time with Python loops, for the tests.
 docs/inference.md §4 explains the choices.

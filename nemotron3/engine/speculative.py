@@ -18,7 +18,7 @@ speculative sampling of Leviathan et al. and Chen et al. (2023): each emitted to
 conditional law p given the tokens before it, whatever q is; drafts only change how many tokens one
 verify forward yields. Greedy (temperature 0) is the limit where p and q are one-hot: a draft is accepted
 when it equals the target's argmax, and the extra token is the target's argmax, so the output equals
-plain greedy decoding token for token (tests/test_engine_speculative.py checks both, the sampled law with
+plain greedy decoding token for token (tests/engine/test_engine_speculative.py checks both, the sampled law with
 a chi-square test against full forwards).
 
 Randomness: each row has its own uniform stream (engine/sampling.py, `row_uniforms`), and round n of a

@@ -20,7 +20,7 @@ With a cache (`forward(x, cache)`, cache a layer handle of engine/cache.py), the
 sequence instead of starting one: the conv reads the row's last conv_kernel-1 inputs before the new ones
 (the zero left padding of a fresh sequence is a zero conv state), and the SSD starts from the row's SSM
 state. One new token runs the recurrent step (`ssd_step`); several run the chunked scan with
-`initial_state`, which is the same function of the inputs (tests/test_engine_model.py checks prefill +
+`initial_state`, which is the same function of the inputs (tests/engine/test_engine_model.py checks prefill +
 steps against the full forward). Right padding is exact: a padding token gets dt = 0, which means no
 input and no decay (exp(0·A) = 1), so the state after the padding is the state after the row's last real
 token, and the new conv state is read at each row's own last real token. When the cache records states
@@ -180,7 +180,7 @@ class Mamba2Step:
     h (B·t, H) is the residual stream and x = RMSNorm(h) (row-major: row b's tokens are b·t .. b·t+t-1);
     returns h + mixer(x). The state tensors are updated in place; with a recording cache the state after
     each token goes to the rollback ring. Same mathematics as `Mamba2Mixer.forward` with a cache, up to
-    float summation order (tests/test_engine_decode.py).
+    float summation order (tests/engine/test_engine_decode.py).
     """
 
     def __init__(self, mixer: Mamba2Mixer, eps: float, pack: Packer | None = None) -> None:

@@ -13,7 +13,7 @@ With `params.num_speculative_tokens = k > 0` the engine decodes with the model's
 forward, by lossless speculative sampling (engine/speculative.py): the completions have exactly the
 policy's law, and the log-probabilities reported are the target's, from the verify forward. Greedy
 speculation gives the very tokens of plain greedy decoding; sampled speculation the same law but not the
-same draws (it reads its uniforms differently), which tests/test_rl_rollout.py checks statistically.
+same draws (it reads its uniforms differently), which tests/rl/test_rl_rollout.py checks statistically.
 
 A completion ends at a stop token (`<|im_end|>` or `</s>`, kept: the policy learns to stop) or at
 `params.max_tokens` (then `truncated`). `logprobs[i][t]` is the engine's log π(token t) under the

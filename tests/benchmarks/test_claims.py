@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ROOT / "benchmarks" / "claims"
 sys.path.insert(0, str(CLAIMS))
 

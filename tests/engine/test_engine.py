@@ -145,7 +145,7 @@ LONG_PROMPT_SCRIPT = r"""
 import json, resource, sys, torch, nemotron3
 from nemotron3.engine.cache import cache_size
 n, chunk = int(sys.argv[1]), int(sys.argv[2])
-torch.set_num_threads(1)  # as the rest of the engine tests (see test_engine_model.one_thread)
+torch.set_num_threads(1)  # as the rest of the engine tests (see conftest.one_thread)
 cfg = nemotron3.ModelConfig(pattern="M*ME", vocab_size=64, hidden_size=32, num_attention_heads=1, num_key_value_heads=1,
     head_dim=8, mamba_num_heads=2, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=64, n_routed_experts=4,
     num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "nemotron3"
+PACKAGE = Path(__file__).resolve().parents[2] / "nemotron3"
 
 # top-level component of nemotron3 -> layer; a module may import its own component and any lower layer
 LAYERS = {

@@ -209,7 +209,7 @@ def test_the_gpu_benchmark_runs_on_the_cpu(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=root)

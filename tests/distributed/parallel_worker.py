@@ -1,8 +1,9 @@
-"""Run under torchrun by tests/test_parallel.py: two training steps of the tiny model sharded with FSDP2, then the
-loop's own checkpoint save (train/loop.py `_save`), then each rank's local shards of every parameter and AdamW
-moment, written to `shards-RANK.pt` beside the checkpoint: the ground truth the saved files are checked against.
+"""Run under torchrun by tests/distributed/test_parallel.py: two training steps of the tiny model sharded with
+FSDP2, then the loop's own checkpoint save (train/loop.py `_save`), then each rank's local shards of every parameter
+and AdamW moment, written to `shards-RANK.pt` beside the checkpoint: the ground truth the saved files are checked
+against.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py OUT [EP]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/parallel_worker.py OUT [EP]
 
 With EP = 2 the routed experts are partitioned over the two ranks (nemotron3/expert_parallel.py), and the
 off-rank rows they dispatched are written too.

@@ -39,7 +39,7 @@ from nemotron3.engine import Engine, HybridCache
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.engine.sampling import inverse_cdf, row_stream, row_uniforms, sample
 
-PACKAGE = Path(__file__).resolve().parents[1] / "nemotron3"
+PACKAGE = Path(__file__).resolve().parents[2] / "nemotron3"
 
 # torch functions that create a tensor (or a generator) on the default device unless told otherwise
 FACTORIES = frozenset({
@@ -62,8 +62,6 @@ ALLOWED = {
     ("rl/grpo.py", "_run"): "pending: host-side metrics of a step (grpo.py is being edited)",
     ("rl/rewards.py", "score"): "rewards are Python numbers scored on the host; the trainer moves advantages",
     ("quantize.py", "calibration_batches"): "token batches built on the host; quant calibrate() moves each one",
-    ("run/measure.py", "engine_vs_transformers"): "pending: the pipeline measures on the CPU until --device",
-    ("run/measure.py", "engine_vs_transformers.logits.last"): "pending: as engine_vs_transformers",
 }
 
 

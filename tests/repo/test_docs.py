@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*ROOT.glob("nemotron3/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"),
                   ROOT / "README.md", *ROOT.glob("docs/*.md")])
 REFERENCE = re.compile(r"docs/([a-z0-9_-]+\.md)(?:\s+§(\d+)(?:\s*[-–]\s*§?(\d+))?)?")

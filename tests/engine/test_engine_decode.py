@@ -112,7 +112,7 @@ def test_in_place_weight_updates_are_noticed():
 
 
 def test_unsupported_models_fall_back_to_the_reference_path():
-    # fp16: a dtype the fast path does not decode (fp32 and bf16 it does, tests/test_decode_bf16.py)
+    # fp16: a dtype the fast path does not decode (fp32 and bf16 it does, tests/engine/test_decode_bf16.py)
     model = build(nemotron3.ModelConfig.preset("tiny").to_hf()).to(torch.float16)
     assert not FastDecoder.supports(model)
     engine = nemotron3.Engine(model)

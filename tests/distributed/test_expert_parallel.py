@@ -1,7 +1,7 @@
 """Expert parallelism (nemotron3/expert_parallel.py) with 2 gloo processes started by torchrun.
 
 References: the same MoE layer whole on every rank (`Experts`, itself checked against its token-by-token
-`forward_reference` in tests/test_moe.py): outputs, input gradients and expert gradients (summed over the
+`forward_reference` in tests/model/test_moe.py): outputs, input gradients and expert gradients (summed over the
 ranks' tokens); the bytes each rank must send, counted from the routing itself (copies whose expert lives on
 the other rank, times the expert width, times 4 bytes in fp32); and hidden/latent for the LatentMoE saving.
 """

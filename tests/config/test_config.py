@@ -127,7 +127,7 @@ def test_official_configs_load_and_match_the_presets(tmp_path):
         assert cfg.eos_token_ids == [2, 11] and cfg.time_step_limit == (0.0, float("inf"))
         assert cfg.routed_scaling_factor == 5.0 and isinstance(cfg.routed_scaling_factor, float)
     # the benchmark model's config.json is the t9 preset
-    t9 = ModelConfig.from_hf(Path(__file__).resolve().parents[1] / "benchmarks" / "t9_config.json")
+    t9 = ModelConfig.from_hf(Path(__file__).resolve().parents[2] / "benchmarks" / "t9_config.json")
     assert t9.replace(extra={}) == ModelConfig.preset("t9")
 
 

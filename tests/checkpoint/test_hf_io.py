@@ -267,7 +267,7 @@ def test_loading_keeps_about_one_copy_resident(tmp_path):
     nbytes = _wide_expert_checkpoint(tmp_path / "big", 64, 512)
     _wide_expert_checkpoint(tmp_path / "small", 4, 16)
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tmp_path / "big"), str(tmp_path / "small")],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
     grown = json.loads(out.stdout.splitlines()[-1])
     assert grown["used"] <= 1.15 * nbytes, (
         f"resident memory grew by {grown['used'] / nbytes:.2f}x the checkpoint's {nbytes / 2**20:.0f} MiB "

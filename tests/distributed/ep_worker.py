@@ -1,9 +1,9 @@
-"""Run under torchrun by tests/test_expert_parallel.py: one MoE layer of the tiny config, whole on every rank
-(the reference) and expert-parallel over the ranks (nemotron3/expert_parallel.py), on each rank's own tokens;
+"""Run under torchrun by tests/distributed/test_expert_parallel.py: one MoE layer of the tiny config, whole on
+every rank (the reference) and expert-parallel over the ranks (nemotron3/expert_parallel.py), on each rank's own tokens;
 writes `ep-RANK.json` with the largest differences and the bytes counted against the bytes expected from the
 routing.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ep_worker.py OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/ep_worker.py OUT
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The run report says only what it measured (issue 28): W4A4 rows with quantized activations, accuracy with its
 binomial standard error, the RL held-out curve, labels that do not overlap, and where the engine and transformers
-part. Fast pieces only; tests/test_run.py runs the whole pipeline."""
+part. Fast pieces only; tests/run/test_run.py runs the whole pipeline."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The folders are built here from our own encoders: NVFP4 with `nvfp4_quantize` (t
 scale S_dec is ModelOpt's `weight_scale_2 = amax / (6·448)`), FP8 as `e4m3(W / s) · s`. Decoding is elementwise
 IEEE arithmetic, so weights are compared bit for bit, against our decoders and against the formula of vLLM's
 ModelOpt W4A16 path (codes · e4m3 block scale · weight_scale_2, written out here with its own E2M1 table).
-Logits go through matmuls: `atol=1e-5` (see tests/test_packed.py).
+Logits go through matmuls: `atol=1e-5` (see tests/quant/test_packed.py).
 """
 
 from __future__ import annotations

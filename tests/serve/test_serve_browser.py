@@ -26,7 +26,7 @@ from serving import Running
 from nemotron3.serve import ServeConfig
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "screenshots" / "serve_chat.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "runs" / "screenshots" / "serve_chat.png"
 
 
 def _install_chromium() -> str | None:

@@ -255,7 +255,7 @@ _KILL_SECOND_RENAME = textwrap.dedent("""
 
 def _kill_second_rename(what: str, a: Path, b: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", _KILL_SECOND_RENAME, what, str(a), str(b)], env=ENV, text=True,
-                          capture_output=True, cwd=Path(__file__).parent)
+                          capture_output=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not b.exists()  # killed between the two renames: the folder is not there
 
