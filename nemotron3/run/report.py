@@ -224,6 +224,12 @@ def divergence_text(speed: dict) -> str:
                     "greedy text.")
 
 
+CLAIMS_NOTE = ("Not part of this run (each takes minutes to tens of minutes): benchmarks/claims/ re-measures LatentMoE "
+               "against MoE, the hybrid against attention-only, MTP depth and iGRPO against GRPO over seeds; the "
+               "verdicts are in the repository's docs/results.md (\"The papers' claims re-measured at this scale\") "
+               "and the plots in docs/claims/ (latent_moe.png, hybrid_vs_attention.png, mtp_depth.png, igrpo.png).")
+
+
 def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]]) -> list[Block]:
     plots = dict(made)
     env = r["environment"]
@@ -336,6 +342,8 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
     rows = [[name, st, f"{r['seconds_by_stage'][name]:.0f} s" if name in r["seconds_by_stage"] else "–"]
             for name, st in r["stages"].items()]
     b.append(("table", ["stage", "status", "time"], rows))
+    b.append(("h", 2, "The papers' claims at this scale"))
+    b.append(("p", CLAIMS_NOTE))
     b.append(("h", 2, "Environment"))
     b.append(("table", ["", ""], [["CPU", env["cpu"]], ["cores / torch threads", f"{env['cores']} / "
                                                                                f"{env['torch_threads']}"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,3 +354,17 @@ def test_engine_vs_transformers_names_where_they_part(tmp_path):
     bug = measure.engine_vs_transformers(tmp_path / "ckpt", ours, prompt, new_tokens=6, repeats=1)
     assert not bug["identical"] and bug["divergence"]["position"] is not None
     assert bug["divergence"]["near_tie"] is False and bug["divergence"]["max_abs_logit_diff"] > 0.1
+
+
+def test_the_report_points_to_the_claims_plots_that_exist():
+    """The report's pointer to benchmarks/claims names files and a section that are there (a renamed plot or
+    heading would leave the report pointing at nothing)."""
+    import re
+
+    from nemotron3.run import report
+
+    root = Path(__file__).resolve().parents[2]
+    names = re.findall(r"[a-z_]+\.png", report.CLAIMS_NOTE)
+    assert len(names) == 4 and all((root / "docs" / "claims" / n).is_file() for n in names), names
+    heading = re.search(r'\("(.+?)"\)', report.CLAIMS_NOTE).group(1)
+    assert f"## {heading}" in (root / "docs" / "results.md").read_text()
