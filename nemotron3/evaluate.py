@@ -15,8 +15,6 @@ run the engine; SFT, RL and the pipeline call them.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -117,11 +115,6 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20
 
 
 # ----------------------------------------------------------------------------------------- by reasoning mode
-def budget_supported() -> bool:
-    """Whether the engine takes a thinking budget, `Engine.generate(..., max_thinking_tokens=N)`."""
-    return "max_thinking_tokens" in inspect.signature(Engine.generate).parameters
-
-
 def mode_names(budgets: list[int] | tuple[int, ...] = ()) -> list[str]:
     """`on`, `off`, then `budget_N` for each thinking budget N."""
     return ["on", "off", *(f"budget_{n}" for n in budgets)]
@@ -144,11 +137,8 @@ def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int =
     reasoning tokens, at a newline when one comes within the grace window). Generation stops at `<|im_end|>`
     (or `</s>`); the family's verifier reads the answer after the last `</think>`. Held-out problems are the same
     in every mode and as `task_accuracy`'s for the same seed. `modes` keeps only those of the modes (e.g.
-    `["on"]`). Returns {mode: {family: {"accuracy", "n", "example"}}}. Raises NotImplementedError for budgets
-    when the engine has no thinking budget.
+    `["on"]`). Returns {mode: {family: {"accuracy", "n", "example"}}}.
     """
-    if budgets and not budget_supported():
-        raise NotImplementedError("thinking budgets need Engine.generate(..., max_thinking_tokens=N)")
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, dict]] = {m: {} for m in mode_names(budgets) if modes is None or m in modes}

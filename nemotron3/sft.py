@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemotron3.evaluate import accuracy_by_mode, budget_supported, task_accuracy
+from nemotron3.evaluate import accuracy_by_mode, task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.options import (
     ITEM_BYTES,
@@ -144,8 +144,7 @@ def _data(cfg: SFTConfig, tokenizer: Tokenizer, console: Console) -> tuple[sft_d
 
 def _accuracy(cfg: SFTConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> dict:
     """{mode: {family: accuracy}} by reasoning mode, plus `raw` (the pretraining prompt of task_accuracy)."""
-    budgets = cfg.eval_budgets if budget_supported() else []
-    by_mode = accuracy_by_mode(model, tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed, budgets)
+    by_mode = accuracy_by_mode(model, tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed, cfg.eval_budgets)
     raw = task_accuracy(model, tokenizer, cfg.eval_problems, cfg.difficulty, cfg.seed)
     table = {mode: {f: r["accuracy"] for f, r in fams.items()} for mode, fams in by_mode.items()}
     table["raw"] = {f: r["accuracy"] for f, r in raw.items()}
@@ -216,7 +215,6 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
                               "skipped_too_long": rows.skipped_too_long + heldout.skipped_too_long,
                               "skipped_no_assistant": rows.skipped_no_assistant + heldout.skipped_no_assistant,
                               "row_tokens": rows.data.seq_len + 1},
-            "budget_modes": bool(budget_supported()),
             "accuracy_before": before.get("accuracy", {}), "accuracy_after": after.get("accuracy", {}),
             "examples": after.get("examples", {}),
             "skipped_steps": result.skipped,
@@ -246,8 +244,6 @@ def print_summary(summary: dict, console: Console) -> None:
             cells = "".join((f"{before[m][fam]:7.0%}" if fam in before.get(m, {}) else f"{'-':>7s}") +
                             f" -> {after[m][fam]:4.0%}" for m in modes)
             console.print(f"  {fam:10s}{cells}")
-        if not summary["budget_modes"]:
-            console.print("  (budget modes: the engine has no max_thinking_tokens yet)")
     print_footer(summary, console)
 
 

@@ -14,7 +14,7 @@ from conftest import randomize_, small_model
 
 from nemotron3 import chat, load_pretrained, tasks
 from nemotron3.cli import main
-from nemotron3.evaluate import accuracy_by_mode, budget_supported, greedy_generate_reference
+from nemotron3.evaluate import accuracy_by_mode, greedy_generate_reference
 from nemotron3.pretrain import PretrainConfig
 from nemotron3.sft import SFTConfig
 from nemotron3.train import checkpoint, loop, sft_data
@@ -88,7 +88,7 @@ def test_sft_run_layout_summary_and_chat_template(pretrained, tmp_path, tok):
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl", "step-000004", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
-    modes = ["on", "off", *(["budget_4", "budget_12"] if budget_supported() else []), "raw"]
+    modes = ["on", "off", "budget_4", "budget_12", "raw"]
     for key in ("accuracy_before", "accuracy_after"):
         assert list(summary[key]) == modes
         assert all(sorted(summary[key][m]) == sorted(tasks.FAMILIES) for m in modes)
@@ -239,7 +239,6 @@ def test_accuracy_by_mode_asks_the_documented_chat_prompts(tok):
         assert got["on"][fam]["n"] == 2 and got["on"][fam]["example"]["prompt"] == p.prompt
 
 
-@pytest.mark.skipif(not budget_supported(), reason="Engine.generate has no max_thinking_tokens yet")
 def test_budget_modes_cap_the_reasoning(tok):
     model = small_model(-(-tok.vocab_size // 64) * 64, seed=4).eval()
     randomize_(model, seed=4)
