@@ -1,10 +1,16 @@
 """The `nemotron3_tasks` fixture: held-out problems of two built-in task families (add, sort) as lm-eval tasks.
 
-    nemotron3 lm-eval --model nemotron3 --model_args pretrained=DIR,think=off --include_path benchmarks/eval_tasks \
-        --tasks nemotron3_tasks_gen,nemotron3_tasks_mc --apply_chat_template --batch_size 16
+    nemotron3 lm-eval --model nemotron3 --model_args pretrained=DIR,think=on --include_path benchmarks/eval_tasks \
+        --tasks nemotron3_tasks_gen --apply_chat_template --batch_size 16
+    nemotron3 lm-eval --model nemotron3 --model_args pretrained=DIR --include_path benchmarks/eval_tasks \
+        --tasks nemotron3_tasks_doc,nemotron3_tasks_mc --batch_size 16
 
-- `nemotron3_tasks_gen` (generate_until): the problem as a user turn; the reply is graded like `nemotron3 eval
-  --data tasks:add,sort` (the family's answer line, tasks.extract_answer, checked by the family's verifier).
+- `nemotron3_tasks_gen` (generate_until, meant for `--apply_chat_template`): the problem as a user turn; the reply
+  is graded like `nemotron3 eval --data tasks:add,sort` (the family's answer line, tasks.extract_answer, checked by
+  the family's verifier). 96 new tokens: 1.5 times the longest reference reasoning and answer, as the pipeline's
+  evaluation allows (nemotron3/evaluate.py).
+- `nemotron3_tasks_doc` (generate_until, without the chat template): "{problem}\n", the way a pretraining
+  document begins (the pipeline's `task_accuracy`): the model writes `<think>` ... `</think>` and the answer.
 - `nemotron3_tasks_mc` (multiple_choice, by loglikelihood): "{problem}\\nAnswer:" and four answers, the right one
   and three near misses (an off-by-one or off-by-ten sum, the list in another order).
 

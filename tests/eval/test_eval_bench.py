@@ -42,11 +42,12 @@ def test_fixture_file_is_the_families_held_out_problems():
 
 def test_lm_eval_loads_the_fixture_tasks():
     manager = TaskManager(include_path=str(FIXTURE), include_defaults=False)
-    loaded = manager.load_task_or_group(["nemotron3_tasks_gen", "nemotron3_tasks_mc"])
-    gen, mc = loaded["nemotron3_tasks_gen"], loaded["nemotron3_tasks_mc"]
+    loaded = manager.load_task_or_group(["nemotron3_tasks_gen", "nemotron3_tasks_doc", "nemotron3_tasks_mc"])
+    gen, doc, mc = (loaded[f"nemotron3_tasks_{x}"] for x in ("gen", "doc", "mc"))
     docs = list(mc.test_docs())
-    assert len(docs) == len(list(gen.test_docs())) == 64
+    assert len(docs) == len(list(gen.test_docs())) == len(list(doc.test_docs())) == 64
     assert mc.doc_to_text(docs[0]) == "What is 30 + 0?\nAnswer:" and mc.doc_to_target(docs[0]) == docs[0]["target"]
+    assert gen.doc_to_text(docs[0]) == "What is 30 + 0?" and doc.doc_to_text(docs[0]) == "What is 30 + 0?\n"
     # process_results grades by the family's verifier, on the answer line after any reasoning
     assert gen.process_results(docs[0], ["<think>\n0+0=0\n</think>\n30"]) == {"acc": 1.0}
     assert gen.process_results(docs[0], ["Answer: 31"]) == {"acc": 0.0}
