@@ -8,18 +8,21 @@ tokenizer_config.json in AutoTokenizer), one fixture (benchmarks/eval_tasks: 64 
 both backends built once (loading is not timed) and run through `lm_eval.simple_evaluate` alternately, `--repeats`
 times each (the machine is shared and noisy; the best run counts):
   * generate_until (`nemotron3_tasks_gen`, chat template, greedy, the same `max_gen_toks` and batch size): items/s
-    of each backend, their ratio, accuracy, and whether the extracted answers (the family's answer line) agree
-    item by item;
+    of each backend (over the whole `simple_evaluate`, and over the time spent inside the backend's request
+    method, lm-eval's own work left out), their ratio, accuracy, and whether the extracted answers (the family's
+    answer line) agree item by item;
   * loglikelihood (`nemotron3_tasks_mc`, 4 choices per item scored by likelihood): items/s, accuracy, the largest
     difference between the two backends' loglikelihoods, and whether the chosen answers agree.
 Settings that make the two backends see the same tokens: `hf` gets `add_bos_token=True` (nemotron3 prompts start
 with `<s>`; the tokenizer adds no BOS by itself), `enable_thinking` as `--think` (the checkpoint's chat template
 reads it) and `think_end_token` as the id of `</think>` (lm-eval decodes replies without special tokens, so the
 string form would never be found), dtype float32 on the CPU for both; loglikelihood runs with thinking off, as
-`hf` requires. `hf` stops at `</s>` (the generation config) and at the task's `until` strings (`<|im_end|>`,
-`</s>`); nemotron3 at the same tokens. Two known differences in replies: with `--think on`, a reply whose
-reasoning never closes is empty for nemotron3 and the whole text for `hf`; special tokens the model writes inside
-a reply (a stray `<s>`) stay in nemotron3's text and not in `hf`'s (the table gives the agreement without them).
+`hf` requires. Both stop a row at `</s>` or `<|im_end|>`: `hf` gets both as its generation config's
+`eos_token_id` (the checkpoint's names `</s>` alone, and a row stopped only by lm-eval's `until` strings goes on
+generating until its batch ends, after which lm-eval reads the answer after the last `</think>` of it all).
+Two known differences in replies: with `--think on`, a reply whose reasoning never closes is empty for nemotron3
+and the whole text for `hf`; special tokens the model writes inside a reply (a stray `<s>`) stay in nemotron3's
+text and not in `hf`'s (the table gives the agreement without them).
 `--out` writes the same numbers as JSON. Without `--model`, a tiny random checkpoint is built in a temporary
 folder. `--quick`: a smoke run of 8 items, 8 new tokens, one repeat.
 """
@@ -71,28 +74,50 @@ def backends(folder: Path, batch_size: int, think: str) -> dict:
     elif think == "on":
         raise SystemExit(f"--think on: {folder}'s tokenizer has no single </think> token")
     hf = get_model("hf")(**hf_args)
+    # the end-of-turn token as an end of sequence for transformers' `generate` (the checkpoint's generation config
+    # names `</s>` alone): otherwise a finished row keeps generating until the whole batch stops, and lm-eval's
+    # hf backend reads the answer after the LAST `</think>` of everything generated, past the reply's own end
+    ends = [ours.tok.token_to_id(t) for t in ("</s>", "<|im_end|>")]
+    hf.model.generation_config.eos_token_id = [t for t in ends if t is not None]
     return {"nemotron3": ours, "hf": hf}
 
 
-def run_task(lm, task: str, limit: int | None, gen_toks: int | None, manager) -> tuple[float, dict]:
-    """Seconds of one `simple_evaluate` over `task`, and its result (samples logged)."""
+def run_task(lm, task: str, limit: int | None, gen_toks: int | None, manager) -> tuple[float, float, dict]:
+    """Seconds of one `simple_evaluate` over `task`, the seconds of those inside the backend's request method
+    (`generate_until` or `loglikelihood`: the rest is lm-eval's own work, the same for both), and the result."""
     from lm_eval import simple_evaluate
 
+    method = "generate_until" if task == GEN else "loglikelihood"
+    inner, spent = getattr(lm, method), [0.0]
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
     kwargs = {"gen_kwargs": f"max_gen_toks={gen_toks}"} if gen_toks else {}
-    t0 = time.perf_counter()
-    res = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
-                          apply_chat_template=task == GEN, **kwargs)
-    return time.perf_counter() - t0, res
+    setattr(lm, method, timed)
+    try:
+        t0 = time.perf_counter()
+        res = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
+                              apply_chat_template=task == GEN, **kwargs)
+        total = time.perf_counter() - t0
+    finally:
+        delattr(lm, method)
+    return total, spent[0], res
 
 
 def race(lms: dict, task: str, repeats: int, limit: int | None, gen_toks: int | None, manager) -> tuple[dict, dict]:
-    """Best seconds per backend over `repeats` alternating runs (noise hits both alike), and the last results."""
-    best, last = dict.fromkeys(lms, math.inf), {}
+    """Best seconds per backend over `repeats` alternating runs (noise hits both alike), whole `simple_evaluate`
+    and inside the backend, and the last results."""
+    best, last = {k: [math.inf, math.inf] for k in lms}, {}
     for r in range(repeats):
         for name in (list(lms) if r % 2 == 0 else list(reversed(lms))):
-            dt, last[name] = run_task(lms[name], task, limit, gen_toks, manager)
-            best[name] = min(best[name], dt)
-            print(f"  {task} {name} run {r + 1}: {dt:.1f}s", flush=True)
+            total, inner, last[name] = run_task(lms[name], task, limit, gen_toks, manager)
+            best[name] = [min(best[name][0], total), min(best[name][1], inner)]
+            print(f"  {task} {name} run {r + 1}: {total:.2f}s ({inner:.2f}s in the backend)", flush=True)
     return best, last
 
 
@@ -136,22 +161,28 @@ def table(name: str, secs: dict, results: dict, task: str, n: int, agree: dict) 
         r = results[k]["results"][task]
         acc, se = r["acc,none"], r.get("acc_stderr,none")
         se_s = f"{se:.3f}" if isinstance(se, float) else "n/a"
-        rows.append(f"| {name} | {k} | {n} | {secs[k]:.1f} | {n / secs[k]:.2f} | {acc:.3f} ± {se_s} |")
-    ratio = secs["hf"] / secs["nemotron3"]
+        total, inner = secs[k]
+        rows.append(f"| {name} | {k} | {n} | {total:.2f} / {inner:.2f} | {n / total:.1f} / {n / inner:.1f} | "
+                    f"{acc:.3f} ± {se_s} |")
+    ratio = [secs["hf"][i] / secs["nemotron3"][i] for i in (0, 1)]
     if "max_abs_diff" in agree:
         extra = f"max |Δ loglikelihood| {agree['max_abs_diff']:.2e}"
     else:
         extra = (f"differing items {agree['differ']}; without special tokens {agree['agree_without_specials']}/"
                  f"{agree['items']}" if agree["differ"] else "all answers equal")
-    rows.append(f"| {name} | nemotron3 / hf | | | {ratio:.2f}× | agree {agree['agree']}/{agree['items']} ({extra}) |")
+    rows.append(f"| {name} | nemotron3 / hf | | | {ratio[0]:.2f}× / {ratio[1]:.2f}× | agree {agree['agree']}/"
+                f"{agree['items']} ({extra}) |")
     return rows
 
 
 def summary(secs: dict, results: dict, task: str, n: int, agree: dict) -> dict:
-    """One task's numbers for `--out`: per backend seconds, items/s, accuracy, stderr; the agreement."""
-    out = {k: {"seconds": secs[k], "items_per_s": n / secs[k], "acc": results[k]["results"][task]["acc,none"],
+    """One task's numbers for `--out`: per backend seconds (whole and in the backend), items/s, accuracy, stderr;
+    the ratios and the agreement."""
+    out = {k: {"seconds": secs[k][0], "backend_seconds": secs[k][1], "items_per_s": n / secs[k][0],
+               "backend_items_per_s": n / secs[k][1], "acc": results[k]["results"][task]["acc,none"],
                "stderr": results[k]["results"][task].get("acc_stderr,none")} for k in secs}
-    return {**out, "ratio": secs["hf"] / secs["nemotron3"], "agreement": agree}
+    return {**out, "ratio": secs["hf"][0] / secs["nemotron3"][0],
+            "backend_ratio": secs["hf"][1] / secs["nemotron3"][1], "agreement": agree}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_agree, mc_agree = compare_gen(g_res, specials), compare_mc(m_res)
     print(f"\ncheckpoint {folder}; think={a.think}, batch size {a.batch_size}, max_gen_toks {a.max_gen_toks}, "
           f"best of {a.repeats}, {torch.get_num_threads()} threads")
-    print("| task | backend | items | best s | items/s | acc ± stderr |")
+    print("| task | backend | items | best s (all / in backend) | items/s (all / in backend) | acc ± stderr |")
     print("|---|---|---|---|---|---|")
     for row in (table("generate_until", g_secs, g_res, GEN, n, gen_agree)
                 + table("loglikelihood (4 choices)", m_secs, m_res, MC, n, mc_agree)):
