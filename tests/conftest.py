@@ -186,12 +186,13 @@ def tiny_moe_config(**kw):
 EVAL_TEXT = "What is 7 * 6? It is 42. The answer is B. Paris is the capital of France.\n"
 
 
-def eval_checkpoint(folder, seed: int = 0):
-    """A tiny random model saved with nemotron3's own tokenizer (the chat format's special tokens)."""
+def eval_checkpoint(folder, seed: int = 0, text: str = EVAL_TEXT):
+    """A tiny random model (no MTP) saved with nemotron3's own tokenizer trained on `text` (the chat format's special
+    tokens included): what the eval, chat and generate tests open. Returns (model in eval mode, tokenizer)."""
     import nemotron3
     from nemotron3.train.tokenizer import Tokenizer
 
-    tk = Tokenizer.train([EVAL_TEXT] * 50, vocab_size=300)
+    tk = Tokenizer.train([text] * 50, vocab_size=300)
     config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
     torch.manual_seed(seed)
     model = nemotron3.HybridLM(config)

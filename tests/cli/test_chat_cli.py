@@ -6,15 +6,13 @@ import io
 import sys
 
 import pytest
-import torch
-from conftest import randomize_
+from conftest import eval_checkpoint
 from rich.console import Console
 
 import nemotron3
 from nemotron3 import chat
 from nemotron3.chat_cli import ChatConfig, chat_session
 from nemotron3.cli import main
-from nemotron3.train.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,14 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat")
-    tk = Tokenizer.train(["What is 7 * 6? It is 42.\nSort 3 1 2: 1 2 3\n"] * 50, vocab_size=300)
-    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = nemotron3.HybridLM(config)
-    randomize_(model)
-    nemotron3.save_pretrained(model, folder)
-    tk.save(folder)
-    return folder, model, tk
+    model, tk = eval_checkpoint(folder, text="What is 7 * 6? It is 42.\nSort 3 1 2: 1 2 3\n")
+    return folder, model.train(), tk
 
 
 def _reference_reply(model, tk, messages, thinking, budget, n, temperature, seed):

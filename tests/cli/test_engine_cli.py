@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import eval_checkpoint, randomize_
 
 import nemotron3
 from nemotron3.cli import main
@@ -97,15 +97,8 @@ def test_chat_prompt_and_thinking_budget(tmp_path):
     """--chat renders the prompt with the chat format; --max-thinking-tokens forces </think> in the output."""
     from nemotron3 import chat
     from nemotron3.generate import GenerateConfig, generate
-    from nemotron3.train.tokenizer import Tokenizer as Ours
 
-    tk = Ours.train(["What is 7 * 6? It is 42.\n"] * 50, vocab_size=300)
-    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = nemotron3.HybridLM(config)
-    randomize_(model)
-    nemotron3.save_pretrained(model, tmp_path)
-    tk.save(tmp_path)
+    model, tk = eval_checkpoint(tmp_path, text="What is 7 * 6? It is 42.\n")
     r = generate(GenerateConfig(model=tmp_path, prompt="What is 7 * 6?", chat=True, max_thinking_tokens=3,
                                 max_new_tokens=12, no_stop=True))
     end = tk.tk.token_to_id("</think>")

@@ -14,7 +14,7 @@ import typing
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import eval_checkpoint, randomize_
 
 import nemotron3
 from nemotron3 import options, tasks
@@ -266,13 +266,7 @@ def test_the_calibration_bound_is_what_the_held_out_split_holds():
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat")
-    tk = Tokenizer.train(["What is 7 * 6? It is 42.\n"] * 50, vocab_size=300)
-    config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = nemotron3.HybridLM(config)
-    randomize_(model)
-    nemotron3.save_pretrained(model, folder)
-    tk.save(folder)
+    eval_checkpoint(folder, text="What is 7 * 6? It is 42.\n")
     return folder
 
 
