@@ -14,6 +14,7 @@ from conftest import eval_checkpoint
 from lm_eval.tasks import TaskManager
 
 from nemotron3 import tasks
+from nemotron3.eval.data import task_items
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "benchmarks" / "eval_tasks"
@@ -33,6 +34,9 @@ def test_fixture_file_is_the_families_held_out_problems():
     rows = [json.loads(x) for x in (FIXTURE / "problems.jsonl").read_text().splitlines()]
     assert rows == utils.problems()
     assert [r["family"] for r in rows] == ["add"] * 32 + ["sort"] * 32
+    # the problems `nemotron3 eval --data tasks:add,sort --count 32` asks, in the same order
+    items = task_items("tasks:add,sort", 32)
+    assert [(r["prompt"], r["answer"]) for r in rows] == [(i.messages[-1]["content"], i.answer) for i in items]
     for r in rows:
         family, problem = tasks.family_of(r["prompt"])
         assert tasks.split_of(family.key(problem)) == "heldout"
