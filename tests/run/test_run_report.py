@@ -332,7 +332,11 @@ def test_the_report_words_follow_the_measurement():
     tie = report.divergence_text({**base, "divergence": {**d, "reference_argmax": 412, "near_tie": True}})
     assert "which the engine resolved the other way" in tie
     bug = report.divergence_text({**base, "divergence": {**d, "max_abs_logit_diff": 2.5, "near_tie": False}})
-    assert "not a near-tie" in bug and "near-tie in fp32" not in bug
+    assert "not a near-tie" in bug and "near-tie in fp32" not in bug and "both full forwards agree" not in bug
+    # far from a tie, the full forwards agree with each other and with the engine: transformers' cached decode departs
+    cached = report.divergence_text({**base, "divergence": {**d, "reference_top2_margin": 0.071,
+                                                            "max_abs_logit_diff": 5e-6, "near_tie": False}})
+    assert "both full forwards agree: transformers' generate's cached decode departs" in cached
     same = report.divergence_text({**base, "identical": True, "divergence": {"position": None, "tokens": 128}})
     assert same == "Both emitted the same 128 tokens (compared token by token)."
 
