@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import tiny_mtp_model
 
-import nemotron3
 from nemotron3.engine.cache import HybridCache
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = nemotron3.HybridLM(nemotron3.ModelConfig.preset("tiny")).eval()
-    randomize_(m, 0)
-    return m
+    return tiny_mtp_model()  # the tiny preset, seed 0
 
 
 def _snapshot(cache: HybridCache) -> list:

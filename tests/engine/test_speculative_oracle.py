@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import tiny_mtp_model
 
 import nemotron3
 from nemotron3.engine import speculative
@@ -26,10 +26,7 @@ PROMPTS = [list(range(3, 40)), [5, 6, 7], list(range(100, 120))]  # the first cr
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = nemotron3.HybridLM(nemotron3.ModelConfig.preset("tiny")).eval()
-    randomize_(m, 0)
-    return m
+    return tiny_mtp_model()  # the tiny preset, seed 0
 
 
 class _Rounds:
