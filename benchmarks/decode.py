@@ -65,7 +65,7 @@ def llama_cpp_model(folder: Path, outtype: str, threads: int, n_ctx: int):
     except ImportError:
         raise SystemExit("--llama-cpp needs llama-cpp-python: pip install -e '.[llama-cpp]'") from None
     from nemotron3.export import ExportConfig, export
-    from nemotron3.train.tokenizer import Tokenizer
+    from nemotron3.tokenizer import Tokenizer
 
     Tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 20, 300).save(folder)
     path = export(ExportConfig(model=folder, outtype=outtype, out=folder / f"model-{outtype}.gguf"))

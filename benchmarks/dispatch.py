@@ -27,7 +27,7 @@ import sys
 import torch
 
 from nemotron3.config import ModelConfig
-from nemotron3.expert_parallel import dispatch_bytes_per_token
+from nemotron3.distributed.expert_parallel import dispatch_bytes_per_token
 
 
 def computed(name: str = "super-120b-a12b") -> None:
@@ -48,8 +48,8 @@ def worker(tokens: int) -> None:
     """Under torchrun: one tiny MoE layer, latent and standard, same routing; prints rank 0's counts as JSON."""
     import torch.distributed as dist
 
-    from nemotron3 import parallel
-    from nemotron3.expert_parallel import shard_experts
+    from nemotron3.distributed import parallel
+    from nemotron3.distributed.expert_parallel import shard_experts
     from nemotron3.model.moe import MoE
 
     with parallel.process_group() as rank:

@@ -47,7 +47,7 @@ GEN, MC = "nemotron3_tasks_gen", "nemotron3_tasks_mc"
 def tiny_checkpoint(folder: Path) -> Path:
     """A tiny random model with nemotron3's tokenizer (chat special tokens), for smoke runs."""
     import nemotron3
-    from nemotron3.train.tokenizer import Tokenizer
+    from nemotron3.tokenizer import Tokenizer
 
     text = "What is 12 + 30? Sort ascending: 5 3 9. Answer: 42. <think> 2+0=2 </think> the quick brown fox"
     tk = Tokenizer.train([text] * 50, vocab_size=300)

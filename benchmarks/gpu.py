@@ -191,7 +191,7 @@ def mtp_row(b: Bench, model: nemotron3.HybridLM, batch: int, k: int, new: int, t
 
 
 def train_row(b: Bench, base: nemotron3.HybridLM, mode: str, rows: int, length: int, steps: int) -> dict:
-    from nemotron3.pretrain import _convert_nvfp4
+    from nemotron3.stages.pretrain import _convert_nvfp4
     from nemotron3.train.data import PackedData
     from nemotron3.train.loss import Normalizer, micro_loss
     from nemotron3.train.optim import build_optimizer

@@ -1,4 +1,4 @@
-"""Memory per GPU of FSDP2 training (nemotron3/parallel.py) for a preset, computed from its config.
+"""Memory per GPU of FSDP2 training (nemotron3/distributed/parallel.py) for a preset, computed from its config.
 
     .venv/bin/python benchmarks/memory.py                      # Nano and Super at a few (dp_shard, ep) layouts
     .venv/bin/python benchmarks/memory.py --seq-len 8192 --rows 1

@@ -31,9 +31,9 @@ import torch
 from nemotron3.hf import load_pretrained
 from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4, module_precision
 from nemotron3.quant.nvfp4_linear import NVFP4Recipe
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import data as train_data
 from nemotron3.train.loss import token_ce_sum
-from nemotron3.train.tokenizer import Tokenizer
 
 RECIPES = {"recipe": {}, "no-sr": {"stochastic_rounding": False}, "no-rht": {"rht": False},
            "no-2d": {"weight_2d": False}}

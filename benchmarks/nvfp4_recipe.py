@@ -101,9 +101,9 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
     from nemotron3 import tasks
     from nemotron3.hf import load_pretrained
     from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
+    from nemotron3.tokenizer import Tokenizer
     from nemotron3.train import data as train_data
     from nemotron3.train.evaluate import eval_loss
-    from nemotron3.train.tokenizer import Tokenizer
 
     losses: dict[tuple[str, ...], float] = {}
     for trained in ("fp32", "nvfp4"):

@@ -4,7 +4,7 @@
 
 For fp32, bf16 and every `nemotron3 quantize` scheme (nvfp4 and fp8 with their activations emulated): the held-out
 loss (mean next-token cross-entropy over held-out task documents), greedy exact match per task family
-(nemotron3.evaluate.task_accuracy on the held-out split), the checkpoint's bytes on disk, and the weights'
+(nemotron3.eval.accuracy.task_accuracy on the held-out split), the checkpoint's bytes on disk, and the weights'
 quantization error: relative RMSE ‖W_q − W‖ / ‖W‖ over all the quantized GEMM weights (the same matrices for every
 format; those kept high are excluded). SeedLM's exhaustive seed search dominates the run time.
 
@@ -29,12 +29,12 @@ from rich.console import Console
 from rich.table import Table
 
 from nemotron3 import Engine, load_pretrained, save_pretrained, tasks
-from nemotron3.evaluate import task_accuracy
+from nemotron3.eval.accuracy import task_accuracy
 from nemotron3.hf import checkpoint_bytes, state_dict_for_disk
 from nemotron3.quant import checkpoint as qckpt
 from nemotron3.quant.packed import resident_bytes
-from nemotron3.quantize import QuantizeConfig, quantize
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.stages.quantize import QuantizeConfig, quantize
+from nemotron3.tokenizer import Tokenizer
 
 ROWS = ("fp32", "bf16", "fp8", "nvfp4-w4a16", "nvfp4", "mxfp4", "mx9", "mx6", "mx4", "seedlm4", "seedlm3")
 LOSS_SEED = 2   # held-out documents for the loss: not the calibration (1) nor the exact-match problems (0)

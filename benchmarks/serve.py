@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import nemotron3
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 
 @dataclass

@@ -30,7 +30,7 @@ import nemotron3
 from nemotron3 import tasks
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 
 def held_out_prompts(tok: Tokenizer, n: int, seed: int = 0) -> list[list[int]]:
@@ -115,7 +115,7 @@ def main() -> None:
     args.model = args.model[0] if args.model else None
     tmp = None
     if args.model is None:
-        from nemotron3.pretrain import PretrainConfig, pretrain
+        from nemotron3.stages.pretrain import PretrainConfig, pretrain
         tmp = tempfile.TemporaryDirectory()
         print("training the default pretrain checkpoint (no --model given) ...")
         args.model = pretrain(PretrainConfig(out=Path(tmp.name) / "run"))

@@ -2,7 +2,7 @@
 
 Each command is a stage module with a config dataclass (fields declared with `nemotron3.options.option`) and a
 `main(cfg) -> int` that runs the stage and prints its report; the stage's logic is a plain function of the
-config (`nemotron3.pretrain.pretrain(cfg)`), which the pipeline and the tests call directly. A field becomes a
+config (`nemotron3.stages.pretrain.pretrain(cfg)`), which the pipeline and the tests call directly. A field becomes a
 flag (`seq_len` -> `--seq-len`, booleans as `--x/--no-x`, lists as several values), with the dataclass's
 default, so every default lives in one place; only the flags a user gives reach the dataclass.
 
@@ -27,16 +27,17 @@ from nemotron3.options import flag_of, optional_inner
 # command -> (stage module, config class, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("nemotron3.run", "RunConfig", "the main job: the whole recipe on the embedded default"),
-    "info": ("nemotron3.info", "InfoConfig", "describe presets, config.json files or checkpoint folders"),
-    "pretrain": ("nemotron3.pretrain", "PretrainConfig",
+    "info": ("nemotron3.stages.info", "InfoConfig", "describe presets, config.json files or checkpoint folders"),
+    "pretrain": ("nemotron3.stages.pretrain", "PretrainConfig",
                  "pretrain a model (NVFP4 recipe, MTP) on the embedded tasks or your text"),
-    "sft": ("nemotron3.sft", "SFTConfig",
+    "sft": ("nemotron3.stages.sft", "SFTConfig",
             "supervised fine-tuning on chat conversations, reasoning on / off / budgeted, loss on the assistant"),
     "rl": ("nemotron3.rl.grpo", "GRPOConfig", "GRPO / iGRPO on verifiable rewards, rollouts with MTP speculation"),
-    "generate": ("nemotron3.generate", "GenerateConfig", "generate text from a checkpoint"),
+    "generate": ("nemotron3.stages.generate", "GenerateConfig", "generate text from a checkpoint"),
     "serve": ("nemotron3.serve", "ServeConfig", "an OpenAI-compatible server with continuous batching and a chat page"),
-    "chat": ("nemotron3.chat_cli", "ChatConfig", "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
-    "quantize": ("nemotron3.quantize", "QuantizeConfig",
+    "chat": ("nemotron3.stages.chat_cli", "ChatConfig",
+             "chat with a checkpoint in the terminal (/think, /no_think, /budget)"),
+    "quantize": ("nemotron3.stages.quantize", "QuantizeConfig",
                  "write a checkpoint in NVFP4 / FP8 (compressed-tensors), MX9/6/4, MXFP4 or SeedLM"),
     "export": ("nemotron3.export", "ExportConfig", "write a checkpoint as a GGUF file for llama.cpp (f32, bf16, q8_0)"),
     "eval": ("nemotron3.eval.stage", "EvalConfig",

@@ -190,7 +190,7 @@ def eval_checkpoint(folder, seed: int = 0, text: str = EVAL_TEXT):
     """A tiny random model (no MTP) saved with nemotron3's own tokenizer trained on `text` (the chat format's special
     tokens included): what the eval, chat and generate tests open. Returns (model in eval mode, tokenizer)."""
     import nemotron3
-    from nemotron3.train.tokenizer import Tokenizer
+    from nemotron3.tokenizer import Tokenizer
 
     tk = Tokenizer.train([text] * 50, vocab_size=300)
     config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=tk.tk.get_vocab_size(), num_nextn_predict_layers=0)

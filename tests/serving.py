@@ -5,7 +5,7 @@ A random model writes noise, which cannot show that reasoning is returned apart 
 call reaches the client parsed. So the tiny preset is trained for a few hundred Adam steps on three
 conversations until greedy decoding reproduces each reply exactly: a reasoning + answer reply (GREETING), a
 reasoning + tool call reply (WEATHER), and a reasoning-off answer (GREETING with thinking off). The tokenizer
-is nemotron3's own (train/tokenizer.py: the chat format's special tokens), trained on the same text.
+is nemotron3's own (nemotron3/tokenizer.py: the chat format's special tokens), trained on the same text.
 
 `Running(ServeConfig(...))` builds the server (`nemotron3.serve.build_server`) and runs uvicorn on a thread,
 with helpers for raw requests and for reading a metric.
@@ -27,8 +27,8 @@ import nemotron3
 from nemotron3 import chat
 from nemotron3.serve import ServeConfig, build_server
 from nemotron3.serve.app import create_app
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train.sft_data import Conversation, encode
-from nemotron3.train.tokenizer import Tokenizer
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",

@@ -164,7 +164,7 @@ def pretrain_run(config: Any, out: Path, seed: int, steps: int, batch_size: int,
     same one again: the variants of one seed share the seed's tokenizer, trained by the seed's first run."""
     from rich.console import Console
 
-    from nemotron3.pretrain import PretrainConfig, pretrain
+    from nemotron3.stages.pretrain import PretrainConfig, pretrain
 
     summary_path = out / "summary.json"
     if not (reuse and summary_path.exists()):

@@ -43,8 +43,8 @@ def base_checkpoint(out: Path, quick: bool, sft_steps: int = 100) -> Path:
     out/; a finished pretraining or SFT run there is reused."""
     from rich.console import Console
 
-    from nemotron3.pretrain import PretrainConfig, pretrain
-    from nemotron3.sft import SFTConfig, sft
+    from nemotron3.stages.pretrain import PretrainConfig, pretrain
+    from nemotron3.stages.sft import SFTConfig, sft
 
     final = out / "sft" / "final"
     if (final / "config.json").is_file():

@@ -139,8 +139,8 @@ def main() -> None:
     import torch
 
     from nemotron3.hf import load_pretrained
+    from nemotron3.tokenizer import Tokenizer
     from nemotron3.train import data as train_data
-    from nemotron3.train.tokenizer import Tokenizer
 
     configs = variants(args.alpha)
     names = list(configs)

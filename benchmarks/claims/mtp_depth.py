@@ -110,7 +110,7 @@ def main() -> None:
     import torch
 
     from nemotron3.hf import load_pretrained
-    from nemotron3.train.tokenizer import Tokenizer
+    from nemotron3.tokenizer import Tokenizer
 
     config, specs = model_config(), variants(args.grid)
     names = list(specs)

@@ -8,7 +8,7 @@
 - `nemotron3_tasks_gen` (generate_until, meant for `--apply_chat_template`): the problem as a user turn; the reply
   is graded like `nemotron3 eval --data tasks:add,sort` (the family's answer line, tasks.extract_answer, checked by
   the family's verifier). 96 new tokens: 1.5 times the longest reference reasoning and answer, as the pipeline's
-  evaluation allows (nemotron3/evaluate.py).
+  evaluation allows (nemotron3/eval/accuracy.py).
 - `nemotron3_tasks_doc` (generate_until, without the chat template): "{problem}\n", the way a pretraining
   document begins (the pipeline's `task_accuracy`): the model writes `<think>` ... `</think>` and the answer.
 - `nemotron3_tasks_mc` (multiple_choice, by loglikelihood): "{problem}\\nAnswer:" and four answers, the right one

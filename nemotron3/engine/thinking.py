@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 class ThinkTokens:
     """The ids of `<think>`, `</think>` and of every token whose text holds a newline.
 
-    The defaults are the ids nemotron3's tokenizer fixes for `<think>` / `</think>` (train/tokenizer.py)
+    The defaults are the ids nemotron3's tokenizer fixes for `<think>` / `</think>` (nemotron3/tokenizer.py)
     with no newline ids known: a budget then closes at N + grace exactly. `from_tokenizer` fills all three.
     """
 

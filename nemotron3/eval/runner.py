@@ -12,7 +12,7 @@ serves (the checkpoint's own template replaces it once checkpoints carry one).
 Generation: the prompts of a mode (each repeated n times for pass@k) are sorted longest first and run in batches
 of `batch_size` rows through `Engine.generate` (greedy, or sampled with one seed per batch, speculative with the MTP
 block when asked). A row stops at a stop token (dropped from the text) or after `max_new_tokens`. The pipeline's
-held-out task accuracy (nemotron3/evaluate.py) generates and grades through `generate_batched` and `grade_all`.
+held-out task accuracy (nemotron3/eval/accuracy.py) generates and grades through `generate_batched` and `grade_all`.
 """
 
 from __future__ import annotations

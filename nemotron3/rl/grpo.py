@@ -52,7 +52,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nemotron3 import options
-from nemotron3.evaluate import accuracy_by_mode
+from nemotron3.eval.accuracy import accuracy_by_mode
 from nemotron3.options import StageConfig, device_of, device_option, fail, option, restore_config, to_dict
 from nemotron3.rl import igrpo
 from nemotron3.rl.loss import LOSS_TYPES, SCALE_REWARDS, group_advantages

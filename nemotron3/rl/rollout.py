@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from nemotron3.engine import Engine, SamplingParams
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 
 @dataclass

@@ -33,8 +33,8 @@ from nemotron3.rl import igrpo, rewards
 from nemotron3.rl.loss import completion_logprobs, policy_loss
 from nemotron3.rl.prompts import FilePrompts, PromptRow, TaskPrompts
 from nemotron3.rl.rollout import RolloutBatch, rollout
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train.optim import WSD, build_optimizer
-from nemotron3.train.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from nemotron3.rl.grpo import GRPOConfig

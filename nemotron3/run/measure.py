@@ -19,8 +19,8 @@ from torch import nn
 
 from nemotron3 import tasks
 from nemotron3.engine import Engine
-from nemotron3.evaluate import chat_prompt
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.eval.accuracy import chat_prompt
+from nemotron3.tokenizer import Tokenizer
 
 
 def heldout_chat_prompts(tokenizer: Tokenizer, n: int, seed: int = 0, difficulty: int = 1) -> list[list[int]]:

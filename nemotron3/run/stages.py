@@ -35,17 +35,17 @@ from rich.console import Console
 
 from nemotron3 import folders
 from nemotron3.config import ModelConfig
-from nemotron3.evaluate import accuracy_by_mode, mode_names
+from nemotron3.eval.accuracy import accuracy_by_mode, mode_names
 from nemotron3.hf import load_pretrained, save_pretrained
 from nemotron3.options import ConfigError, resolve_device
-from nemotron3.pretrain import PretrainConfig, pretrain
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.run import measure
 from nemotron3.run.plan import SEEDLM_FROM_MINUTES, STAGES, SWITCH_SHARE, Plan
-from nemotron3.sft import SFTConfig, sft
+from nemotron3.stages.pretrain import PretrainConfig, pretrain
+from nemotron3.stages.sft import SFTConfig, sft
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 
 
 @dataclass
@@ -212,7 +212,7 @@ def speed_stage(ctx: Context) -> dict:
 
 def quantize_skip() -> str | None:
     try:
-        import nemotron3.quantize  # noqa: F401
+        import nemotron3.stages.quantize  # noqa: F401
     except ImportError:
         return "`nemotron3 quantize` is not built yet"
     return None
@@ -238,7 +238,7 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
     """Every scheme of `nemotron3 quantize` applied to the RL model, plus its fp32 and bf16 forms: exact match
     (reasoning on, `plan.quant_problems` per family) and the bytes of the weight files. One JSON per scheme in
     the stage's folder, so that a killed stage keeps the schemes it finished."""
-    from nemotron3.quantize import SCHEMES, QuantizeConfig, checkpoint_bytes, quantize
+    from nemotron3.stages.quantize import SCHEMES, QuantizeConfig, checkpoint_bytes, quantize
 
     folder = ctx.dir("quantize")
     model, tok, final = _rl_model(ctx)

@@ -38,7 +38,7 @@ from torch import nn
 from nemotron3 import folders
 from nemotron3.hf import save_pretrained
 from nemotron3.options import ConfigError
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")

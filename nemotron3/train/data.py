@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from nemotron3 import tasks
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")
 

@@ -1,5 +1,5 @@
 """Evaluation during training: the held-out loss and the unigram baseline (generation-based evaluation is in
-`nemotron3/evaluate.py`, which may use the engine).
+`nemotron3/eval/accuracy.py`, which may use the engine).
 
 **Unigram baseline.** The cross-entropy a model reaches by predicting every token from its training-set
 frequency alone (add-one smoothed), measured on the held-out targets: the bar a language model must clear

@@ -17,7 +17,7 @@ One optimizer step:
 split, and since every loss is normalised by global counts (loss.py), the gradient is the same sum in any
 split (equal up to floating-point summation order).
 
-Under torchrun the model is sharded with FSDP2 on a DeviceMesh (`--dp-shard`, nemotron3/parallel.py) before the
+Under torchrun the model is sharded with FSDP2 on a DeviceMesh (`--dp-shard`, distributed/parallel.py) before the
 optimizer is built; every rank evaluates the held-out loss (a sharded forward is a collective) and takes part
 in gathering a checkpoint, which rank 0 writes in the one-process format (so it loads in any number of
 ranks). Each rank's RNG state is saved; a resume under the same world size restores each rank's own, a resume
@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from nemotron3 import parallel
+from nemotron3.distributed import parallel
 from nemotron3.options import (
     LOGIT_BYTES,
     TOKEN_BYTES,
@@ -50,13 +50,13 @@ from nemotron3.options import (
     option,
     to_dict,
 )
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
 from nemotron3.train.balance import ExpertBalance
 from nemotron3.train.data import Batch, PackedData
 from nemotron3.train.evaluate import eval_loss, eval_mtp_loss
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import WSD, build_optimizer
-from nemotron3.train.tokenizer import Tokenizer
 
 
 @dataclass

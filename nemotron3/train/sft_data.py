@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from nemotron3 import chat, tasks
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train.data import MAX_JSON_DEPTH, DataError, PackedData, check_depth, jsonl_records, loads
-from nemotron3.train.tokenizer import Tokenizer
 
 MODES = ("on", "off", "budget")
 GRACE = 0.1  # the engine's default grace window, a fraction of the budget

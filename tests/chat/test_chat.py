@@ -10,8 +10,8 @@ import jinja2
 import pytest
 
 from nemotron3 import chat
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city — in °C",

@@ -28,12 +28,12 @@ from safetensors.torch import load_file
 import nemotron3
 from nemotron3.cli import main
 from nemotron3.options import ConfigError
-from nemotron3.pretrain import PretrainConfig, pretrain
-from nemotron3.quantize import QuantizeConfig, quantize
-from nemotron3.sft import SFTConfig, sft
+from nemotron3.stages.pretrain import PretrainConfig, pretrain
+from nemotron3.stages.quantize import QuantizeConfig, quantize
+from nemotron3.stages.sft import SFTConfig, sft
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY_PRETRAIN = dict(steps=2, batch_size=2, seq_len=32, eval_problems=0, tokenizer_sample=60, eval_every=1,
@@ -245,7 +245,7 @@ _KILL_SECOND_RENAME = textwrap.dedent("""
         os.rename = counted(os.rename)  # the swap's renames (save_pretrained moves its files with os.replace)
         checkpoint.save(b, model, StubTokenizer())
     else:
-        from nemotron3.quantize import QuantizeConfig, quantize
+        from nemotron3.stages.quantize import QuantizeConfig, quantize
         kw = {"overwrite": True} if "overwrite" in QuantizeConfig.__dataclass_fields__ else {}
         cfg = QuantizeConfig(model=a, out=b, scheme="mx4", calib=1, **kw)
         os.rename, os.replace = counted(os.rename), counted(os.replace)
@@ -273,7 +273,7 @@ def test_sft_killed_while_final_is_swapped_gets_final_back(tmp_path, source):
 
 
 def test_quantize_killed_between_its_renames_gets_its_out_back(tmp_path, source, monkeypatch):
-    import nemotron3.quantize as stage
+    import nemotron3.stages.quantize as stage
 
     earlier = quantize(QuantizeConfig(model=source, out=tmp_path / "q", scheme="mx9"))
     before = _files(earlier)

@@ -11,8 +11,8 @@ from rich.console import Console
 
 import nemotron3
 from nemotron3 import chat
-from nemotron3.chat_cli import ChatConfig, chat_session
 from nemotron3.cli import main
+from nemotron3.stages.chat_cli import ChatConfig, chat_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

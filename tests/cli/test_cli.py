@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from nemotron3.cli import COMMANDS, _config_from, build_parser
-from nemotron3.generate import GenerateConfig
-from nemotron3.pretrain import PretrainConfig
 from nemotron3.run import RunConfig
-from nemotron3.sft import SFTConfig
+from nemotron3.stages.generate import GenerateConfig
+from nemotron3.stages.pretrain import PretrainConfig
+from nemotron3.stages.sft import SFTConfig
 
 # flags that scripts outside this repository use: they must keep working
 PUBLIC_FLAGS = {

@@ -12,7 +12,7 @@ from conftest import randomize_
 
 import nemotron3
 from nemotron3.cli import main
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 
 def fails(capsys, *argv: str) -> str:

@@ -21,9 +21,9 @@ import torch
 from nemotron3 import options
 from nemotron3.cli import build_parser, main
 from nemotron3.options import ConfigError, device_syntax, resolve_device, restore_config, to_dict
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 from tests.conftest import randomize_, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,14 +192,14 @@ def test_the_loaded_model_lives_on_the_resolved_device(ckpt, monkeypatch):
 
 def test_a_run_resumes_on_another_device(tmp_path):
     """`device` is operational in every stage that resumes: --resume --device X continues the saved run on X."""
-    from nemotron3.pretrain import OPERATIONAL_FIELDS as PRETRAIN_OPS
-    from nemotron3.pretrain import PretrainConfig
     from nemotron3.rl.grpo import OPERATIONAL_FIELDS as RL_OPS
     from nemotron3.rl.grpo import GRPOConfig
     from nemotron3.run.pipeline import OPERATIONAL as RUN_OPS
     from nemotron3.run.pipeline import RunConfig
-    from nemotron3.sft import OPERATIONAL_FIELDS as SFT_OPS
-    from nemotron3.sft import SFTConfig
+    from nemotron3.stages.pretrain import OPERATIONAL_FIELDS as PRETRAIN_OPS
+    from nemotron3.stages.pretrain import PretrainConfig
+    from nemotron3.stages.sft import OPERATIONAL_FIELDS as SFT_OPS
+    from nemotron3.stages.sft import SFTConfig
 
     for cls, ops in ((PretrainConfig, PRETRAIN_OPS), (SFTConfig, SFT_OPS), (GRPOConfig, RL_OPS), (RunConfig, RUN_OPS)):
         saved = to_dict(cls(out=tmp_path / "o", device="cpu"))

@@ -96,7 +96,7 @@ def test_a_model_with_projection_biases_generates(tmp_path, capsys):
 def test_chat_prompt_and_thinking_budget(tmp_path):
     """--chat renders the prompt with the chat format; --max-thinking-tokens forces </think> in the output."""
     from nemotron3 import chat
-    from nemotron3.generate import GenerateConfig, generate
+    from nemotron3.stages.generate import GenerateConfig, generate
 
     model, tk = eval_checkpoint(tmp_path, text="What is 7 * 6? It is 42.\n")
     r = generate(GenerateConfig(model=tmp_path, prompt="What is 7 * 6?", chat=True, max_thinking_tokens=3,

@@ -20,7 +20,7 @@ import nemotron3
 from nemotron3 import options, tasks
 from nemotron3.cli import COMMANDS, main
 from nemotron3.options import ConfigError, StageConfig, optional_inner
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 GIB = 1 << 30
 
@@ -91,7 +91,7 @@ def test_every_float_field_refuses_non_finite_values(cls, bad, tmp_path):
 
 
 def test_an_int_beyond_the_float_range_is_a_config_error_not_an_overflow():
-    from nemotron3.pretrain import PretrainConfig
+    from nemotron3.stages.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError, match=r"^lr \(--lr\) = .*finite"):
         PretrainConfig(lr=10**400)
@@ -176,7 +176,7 @@ def test_sizes_beyond_the_machine_are_refused_at_once(argv, flag, capsys, tmp_pa
 
 
 def test_a_micro_batch_is_named_when_only_its_forward_does_not_fit(monkeypatch):
-    from nemotron3.sft import SFTConfig
+    from nemotron3.stages.sft import SFTConfig
 
     monkeypatch.setenv("NEMOTRON3_MEMORY_BYTES", str(256 << 20))
     SFTConfig(batch_size=64, micro_batch_size=1, seq_len=4096)  # 64 rows of ids (2 MiB), one row's logits (4 MiB)
@@ -187,7 +187,7 @@ def test_a_micro_batch_is_named_when_only_its_forward_does_not_fit(monkeypatch):
 def test_the_training_bound_is_below_what_a_real_step_holds(monkeypatch):
     """The check may only refuse what cannot run: its bytes for a step never exceed the ids and logits a real
     forward of the smallest model holds (the independent reference: the tensors themselves)."""
-    from nemotron3.pretrain import PretrainConfig
+    from nemotron3.stages.pretrain import PretrainConfig
 
     config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=300, num_nextn_predict_layers=0)
     model = nemotron3.HybridLM(config)
@@ -255,7 +255,7 @@ def test_the_serve_bound_is_the_cache_the_scheduler_allocates(served, monkeypatc
 
 
 def test_the_calibration_bound_is_what_the_held_out_split_holds():
-    from nemotron3.quantize import CALIB_SEED, MAX_CALIB, QuantizeConfig
+    from nemotron3.stages.quantize import CALIB_SEED, MAX_CALIB, QuantizeConfig
 
     assert len(tasks.mixture(MAX_CALIB, seed=CALIB_SEED, split="heldout")) == MAX_CALIB
     with pytest.raises(ConfigError, match=r"^calib \(--calib\)"):
@@ -294,7 +294,7 @@ def test_chat_refuses_a_system_prompt_that_is_not_utf8(chat_checkpoint, capsys):
 def test_chat_answers_a_line_that_is_not_utf8_and_goes_on(chat_checkpoint, capsys):
     from rich.console import Console
 
-    from nemotron3.chat_cli import ChatConfig, chat_session
+    from nemotron3.stages.chat_cli import ChatConfig, chat_session
 
     console = Console(file=sys.stdout, width=200, highlight=False)
     chat_session(ChatConfig(model=chat_checkpoint, max_new_tokens=4, temperature=0), [NOT_UTF8, "hi"], console)
@@ -315,7 +315,7 @@ def _fake_run(folder, run: dict) -> None:
 @pytest.mark.parametrize("command", ["sft", "rl"])
 def test_resume_in_another_stages_folder_says_whose_run_it_is(command, recorded, tmp_path, capsys):
     from nemotron3.options import to_dict
-    from nemotron3.pretrain import PretrainConfig
+    from nemotron3.stages.pretrain import PretrainConfig
 
     run = to_dict(PretrainConfig(out=tmp_path / "pre"))
     assert run["stage"] == "pretrain"
@@ -331,7 +331,7 @@ def test_resume_in_another_stages_folder_says_whose_run_it_is(command, recorded,
 
 def test_the_stage_round_trips_and_a_same_stage_old_record_still_loads(tmp_path):
     from nemotron3.options import from_dict, to_dict
-    from nemotron3.sft import SFTConfig
+    from nemotron3.stages.sft import SFTConfig
 
     cfg = SFTConfig(out=tmp_path / "s", steps=7)
     assert from_dict(SFTConfig, to_dict(cfg)) == cfg

@@ -1,5 +1,5 @@
 """Run under torchrun by tests/distributed/test_expert_parallel.py: one MoE layer of the tiny config, whole on
-every rank (the reference) and expert-parallel over the ranks (nemotron3/expert_parallel.py), on each rank's own tokens;
+every rank (the reference) and expert-parallel over the ranks (distributed/expert_parallel.py), on each rank's tokens;
 writes `ep-RANK.json` with the largest differences and the bytes counted against the bytes expected from the
 routing.
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemotron3 import parallel
 from nemotron3.config import ModelConfig
-from nemotron3.expert_parallel import shard_experts
+from nemotron3.distributed import parallel
+from nemotron3.distributed.expert_parallel import shard_experts
 from nemotron3.model.moe import MoE
 
 

@@ -5,7 +5,7 @@ against.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/parallel_worker.py OUT [EP]
 
-With EP = 2 the routed experts are partitioned over the two ranks (nemotron3/expert_parallel.py), and the
+With EP = 2 the routed experts are partitioned over the two ranks (nemotron3/distributed/expert_parallel.py), and the
 off-rank rows they dispatched are written too.
 """
 
@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemotron3 import parallel
 from nemotron3.config import ModelConfig
+from nemotron3.distributed import parallel
 from nemotron3.model import HybridLM
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import data as train_data
 from nemotron3.train.loop import _save
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import build_optimizer
-from nemotron3.train.tokenizer import Tokenizer
 
 
 def main(out: Path, ep: int) -> None:

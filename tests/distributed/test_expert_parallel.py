@@ -1,4 +1,4 @@
-"""Expert parallelism (nemotron3/expert_parallel.py) with 2 gloo processes started by torchrun.
+"""Expert parallelism (nemotron3/distributed/expert_parallel.py) with 2 gloo processes started by torchrun.
 
 References: the same MoE layer whole on every rank (`Experts`, itself checked against its token-by-token
 `forward_reference` in tests/model/test_moe.py): outputs, input gradients and expert gradients (summed over the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nemotron3.expert_parallel import dispatch_bytes_per_token
+from nemotron3.distributed.expert_parallel import dispatch_bytes_per_token
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -1,4 +1,4 @@
-"""FSDP2 on a DeviceMesh (nemotron3/parallel.py) with 2 gloo processes started by torchrun, against one process.
+"""FSDP2 on a DeviceMesh (distributed/parallel.py) with 2 gloo processes started by torchrun, against one process.
 
 References: one process training the same global batch (the loss is normalised by global counts, so the sum
 of the ranks' gradients is the one-process gradient up to summation order); each rank's own local shards
@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemotron3 import load_pretrained, parallel
+from nemotron3 import load_pretrained
 from nemotron3.cli import main
+from nemotron3.distributed import parallel
 from nemotron3.train import checkpoint
 from nemotron3.train.optim import build_optimizer
 

@@ -10,7 +10,7 @@ from conftest import model_from_hf_config as build
 import nemotron3
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder
-from nemotron3.evaluate import greedy_generate_reference
+from nemotron3.eval.accuracy import greedy_generate_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,7 @@ from nemotron3.cli import main  # noqa: E402
 from nemotron3.config import ModelConfig  # noqa: E402
 from nemotron3.export import ExportConfig, export  # noqa: E402
 from nemotron3.options import ConfigError  # noqa: E402
-from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from nemotron3.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 TEXTS = ["the cat sat on the mat, then the dog ate the hat", "<|im_start|>user\nwhat is 12 + 30?<|im_end|>"] * 20
 

@@ -193,7 +193,7 @@ def test_wrong_scale_shape_names_file_and_tensor(tmp_path, nvfp4_folder, tensor,
 
 def test_compressed_tensors_wrong_scale_shape(tmp_path):
     """Our own NVFP4 export (compressed-tensors layout) gets the same check."""
-    from nemotron3.quantize import QuantizeConfig, quantize
+    from nemotron3.stages.quantize import QuantizeConfig, quantize
     src = tmp_path / "src"
     torch.manual_seed(0)
     model = nemotron3.HybridLM(ModelConfig.from_hf(TINY_HF_CONFIGS["moe-1group"]))

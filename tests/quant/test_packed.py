@@ -21,7 +21,7 @@ from nemotron3.engine.decode import FastDecoder
 from nemotron3.hf import state_dict_for_disk
 from nemotron3.quant import packed as packed_mod
 from nemotron3.quant.packed import PackedExperts, PackedLinear, resident_bytes
-from nemotron3.quantize import QuantizeConfig, quantize
+from nemotron3.stages.quantize import QuantizeConfig, quantize
 
 PACKED = ("nvfp4-w4a16", "fp8", "mxfp4", "mx9", "mx6", "mx4")   # weight-only uses of every packable scheme
 
@@ -133,8 +133,8 @@ def test_activation_emulation_dequantizes(source, tmp_path):
 def test_info_reports_resident_bytes(exports, scheme):
     """`nemotron3 info DIR` reads the resident bytes from the headers; they are what a load measures (plus the
     model's runtime buffers, which no file holds)."""
-    from nemotron3.info import bytes_table
     from nemotron3.quant.checkpoint import layer_bytes
+    from nemotron3.stages.info import bytes_table
 
     rows = layer_bytes(exports[scheme])
     model = nemotron3.load_pretrained(exports[scheme])

@@ -26,8 +26,8 @@ from nemotron3 import CheckpointError, ModelConfig
 from nemotron3.hf import checkpoint_bytes
 from nemotron3.options import ConfigError
 from nemotron3.quant import checkpoint as qc
-from nemotron3.quantize import SCHEMES, QuantizeConfig, quantize
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.stages.quantize import SCHEMES, QuantizeConfig, quantize
+from nemotron3.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_activation_fake_quantizers_by_hand():
 
 
 def test_info_prints_scheme_and_bytes(exports, capsys):
-    from nemotron3.info import InfoConfig, main
+    from nemotron3.stages.info import InfoConfig, main
 
     main(InfoConfig(models=[str(exports["mx6"])]))
     out = capsys.readouterr().out
@@ -232,7 +232,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_quantized_checkpoint(source
 
 
 def test_error_midway_leaves_nothing(source, tmp_path, monkeypatch):
-    import nemotron3.quantize as stage
+    import nemotron3.stages.quantize as stage
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

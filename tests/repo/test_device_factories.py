@@ -61,7 +61,7 @@ ALLOWED = {
     ("train/loop.py", "train"): "pending: float64 loss accumulators on the host (loop.py is being edited)",
     ("rl/grpo.py", "_run"): "pending: host-side metrics of a step (grpo.py is being edited)",
     ("rl/rewards.py", "score"): "rewards are Python numbers scored on the host; the trainer moves advantages",
-    ("quantize.py", "calibration_batches"): "token batches built on the host; quant calibrate() moves each one",
+    ("stages/quantize.py", "calibration_batches"): "token batches built on the host; quant calibrate() moves each one",
 }
 
 

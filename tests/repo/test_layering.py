@@ -17,14 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nemotron3"
 LAYERS = {
     "presets": 0, "tasks": 0, "options": 0, "chat": 0,  # data, stage-config helpers, the chat format: no imports
     "folders": 0,  # output folders: atomic swap, recovery, modes
-    "config": 1,
+    "config": 1, "tokenizer": 1,  # the tokenizer owns the special ids and the chat template's rendering
     "model": 2,
-    "hf": 3, "expert_parallel": 3,
-    "quant": 4, "engine": 4, "parallel": 4,
+    "hf": 3, "distributed": 3,  # FSDP2 + expert parallelism: model-level, below the engine and training
+    "quant": 4, "engine": 4,
     "train": 5, "eval": 5,  # side by side: evaluation on benchmark files and the lm-eval backend (engine, tasks)
-    "evaluate": 6,
     "rl": 7,
-    "pretrain": 8, "sft": 8, "generate": 8, "chat_cli": 8, "info": 8, "quantize": 8, "export": 8,  # the stages
+    "stages": 8, "export": 8,  # the commands' entry points
     "serve": 8,  # the OpenAI-compatible server (a stage too)
     "run": 9,  # the pipeline: chains the stages
     "cli": 10,

@@ -13,8 +13,8 @@ import nemotron3
 from nemotron3.engine.params import SamplingParams
 from nemotron3.rl.loss import completion_logprobs
 from nemotron3.rl.rollout import rollout as _rollout
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,9 +17,9 @@ from nemotron3.cli import main
 from nemotron3.rl import trainer as trainer_module
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.rl.rewards import RewardError
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 import nemotron3
 from nemotron3 import ModelConfig
 from nemotron3.engine import Engine
-from nemotron3.evaluate import greedy_generate_reference
+from nemotron3.eval.accuracy import greedy_generate_reference
 from nemotron3.model.moe import Experts
 from nemotron3.quant.nvfp4 import nvfp4_quantize
-from nemotron3.quantize import QuantizeConfig, quantize
 from nemotron3.run import measure, plots, report, stages
 from nemotron3.run.plan import RL_CURVE_EVALS, RL_CURVE_PROBLEMS, plan
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.stages.quantize import QuantizeConfig, quantize
+from nemotron3.tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------- W4A4 rows

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
+from nemotron3.tokenizer import SPECIAL_TOKENS, Tokenizer
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 @pytest.fixture(scope="module")

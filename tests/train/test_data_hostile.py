@@ -18,14 +18,14 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import nemotron3
 from nemotron3 import chat, hf
+from nemotron3 import tokenizer as tokenizer_module
 from nemotron3.cli import main
 from nemotron3.hf import CheckpointError, load_pretrained
 from nemotron3.rl.prompts import read_prompts
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint as checkpoint_module
 from nemotron3.train import sft_data
-from nemotron3.train import tokenizer as tokenizer_module
 from nemotron3.train.data import DataError, read_texts
-from nemotron3.train.tokenizer import Tokenizer
 
 QUICK = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-problems", "0", "--tokenizer-sample", "60"]
 DEEP = "[" * 100_000

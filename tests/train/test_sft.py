@@ -14,12 +14,12 @@ from conftest import randomize_, small_model
 
 from nemotron3 import chat, load_pretrained, tasks
 from nemotron3.cli import main
-from nemotron3.evaluate import accuracy_by_mode, greedy_generate_reference
-from nemotron3.pretrain import PretrainConfig
-from nemotron3.sft import SFTConfig
+from nemotron3.eval.accuracy import accuracy_by_mode, greedy_generate_reference
+from nemotron3.stages.pretrain import PretrainConfig
+from nemotron3.stages.sft import SFTConfig
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint, loop, sft_data
 from nemotron3.train import data as train_data
-from nemotron3.train.tokenizer import Tokenizer
 
 FAST = ["--steps", "8", "--batch-size", "4", "--conversations", "48", "--eval-every", "4", "--save-every", "4",
         "--heldout-task-problems", "12", "--log-every", "100"]
@@ -257,7 +257,7 @@ def test_budget_modes_cap_the_reasoning(tok):
 def test_a_quantized_model_is_fine_tuned_from_its_decoded_weights(pretrained, tmp_path):
     """`load_pretrained` keeps weight-only quantized weights packed (inference-only layers); SFT from such a folder
     starts from the decoded weights, the same ones `load_pretrained(..., dequantize=True)` gives."""
-    from nemotron3.quantize import QuantizeConfig, quantize
+    from nemotron3.stages.quantize import QuantizeConfig, quantize
 
     q = quantize(QuantizeConfig(model=pretrained, out=tmp_path / "q", scheme="nvfp4-w4a16", calib=1))
     code, err = run("--model", str(q), "--out", str(tmp_path / "o"), *FAST, "--steps", "1", "--eval-problems", "0")

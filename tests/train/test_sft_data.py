@@ -11,9 +11,9 @@ import re
 import pytest
 
 from nemotron3 import chat, tasks
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import data as train_data
 from nemotron3.train import sft_data
-from nemotron3.train.tokenizer import Tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {
     "type": "object", "properties": {"key": {"type": "string"}, "n": {"type": "integer"}}}}}]

@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from nemotron3 import HybridLM, ModelConfig
-from nemotron3.evaluate import greedy_generate, greedy_generate_reference
+from nemotron3.eval.accuracy import greedy_generate, greedy_generate_reference
 from nemotron3.model.moe import MoE
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import balance as B
 from nemotron3.train import data as train_data
 from nemotron3.train import loop
 from nemotron3.train.evaluate import eval_mtp_loss
 from nemotron3.train.loss import Normalizer, micro_loss
 from nemotron3.train.optim import WSD, build_optimizer, param_groups
-from nemotron3.train.tokenizer import Tokenizer
 
 
 def small_model(vocab: int = 96, seed: int = 0, **kw) -> HybridLM:
@@ -247,8 +247,8 @@ def test_nan_guard_skips_the_step_and_says_so(tiny_run, tmp_path, monkeypatch, c
 def test_task_accuracy_on_the_engine_equals_the_cache_free_reference(tiny_run, monkeypatch):
     """The exact-match evaluation gives the same completions through the Engine's cache as through full
     recomputation (a random model writes long, varied garbage: a demanding comparison), every one of them."""
-    from nemotron3 import evaluate
-    from nemotron3.evaluate import task_accuracy
+    from nemotron3.eval import accuracy as evaluate
+    from nemotron3.eval.accuracy import task_accuracy
 
     tok, _ = tiny_run
     model = small_model(vocab=-(-tok.vocab_size // 64) * 64, seed=3)

@@ -16,8 +16,8 @@ import torch
 
 from nemotron3 import load_pretrained
 from nemotron3.cli import main
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
-from nemotron3.train.tokenizer import Tokenizer
 
 ARGS = ["--steps", "16", "--batch-size", "4", "--seq-len", "48", "--eval-every", "8", "--eval-problems", "0",
         "--save-every", "4"]
@@ -76,7 +76,7 @@ _CRASH_DURING_SAVE = textwrap.dedent("""
     from nemotron3 import HybridLM, ModelConfig
     from nemotron3.train import checkpoint
     from nemotron3.train import data as train_data
-    from nemotron3.train.tokenizer import Tokenizer
+    from nemotron3.tokenizer import Tokenizer
     out = sys.argv[1]
     tok = Tokenizer.train(train_data.task_texts(50, seed=0), vocab_size=300)
     model = HybridLM(ModelConfig.preset("tiny"))

@@ -1,7 +1,7 @@
 """The SFT stage: supervised fine-tuning of a checkpoint on chat conversations, with reasoning on, off and cut to
 budgets, the loss on the assistant's tokens only.
 
-    from nemotron3.sft import SFTConfig, sft
+    from nemotron3.stages.sft import SFTConfig, sft
     final = sft(SFTConfig(model="runs/pretrain/final", out="runs/sft"))     # -> runs/sft/final
 
     nemotron3 sft                                          the embedded default: `nemotron3 pretrain`'s checkpoint,
@@ -17,7 +17,7 @@ What a run does: load the model and its tokenizer from `--model`; read the conve
 and draw each one's mode: reasoning off (`--reasoning-off-share`), reasoning cut to a random token budget and
 closed early (`--budget-share`), or as written; render them with the chat template (nemotron3/chat.py), one
 conversation per row with the loss mask on the assistant's tokens; measure held-out exact match by reasoning
-mode (nemotron3/evaluate.py: on, off, and at `--eval-budgets` when the engine has a thinking budget); train with
+mode (nemotron3/eval/accuracy.py: on, off, and at `--eval-budgets` when the engine has a thinking budget); train with
 the pretraining loop (train/loop.py: the same optimizer, schedule, MTP loss, expert balancing, checkpoints and
 bit-for-bit resume); save final/; measure again; write summary.json with both. docs/post-training.md §3-4.
 
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemotron3.evaluate import accuracy_by_mode, task_accuracy
+from nemotron3.distributed.parallel import gathered
+from nemotron3.eval.accuracy import accuracy_by_mode, task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.options import (
     ITEM_BYTES,
@@ -50,12 +51,11 @@ from nemotron3.options import (
     restore_config,
     to_dict,
 )
-from nemotron3.parallel import gathered
+from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint, sft_data
 from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
 from nemotron3.train.loop import TrainConfig, process_group, train
 from nemotron3.train.summary import print_footer, run_stage
-from nemotron3.train.tokenizer import Tokenizer
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
                       "eval_budgets", "out", "resume", "dp_shard", "ep", "overwrite", "strict_finite", "device")

@@ -1,6 +1,6 @@
 """The quantize stage: a checkpoint's GEMM weights in NVFP4, FP8, MX9/6/4, MXFP4 or SeedLM, as a new checkpoint.
 
-    from nemotron3.quantize import QuantizeConfig, quantize
+    from nemotron3.stages.quantize import QuantizeConfig, quantize
     out = quantize(QuantizeConfig(model=Path("runs/sft/final"), out=Path("runs/nvfp4"), scheme="nvfp4"))
     model = nemotron3.load_pretrained(out)          # decoded weights; quantize_activations=True emulates inputs
 
@@ -32,12 +32,12 @@ from nemotron3.config import ModelConfig
 from nemotron3.hf import CheckpointError, _state_dict_for_disk, checkpoint_bytes, load_pretrained, quantization_config
 from nemotron3.options import StageConfig, device_of, device_option, fail, option
 from nemotron3.quant import checkpoint as qckpt
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 __all__ = ["QuantizeConfig", "quantize", "SCHEMES", "checkpoint_bytes", "main"]
 
 SCHEMES = qckpt.SCHEMES
-CALIB_SEED = 1   # the calibration documents' seed: evaluation (nemotron3.evaluate) draws seed 0
+CALIB_SEED = 1   # the calibration documents' seed: evaluation (nemotron3.eval.accuracy) draws seed 0
 # The most calibration documents there are: tasks.mixture spreads them evenly over the 6 task families, and the
 # held-out split of the smallest at difficulty 1 (modpow) holds 82 problems; 80 per family (as run/plan.py's
 # MAX_EVAL_PROBLEMS) are always found. More could never be drawn: tasks.generate would try 200 draws per document

@@ -1,6 +1,6 @@
 """The pretraining stage: a Nemotron 3 hybrid from scratch on the embedded reasoning tasks or your own text.
 
-    from nemotron3.pretrain import PretrainConfig, pretrain
+    from nemotron3.stages.pretrain import PretrainConfig, pretrain
     final = pretrain(PretrainConfig(steps=300, out="runs/x"))       # -> runs/x/final, a checkpoint folder
 
     nemotron3 pretrain                                   the embedded default (tiny model, a few minutes on 2 cores)
@@ -15,7 +15,7 @@ trainer_state.pt), final/ (a checkpoint folder for load_pretrained, the engine a
 What a run does: train a byte-level BPE tokenizer on a sample of the corpus (or load `--tokenizer`); pack the
 documents into rows (train/data.py); build the model from `config` with the tokenizer's vocabulary; optionally
 convert it to the NVFP4 recipe (quant/convert.py); run the training loop (train/loop.py); save final/; score greedy
-exact match on held-out task problems (nemotron3/evaluate.py); write summary.json.
+exact match on held-out task problems (nemotron3/eval/accuracy.py); write summary.json.
 
 **Resume** restores the configuration saved in the checkpoint. Fields that shape the run (model, data,
 schedule, recipe) cannot change on resume: a different `steps`, say, would change the learning-rate
@@ -38,18 +38,18 @@ import torch
 from rich.console import Console
 
 from nemotron3.config import ModelConfig
-from nemotron3.evaluate import task_accuracy
+from nemotron3.distributed.parallel import gathered
+from nemotron3.eval.accuracy import task_accuracy
 from nemotron3.hf import load_pretrained
 from nemotron3.model import HybridLM
 from nemotron3.options import ConfigError, check_items, device_of, fail, option, restore_config, to_dict
-from nemotron3.parallel import gathered
 from nemotron3.presets import PRESETS
+from nemotron3.tokenizer import SPECIAL_TOKENS, Tokenizer
 from nemotron3.train import checkpoint
 from nemotron3.train import data as train_data
 from nemotron3.train.evaluate import unigram_baseline
 from nemotron3.train.loop import TrainConfig, process_group, train
 from nemotron3.train.summary import print_footer, run_stage
-from nemotron3.train.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # --nvfp4-off names -> the NVFP4Recipe field each one turns off.
 NVFP4_SWITCHES = {"rht": "rht", "sr": "stochastic_rounding", "2d": "weight_2d"}

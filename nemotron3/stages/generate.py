@@ -1,6 +1,6 @@
 """The generation stage: text from a checkpoint folder, streamed token by token as the engine produces it.
 
-    from nemotron3.generate import GenerateConfig, generate
+    from nemotron3.stages.generate import GenerateConfig, generate
     result = generate(GenerateConfig(model="runs/x/final", prompt="What is 2 + 3?", max_new_tokens=64))
     result.text, result.tokens, result.stats
 

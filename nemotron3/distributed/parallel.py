@@ -13,7 +13,7 @@ one process) never touches torch.distributed, so a single-process run is the pla
 the world size (there is no replicate, tensor or pipeline dimension to give the other ranks to); 0 means the
 world size. With `--ep M` (M divides N), a second, 2-D mesh `("efsdp", "ep")` of shape (N/M, M) over the same
 ranks, consecutive ranks forming an `ep` group: each MoE layer's routed experts are partitioned over the M
-ranks of a group (nemotron3/expert_parallel.py: E/M experts each, tokens moved by all-to-all), and each
+ranks of a group (nemotron3/distributed/expert_parallel.py: E/M experts each, tokens moved by all-to-all), and each
 partition is FSDP-sharded over the N/M ranks of `efsdp` that hold the same experts. So every rank still holds
 1/N of the expert weights, but gathers only its E/M experts of a layer instead of all E, and an expert's
 gradient is the sum over every token routed to it: the all-to-all's backward brings the gradients of the
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from nemotron3.expert_parallel import ExpertParallelExperts, shard_experts
+from nemotron3.distributed.expert_parallel import ExpertParallelExperts, shard_experts
 
 DP_SHARD, EFSDP, EP = "dp_shard", "efsdp", "ep"
 

@@ -22,7 +22,7 @@ from nemotron3 import chat, tasks
 from nemotron3.engine import Engine
 from nemotron3.eval.data import problem_items
 from nemotron3.eval.runner import generate_batched, grade_all
-from nemotron3.train.tokenizer import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ moves nothing) in both all-to-alls, so the saving is measured, not assumed (benc
 The all-to-alls are `torch.distributed.nn.functional.all_to_all_single`, which has a backward (the reverse
 all-to-all), so gradients flow to the tokens' ranks and to the experts' ranks alike.
 
-Training uses it through `--ep` (nemotron3/parallel.py): the experts module of each layer becomes its own FSDP2
+Training uses it through `--ep` (distributed/parallel.py): the experts module of each layer becomes its own FSDP2
 unit on the experts' mesh; clipping and checkpoints gather over the `ep` group there. The NVFP4 expert GEMM
 (`Experts.gemm_quantizer`) is not carried over: `--ep` with `--nvfp4` is refused.
 """

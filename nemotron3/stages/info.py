@@ -1,6 +1,6 @@
 """The info stage: a model's layout, sizes, parameter counts (computed on the meta device) and cache cost.
 
-    from nemotron3.info import InfoConfig, info
+    from nemotron3.stages.info import InfoConfig, info
     rows = info(InfoConfig(models=["super-120b-a12b"]))     # one dict per model
 
     nemotron3 info                                  every preset
