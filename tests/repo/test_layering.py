@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nemotron3"
 # top-level component of nemotron3 -> layer; a module may import its own component and any lower layer
 LAYERS = {
     "presets": 0, "tasks": 0, "options": 0, "chat": 0,  # data, stage-config helpers, the chat format: no imports
+    "chat_template": 0,  # a checkpoint's Jinja chat template in transformers' environment (jinja2 only)
     "folders": 0,  # output folders: atomic swap, recovery, modes
     "config": 1, "tokenizer": 1,  # the tokenizer owns the special ids and the chat template's rendering
     "model": 2,
