@@ -37,6 +37,13 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of stream `index` of `seed`, `(seed · 1,000,003 + index) mod (2^63 − 1)`: the one rule by which
+    every derived seed is made (the engine's per-row sampling streams, RL's per-step seeds and prompts, the NVFP4
+    stochastic-rounding stream of each quantized layer)."""
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
 class ConfigError(ValueError):
     """A configuration field has a wrong type or value; the message names the field and its flag."""
 

@@ -30,11 +30,7 @@ from __future__ import annotations
 
 import torch
 
-
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of stream `index` of `seed`: `(seed · 1,000,003 + index) mod (2^63 − 1)`, the one rule every
-    per-row stream (and RL's per-step seeds) derives its seed by."""
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+from nemotron3.options import derive_seed
 
 
 def fresh_seed() -> int:

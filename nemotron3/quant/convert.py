@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from nemotron3.model.moe import Experts
+from nemotron3.options import derive_seed
 from nemotron3.quant.mxfp8_linear import MXFP8Linear, MXFP8Recipe
 from nemotron3.quant.nvfp4_linear import NVFP4Linear, NVFP4Recipe
 from nemotron3.quant.qlinear import QuantizedLinear, _QuantizedLinearFn
@@ -106,7 +107,7 @@ class ExpertGemm:
 
 
 def _seed(base: int, fqn: str) -> int:
-    return (base * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63)
+    return derive_seed(base, zlib.crc32(fqn.encode()))
 
 
 def convert_to_nvfp4(model: nn.Module, policy: PrecisionPolicy | None = None) -> nn.Module:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nemotron3 import tasks
+from nemotron3.options import derive_seed
 from nemotron3.train.data import DataError, jsonl_records
 from nemotron3.train.sft_data import check_message
 
@@ -51,7 +52,7 @@ class TaskPrompts:
         self.difficulty, self.seed = difficulty, seed
 
     def batch(self, step: int, n: int) -> list[PromptRow]:
-        problems = tasks.mixture(n, seed=self.seed * 1_000_003 + step, split="train", difficulty=self.difficulty,
+        problems = tasks.mixture(n, seed=derive_seed(self.seed, step), split="train", difficulty=self.difficulty,
                                  families=self.families)
         return [PromptRow([{"role": "user", "content": p.prompt}], {"family": p.family, "answer": p.answer})
                 for p in problems]
