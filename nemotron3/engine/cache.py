@@ -273,6 +273,7 @@ class HybridCache:
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.rollback_limit = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.in_use = [False] * rows
+        self._arange = torch.arange(rows, device=self.device)  # set here: a lazy attribute recompiles the step
 
     def state(self, layer: int, name: str) -> torch.Tensor:
         """The stored state `name` of cache layer `layer`, all rows: (rows, *spec.shape)."""
@@ -364,8 +365,6 @@ class HybridCache:
         return view
 
     def _all_rows(self) -> torch.Tensor:
-        if getattr(self, "_arange", None) is None:
-            self._arange = torch.arange(self.rows, device=self.device)
         return self._arange
 
     def commit(self, view: CacheView) -> None:
@@ -440,7 +439,7 @@ class HybridCache:
         view.history = [{name: h[:, :n] for name, h in d.items()} for d in self.history]
         view.lengths, view.rollback_limit = self.lengths[:n], self.rollback_limit[:n]
         view.in_use = self.in_use[:n]  # a copy: slots are allocated on the whole cache, not on a prefix
-        view._arange = None
+        view._arange = self._arange[:n]
         return view
 
     def swap_rows(self, a: int, b: int) -> None:

@@ -54,6 +54,19 @@ from nemotron3.model.packing import Packer, gemv_only, mm, nbytes, pack_weight
 DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the fast path decodes
 
 
+def compile_static(fn):
+    """torch.compile of one decode forward (docs/inference.md §3): one graph (fullgraph), static shapes, Inductor's
+    C++ wrapper, so no Python runs between the kernels. Inductor's FX graph cache keeps the compiled graph on disk
+    (TORCHINDUCTOR_CACHE_DIR; keyed by the graph, the Inductor config and torch's version): a later process that
+    traces the same graph loads it instead of compiling."""
+    return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+
+
+def batch_bucket(n: int) -> int:
+    """The compiled batch size serving n rows: the next power of two (1, 2, 4, 8, 16, ...)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _layer_step(block: nn.Module, config, traceable: bool, pack: Packer | None):
     """The fused step of one Block's mixer."""
     if block.kind == "M":

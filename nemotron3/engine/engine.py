@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from nemotron3.engine.cache import HybridCache
-from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.decode import FastDecoder, batch_bucket
 from nemotron3.engine.params import SamplingParams, speculative_config
 from nemotron3.engine.sampling import fresh_seed
 from nemotron3.engine.scheduler import Event, Request, Scheduler
@@ -184,7 +184,7 @@ class Engine:
     def _scheduler_for(self, rows: int, k: int, tokens: int) -> Scheduler:
         """Reuse the engine's scheduler when it has the same rows and drafts and room enough, but not over twice
         the room needed (the compiled step attends over the whole capacity); build one otherwise."""
-        s = self.scheduler
+        s, rows = self.scheduler, batch_bucket(rows) if self.compile else rows
         capacity = min(self.max_seq_len, -(-tokens // 256) * 256)
         if s is None or s.rows != rows or s.k != k or not tokens <= s.max_seq_len <= 2 * capacity:
             self.scheduler = None  # free the old cache first

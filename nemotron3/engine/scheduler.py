@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from nemotron3.engine.cache import HybridCache
-from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.decode import FastDecoder, batch_bucket, compile_static
 from nemotron3.engine.params import speculative_config
 from nemotron3.engine.requests import Event, Request, Seq, row_laws, sample_rows, token_logprobs_of
 from nemotron3.engine.speculative import Drafter, speculative_round, uniforms_per_round
@@ -328,25 +328,29 @@ class Scheduler:
                 self.owner[r].row = r
 
     # ------------------------------------------------------------------ decoding
-    def _step_logits(self, x: torch.Tensor, cache: HybridCache) -> torch.Tensor:
-        """x (n,) -> logits (n, V), every row of `cache` advanced by one token."""
-        fast = self.fast
+    def _step_logits(self, n: int) -> torch.Tensor:
+        """logits (n, V) of the decoding rows' next tokens, every row of the prefix advanced by one token. Compiled:
+        the graph of batch_bucket(n) rows, the free rows past n decoded from length 0 and ignored."""
+        fast, cache = self.fast, self._prefix(n)
         if fast is None:
-            return self.model(x[:, None], cache=cache)[:, 0]
+            return self.model(self.x[:n, None], cache=cache)[:, 0]
         if self.compiled is not None and fast.traceable:  # static shapes: attention over the whole capacity
+            b = min(batch_bucket(n), self.rows)
+            self.cache.lengths[n:b] = 0
             if ("step",) not in self.compiled:
-                self.compiled[("step",)] = torch.compile(fast.step, dynamic=False)
-            logits = self.compiled[("step",)](x, cache, None, False)
+                self.compiled[("step",)] = compile_static(fast.step)
+            cache = self._prefix(b)
+            logits = self.compiled[("step",)](self.x[:b], cache, None, False)[:n]
         else:
             lengths = cache.lengths
-            logits = fast.step(x, cache, int(lengths.max()) + 1, bool((lengths == lengths[0]).all()))
+            logits = fast.step(self.x[:n], cache, int(lengths.max()) + 1, bool((lengths == lengths[0]).all()))
         cache.lengths += 1
         return logits
 
     def _decode(self, n: int) -> None:
         """One token for every decoding row."""
         seqs = list(self.owner[:n])
-        logits = self._step_logits(self.x[:n], self._prefix(n))
+        logits = self._step_logits(n)
         self.stats["forward_passes"] += 1
         live = [i for i, s in enumerate(seqs) if not s.done]
         tokens = self.x[:n].tolist()  # a finished row of a static batch reads its last token again

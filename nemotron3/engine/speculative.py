@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 
 from nemotron3.engine.cache import HybridCache
-from nemotron3.engine.decode import FastDecoder
+from nemotron3.engine.decode import FastDecoder, compile_static
 from nemotron3.engine.params import SamplingParams, speculative_config
 from nemotron3.engine.sampling import inverse_cdf, log_law
 from nemotron3.model.hybrid import HybridLM
@@ -91,7 +91,7 @@ class Drafter:
     def _compiled(self, key: tuple, make: Callable) -> Callable:
         """One torch.compile'd function per (kind, batch, tokens, MTP module): each shape compiles once."""
         if key not in self.compiled:
-            self.compiled[key] = torch.compile(make(), dynamic=False)
+            self.compiled[key] = compile_static(make())
         return self.compiled[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

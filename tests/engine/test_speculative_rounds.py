@@ -504,7 +504,7 @@ def test_the_compiled_branches_eagerly_give_the_reference_rounds(model, monkeypa
     """A traceable fast decoder with a `compiled` dict runs the verify and MTP forwards through `_compiled`
     (static shapes: attention over the whole capacity, lengths committed after). With compile the identity,
     the rounds must equal the textbook rule's (sampling: drafts and verify both matter) and plain greedy's; each
-    (kind, batch, tokens[, module]) compiles once, with dynamic=False, and the second call reuses them."""
+    (kind, batch, tokens[, module]) compiles once, as one static graph, and the second call reuses them."""
     fake = _EagerCompile(monkeypatch)
     compiled: dict = {}
     fast = FastDecoder(model, traceable=True)
@@ -518,7 +518,8 @@ def test_the_compiled_branches_eagerly_give_the_reference_rounds(model, monkeypa
         assert got == ref + [[]] * (len(got) - len(ref)), b
     B = len(PROMPTS)
     keys = {("verify", B, k + 1), ("mtp", B, k + 1, 0)} | ({("mtp", B, 1, 0)} if k > 1 else set())
-    assert set(compiled) == keys and fake.calls == [{"dynamic": False}] * len(keys)
+    assert set(compiled) == keys and len(fake.calls) == len(keys)
+    assert all(c["dynamic"] is False and c["fullgraph"] for c in fake.calls)  # static shapes, one graph
     want = [_greedy(model, p, n + k) for p in PROMPTS]
     rows = _rows(_run(model, PROMPTS, n, k, fast=fast, compiled=compiled))
     assert rows == [w[: len(r)] for w, r in zip(want, rows)]
