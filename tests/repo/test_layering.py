@@ -19,6 +19,7 @@ LAYERS = {
     "chat_template": 0,  # a checkpoint's Jinja chat template in transformers' environment (jinja2 only)
     "folders": 0,  # output folders: atomic swap, recovery, modes
     "config": 1, "tokenizer": 1,  # the tokenizer owns the special ids and the chat template's rendering
+    "envs": 1,  # RL environments, tools, rubrics: on tasks and the chat format; never the engine, training or rl
     "model": 2,
     "hf": 3, "distributed": 3,  # FSDP2 + expert parallelism: model-level, below the engine and training
     "quant": 4, "engine": 4,
