@@ -120,8 +120,8 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
             heldout = train_data.task_texts(train_data.HELDOUT_TASK_PROBLEMS, seed, "heldout", 1)
             losses[trained, fwd] = eval_loss(model, rows(heldout))
             if fwd == trained:
-                per_family = train_data.HELDOUT_TASK_PROBLEMS // len(tasks.FAMILIES)
-                for family in sorted(tasks.FAMILIES):
+                per_family = train_data.HELDOUT_TASK_PROBLEMS // len(tasks.default_families())
+                for family in tasks.default_families():
                     texts = [p.text() for p in tasks.generate(family, per_family, seed, "heldout", 1)]
                     losses[trained, family] = eval_loss(model, rows(texts))
     return losses

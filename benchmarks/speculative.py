@@ -35,7 +35,7 @@ from nemotron3.tokenizer import Tokenizer
 
 def held_out_prompts(tok: Tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """n held-out problems spread over the families, as token ids."""
-    fams = sorted(tasks.FAMILIES)
+    fams = tasks.default_families()
     per = -(-n // len(fams))
     problems = [p for f in fams for p in tasks.generate(f, per, seed=seed, split="heldout")]
     return [[tok.bos_id, *tok.encode(p.prompt + "\n")] for p in problems[:n]]

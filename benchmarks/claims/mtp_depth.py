@@ -60,7 +60,7 @@ def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """n held-out task prompts spread over the families, as the pretraining documents begin."""
     from nemotron3 import tasks
 
-    fams = sorted(tasks.FAMILIES)
+    fams = tasks.default_families()
     per = -(-n // len(fams))
     problems = [p for f in fams for p in tasks.generate(f, per, seed=seed, split="heldout")]
     return [[tokenizer.bos_id, *tokenizer.encode(p.prompt + "\n")] for p in problems[:n]]

@@ -106,7 +106,7 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, n_per_family: int = 20
     was_training = model.training
     model.eval()
     results = {}
-    for family in families or sorted(tasks.FAMILIES):
+    for family in families or tasks.default_families():
         problems = tasks.generate(family, n_per_family, seed=seed, split="heldout", difficulty=difficulty)
         prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt + "\n")] for p in problems]
         results[family] = _exact_match(model, tokenizer, family, problems, prompts, batch_size, engine)
@@ -147,7 +147,7 @@ def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int =
         from nemotron3.engine.thinking import ThinkTokens
 
         think_kwargs = {"think_tokens": ThinkTokens.from_tokenizer(tokenizer.tk)}
-    for family in families or sorted(tasks.FAMILIES):
+    for family in families or tasks.default_families():
         problems = tasks.generate(family, n_per_family, seed=seed, split="heldout", difficulty=difficulty)
         for mode in results:
             prompts = [chat_prompt(tokenizer, p.prompt, thinking=mode != "off") for p in problems]

@@ -12,8 +12,9 @@ A line may carry its own `"format"`, which overrides `--format`. Every problem (
 field, an unknown format, a reference that is not a number or not a choice, an empty file) is one ValueError
 naming FILE:LINE (or FILE for an empty one), raised before any generation starts.
 
-Built-in data: `tasks` (all six families of nemotron3.tasks) or `tasks:add,mul`, `count` held-out problems per
-family (the same problems as the pipeline's evaluation for the same seed and difficulty), in the `task` format.
+Built-in data: `tasks` (the six reasoning families of nemotron3.tasks) or `tasks:add,mul` (`tasks:retrieval` too),
+`count` held-out problems per family (the same problems as the pipeline's evaluation for the same seed and
+difficulty), in the `task` format.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def load_items(path: Path | str, fmt: str | None = None, limit: int | None = Non
 
 def task_items(spec: str, count: int, seed: int = 0, difficulty: int = 1) -> list[Item]:
     """Held-out problems of the built-in task families: `tasks` (all six) or `tasks:add,mul`, `count` per family."""
-    names = spec.split(":", 1)[1].split(",") if ":" in spec else sorted(tasks.FAMILIES)
+    names = spec.split(":", 1)[1].split(",") if ":" in spec else tasks.default_families()
     unknown = [n for n in names if n not in tasks.FAMILIES]
     if unknown or not names:
         raise ValueError(f"data (--data) {spec!r}: unknown task family {unknown[0] if unknown else ''!r}; "

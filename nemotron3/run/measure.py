@@ -25,7 +25,7 @@ from nemotron3.tokenizer import Tokenizer
 
 def heldout_chat_prompts(tokenizer: Tokenizer, n: int, seed: int = 0, difficulty: int = 1) -> list[list[int]]:
     """n held-out task problems spread round-robin over the families, as reasoning-on chat prompts (token ids)."""
-    fams = sorted(tasks.FAMILIES)
+    fams = tasks.default_families()
     per = -(-n // len(fams))
     by_family = [tasks.generate(f, per, seed=seed, split="heldout", difficulty=difficulty) for f in fams]
     problems = [by_family[i % len(fams)][i // len(fams)] for i in range(n)]

@@ -14,16 +14,18 @@ from nemotron3.tasks.families import Family, Problem, evaluate_arithmetic
 from nemotron3.tasks.registry import (
     FAMILIES,
     HELDOUT_PER_MILLE,
+    default_families,
     extract_answer,
     family_of,
     family_reward,
     generate,
+    generate_at_length,
     mixture,
     reward,
     split_of,
 )
 
 __all__ = [
-    "FAMILIES", "HELDOUT_PER_MILLE", "Family", "Problem", "evaluate_arithmetic", "extract_answer", "family_of",
-    "family_reward", "generate", "mixture", "reward", "split_of",
+    "FAMILIES", "HELDOUT_PER_MILLE", "Family", "Problem", "default_families", "evaluate_arithmetic", "extract_answer",
+    "family_of", "family_reward", "generate", "generate_at_length", "mixture", "reward", "split_of",
 ]

@@ -42,6 +42,7 @@ class Family:
     """One task family. Subclasses define `make` (rng, difficulty -> params), `render`, `parse`, `solve`."""
 
     name: str = ""
+    long_context: bool = False  # prompts of thousands of tokens: out of the default mixes unless asked for
 
     def make(self, rng: random.Random, difficulty: int) -> tuple:
         raise NotImplementedError

@@ -4,8 +4,9 @@ Each family generates a `Problem` from a `random.Random` and a difficulty (an in
 step-by-step reasoning trace, and a final answer. Every family can *verify* an answer string from the prompt
 alone (it re-parses the prompt and recomputes, or for countdown checks the expression), so rewards need no
 side channel: `reward(prompts, completions, **kwargs) -> list[float]` is TRL's reward-function signature and
-works on plain strings or on conversational message lists. The six families (add, mul, modpow, sort,
-countdown, word) are described in families.py.
+works on plain strings or on conversational message lists. The six reasoning families (add, mul, modpow, sort,
+countdown, word) are described in families.py; the long-context retrieval family in retrieval.py, out of the
+default mixes (`default_families()`) unless named.
 
 Text layout (the reasoning-on assistant turn of docs/post-training.md §2, minus the chat wrapper):
 
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nemotron3.tasks.families import Add, Countdown, Family, ModPow, Mul, Problem, Sort, Word
+from nemotron3.tasks.retrieval import Retrieval, at_length
 
 HELDOUT_PER_MILLE = 100  # share of the problem space reserved for evaluation
 
@@ -52,8 +54,14 @@ def extract_answer(completion: str) -> str:
             return re.sub(r"^answer\s*:\s*", "", line, flags=re.IGNORECASE).strip()
     return ""
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Add(), Mul(), ModPow(), Sort(), Countdown(), Word())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Add(), Mul(), ModPow(), Sort(), Countdown(), Word(), Retrieval())}
 _SPLIT_STREAM = {"train": 0, "heldout": 1}
+
+
+def default_families() -> list[str]:
+    """The families a mixture or an evaluation uses when none are named: every family but the long-context ones
+    (retrieval), whose prompts run to thousands of tokens; those come only when asked for by name."""
+    return sorted(name for name, fam in FAMILIES.items() if not fam.long_context)
 
 
 def generate(family: str, n: int, seed: int = 0, split: str = "train", difficulty: int = 1) -> list[Problem]:
@@ -85,6 +93,15 @@ def generate(family: str, n: int, seed: int = 0, split: str = "train", difficult
         seen.add(key)
         out.append(fam.problem(params))
     return out
+
+
+def generate_at_length(n: int, length: int, seed: int = 0, split: str = "heldout",
+                       count: Callable[[str], int] = len) -> list[Problem]:
+    """`n` retrieval problems whose prompts fill up to `length` tokens of `count` (e.g. a tokenizer's
+    `lambda s: len(tok.encode(s))`; default bytes), from the disjoint splits (tasks/retrieval.py `at_length`)."""
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return at_length(FAMILIES["retrieval"], n, length, seed, split, count, split_of)
 
 
 def family_of(prompt: str) -> tuple[Family, tuple] | None:
@@ -145,8 +162,8 @@ def family_reward(family: str) -> Callable[..., list[float]]:
 
 def mixture(n: int, seed: int = 0, split: str = "train", difficulty: int = 1,
             families: list[str] | None = None) -> list[Problem]:
-    """`n` problems spread evenly over `families` (all by default), interleaved in a seeded order."""
-    names = sorted(families or FAMILIES)
+    """`n` problems spread evenly over `families` (by default `default_families()`), interleaved in a seeded order."""
+    names = sorted(families or default_families())
     per = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
     problems = [p for name, k in zip(names, per) for p in generate(name, k, seed, split, difficulty)]
     random.Random(f"mixture/{seed}/{split}").shuffle(problems)
