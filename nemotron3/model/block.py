@@ -19,6 +19,7 @@ from nemotron3.model.attention import Attention
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import MoE
 from nemotron3.model.norms import MLP, RMSNorm
+from nemotron3.model.recompute import checkpointed
 from nemotron3.model.state import StateSpec
 
 MIXERS: dict[str, type[nn.Module]] = {"M": Mamba2Mixer, "*": Attention, "E": MoE, "-": MLP}
@@ -48,6 +49,7 @@ class Block(nn.Module):
         self.kind = kind
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = build_mixer(kind, config)
+        self.checkpointing = False  # activation checkpointing of training forwards (model/recompute.py)
 
     @torch.no_grad()
     def init_weights(self, config: ModelConfig, n_layers: int) -> None:
@@ -61,7 +63,34 @@ class Block(nn.Module):
             self.mixer.init_weights(config, n_layers)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); `cache`: this layer's handle of a cached forward, or None."""
+        """x (B, T, H) -> (B, T, H); `cache`: this layer's handle of a cached forward, or None.
+
+        With `checkpointing` on, a cache-free forward under autograd keeps only x and recomputes the block in
+        backward (model/recompute.py)."""
+        if self.checkpointing and cache is None and torch.is_grad_enabled():
+            return self._checkpointed(x)
         if self.kind in "M*":
             return x + self.mixer(self.norm(x), cache)
         return x + self.mixer(self.norm(x))  # MoE and MLP act on each token alone: nothing to cache
+
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        """The block under activation checkpointing. The checkpointed region runs the mixer's `forward` without its
+        hooks, the same code in the forward and in the recompute (torch checks that both save the same tensors);
+        the mixer's forward hooks (train/balance.py's: routed loads, the router scores' aux loss) run here, outside
+        the region, once per forward, on the region's outputs: what `self.mixer(h)` would have given them."""
+        mixer = self.mixer
+        if mixer._forward_pre_hooks or getattr(mixer, "_forward_hooks_with_kwargs", None):
+            raise NotImplementedError(f"activation checkpointing: the {type(mixer).__name__} of a {self.kind!r} block "
+                                      "has forward pre-hooks or keyword hooks, which a recompute cannot replay")
+
+        def region(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            h = self.norm(x)
+            out = mixer.forward(h)
+            return x + out, h, out
+
+        y, h, out = checkpointed(region, x)
+        for hook in list(mixer._forward_hooks.values()):
+            if hook(mixer, (h,), out) is not None:
+                raise NotImplementedError(f"activation checkpointing: a forward hook on the {type(mixer).__name__} "
+                                          "replaced its output, which the checkpointed block has already used")
+        return y

@@ -114,6 +114,15 @@ class HybridLM(nn.Module):
             out.append(self.lm_head(h).float())
         return logits, out
 
+    def set_activation_checkpointing(self, on: bool = True) -> HybridLM:
+        """Checkpoint every block, backbone and MTP, in training forwards (`--activation-checkpointing`): each
+        keeps only its input and is recomputed in backward, so a step's activation memory is one block's plus
+        the block inputs instead of every intermediate of every block (model/recompute.py). Same gradients."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.checkpointing = on
+        return self
+
     def compile_mixers(self, dynamic: bool = False) -> HybridLM:
         """torch.compile each Mamba-2 mixer in place, fusing the elementwise work around the SSD matmuls.
 

@@ -36,6 +36,7 @@ from torch import nn
 from nemotron3.config import ModelConfig
 from nemotron3.model.norms import MLP, relu2
 from nemotron3.model.packing import Packer, addmm, mm, pack_weight
+from nemotron3.model.recompute import recomputing
 from nemotron3.model.state import StateSpec
 
 
@@ -176,7 +177,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         self.tokens_per_expert = counts
-        if self.record_scores:
+        if self.record_scores and not recomputing():  # a checkpoint's recompute is no new forward to score
             self.last_scores, self.last_topk = scores, idx
         return y.view(shape)
 

@@ -98,6 +98,8 @@ class TrainConfig(StageConfig):
     ep: int = option(0, "ranks each MoE layer's routed experts are partitioned over, tokens moved by all-to-all "
                      "(0 = 1; divides --dp-shard)", min=0)
     device: str = device_option()  # under torchrun: auto (each rank's own GPU under nccl, else the CPU) or that one
+    activation_checkpointing: bool = option(False, "keep only each block's input in the forward and recompute the "
+                                            "block in backward: less memory for long rows, ~1/3 more compute")
 
     def validate(self) -> None:
         super().validate()
@@ -224,6 +226,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainCo
     resuming); `stage` names the run in the progress bar."""
     out_dir, console = Path(out_dir), console or Console()
     rank, world = parallel.rank_world()
+    if cfg.activation_checkpointing:  # before FSDP2 shards the blocks (model/recompute.py)
+        model.set_activation_checkpointing()
     if world == 1 and max(cfg.dp_shard, cfg.ep) > 1:
         raise ValueError(f"--dp-shard {cfg.dp_shard} / --ep {cfg.ep} asks for {max(cfg.dp_shard, cfg.ep)} processes "
                          "and this is one: launch with torchrun --nproc-per-node N (docs/scaling.md)")
