@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from nemotron3 import chat, tasks
+from nemotron3.envs import lookup
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train.data import MAX_JSON_DEPTH, DataError, PackedData, check_depth, jsonl_records, loads
 
@@ -235,6 +236,12 @@ def problem_conversation(p: tasks.Problem) -> Conversation:
 def task_conversations(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[Conversation]:
     """`n` conversations mixed evenly over the task families."""
     return [problem_conversation(p) for p in tasks.mixture(n, seed=seed, split=split, difficulty=difficulty)]
+
+
+def tool_conversations(n: int, seed: int, split: str = "train", difficulty: int = 1) -> list[Conversation]:
+    """`n` conversations of the embedded tool environment (envs/lookup.py): lookups, a calculation, the answer."""
+    return [Conversation(c["messages"], c["tools"], f"tools:{split}")
+            for c in lookup.conversations(n, seed, split, difficulty)]
 
 
 # ----------------------------------------------------------------------------------------- modes
