@@ -17,8 +17,9 @@ targets row[1:]. Every token of the stream is the target of exactly one row (the
 SSM state do run across boundaries, as in Megatron's packed pretraining without resets.
 
 **Order.** Rows are visited in epochs; epoch e is `randperm(N)` from a generator seeded with
-`seed * 1_000_003 + e`, so the batch at any *position* (rows consumed so far) is a pure function of (data,
-seed, position). That position is the whole resume state of the data.
+`derive_seed(seed, e)` (engine/sampling.py: `seed · 1,000,003 + e`, the one rule of derived seeds), so the batch
+at any *position* (rows consumed so far) is a pure function of (data, seed, position). That position is the
+whole resume state of the data. Weighted mixtures of several sources, in phases, are train/mixture.py's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from nemotron3 import tasks
+from nemotron3.engine.sampling import derive_seed
 from nemotron3.tokenizer import Tokenizer
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")
@@ -230,7 +232,7 @@ class PackedData:
 
     def order(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
             self._perm = (epoch, torch.randperm(len(self), generator=g))
         return self._perm[1]
 
@@ -254,12 +256,20 @@ def build(tokenizer: Tokenizer, texts: list[str], seq_len: int, seed: int) -> Pa
     return PackedData(rows, mask, seed)
 
 
+def tail_rows(n: int, fraction: float, what: str = "") -> int:
+    """How many of `n` packed rows a held-out tail of `fraction` takes: at least one, and never all (DataError,
+    naming `what` when given)."""
+    k = max(1, round(n * fraction))
+    if n - k < 1:
+        raise DataError(f"{what + ': ' if what else ''}only {n} packed rows: too little data to hold any out for "
+                        "evaluation")
+    return k
+
+
 def split_tail(data: PackedData, fraction: float) -> tuple[PackedData, PackedData]:
     """Hold out the last `fraction` of rows (at least one): for user text, whose held-out part is a contiguous
     tail of the stream that training never sees."""
     n = len(data)
-    k = max(1, round(n * fraction))
-    if n - k < 1:
-        raise DataError(f"only {n} packed rows: too little data to hold any out for evaluation")
+    k = tail_rows(n, fraction)
     return (PackedData(data.rows[:-k], data.mask[:-k], data.seed),
             PackedData(data.rows[-k:], data.mask[-k:], data.seed))
