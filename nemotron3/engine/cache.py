@@ -1,48 +1,9 @@
-"""HybridCache: everything a Nemotron 3 model remembers about the sequences it is decoding.
+"""HybridCache: every per-row state a Nemotron 3 model keeps while decoding (docs/inference.md §1).
 
-The cache holds no knowledge of the mixers: each mixer class declares its per-row state (model/state.py,
-`state_spec`), and the cache allocates `rows` of it per layer. For the Nemotron 3 mixers that is
-(docs/architecture.md §2-3; the design: docs/inference.md §1):
-
-    '*' attention    "key", "value": every past token           (rows, kv_heads, max_seq_len, head_dim)
-    'M' Mamba-2      "conv": the last conv_kernel-1 conv inputs  (rows, conv_dim, conv_kernel - 1)
-                     "ssm": the SSM state (P×N per head)         (rows, heads, head_dim, state_size)
-    'E', '-'         nothing (each token is processed alone)
-
-The sequence states grow with the sequence, the recurrent ones do not: that is why the family reaches 1M
-tokens. `cache_size(config, ...)` computes every byte without allocating anything (for Nano and Super at
-1M tokens), and `HybridCache.nbytes` is the same number for a cache that exists. The SSM state is kept in
-`config.mamba_ssm_cache_dtype` (fp32 by default, as in transformers and vLLM): it is a running sum over
-the whole sequence, and bf16 rounding would accumulate step after step. When the model has an MTP block,
-its layers get slots too (layer indices after the backbone's), so that the drafter can run incrementally.
-
-Rows, lengths and slots
------------------------
-The cache has a fixed number of rows (slots). Each row holds one sequence and its own length, so rows
-can be at different positions (batched prompts of different lengths, continuous batching). A slot is
-taken with `allocate()` and given back with `free()`; `reset(rows)` zeroes the recurrent states (a fresh
-sequence starts from S = 0 and zero conv padding) and sets the lengths to 0. Sequence entries past a
-row's length are never read, so they are not cleared.
-
-One forward
------------
-`begin(t, rows, valid, start)` describes one cached forward of t tokens per row (a `CacheView`);
-`view.layer(i)` is layer i's handle, the only way a mixer touches its state (`read`, `write`, `append`,
-`record`; model/state.py); `commit(view)` advances the lengths once every layer has run.
-
-Rollback (speculative decoding)
--------------------------------
-Verifying k drafted tokens appends them all, then keeps only the accepted prefix. For sequence states,
-undoing n positions is just `length -= n`. A recurrent state cannot be run backwards, so there are two
-options: keep the states of the last steps, or keep one snapshot and recompute the accepted tokens. We
-keep the states: with `max_rollback = R > 0`, every recurrent state has R+1 history slots, and every
-cached forward of at most R tokens per row (`view.per_step`) runs token by token and records, for each
-row, slot 0 = the state before the forward and slot i+1 = the state after its token i (vLLM's and SGLang's
-choice as well; it costs R+1 copies of the constant-size state and no second forward pass). The slots are
-indexed by token within the forward, the same for every row whatever its length, so the fast decoder
-writes them as plain slices while it runs the recurrence (no scatter per token). `rollback(n)` restores
-slot `rollback_limit[row] - n`; a row can be rolled back by at most `rollback_limit[row]` positions, the
-tokens of its last recorded forward not yet rolled back (0 after a longer forward, such as a prefill).
+Each mixer declares its state (model/state.py `state_spec`: attention keys and values grow with the sequence, the
+Mamba conv and SSM states do not); the cache allocates `rows` of each per layer, MTP layers included, and sizes
+it without allocating (`cache_size`). Rows are slots with lengths of their own; `begin` / `begin_all` describe one
+cached forward, `commit` advances it; `rollback` restores the recurrent states recorded token by token.
 """
 
 from __future__ import annotations
@@ -96,15 +57,8 @@ class CacheSize:
         return self.total / (self.rows * self.seq_len)
 
 
-def cache_size(
-    config: ModelConfig,
-    rows: int,
-    seq_len: int,
-    dtype: torch.dtype = torch.float32,
-    ssm_dtype: torch.dtype | None = None,
-    max_rollback: int = 0,
-    include_mtp: bool = True,
-) -> CacheSize:
+def cache_size(config: ModelConfig, rows: int, seq_len: int, dtype: torch.dtype = torch.float32,
+               ssm_dtype: torch.dtype | None = None, max_rollback: int = 0, include_mtp: bool = True) -> CacheSize:
     """The bytes `HybridCache(config, rows, seq_len, ...)` allocates, computed without allocating."""
     ssm_dtype = ssm_dtype or _DTYPES[config.mamba_ssm_cache_dtype]
     size = {"model": torch.finfo(dtype).bits // 8, "ssm": torch.finfo(ssm_dtype).bits // 8}
@@ -116,21 +70,14 @@ def cache_size(
             else:
                 rec_row += spec.numel() * size[spec.dtype]
     hist_row = rec_row * (max_rollback + 1) if max_rollback > 0 else 0
-    return CacheSize(
-        sequence=seq_tok * rows * seq_len, recurrent=rec_row * rows, history=hist_row * rows,
-        kv_per_token=seq_tok, state_per_row=rec_row + hist_row, rows=rows, seq_len=seq_len,
-    )
+    return CacheSize(sequence=seq_tok * rows * seq_len, recurrent=rec_row * rows, history=hist_row * rows,
+                     kv_per_token=seq_tok, state_per_row=rec_row + hist_row, rows=rows, seq_len=seq_len)
 
 
 @dataclass
 class CacheView:
-    """One cached forward over `b` rows of a cache, `t` tokens per row (the last t - valid[i] are padding).
-
-    Built by `HybridCache.begin`; `layer(i)` gives the handle layer i's mixer uses. `rows` is None when the
-    forward covers every row in order, which lets the layers update the state tensors in place instead of
-    gathering and scattering rows. `n_keys` and `mask` are set by the fast decoder (engine/decode.py) for
-    the attention of its fixed-shape steps.
-    """
+    """One cached forward over `b` rows of a cache, `t` tokens per row (the last t - valid[i] are padding);
+    `layer(i)` is layer i's handle. `rows` None: every row in order, so the layers update the states in place."""
 
     cache: HybridCache
     rows: torch.Tensor | None  # (b,) cache rows, or None for all rows
@@ -226,36 +173,19 @@ class LayerCache:
 
 
 class HybridCache:
-    """Preallocated per-layer state for `rows` sequences of up to `max_seq_len` tokens each.
+    """Preallocated per-layer state for `rows` sequences of up to `max_seq_len` tokens each: states[i][name]
+    (rows, *spec.shape), history[i][name] (R + 1, rows, ...) for rollback (max_rollback = R > 0), lengths (rows,)."""
 
-    states[i][name]:  (rows, *spec.shape)   the state `name` of cache layer i, as its mixer declares it
-    history[i][name]: (R + 1, rows, ...)    rollback ring of each recurrent state (max_rollback = R > 0)
-    lengths:          (rows,) int64, tokens held by each row
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        rows: int,
-        max_seq_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        ssm_dtype: torch.dtype | None = None,
-        max_rollback: int = 0,
-        include_mtp: bool = True,
-    ) -> None:
+    def __init__(self, config: ModelConfig, rows: int, max_seq_len: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", ssm_dtype: torch.dtype | None = None, max_rollback: int = 0,
+                 include_mtp: bool = True) -> None:
         if rows <= 0 or max_seq_len <= 0:
             raise ValueError(f"a cache needs rows > 0 and max_seq_len > 0, got rows={rows}, max_seq_len={max_seq_len}")
         if max_rollback < 0:
             raise ValueError(f"max_rollback must be >= 0, got {max_rollback}")
-        self.config = config
-        self.rows = rows
-        self.max_seq_len = max_seq_len
-        self.dtype = dtype
+        self.config, self.rows, self.max_seq_len, self.dtype = config, rows, max_seq_len, dtype
         self.ssm_dtype = ssm_dtype or _DTYPES[config.mamba_ssm_cache_dtype]
-        self.device = torch.device(device)
-        self.max_rollback = max_rollback
-        self.include_mtp = include_mtp
+        self.device, self.max_rollback, self.include_mtp = torch.device(device), max_rollback, include_mtp
         self.kinds = cache_layer_kinds(config, include_mtp)
         dtypes = {"model": dtype, "ssm": self.ssm_dtype}
         self.specs = layer_specs(config, max_seq_len, include_mtp)
@@ -314,18 +244,10 @@ class HybridCache:
         self.rollback_limit[idx] = 0
 
     # ------------------------------------------------------------------ one forward
-    def begin(
-        self,
-        t: int,
-        rows: torch.Tensor | None = None,
-        valid: torch.Tensor | None = None,
-        start: torch.Tensor | None = None,
-    ) -> CacheView:
-        """Check that `t` more tokens fit in `rows` and describe the forward for the layers.
-
-        `start` overrides the rows' lengths as the positions of the first new tokens: the MTP drafter
-        keeps its own positions for the MTP layers' slots (engine/speculative.py) and never commits.
-        """
+    def begin(self, t: int, rows: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+              start: torch.Tensor | None = None) -> CacheView:
+        """Check that `t` more tokens fit in `rows` and describe the forward for the layers. `start` overrides the
+        rows' lengths as the first new positions (the MTP drafter's own positions; it never commits)."""
         index = torch.arange(self.rows, device=self.device) if rows is None else rows.to(self.device)
         if (rows is not None and rows.numel() == self.rows
                 and torch.equal(index, torch.arange(self.rows, device=self.device))):
@@ -334,10 +256,8 @@ class HybridCache:
         if t <= 0:
             raise ValueError("a cached forward needs at least one token per row")
         if int(start.max()) + t > self.max_seq_len:
-            raise ValueError(
-                f"{t} more tokens do not fit: a row holds {int(start.max())} of max_seq_len={self.max_seq_len}; "
-                "build the cache (or the Engine) with a larger max_seq_len"
-            )
+            raise ValueError(f"{t} more tokens do not fit: a row holds {int(start.max())} of max_seq_len="
+                             f"{self.max_seq_len}; build the cache (or the Engine) with a larger max_seq_len")
         if valid is not None:
             valid = valid.to(device=self.device, dtype=torch.long)
             if valid.shape != index.shape or (valid < 1).any() or (valid > t).any():
@@ -348,12 +268,8 @@ class HybridCache:
         return CacheView(self, rows, index, start, valid, t, per_step)
 
     def begin_all(self, t: int, n_keys: int | None, uniform: bool, start: torch.Tensor | None = None) -> CacheView:
-        """The fast decoder's forward: every row, t real tokens each, no checks (the caller sized the cache).
-
-        n_keys = max(start) + t limits attention to the keys some row holds; `uniform` says every row has
-        the same length (then a single new token needs no mask). n_keys=None attends over the whole
-        capacity with a mask: every shape is then fixed by (rows, max_seq_len), what `torch.compile` needs.
-        """
+        """The fast decoder's forward: every row, t real tokens each, no checks; n_keys and `uniform` as in
+        FastDecoder.forward (None: the whole capacity, masked: the compiled step's fixed shapes)."""
         start = self.lengths if start is None else start
         n = self.max_seq_len if n_keys is None else n_keys
         if t > self.max_rollback > 0:
@@ -389,11 +305,8 @@ class HybridCache:
     # ------------------------------------------------------------------ rollback
     def rollback(self, n: list[int] | torch.Tensor, rows: list[int] | torch.Tensor | None = None,
                  check: bool = True) -> None:
-        """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0.
-
-        `check=False` skips the range checks (three host syncs), for callers whose n is in range by
-        construction: the speculative decoder, whose every row's last forward was its recorded verify, rolls
-        back at most what that recorded."""
+        """Forget the last n[i] tokens of row rows[i] (all rows in order if None); n may be 0. `check=False` skips
+        the range checks (host syncs) for callers whose n is in range by construction (the speculative round)."""
         dev = self.device
         if rows is None and check is False and isinstance(n, torch.Tensor) and n.shape == (self.rows,):
             slot = self.rollback_limit - n  # (rows,) slot j holds the state after token j-1
@@ -405,14 +318,13 @@ class HybridCache:
         index = torch.arange(self.rows, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
         n = torch.as_tensor(n, dtype=torch.long, device=dev).expand(index.shape)
         if check and ((n < 0).any() or (n > self.lengths[index]).any()):
-            raise ValueError(
-                f"cannot roll back {n.tolist()} tokens from rows of lengths {self.lengths[index].tolist()}")
+            raise ValueError(f"cannot roll back {n.tolist()} tokens from rows of lengths "
+                             f"{self.lengths[index].tolist()}")
         if check and self._recurrent and (n > self.rollback_limit[index]).any():
-            raise ValueError(
-                f"rollback of {n.tolist()} tokens exceeds what the recurrent history holds "
-                f"({self.rollback_limit[index].tolist()}: the tokens of each row's last forward of at most "
-                f"max_rollback={self.max_rollback} tokens); build the cache with a larger max_rollback"
-            )
+            raise ValueError(f"rollback of {n.tolist()} tokens exceeds what the recurrent history holds "
+                             f"({self.rollback_limit[index].tolist()}: the tokens of each row's last forward of at "
+                             f"most max_rollback={self.max_rollback} tokens); build the cache with a larger "
+                             "max_rollback")
         moved = n > 0
         if self._recurrent and moved.any():
             rows_, slot = index[moved], (self.rollback_limit[index] - n)[moved]  # slot j: after token j-1
@@ -423,13 +335,8 @@ class HybridCache:
 
     # ------------------------------------------------------------------ continuous batching
     def prefix(self, n: int) -> HybridCache:
-        """A cache over rows [0, n) of this one, sharing its storage: every state, history slot, length and
-        rollback limit is a view of the first n rows, so a forward over the prefix (the fast decoder's, which
-        runs every row of the cache it is given) updates this cache in place and leaves rows >= n untouched.
-
-        The continuous batcher (engine/batcher.py) keeps its decoding rows in [0, n) and decodes them
-        through such a view while other rows are being prefilled.
-        """
+        """A cache over rows [0, n) of this one sharing its storage (states, history, lengths, limits), so a forward
+        over it updates this cache in place and leaves rows >= n alone: the scheduler's decoding prefix."""
         if not 0 < n <= self.rows:
             raise ValueError(f"a prefix needs 0 < n <= rows={self.rows}, got {n}")
         view = object.__new__(HybridCache)
@@ -443,9 +350,8 @@ class HybridCache:
         return view
 
     def swap_rows(self, a: int, b: int) -> None:
-        """Exchange everything rows a and b hold (states, history, lengths, rollback limits, slot use): the
-        continuous batcher moves a sequence into or out of its decoding prefix this way. Sequence states
-        are copied up to the longer of the two rows' lengths only."""
+        """Exchange everything rows a and b hold (states, history, lengths, rollback limits, slot use); sequence
+        states up to the longer of the two lengths only."""
         if a == b:
             return
         for r in (a, b):

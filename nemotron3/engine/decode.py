@@ -1,39 +1,10 @@
-"""The decode fast path: t new tokens per cache row through the whole model in as few tensor ops as we can.
+"""The decode fast path: t new tokens per cache row through the whole model in as few tensor ops as we can
+(docs/inference.md §3, bf16 and int8: §6).
 
-Why a second path
------------------
-At the sizes a CPU serves, a decode step does almost no arithmetic: it multiplies the weight matrices by
-one vector per row. What costs is the number of tensor ops, each paying a fixed dispatch cost in eager
-PyTorch, and the reference cached path (`HybridLM.forward` with a cache) spends hundreds of them on
-generality: row gathers and scatters, padding masks, fp32 casts, separate q/k/v projections, the grouped
-MoE with its sort and `.tolist()`. Each mixer therefore has, in its own file, a fused step for this
-decoder (`Mamba2Step`, `AttentionStep`, `MoEStep`, `MLPStep`: weights packed once, residual adds folded
-into `addmm`, states updated in place; docs/inference.md §3), tested against its `forward`. This module
-holds no mixer mathematics: it packs the steps from the model's modules, and composes them with the
-embedding, the pre-norms (one `F.rms_norm` each), the final norm and the LM head. Every row of the cache
-is decoded (no gathers); the attention mask is built once per step for all layers.
-
-`forward(tokens (B, t), cache)` serves the one-token step of plain decoding and the (k+1)-token verify of
-speculative decoding (the recurrent states of each token go to the rollback ring when the cache records
-them); `mtp(...)` runs the MTP block's steps for the drafter.
-
-The maths is the reference's up to float summation order (tests/engine/test_engine_decode.py compares the two
-step by step to 1e-4). Packed tensors are copies: `FastDecoder.is_stale()` notices in-place updates of
-the model's weights (RL updates them between rollouts) through the tensors' version counters, replaced
-tensors and swapped modules through their identities, and the Engine rebuilds before the next call.
-The copies cost about one more copy of the model's weights in memory (experts included), fine at the
-sizes a CPU decodes.
-
-`FastDecoder.supports(model)` is False, and the Engine uses the reference path, for models the steps do
-not cover: layers swapped for quantized ones (quant/convert.py; they are not plain `nn.Linear`s), dtypes
-other than fp32 and bf16, and projection biases (`mlp_bias` / `use_bias`, which the Nemotron 3 checkpoints do
-not use, so the steps do not carry them).
-
-bf16 models (docs/inference.md §6) decode in bf16 (weights, residual stream, KV cache) with the arithmetic
-that accumulates in fp32: the Mamba conv, dt, SSM state and gated norm, the router and the MoE combination,
-every norm's statistics, and the logits (an fp32 copy of the LM head over the bf16 final hidden state). One-row
-steps on a CPU switch oneDNN off so that bf16 matmuls take torch's GEMV (model/packing.py). `pack` replaces
-the dense weights by packed ones, e.g. per-channel int8 (quant/int8.py), for a separately measured variant.
+`FastDecoder` holds no mixer mathematics: it packs each mixer's fused step (`Mamba2Step`, `AttentionStep`,
+`MoEStep`, `MLPStep`, in the mixers' own files) from the model's modules and composes them with the embedding, the
+pre-norms, the final norm and the LM head, over every row of the cache, in place. It equals the reference cached
+path up to float summation order (tests/engine/test_engine_decode.py); `is_stale()` notices changed weights.
 """
 
 from __future__ import annotations
@@ -90,12 +61,9 @@ class _MTPSteps:
 
 
 class FastDecoder:
-    """`step(tokens, cache, n_keys, uniform)` -> logits (B, V): the next token of every cache row.
-
-    traceable=True selects the variant written for `torch.compile` (no host sync: MoEStep's traceable
-    path). `pack`: how the steps store their weight matrices (model/packing.py; None: dense, in the model's
-    dtype); quant/int8.py's `Int8Weight` gives the int8 weight-only variant.
-    """
+    """`step(tokens, cache, n_keys, uniform)` -> logits (B, V): the next token of every cache row. traceable: the
+    variant for `torch.compile` (no host sync); `pack`: how weight matrices are stored (model/packing.py; None:
+    dense in the model's dtype, quant/int8.py `Int8Weight`: int8 weight-only)."""
 
     def __init__(self, model: HybridLM, traceable: bool = False, pack: Packer | None = None) -> None:
         if not self.supports(model):
@@ -113,9 +81,8 @@ class FastDecoder:
 
     @staticmethod
     def supports(model: HybridLM) -> bool:
-        """Plain fp32 or bf16 modules without projection biases or projection hooks only (quantized models,
-        models built with `mlp_bias` / `use_bias`, hooked projections and other dtypes run the reference cached
-        path). The weight matrices share one dtype; vectors (norms, A_log, D, biases) may be fp32 or it."""
+        """Plain fp32 or bf16 modules, without projection biases or hooks (quantized, biased, hooked models and
+        other dtypes run the reference cached path); vectors (norms, A_log, D) may be fp32 beside bf16 matrices."""
         for mod in model.modules():
             if isinstance(mod, nn.Linear) and (type(mod) is not nn.Linear or mod.bias is not None
                                                or mod._forward_pre_hooks or mod._forward_hooks):
@@ -184,9 +151,7 @@ class FastDecoder:
             add([m.enorm, m.hnorm, m.w_eh_t, m.final_norm])
         return total
 
-    def refresh(self) -> None:
-        """Rebuild the fused copies from the model's current weights."""
-        self._build()
+    refresh = _build  # rebuild the fused copies from the model's current weights
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(h, (h.shape[-1],), w, self.eps)
@@ -200,14 +165,9 @@ class FastDecoder:
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache, n_keys: int | None = None, uniform: bool = False,
                 commit: bool = True) -> torch.Tensor:
-        """tokens (B, t) for cache rows 0..B-1 -> final-normed hidden states (B·t, H), row-major.
-
-        n_keys = max(lengths) + t limits attention to the keys some row holds; `uniform` says all rows
-        have the same length. n_keys=None attends over the cache's whole capacity with a mask built from
-        `cache.lengths`: every shape is then fixed by (rows, max_seq_len), which is what `torch.compile`
-        needs to compile the step once. With a recording cache, every token's recurrent states go to the
-        rollback ring. `commit` advances the lengths (cache.commit).
-        """
+        """tokens (B, t) for cache rows 0..B-1 -> final-normed hidden states (B·t, H), row-major. n_keys = max(lengths)
+        + t bounds the keys read, `uniform`: every row has the same length; n_keys None attends over the whole
+        capacity with a mask, so every shape is fixed by (rows, max_seq_len): the compiled step's."""
         view = cache.begin_all(tokens.shape[1], n_keys, uniform)
         with gemv_only(self._gemv and tokens.numel() == 1):
             h = self._run(F.embedding(tokens.reshape(-1), self.emb), self.layers, view)  # (B·t, H)

@@ -1,28 +1,10 @@
 """What one generation request asks for (`SamplingParams`), and how speculation is configured for a model.
 
     params = SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, seed=0, stop_token_ids=[2])
-    engine.generate(prompts, params)                              # the Engine, the server and RL all take it
-    spec = speculative_config(model, None)                        # k (the device's default) and the cache room
+    spec = speculative_config(model, None)          # k (None: the device's default) and the cache room it needs
 
-`SamplingParams` uses vLLM's names where the concept is the same (`temperature`, `top_k`, `top_p`, `max_tokens`,
-`stop_token_ids`, `seed`, `logprobs`, `n`), plus `num_speculative_tokens`, `max_thinking_tokens` and
-`logprobs_mode`. It is frozen and checks itself once, when it is built: every number finite and in range, else one
-ValueError naming the field. It is built at the edge (CLI flags, the HTTP body, the RL config) and passed down
-whole. Two defaults differ from vLLM's: `temperature` is 0 (greedy, the Engine's default since its first version)
-and `max_tokens` None means "what is left of the context".
-
-Logprobs have one field, `logprobs` (None: none; k >= 0: each token's own log-probability and its k most likely
-alternatives), and a mode: `raw` is the model's distribution, the log-softmax of the logits before temperature,
-top-k and top-p (vLLM's default, what the server returns); `sampled` is the law the token was drawn from (after
-temperature, top-k and top-p, renormalised; greedy rows: the raw softmax, top-k applied), what RL's
-`token_mult_prob_error` compares with the trainer's recomputation.
-
-Speculation by default (`num_speculative_tokens=None`) follows the device: on only where MTP speculative decoding
-was measured faster than plain decoding on that kind of device (`SPECULATION_SPEEDUP`, the best measured ratio).
-On a CPU every measurement has it slower (docs/results.md, "MTP speculative decoding": 0.60-0.77x for the Engine
-at batch 1 and 16, and 0.77x / 0.66x for the server, sequential / 64 clients), so the default there is 0. No other
-device has a measurement yet, so the default is 0 everywhere until one shows a speedup; `--speculative K` (or
-`num_speculative_tokens=K`) turns it on.
+vLLM's names where the concept is the same; frozen, checked once when built (one ValueError naming the field).
+The logprobs modes and the device default of speculation: docs/inference.md (the introduction).
 """
 
 from __future__ import annotations

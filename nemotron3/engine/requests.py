@@ -1,12 +1,5 @@
-"""A request's state in the scheduler (engine/scheduler.py), and sampling its rows, each under its own law.
-
-    Request(prompt, SamplingParams(...), stream_index=0)   what is submitted; Seq is its state once submitted
-    Event(tokens, logprobs, top_logprobs, finish, accepted)  what a step gives one request
-
-Rows of one step may use different sampling settings: they are grouped by (temperature, top_k, top_p), every
-greedy row in one group, and each group is sampled (or its law computed, for speculative rounds) at once. Each
-row reads its own uniform stream (engine/sampling.py). Logprobs follow the request's `logprobs_mode`
-(engine/params.py): the model's log-softmax (`raw`) or the law the token was drawn from (`sampled`).
+"""A request's state in the scheduler (`Request`, `Seq`, `Event`), and sampling its rows, each under its own law:
+rows are grouped by (temperature, top_k, top_p) and each group sampled at once, every row from its own stream.
 """
 
 from __future__ import annotations
@@ -93,6 +86,17 @@ class Seq:
         if self.req.constrain is not None:
             return self.req.constrain(tokens)
         return (len(tokens), None) if self.budget is None else self.budget(0, tokens)
+
+
+def check_prompt(prompt: list[int], vocab: int, name: str = "the prompt") -> None:
+    """ValueError naming `name` unless `prompt` is a non-empty list of token ids in [0, vocab)."""
+    if not prompt:
+        raise ValueError(f"{name} is empty: it needs at least one token")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError(f"{name} holds non-integer token ids")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
 
 def row_groups(seqs: list[Seq]) -> dict[tuple, tuple[SamplingParams, list[int]]]:

@@ -1,29 +1,8 @@
-"""Turning logits into tokens: greedy, temperature, top-k, top-p, reproducible per row.
+"""Turning logits into tokens: greedy, temperature, top-k, top-p, reproducible per row (docs/inference.md §4).
 
-    temperature = 0      greedy: argmax (the first index among equal maxima, as torch and transformers do)
-    temperature > 0      p = softmax(logits / temperature), restricted to the top-k, then to the top-p
-                         nucleus, renormalised, and sampled
-
-The order (temperature, then top-k, then top-p) is transformers' and vLLM's. top-k keeps every token whose
-logit is at least the k-th largest (ties at the boundary are kept); top-p keeps the smallest set of most
-probable tokens whose probability reaches p, always at least one token (a token is kept if the mass of
-the tokens strictly before it in descending order is < p).
-
-Randomness: each row draws from its own uniform stream, `row_uniforms(seed, rows, steps)`, one number per
-step, and samples by inverting the CDF: the token is the first whose cumulative probability exceeds
-u · total. One uniform per token instead of a vocabulary of Gumbel noise means the whole call's
-randomness is drawn up front, in float64, and a row's tokens depend only on (seed, row index, its own
-logits), never on which other rows share the batch. Two rows with the same prompt therefore sample
-independently, and the same call with the same seed gives the same tokens.
-
-Devices: the streams are always drawn on the host, from a CPU `torch.Generator` (Mersenne Twister) per row,
-and then moved to the device of the logits. A CUDA generator (Philox) would give other numbers for the same
-seed; drawing on the host instead makes a seed's uniforms identical on every device, so CPU and CUDA pick the
-same tokens wherever their logits agree (their kernels may differ in the last bits, which changes a token
-only when a uniform falls that close to a boundary of the CDF). tests/repo/test_device_factories.py checks it.
-
-`sample_reference` is the same rule written one row at a time with Python loops, for the tests.
-docs/inference.md §4 explains the choices.
+Each row draws from its own float64 uniform stream, one number per token, and samples by inverting the CDF, so a
+row's tokens depend only on (seed, row index, its own logits). The streams are drawn on the host (a CPU generator
+per row) and moved to the logits' device, so a seed gives the same uniforms on every device.
 """
 
 from __future__ import annotations
@@ -103,39 +82,3 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, target, right=True)
     return tokens.clamp_(max=weights.shape[-1] - 1).view(-1)
-
-
-def sample_reference(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor
-) -> list[int]:
-    """One row at a time, straight from the definitions in the module docstring."""
-    out = []
-    for row, u in zip(logits.double(), uniforms.tolist()):
-        if temperature == 0:
-            out.append(max(range(len(row)), key=lambda j: (row[j].item(), -j)))
-            continue
-        z = [v / temperature for v in row.tolist()]
-        if 0 < top_k < len(z):
-            kth = sorted(z, reverse=True)[top_k - 1]
-            z = [v if v >= kth else float("-inf") for v in z]
-        m = max(z)
-        e = [torch.tensor(v - m).exp().item() for v in z]
-        p = [v / sum(e) for v in e]
-        if top_p < 1.0:
-            order = sorted(range(len(p)), key=lambda j: -p[j])
-            mass, keep = 0.0, set()
-            for j in order:
-                if mass >= top_p:
-                    break
-                keep.add(j)
-                mass += p[j]
-            p = [v if j in keep else 0.0 for j, v in enumerate(p)]
-        total, acc = sum(p), 0.0
-        for j, v in enumerate(p):
-            acc += v
-            if acc > u * total:
-                out.append(j)
-                break
-        else:
-            out.append(len(p) - 1)
-    return out

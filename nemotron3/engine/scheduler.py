@@ -5,28 +5,10 @@
     scheduler.step()                        # or scheduler.start(): a worker thread steps while there is work
     scheduler.cancel(handle)                # its slot is freed at the next step boundary
 
-`Engine.generate` and `Engine.stream` submit their prompts as one group and step it until idle; the server and
-RL rollouts (through the Engine) use it too, so the drafter and verify, the thinking budget, logprobs, stop
-tokens and statistics live here once. `on_event(Event)` is called with each step's new tokens of a request (one,
-or up to k + 1 with speculation), their log-probabilities when asked for, and at the end a `finish` reason.
-
-One step (docs/serving.md §3). The decoding rows are kept in a prefix [0, n) of the cache (`HybridCache.prefix`),
-so the fast decoder (engine/decode.py), which runs every row it is given, decodes exactly them, in place:
-
-1. applies the cancellations and admits waiting requests into free slots (rows >= n), first come first served;
-2. decodes the prefix: one token per row, or one MTP speculative round per row (engine/speculative.py), each row
-   with its own sampling settings and uniform stream;
-3. prefills: each prompt being prefilled gets its next chunk of at most `prefill_chunk` tokens, in arrival order,
-   within what is left of the step's `token_budget` (less one token per decoding row, k + 1 with speculation, and
-   never less than `min_prefill_tokens`; None: no budget), all as one right-padded forward. A group (the requests
-   submitted together, e.g. an Engine call) joins the prefix when its last prompt is done: its first tokens are
-   sampled together and the MTP block runs over every prompt's last chunk;
-4. a request that ends (a stop token, its max_tokens, a cancellation) leaves the prefix at once, the last decoding
-   row swapped into its slot; in a `static` batch (the Engine's) rows stay until every one has ended, decoding
-   (their tokens discarded) or rolling back their whole speculative round, so shapes stay fixed (compile).
-
-Each row decodes what it would alone: padding and chunking are exact (docs/inference.md §2) and a row samples
-from its own stream, `row_stream(seed, stream_index)`: one uniform per token, 2k + 1 per speculative round.
+Engine.generate, the server and RL rollouts all run it. One step (docs/serving.md §3): admit waiting requests into
+free slots; decode the prefix [0, n) of decoding rows (one token, or one MTP round, per row); prefill the next
+chunks within the step's token budget; a group joins the prefix when its last prompt is done. In a `static` batch
+(the Engine's) rows stay until all have ended, so shapes stay fixed for the compiled step.
 """
 
 from __future__ import annotations
@@ -41,20 +23,16 @@ import torch
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder, batch_bucket, compile_static
 from nemotron3.engine.params import speculative_config
-from nemotron3.engine.requests import Event, Request, Seq, row_laws, sample_rows, token_logprobs_of
+from nemotron3.engine.requests import Event, Request, Seq, check_prompt, row_laws, sample_rows, token_logprobs_of
 from nemotron3.engine.speculative import Drafter, speculative_round, uniforms_per_round
 from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.model.hybrid import HybridLM
 
 
 class Scheduler:
-    """The continuous-batching scheduler over one HybridCache of `rows` slots; see the module docstring.
-
-    max_seq_len: tokens one slot holds (prompt + max_tokens + 2k + 1 with speculation). token_budget: tokens one
-    step processes, decoding rows included (None: no limit); prefill_chunk: prompt tokens of one row per step.
-    fast: a FastDecoder to share, True to build one when the model allows it, False for the reference path.
-    compiled: a dict the owner keeps for torch.compile'd steps of a traceable fast decoder (None: eager).
-    """
+    """The scheduler over one HybridCache of `rows` slots of `max_seq_len` tokens (prompt + max_tokens + 2k + 1).
+    token_budget: tokens one step processes (None: no limit); fast: a FastDecoder to share, True: build one when the
+    model allows it, False: the reference path; compiled: the owner's dict of compiled steps (None: eager)."""
 
     def __init__(self, model: HybridLM, rows: int = 16, max_seq_len: int = 4096, token_budget: int | None = 512,
                  prefill_chunk: int = 2048, min_prefill_tokens: int = 32, num_speculative_tokens: int | None = 0,
@@ -81,15 +59,11 @@ class Scheduler:
         self.x = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's last emitted token
         self.h1 = torch.zeros(rows, self.config.hidden_size, device=self.device, dtype=dtype)  # next draft's input
         self.mtp_start = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.owner: list[Seq | None] = [None] * rows
-        self.n_decoding = 0
+        self.owner: list[Seq | None] = [None] * rows  # each slot's request; rows [0, n_decoding) are decoding
+        self.n_decoding, self._prefixes = 0, {}
         self.waiting: collections.deque[Seq] = collections.deque()
-        self._inbox: collections.deque[tuple[str, Seq]] = collections.deque()
-        self._prefixes: dict[int, HybridCache] = {}
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.steps = 0
+        self._inbox: collections.deque[tuple[str, Seq]] = collections.deque()  # ("submit" | "cancel", seq)
+        self._wake, self._thread, self._stopping, self.steps = threading.Condition(), None, False, 0
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -109,11 +83,8 @@ class Scheduler:
     # ------------------------------------------------------------------ requests (any thread)
     def check(self, req: Request) -> int:
         """Raise ValueError naming what is wrong with `req` (before it is queued); returns its max new tokens."""
-        V, p = self.config.vocab_size, req.params
-        if not req.prompt:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in req.prompt):
-            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {V})")
+        p = req.params
+        check_prompt(req.prompt, self.config.vocab_size)
         if p.num_speculative_tokens is not None and p.num_speculative_tokens != self.k:
             raise ValueError(f"num_speculative_tokens={p.num_speculative_tokens}, but this scheduler drafts {self.k} "
                              "(its cache is sized for that)")
@@ -126,8 +97,7 @@ class Scheduler:
         return new
 
     def submit(self, req: Request, on_event: Callable[[Event], None]) -> Seq:
-        """Queue `req`; returns its handle (for `cancel`). Checks it first (ValueError)."""
-        return self.submit_group([(req, on_event)])[0]
+        return self.submit_group([(req, on_event)])[0]  # checked first (ValueError); the handle for `cancel`
 
     def submit_group(self, items: list[tuple[Request, Callable[[Event], None]]]) -> list[Seq]:
         """Queue requests that join the decoding batch together (module docstring, step 3)."""
@@ -148,8 +118,7 @@ class Scheduler:
             self._wake.notify()
 
     @property
-    def running(self) -> int:
-        """Requests holding a slot (decoding or prefilling)."""
+    def running(self) -> int:  # requests holding a slot (decoding or prefilling)
         return sum(o is not None for o in self.owner)
 
     @property
@@ -250,8 +219,7 @@ class Scheduler:
         self.steps += 1
 
     def _refresh(self) -> None:
-        """Rebuild the fast decoder if the weights changed in place (RL), or drop it if the model no longer allows
-        it (a module swapped for a quantized one)."""
+        """Rebuild a stale fast decoder (weights changed: RL), or drop it (a module swapped for a quantized one)."""
         if self.fast is None or not self.fast.is_stale():
             return
         if self.compiled is not None:
@@ -262,13 +230,10 @@ class Scheduler:
             self.fast = None
             self.drafter = Drafter(self.model, None) if self.k else None
 
-    def _prefix(self, n: int) -> HybridCache:
-        if n not in self._prefixes:
-            self._prefixes[n] = self.cache.prefix(n)
-        return self._prefixes[n]
+    def _prefix(self, n: int) -> HybridCache:  # rows [0, n), a view kept per n
+        return self._prefixes.get(n) or self._prefixes.setdefault(n, self.cache.prefix(n))
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> logits (..., V) fp32."""
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden (..., H) -> logits (..., V) fp32
         return self.drafter.logits(hidden) if self.k else self.model.lm_head(hidden).float()
 
     # ------------------------------------------------------------------ emitting
@@ -281,10 +246,7 @@ class Scheduler:
     def _deliver(self, seq: Seq, tokens: list[int], logits: torch.Tensor, accepted: int | None = None) -> None:
         """Give `seq` its new tokens, cut at a stop token or max_tokens; ends it when it is done."""
         tokens = tokens[: seq.max_tokens - seq.produced]
-        for i, t in enumerate(tokens):
-            if t in seq.stops:
-                tokens = tokens[: i + 1]
-                break
+        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if t in seq.stops), len(tokens))]
         seq.produced += len(tokens)
         finish = "stop" if tokens and tokens[-1] in seq.stops else "length" if seq.produced >= seq.max_tokens else None
         ev = Event(tokens, finish=finish, accepted=accepted)
@@ -374,8 +336,7 @@ class Scheduler:
             row_laws(seqs), u, done, lambda b, row: seqs[b].cut(row))
         self.x[:n], self.h1[:n], self.mtp_start[:n] = new
         s = self.stats
-        s["forward_passes"] += 1
-        s["rounds"] += 1
+        s["forward_passes"], s["rounds"] = s["forward_passes"] + 1, s["rounds"] + 1
         for b, seq in enumerate(seqs):
             if done[b]:
                 continue
@@ -425,7 +386,8 @@ class Scheduler:
                 first[j] = first[j] if forced is None else forced
                 start, h, chunk = seq.tail
                 mtp.append((seq, start, h, seq.req.prompt[start + 1 : start + len(chunk)] + [first[j]]))
-        h1 = self._mtp_prefill(mtp) if self.k and mtp else {}
+        h1 = dict(zip([id(job[0]) for job in mtp], self.drafter.prompt_chunks(
+            self.cache, [(seq.row, *rest) for seq, *rest in mtp]))) if self.k and mtp else {}
         for j, seq in enumerate(ready):
             r = seq.row
             self.x[r] = first[j]
@@ -435,17 +397,3 @@ class Scheduler:
             self._swap(r, self.n_decoding)  # join the decoding prefix
             self.n_decoding += 1
             self._deliver(seq, [first[j]], logits[j : j + 1])
-
-    def _mtp_prefill(self, jobs: list[tuple[Seq, int, torch.Tensor, list[int]]]) -> dict[int, torch.Tensor]:
-        """The MTP block over prompt chunks, one forward: fills its cache positions; returns each seq's h1 at its
-        chunk's last position (the next draft's input when the chunk was the prompt's last)."""
-        dev, width = self.device, max(len(n) for _, _, _, n in jobs)
-        hidden = torch.zeros(len(jobs), width, self.config.hidden_size, device=dev, dtype=jobs[0][2].dtype)
-        nxt = torch.zeros(len(jobs), width, dtype=torch.long, device=dev)
-        for i, (_, _, h, n) in enumerate(jobs):
-            hidden[i, : len(n)], nxt[i, : len(n)] = h[: len(n)], torch.tensor(n, dtype=torch.long, device=dev)
-        rows = torch.tensor([s.row for s, _, _, _ in jobs], device=dev)
-        start = torch.tensor([st for _, st, _, _ in jobs], device=dev)
-        valid = torch.tensor([len(n) for _, _, _, n in jobs], device=dev)
-        out = self.drafter.mtp(self.cache, start, hidden, nxt, rows=rows, valid=valid)  # (b, width, H)
-        return {id(s): out[i, len(n) - 1] for i, (s, _, _, n) in enumerate(jobs)}

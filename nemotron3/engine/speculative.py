@@ -1,40 +1,7 @@
-"""MTP speculative decoding: the model's own MTP block drafts k tokens, one forward verifies them, losslessly.
-
-One round, for every row at once (docs/inference.md §5; the MTP block: docs/architecture.md §6):
-
-    draft     q_1 = T(head(MTP_1(h0[L-1], Emb(x))))        x: the last emitted token, at position L
-              q_j = T(head(MTP_j(h_{j-1}, Emb(d_{j-1}))))  j = 2..k, the same weights again;  d_j ~ q_j
-    verify    p_i = T(head(model([x, d_1, …, d_k])_i))     one forward of k+1 tokens from the cache
-    accept    d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), in order, until the first
-              rejection; a = the number accepted
-    emit      d_1..d_a, then one more token: at a rejection (a < k) drawn from normalize(max(0, p_a - q_a)),
-              after k acceptances (the bonus) from p_k
-    rollback  the cache keeps x, d_1..d_a: the last k - a positions are undone (HybridCache.rollback; the
-              Mamba states of the verify tokens were recorded one by one for that)
-
-T is the sampling transform of the target (temperature, then top-k, then top-p: engine/sampling.py),
-applied to the draft logits too, so q is exactly the law the drafts are drawn from. This is the
-speculative sampling of Leviathan et al. and Chen et al. (2023): each emitted token has the target's
-conditional law p given the tokens before it, whatever q is; drafts only change how many tokens one
-verify forward yields. Greedy (temperature 0) is the limit where p and q are one-hot: a draft is accepted
-when it equals the target's argmax, and the extra token is the target's argmax, so the output equals
-plain greedy decoding token for token (tests/engine/test_engine_speculative.py checks both, the sampled law with
-a chi-square test against full forwards).
-
-Randomness: each row has its own uniform stream (engine/sampling.py, `row_uniforms`), and round n of a
-row reads its 2k+1 uniforms at a fixed offset (k to draw the drafts, k for the acceptance tests, one for
-the extra token) whether or not it used them in earlier rounds, so a seeded row's tokens depend only on
-(seed, row index, its prompt), not on which rows share the batch or when they stop.
-
-Both forwards run through the fast decoder when the model allows it (engine/decode.py: the verify is
-its (k+1)-token forward, the drafts its MTP steps), else through the reference cached path.
-
-The MTP attention layer keeps its own KV slots in the cache (layer indices after the backbone's) with
-its own positions: MTP position t holds the depth-1 input (h0[t], Emb(token t+1)), written once the
-token t+1 is known: for the whole prompt after prefill, then for the a+1 accepted positions of each
-round (the same forward yields the next round's first draft). The recursive depths 2..k are written at
-the positions that follow (as vLLM runs a repeated MTP layer) and are overwritten by the next round; the
-MTP block holds no Mamba layer, so positions written past the accepted ones need no rollback.
+"""MTP speculative decoding (docs/inference.md §5): the model's own MTP block drafts k tokens, one forward of k + 1
+tokens verifies them, and the accept rule of Leviathan et al. and Chen et al. (2023) keeps the output lossless,
+greedy or sampled. The drafter's forwards run on the fast decoder when the model allows it; the MTP attention
+layer keeps its own positions in the cache; each row reads 2k + 1 uniforms per round at a fixed offset.
 """
 
 from __future__ import annotations
@@ -45,8 +12,8 @@ import torch
 
 from nemotron3.engine.cache import HybridCache
 from nemotron3.engine.decode import FastDecoder, compile_static
-from nemotron3.engine.params import SamplingParams, speculative_config
-from nemotron3.engine.sampling import inverse_cdf, log_law
+from nemotron3.engine.params import speculative_config
+from nemotron3.engine.sampling import inverse_cdf
 from nemotron3.model.hybrid import HybridLM
 
 
@@ -126,6 +93,19 @@ class Drafter:
         return self.model.mtp.depth(depth)(prev_hidden, self.model.backbone.embeddings(next_ids), view)
 
 
+    def prompt_chunks(self, cache: HybridCache, jobs: list[tuple[int, int, torch.Tensor, list[int]]]
+                      ) -> list[torch.Tensor]:
+        """The MTP block over prompt chunks in one forward, filling its cache positions: jobs (row, start, hidden
+        (c, H), the next ids) -> each job's h1 at its last position (the next draft's input after a prompt)."""
+        dev, width = cache.device, max(len(n) for *_, n in jobs)
+        hidden = torch.zeros(len(jobs), width, jobs[0][2].shape[-1], device=dev, dtype=jobs[0][2].dtype)
+        nxt = torch.zeros(len(jobs), width, dtype=torch.long, device=dev)
+        for i, (_, _, h, n) in enumerate(jobs):
+            hidden[i, : len(n)], nxt[i, : len(n)] = h[: len(n)], torch.tensor(n, dtype=torch.long, device=dev)
+        rows, start, valid = (torch.tensor(v, device=dev) for v in zip(*[(r, st, len(n)) for r, st, _, n in jobs]))
+        out = self.mtp(cache, start, hidden, nxt, rows=rows, valid=valid)  # (b, width, H)
+        return [out[i, len(n) - 1] for i, (*_, n) in enumerate(jobs)]
+
 def cut_rounds(out: list[list[int]], accepted: list[int], extra: list[int],
                cuts: list[tuple[int, int | None] | None]) -> None:
     """Apply each row's cut `(n, token)` of a round in place (the thinking budget's answer, engine/thinking.py):
@@ -140,22 +120,6 @@ def cut_rounds(out: list[list[int]], accepted: list[int], extra: list[int],
             if forced is not None:
                 out[b][-1] = forced
             accepted[b], extra[b] = n - 1, out[b][-1]
-
-
-def token_logprobs(logits: torch.Tensor, params: SamplingParams, tokens: list[list[int]]) -> list[list[float]]:
-    """logits (B, t, V) at the positions that emitted `tokens[b]` (the first len(tokens[b]) of them) -> each
-    token's log-probability under the sampling law (temperature, top-k, top-p; greedy: the raw softmax).
-
-    This is what a rollout engine reports for RL (the trainer recomputes it and compares, `token_mult_prob_error`).
-    Under speculative sampling every emitted token has the target's law p at its position, accepted draft and
-    extra token alike, so the verify forward's p is the law each one was drawn from.
-    """
-    logp = log_law(logits, params.temperature, params.top_k, params.top_p, "sampled")
-    n = [len(row) for row in tokens]
-    width = max(max(n), 1)
-    ids = torch.tensor([row + [0] * (width - len(row)) for row in tokens], dtype=torch.long, device=logits.device)
-    picked = logp[:, :width].gather(-1, ids[..., None])[..., 0].tolist()  # (B, width)
-    return [row[:k] for row, k in zip(picked, n)]
 
 
 def speculative_round(drafter: Drafter, cache: HybridCache, x: torch.Tensor, h1: torch.Tensor,

@@ -8,7 +8,7 @@ from conftest import TINY_HF_CONFIGS, randomize_
 from conftest import model_from_hf_config as build
 
 import nemotron3
-from nemotron3.engine.sampling import row_uniforms, sample, sample_reference
+from nemotron3.engine.sampling import row_uniforms, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,6 +33,42 @@ def hf_pair(cfg: dict, tmp_path, seed: int = 0):
     ref.generation_config.pad_token_id = 0
     ref.save_pretrained(tmp_path)
     return ref, nemotron3.load_pretrained(tmp_path)
+
+
+def sample_reference(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor
+) -> list[int]:
+    """The sampling rule one row at a time, straight from its definition (docs/inference.md §4)."""
+    out = []
+    for row, u in zip(logits.double(), uniforms.tolist()):
+        if temperature == 0:
+            out.append(max(range(len(row)), key=lambda j: (row[j].item(), -j)))
+            continue
+        z = [v / temperature for v in row.tolist()]
+        if 0 < top_k < len(z):
+            kth = sorted(z, reverse=True)[top_k - 1]
+            z = [v if v >= kth else float("-inf") for v in z]
+        m = max(z)
+        e = [torch.tensor(v - m).exp().item() for v in z]
+        p = [v / sum(e) for v in e]
+        if top_p < 1.0:
+            order = sorted(range(len(p)), key=lambda j: -p[j])
+            mass, keep = 0.0, set()
+            for j in order:
+                if mass >= top_p:
+                    break
+                keep.add(j)
+                mass += p[j]
+            p = [v if j in keep else 0.0 for j, v in enumerate(p)]
+        total, acc = sum(p), 0.0
+        for j, v in enumerate(p):
+            acc += v
+            if acc > u * total:
+                out.append(j)
+                break
+        else:
+            out.append(len(p) - 1)
+    return out
 
 
 @pytest.mark.parametrize("name", ["latent-2groups", "moe-1group"])

@@ -15,18 +15,27 @@ References, all independent of engine/speculative.py:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import icdf
 
 from nemotron3.engine.params import SamplingParams
-from nemotron3.engine.speculative import accept, cut_rounds, token_logprobs, uniforms_per_round
+from nemotron3.engine.requests import token_logprobs_of
+from nemotron3.engine.speculative import accept, cut_rounds, uniforms_per_round
 
 
 def Sampling(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
     """The target's sampling rule (SamplingParams' three sampling fields, positionally)."""
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def token_logprobs(logits: torch.Tensor, params: SamplingParams, tokens: list[list[int]]) -> list[list[float]]:
+    """logits (B, t, V) -> each row's tokens' log-probabilities under the sampling law, through the engine's one
+    logprobs function (requests.token_logprobs_of, mode `sampled`), row by row."""
+    params = replace(params, logprobs_mode="sampled")
+    return [token_logprobs_of(logits[b, : len(row)], row, params)[0] if row else [] for b, row in enumerate(tokens)]
 
 
 def _greedy_reference(drafts: list[int], target: list[list[float]]) -> tuple[int, int]:
