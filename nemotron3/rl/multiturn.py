@@ -208,8 +208,8 @@ def score_episodes(batch: EpisodeBatch) -> EpisodeScores:
     misbehaving function is a RewardError naming it). Prompts are the examples' messages, completions the episodes'
     messages, columns the examples' columns plus `completion_ids`."""
     n = len(batch.completion_ids)
-    total = torch.full((n,), math.nan, dtype=torch.float64)
-    accuracy = torch.full((n,), math.nan, dtype=torch.float64)
+    total = torch.full((n,), math.nan, dtype=torch.float64, device="cpu")  # host: rewards are Python numbers
+    accuracy = torch.full((n,), math.nan, dtype=torch.float64, device="cpu")
     per_env = {}
     for env in dict.fromkeys(batch.envs):
         name = env.name
