@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"--model {folder}: not a checkpoint folder (no config.json)")
         lms = backends(folder, a.batch_size, a.think)
-        specials = [t.content for t in lms["nemotron3"].tok.get_added_tokens_decoder().values() if t.special]
+        specials = [t.content for t in lms["nemotron3"].tok.tk.get_added_tokens_decoder().values() if t.special]
         manager = TaskManager(include_path=str(TASKS), include_defaults=False)
         n = a.limit or sum(1 for line in (TASKS / "problems.jsonl").read_text().splitlines() if line.strip())
         g_secs, g_res = race(lms, GEN, a.repeats, a.limit, a.max_gen_toks, manager)

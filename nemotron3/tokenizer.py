@@ -338,11 +338,12 @@ class Tokenizer:
     def segments(self, messages: list[dict], tools: list[dict] | None = None,
                  enable_thinking: bool = True) -> list[tuple[str, bool]]:
         """The rendered conversation as pieces `(text, is_assistant)` for the SFT loss mask (`chat.segments` for
-        our template). With another template the pieces come from rendering the conversation message by message:
-        a message's piece is what its prefix adds; trained (`is_assistant`) are the assistant turns after the last
-        user message (a template may rewrite earlier ones once a later user turn exists), from where the
-        generation prompt ends through the end-of-turn marker. ValueError naming the template when such a turn is
-        not a piece of its own (the template does not render conversations prefix by prefix)."""
+        our template). With another template, the trained pieces are the assistant turns after the last user
+        message (a template may rewrite earlier ones once a later user turn exists): each from where its
+        generation prompt ends (the render of the conversation before it with `add_generation_prompt`, or that
+        less its `<think>` opener, when the whole render starts with it) through the first end-of-turn marker.
+        ValueError naming the template when the conversation before such a turn does not render as a prefix of
+        the whole (a template whose earlier text depends on later turns)."""
         if self.own_template:
             return chat.segments(messages, tools, enable_thinking)
         full = self.render(messages, tools, enable_thinking)
@@ -353,17 +354,18 @@ class Tokenizer:
             if m.get("role") != "assistant" or k <= last_user:
                 continue
             before = self.render(messages[:k], tools, enable_thinking) if k else ""
-            after = self.render(messages[:k + 1], tools, enable_thinking)
-            if not (full.startswith(after) and after.startswith(before) and len(before) >= done):
-                raise ValueError(f"the chat template ({self.origin}) does not render message {k} as a piece of "
-                                 "its own; SFT needs a template that renders conversations prefix by prefix")
+            if not full.startswith(before) or len(before) < done:
+                raise ValueError(f"the chat template ({self.origin}) does not render the conversation before message "
+                                 f"{k} as a prefix of the whole; SFT needs a template that renders prefix by prefix")
             start = len(before)
-            for on in (enable_thinking, not enable_thinking):  # the generation prompt: not trained
-                head = self.render(messages[:k], tools, on, add_generation_prompt=True) if k else ""
-                if head.startswith(before) and after.startswith(head):
-                    start = max(start, len(head))
-            end = after.rfind(self.format.end_of_turn)
-            end = end + len(self.format.end_of_turn) if end >= start else len(after)
+            for on in (enable_thinking, not enable_thinking) if k else ():
+                head = self.render(messages[:k], tools, on, add_generation_prompt=True)
+                for h in (head, head.removesuffix(chat.THINK_START + "\n"), head.removesuffix(chat.THINK_START
+                                                                                              + chat.THINK_END)):
+                    if h.startswith(before) and full.startswith(h):
+                        start = max(start, len(h))
+            end = full.find(self.format.end_of_turn, start)
+            end = len(full) if end < 0 else end + len(self.format.end_of_turn)
             out += [(full[done:start], False), (full[start:end], True)]
             done = end
         out.append((full[done:], False))

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from nemotron3.engine.engine import Engine
-from nemotron3.engine.text import encode_prompt, load_tokenizer
 from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.hf import load_pretrained
-
-END_OF_TURN = "<|im_end|>"
+from nemotron3.tokenizer import Tokenizer
 
 
 @dataclass
@@ -37,7 +34,7 @@ class OpenFolder:
         """The prompt's ids with the checkpoint's BOS in front (engine/text.py)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.folder} has no tokenizer.json; pass the prompt as token ids")
-        return encode_prompt(self.tokenizer, text, self.engine.config.bos_token_id)
+        return self.tokenizer.encode_prompt(text, self.engine.config.bos_token_id)
 
 
 def open_folder(folder: Path | str, dtype: str = "float32", compile: bool = False, strict_finite: bool = False,
@@ -48,13 +45,10 @@ def open_folder(folder: Path | str, dtype: str = "float32", compile: bool = Fals
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
-    tok = load_tokenizer(folder)
+    tok = Tokenizer.from_folder(folder, missing_ok=True)
     model = load_pretrained(folder, dtype=getattr(torch, dtype), strict_finite=strict_finite, device=device)
-    has_think = tok is not None and None not in (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+    has_think = tok is not None and None not in (tok.think_start_id, tok.think_end_id)
     think = ThinkTokens.from_tokenizer(tok) if has_think else None
     engine = Engine(model, compile=compile, think_tokens=think, **engine_kwargs)
-    stops = set(model.config.eos_token_ids)
-    end = tok.token_to_id(END_OF_TURN) if tok is not None else None
-    if end is not None:
-        stops.add(end)
-    return OpenFolder(folder, engine, tok, has_think, sorted(stops))
+    stops = tok.chat_stop_ids(model.config.eos_token_ids) if tok is not None else sorted(model.config.eos_token_ids)
+    return OpenFolder(folder, engine, tok, has_think, stops)

@@ -22,29 +22,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tokenizers import Tokenizer
+from nemotron3.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class ThinkTokens:
-    """The ids of `<think>`, `</think>` and of every token whose text holds a newline.
+    """The ids of `<think>`, `</think>` and of every token whose text holds a newline, read from the tokenizer
+    (`from_tokenizer`); none is assumed. The default (no ids) serves engines that never get a thinking budget:
+    asking one for a budget is a ValueError (`ThinkingBudget`)."""
 
-    The defaults are the ids nemotron3's tokenizer fixes for `<think>` / `</think>` (nemotron3/tokenizer.py)
-    with no newline ids known: a budget then closes at N + grace exactly. `from_tokenizer` fills all three.
-    """
-
-    start: int = 5
-    end: int = 6
+    start: int | None = None
+    end: int | None = None
     newlines: frozenset[int] = field(default_factory=frozenset)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> ThinkTokens:
-        start, end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+        """ValueError when the tokenizer has no `<think>` / `</think>` tokens."""
+        start, end = tokenizer.think_start_id, tokenizer.think_end_id
         if start is None or end is None:
             raise ValueError("the tokenizer has no <think> / </think> tokens: a thinking budget needs both")
-        newlines = frozenset(i for i in range(tokenizer.get_vocab_size())
-                             if "\n" in tokenizer.decode([i], skip_special_tokens=False))
-        return cls(start, end, newlines)
+        return cls(start, end, tokenizer.newline_ids)
 
 
 class ThinkingBudget:
@@ -52,6 +49,9 @@ class ThinkingBudget:
     returns (n, forced): keep the first n of them, the last replaced by `forced` when it is not None."""
 
     def __init__(self, ids: ThinkTokens, budgets: list[int], prompts: list[list[int]], grace: float = 0.1) -> None:
+        if ids.start is None or ids.end is None:
+            raise ValueError("a thinking budget needs the tokenizer's <think> / </think> ids: build the engine with "
+                             "think_tokens=ThinkTokens.from_tokenizer(tokenizer)")
         if len(budgets) != len(prompts):
             raise ValueError(f"max_thinking_tokens has {len(budgets)} budgets for {len(prompts)} prompts")
         if any(not isinstance(b, int) or b < 0 for b in budgets):

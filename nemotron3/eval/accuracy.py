@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nemotron3 import chat, tasks
+from nemotron3 import tasks
 from nemotron3.engine import Engine
 from nemotron3.eval.data import problem_items
 from nemotron3.eval.runner import generate_batched, grade_all
@@ -122,7 +122,7 @@ def mode_names(budgets: list[int] | tuple[int, ...] = ()) -> list[str]:
 
 def chat_prompt(tokenizer: Tokenizer, prompt: str, thinking: bool = True) -> list[int]:
     """`<s>` + a one-user-turn conversation with the generation prompt (docs/post-training.md §1)."""
-    text = chat.render([{"role": "user", "content": prompt}], enable_thinking=thinking, add_generation_prompt=True)
+    text = tokenizer.render([{"role": "user", "content": prompt}], enable_thinking=thinking, add_generation_prompt=True)
     return [tokenizer.bos_id, *tokenizer.encode(text)]
 
 
@@ -146,7 +146,7 @@ def accuracy_by_mode(model: nn.Module, tokenizer: Tokenizer, n_per_family: int =
     if budgets:
         from nemotron3.engine.thinking import ThinkTokens
 
-        think_kwargs = {"think_tokens": ThinkTokens.from_tokenizer(tokenizer.tk)}
+        think_kwargs = {"think_tokens": ThinkTokens.from_tokenizer(tokenizer)}
     for family in families or tasks.default_families():
         problems = tasks.generate(family, n_per_family, seed=seed, split="heldout", difficulty=difficulty)
         for mode in results:

@@ -37,7 +37,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from nemotron3 import chat
 from nemotron3.engine import Engine
 from nemotron3.engine.folder import open_folder
 from nemotron3.engine.text import encode_prompt
@@ -121,15 +120,15 @@ class Nemotron3LM(TemplateLM):
         """The text's ids with BOS in front (as every prompt the model was trained on starts), unless
         `add_special_tokens=False` (a continuation)."""
         if add_special_tokens is False:
-            return self.tok.encode(string).ids
+            return self.tok.encode(string)
         return encode_prompt(self.tok, string, self.bos)
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return chat.CHAT_TEMPLATE
+        return self.tok.template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        text = chat.render(chat_history, enable_thinking=self.mode.thinking,
-                           add_generation_prompt=add_generation_prompt)
+        text = self.tok.render(chat_history, enable_thinking=self.mode.thinking,
+                               add_generation_prompt=add_generation_prompt)
         if not add_generation_prompt and text.endswith("<|im_end|>\n"):  # continue the final assistant message
             text = text[: -len("<|im_end|>\n")]
         return text

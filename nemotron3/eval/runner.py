@@ -19,15 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
-
-from nemotron3 import chat
 from nemotron3.engine import Engine
 from nemotron3.engine.text import encode_prompt
 from nemotron3.eval.code import run_many
 from nemotron3.eval.data import Item
 from nemotron3.eval.extract import extract, grade
 from nemotron3.eval.metrics import summarize
+from nemotron3.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,10 +52,10 @@ def parse_modes(text: str) -> list[Mode]:
     return modes
 
 
-def render_prompt(item: Item, mode: Mode) -> str:
+def render_prompt(item: Item, mode: Mode, tokenizer: Tokenizer) -> str:
     """The item's conversation with the generation prompt of `mode`; ValueError naming the item."""
     try:
-        return chat.render(item.messages, enable_thinking=mode.thinking, add_generation_prompt=True)
+        return tokenizer.render(item.messages, enable_thinking=mode.thinking, add_generation_prompt=True)
     except ValueError as e:
         raise ValueError(f"{item.where}: {e}") from None
 
@@ -117,7 +115,7 @@ def evaluate_items(engine: Engine, tokenizer: Tokenizer, items: list[Item], mode
     records: list[dict] = []
     summaries: dict[str, dict] = {}
     for mode in modes:
-        prompts = [encode_prompt(tokenizer, render_prompt(it, mode), bos) for it in items]
+        prompts = [encode_prompt(tokenizer, render_prompt(it, mode, tokenizer), bos) for it in items]
         longest = max(range(len(items)), key=lambda i: len(prompts[i]))
         room = engine.max_seq_len - len(prompts[longest]) - (2 * speculative + 1 if speculative else 0)
         if room < 1:

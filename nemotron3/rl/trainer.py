@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 
-from nemotron3 import chat
 from nemotron3.engine import Engine, SamplingParams
 from nemotron3.engine.params import has_mtp, speculative_config
 from nemotron3.engine.sampling import derive_seed
@@ -48,7 +47,7 @@ class RLRun:
         self.cfg, self.console = cfg, console
         if not (Path(source) / "config.json").is_file():
             raise ConfigError(f"model (--model) {source} is not a checkpoint folder (no config.json)")
-        self.tokenizer = Tokenizer.load(source)
+        self.tokenizer = Tokenizer.from_folder(source)
         device = device_of(cfg)
         self.model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite,
                                      dequantize=True, device=device)  # trained: dense (packed is inference-only)
@@ -67,7 +66,7 @@ class RLRun:
                                      max_thinking_tokens=cfg.max_thinking_tokens)
         self.context = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, max_seq_len=self.context,
-                             think_tokens=ThinkTokens.from_tokenizer(self.tokenizer.tk))
+                             think_tokens=ThinkTokens.from_tokenizer(self.tokenizer))
         self.reference = None
         if cfg.beta > 0:  # the frozen starting policy; on resume, the run's --model
             self.reference = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite,
@@ -82,7 +81,8 @@ class RLRun:
         room for a completion in the context is an error naming it."""
         out = []
         for i, row in enumerate(rows):
-            text = chat.render(row.messages, add_generation_prompt=True, enable_thinking=self.cfg.enable_thinking)
+            text = self.tokenizer.render(row.messages, add_generation_prompt=True,
+                                         enable_thinking=self.cfg.enable_thinking)
             ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
             if len(ids) + self.cfg.max_completion_length + self.spec.room > self.context:
                 raise ValueError(f"prompt {i} {row.label} has {len(ids)} tokens: with --max-completion-length "

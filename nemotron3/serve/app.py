@@ -41,7 +41,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tokenizers import Tokenizer
 
 from nemotron3 import chat
 from nemotron3.engine.scheduler import Event, Scheduler
@@ -50,6 +49,7 @@ from nemotron3.engine.text import encode_prompt
 from nemotron3.serve.metrics import Metrics
 from nemotron3.serve.output import Reply, chat_logprobs, completion_logprobs, finish_reason, sse, usage
 from nemotron3.serve.protocol import APIError, Limits, decode_body, parse_chat, parse_completion
+from nemotron3.tokenizer import Tokenizer
 
 PAGE = Path(__file__).with_name("index.html")
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
@@ -79,8 +79,7 @@ class Server:
         self.limits = Limits(min(settings.max_prompt_tokens, self.room - 1), settings.max_tokens, settings.max_n,
                              self.room)
         self.eos = frozenset(self.config.eos_token_ids)
-        end = tokenizer.token_to_id(chat.TURN_END)
-        self.chat_stops = self.eos | ({end} if end is not None else set())
+        self.chat_stops = frozenset(tokenizer.chat_stop_ids(self.eos))
         self.in_flight = 0  # choices submitted and not yet ended
         self.created = int(time.time())
         self.metrics = Metrics(lambda: scheduler.running, lambda: scheduler.queued, scheduler.rows)
@@ -322,7 +321,7 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         p = parse_chat(await body_of(request), settings.served_model_name, server.limits)
         try:
-            text = chat.render(p.messages, p.tools, enable_thinking=p.enable_thinking, add_generation_prompt=True)
+            text = tok.render(p.messages, p.tools, enable_thinking=p.enable_thinking, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         prompt, max_new = server.prompt(text, p.params.max_tokens, "messages")

@@ -118,14 +118,14 @@ def _command(line: str, state: ChatState, system: list[dict], console: Console) 
 
 def _reply(served: OpenFolder, cfg: ChatConfig, state: ChatState, turn: int, console: Console) -> dict:
     """Stream one assistant reply to the console; return it as a message (content, reasoning, tool calls)."""
-    prefix = chat.render(state.messages, add_generation_prompt=True, enable_thinking=state.thinking)
+    prefix = served.tokenizer.render(state.messages, add_generation_prompt=True, enable_thinking=state.thinking)
     ids = served.encode(prefix)
     room = served.engine.max_seq_len - len(ids)
     if room < 1:
         raise ValueError(f"the conversation ({len(ids)} tokens) fills the context "
                          f"({served.engine.max_seq_len}); /reset to start over")
     tok = served.tokenizer
-    think_end = tok.token_to_id("</think>")
+    think_end = tok.think_end_id
     seed = None if cfg.seed is None else cfg.seed + turn
     params = SamplingParams(max_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, seed=seed, stop_token_ids=served.chat_stops,

@@ -26,10 +26,9 @@ from typing import TextIO
 
 import torch
 
-from nemotron3 import chat
 from nemotron3.engine.folder import open_folder
 from nemotron3.engine.params import SamplingParams
-from nemotron3.engine.text import TextStream, load_tokenizer, not_utf8
+from nemotron3.engine.text import TextStream, not_utf8
 from nemotron3.options import CPU_COUNT, ConfigError, StageConfig, device_of, device_option, fail, option
 
 
@@ -101,7 +100,7 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
     folder = Path(cfg.model)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model (--model) {folder} is not a checkpoint folder (no config.json)")
-    if cfg.prompt is not None and load_tokenizer(folder) is None:
+    if cfg.prompt is not None and not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -112,8 +111,8 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
     if cfg.prompt is not None:
         text = cfg.prompt
         if cfg.chat:
-            text = chat.render([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
-                               enable_thinking=not cfg.no_think)
+            text = tok.render([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True,
+                              enable_thinking=not cfg.no_think)
         ids = served.encode(text)
     else:
         ids = list(cfg.ids)

@@ -301,7 +301,7 @@ def encode(conv: Conversation, tokenizer: Tokenizer, mode: str = "on") -> Exampl
     """`<s>` + the rendered conversation, and the mask of its assistant tokens (mode `off` renders it with
     reasoning off; a `budget` conversation is cut beforehand by `with_budget`)."""
     ids, mask = [tokenizer.bos_id], [0]
-    for text, assistant in chat.segments(conv.messages, conv.tools, enable_thinking=mode != "off"):
+    for text, assistant in tokenizer.segments(conv.messages, conv.tools, enable_thinking=mode != "off"):
         piece = tokenizer.encode(text)
         ids += piece
         mask += [int(assistant)] * len(piece)

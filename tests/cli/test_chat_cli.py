@@ -30,7 +30,7 @@ def _reference_reply(model, tk, messages, thinking, budget, n, temperature, seed
     prefix = chat.render(messages, add_generation_prompt=True, enable_thinking=thinking)
     ids = [tk.bos_id, *tk.tk.encode(prefix).ids]
     stops = sorted({*model.config.eos_token_ids, tk.end_of_turn_id})
-    engine = nemotron3.Engine(model, think_tokens=nemotron3.engine.thinking.ThinkTokens.from_tokenizer(tk.tk))
+    engine = nemotron3.Engine(model, think_tokens=nemotron3.engine.thinking.ThinkTokens.from_tokenizer(tk))
     out = engine.generate([ids], n, temperature=temperature, top_p=0.95, seed=seed, stop_token_ids=stops,
                           max_thinking_tokens=budget if thinking else None).tokens[0]
     body = tk.tk.decode([t for t in out if t not in stops], skip_special_tokens=False)

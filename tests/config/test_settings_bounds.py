@@ -274,9 +274,10 @@ NOT_UTF8 = b"caf\xff!".decode("utf-8", "surrogateescape")  # what Python makes o
 
 
 def test_encode_prompt_names_the_byte_that_is_not_utf8(chat_checkpoint):
-    from nemotron3.engine.text import encode_prompt, load_tokenizer
+    from nemotron3.engine.text import encode_prompt
+    from nemotron3.tokenizer import Tokenizer
 
-    tok = load_tokenizer(chat_checkpoint)
+    tok = Tokenizer.from_folder(chat_checkpoint)
     with pytest.raises(ValueError, match=r"not UTF-8.*0xff.*character 4"):
         encode_prompt(tok, NOT_UTF8, None)
     with pytest.raises(ValueError, match=r"lone UTF-16 surrogate.*U\+D800"):

@@ -23,9 +23,10 @@ from serving import Running
 import nemotron3
 from nemotron3 import chat
 from nemotron3.engine.params import SamplingParams, default_speculative_tokens, speculative_config
-from nemotron3.engine.text import encode_prompt, load_tokenizer
+from nemotron3.engine.text import encode_prompt
 from nemotron3.engine.thinking import ThinkTokens
 from nemotron3.serve import ServeConfig
+from nemotron3.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +50,7 @@ def servers(folder):
 @pytest.fixture(scope="module")
 def reference(folder):
     model = nemotron3.load_pretrained(folder)
-    tok = load_tokenizer(folder)
+    tok = Tokenizer.from_folder(folder)
     engine = nemotron3.Engine(model, think_tokens=ThinkTokens.from_tokenizer(tok))
     stops = sorted(set(model.config.eos_token_ids) | {tok.token_to_id(chat.TURN_END)})
     return engine, tok, stops

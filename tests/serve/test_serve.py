@@ -27,8 +27,9 @@ from serving import Running
 
 import nemotron3
 from nemotron3 import chat
-from nemotron3.engine.text import encode_prompt, load_tokenizer
+from nemotron3.engine.text import encode_prompt
 from nemotron3.serve import ServeConfig, build_server
+from nemotron3.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +55,7 @@ def server(folder):
 def reference(folder):
     """(model, tokenizer, chat stop ids) for Engine.generate."""
     model = nemotron3.load_pretrained(folder)
-    tok = load_tokenizer(folder)
+    tok = Tokenizer.from_folder(folder)
     stops = sorted(set(model.config.eos_token_ids) | {tok.token_to_id(chat.TURN_END)})
     return model, tok, stops
 
@@ -88,7 +89,7 @@ def test_chat_returns_reasoning_apart_from_the_answer(server, reference):
     assert msg.content == sc.GREETING_REPLY and _extra(msg, "reasoning_content") == sc.GREETING_REASONING
     assert r.choices[0].finish_reason == "stop" and msg.role == "assistant" and not msg.tool_calls
     assert r.usage.prompt_tokens == len(_prompt(tok, sc.GREETING))
-    want = tok.encode(sc.GREETING_REASONING + "\n</think>\n" + sc.GREETING_REPLY).ids
+    want = tok.encode(sc.GREETING_REASONING + "\n</think>\n" + sc.GREETING_REPLY)
     assert r.usage.completion_tokens == len(want) + 1  # and <|im_end|>
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
@@ -108,7 +109,7 @@ def test_thinking_off_and_a_thinking_budget(server, reference):
         num_speculative_tokens=K).tokens[0]
     reasoning, content = _split(tok.decode([t for t in out if t not in stops], skip_special_tokens=False))
     assert _extra(r.choices[0].message, "reasoning_content") == reasoning and r.choices[0].message.content == content
-    assert len(tok.encode(reasoning).ids) <= 4 < len(tok.encode(sc.GREETING_REASONING).ids)
+    assert len(tok.encode(reasoning)) <= 4 < len(tok.encode(sc.GREETING_REASONING))
 
 
 def test_streaming_with_usage_concatenates_to_the_message(server):
@@ -176,7 +177,7 @@ def test_logprobs_are_the_models(server, reference):
     items = r.choices[0].logprobs.content
     assert len(items) == r.usage.completion_tokens == 12
     prompt = _prompt(tok, sc.GREETING)
-    ids = [tok.token_to_id(x.token) or tok.encode(x.token).ids[0] for x in items]
+    ids = [tok.token_to_id(x.token) or tok.encode(x.token)[0] for x in items]
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([prompt + ids]))[0, len(prompt) - 1 : -1].double(), -1)
     assert [x.logprob for x in items] == pytest.approx(lp[torch.arange(12), torch.tensor(ids)].tolist(), abs=1e-4)

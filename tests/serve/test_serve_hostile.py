@@ -22,9 +22,10 @@ from serving import Running
 
 import nemotron3
 from nemotron3 import chat
-from nemotron3.engine.text import encode_prompt, load_tokenizer
+from nemotron3.engine.text import encode_prompt
 from nemotron3.serve import ServeConfig
 from nemotron3.serve.protocol import MAX_DEPTH
+from nemotron3.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,12 +182,12 @@ def test_a_client_gone_during_its_upload_is_one_log_line(server):
 def test_a_tokenizer_with_ids_beyond_the_model_is_checked_on_both_routes(folder, tmp_path):
     """A checkpoint whose tokenizer has more ids than the model has embedding rows: a prompt the tokenizer turns
     into such an id is refused with a 400 naming the field, on chat as on completions; the rest is served."""
-    tok = load_tokenizer(folder)
+    tok = Tokenizer.from_folder(folder)
     plain = encode_prompt(tok, chat.render(GOOD["messages"], add_generation_prompt=True), 1)
     V = max(plain) + 1
-    word = tok.decode([tok.get_vocab_size() - 1])
+    word = tok.decode([tok.vocab_size - 1])
     beyond = [{"role": "user", "content": word}]
-    assert V < tok.get_vocab_size() and max(encode_prompt(tok, word, 1)) >= V  # the case exists, on both routes
+    assert V < tok.vocab_size and max(encode_prompt(tok, word, 1)) >= V  # the case exists, on both routes
     assert max(encode_prompt(tok, chat.render(beyond, add_generation_prompt=True), 1)) >= V
     small = tmp_path / "tiny-chat"
     config = nemotron3.ModelConfig.preset("tiny").replace(vocab_size=V, num_nextn_predict_layers=0)

@@ -216,7 +216,7 @@ def _by_hand(model, tok, prompt_text: str, max_new: int, **budget) -> str:
         from nemotron3.engine import Engine
         from nemotron3.engine.thinking import ThinkTokens
 
-        out = Engine(model, think_tokens=ThinkTokens.from_tokenizer(tok.tk)).generate(
+        out = Engine(model, think_tokens=ThinkTokens.from_tokenizer(tok)).generate(
             [ids], max_new, stop_token_ids=sorted(stops), **budget).tokens[0]
     else:
         out = greedy_generate_reference(model, ids, max_new, stops)
