@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nemotron3.hf import load_pretrained
+from nemotron3 import load_pretrained
 from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4, module_precision
 from nemotron3.quant.nvfp4_linear import NVFP4Recipe
 from nemotron3.tokenizer import Tokenizer

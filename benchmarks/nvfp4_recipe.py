@@ -98,8 +98,7 @@ def cross_eval(seed: int, args: argparse.Namespace) -> dict[tuple[str, ...], flo
     """
     import torch
 
-    from nemotron3 import tasks
-    from nemotron3.hf import load_pretrained
+    from nemotron3 import load_pretrained, tasks
     from nemotron3.quant.convert import PrecisionPolicy, convert_to_nvfp4
     from nemotron3.tokenizer import Tokenizer
     from nemotron3.train import data as train_data

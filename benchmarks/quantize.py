@@ -29,8 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from nemotron3 import Engine, load_pretrained, save_pretrained, tasks
+from nemotron3.checkpoint import checkpoint_bytes
 from nemotron3.eval.accuracy import task_accuracy
-from nemotron3.hf import checkpoint_bytes, state_dict_for_disk
+from nemotron3.hf import state_dict_for_disk
 from nemotron3.quant import checkpoint as qckpt
 from nemotron3.quant.packed import resident_bytes
 from nemotron3.stages.quantize import QuantizeConfig, quantize

@@ -138,7 +138,7 @@ def main() -> None:
     common.set_threads(args.threads)
     import torch
 
-    from nemotron3.hf import load_pretrained
+    from nemotron3 import load_pretrained
     from nemotron3.tokenizer import Tokenizer
     from nemotron3.train import data as train_data
 

@@ -109,7 +109,7 @@ def main() -> None:
     common.set_threads(args.threads)
     import torch
 
-    from nemotron3.hf import load_pretrained
+    from nemotron3 import load_pretrained
     from nemotron3.tokenizer import Tokenizer
 
     config, specs = model_config(), variants(args.grid)

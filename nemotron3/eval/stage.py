@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from nemotron3 import checkpoint
 from nemotron3.engine.folder import open_folder
 from nemotron3.eval.data import is_builtin, load_items, task_items
 from nemotron3.eval.extract import FORMATS
@@ -90,7 +91,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation of `cfg`: {"modes": {mode: summary}, "records": [...]}, written to cfg.out when given."""
     device = device_of(cfg)
     folder = Path(cfg.model)
-    if not (folder / "config.json").is_file():
+    if not checkpoint.is_checkpoint(folder):
         fail(cfg, "model", "is not a checkpoint folder (no config.json)")
     if cfg.out is not None:
         _check_out(cfg)

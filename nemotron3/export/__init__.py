@@ -24,9 +24,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nemotron3 import folders
-from nemotron3.config import ModelConfig
-from nemotron3.hf import CheckpointError, load_pretrained
+from nemotron3 import checkpoint, folders
+from nemotron3.checkpoint import CheckpointError
 from nemotron3.options import StageConfig, fail, option
 
 __all__ = ["ExportConfig", "export", "main", "FORMATS", "OUTTYPES"]
@@ -76,11 +75,11 @@ def export(cfg: ExportConfig, console: Console | None = None) -> Path:
     gguf = _gguf()
     from nemotron3.export import gguf_model, gguf_vocab
 
-    if not (cfg.model / "config.json").is_file():
+    if not checkpoint.is_checkpoint(cfg.model):
         raise CheckpointError(f"{cfg.model} is not a checkpoint folder (no config.json)")
-    config = ModelConfig.from_hf(cfg.model)
+    config = checkpoint.read_config(cfg.model)
     arch = gguf_model.arch_of(config)
-    model = load_pretrained(cfg.model)  # the stored dtype, as views into the files; cast to f32 one at a time
+    model = checkpoint.load(cfg.model)  # the stored dtype, as views into the files; cast to f32 one at a time
     config = model.config
     state = model.state_dict()
 

@@ -28,50 +28,46 @@ loaded model multiplies with the weights those tools decode (compressed-tensors 
 calibration token takes its layer's largest). FP8: per output channel s = amax / 448 (1 for an all-zero row),
 W = e4m3(W / s) · s.
 
-Activation emulation (`emulate_activations`, `load_pretrained(..., quantize_activations=True)`): nvfp4 runs each
-quantized layer's input through vLLM's emulation, block scale e4m3(min(gs · amax_b · (1/6), 448)), elements
-e2m1(x / (scale / gs)), back as q · (scale / gs); fp8 through a dynamic per-token e4m3 quantization
-(s_t = amax_t / 448). The other schemes are weight-only.
+Activation emulation and calibration are in quant/activations.py (re-exported here). The folder side (files,
+the table of layouts by `quant_method`, loading) is nemotron3/checkpoint/; this module only encodes and decodes.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from nemotron3.config import ModelConfig
-from nemotron3.hf import CheckpointError, checkpoint_files, register_quantized_reader, state_dict_for_disk
-from nemotron3.hf import quantization_config as read_quantization_config
-from nemotron3.model.hybrid import HybridLM
+from nemotron3.hf import EXPERT_PROJS, CheckpointError, expert_module
 from nemotron3.model.moe import Experts
-from nemotron3.quant import modelopt
+from nemotron3.quant.activations import (
+    calibrate,
+    emulate_activations,
+    fp8_activation_fake_quantize,
+    input_global_scale,
+    nvfp4_activation_fake_quantize,
+)
 from nemotron3.quant.convert import PrecisionPolicy
-from nemotron3.quant.fp_codecs import decode, round_magnitude_, round_to_format
+from nemotron3.quant.fp_codecs import decode
 from nemotron3.quant.mx import MXQuantized, mx_quantize
 from nemotron3.quant.mx_shared import MXS_FORMATS, MXSQuantized, mxs_quantize
 from nemotron3.quant.nvfp4 import nvfp4_quantize, te_global_scales
-from nemotron3.quant.packed import PackedWeight, install, settle_experts
+from nemotron3.quant.packed import PackedWeight
 from nemotron3.quant.seedlm import SEEDLM_SPECS, SeedLMQuantized, SeedLMSpec, seedlm_quantize
 
 __all__ = ["SCHEMES", "CT_SCHEMES", "EXPORT_POLICY", "BLOCK", "bits_per_weight", "plan", "encode_weight",
-           "decode_weight", "quantization_config", "scheme_of", "calibrate", "input_global_scale",
-           "emulate_activations", "nvfp4_activation_fake_quantize", "fp8_activation_fake_quantize", "describe",
-           "layer_bytes"]
+           "decode_weight", "quantization_config", "scheme_of", "read", "PACKED_LAYOUT", "calibrate",
+           "input_global_scale", "emulate_activations", "nvfp4_activation_fake_quantize",
+           "fp8_activation_fake_quantize"]
 
 SCHEMES = ("nvfp4", "nvfp4-w4a16", "fp8", "mx9", "mx6", "mx4", "mxfp4", "seedlm4", "seedlm3")
 CT_SCHEMES = ("nvfp4", "nvfp4-w4a16", "fp8")           # written in the compressed-tensors format
 BLOCK = {"nvfp4": 16, "nvfp4-w4a16": 16, "fp8": 1, "mx9": 16, "mx6": 16, "mx4": 16, "mxfp4": 32,
          "seedlm4": 1, "seedlm3": 1}                  # the input width must be a multiple of this
 EXPORT_POLICY = PrecisionPolicy(high_precision_tail=0.0, mamba_out_proj="nvfp4")
-_E4M3_MAX, _E2M1_MAX = 448.0, 6.0
+_E4M3_MAX = 448.0
 _OWN_METHOD = "nemotron3"
 
 
@@ -104,8 +100,8 @@ def plan(model: nn.Module, scheme: str) -> tuple[dict[str, tuple[int, ...]], lis
     misfit: list[str] = []
     for fqn, mod in model.named_modules():
         if isinstance(mod, Experts):
-            mods = [(f"{fqn}.{e}.{p}", tuple(getattr(mod, p).shape[1:]))
-                    for e in range(mod.num_experts) for p in ("up_proj", "down_proj")]
+            mods = [(expert_module(fqn, e, p), tuple(getattr(mod, p).shape[1:]))
+                    for e in range(mod.num_experts) for p in EXPERT_PROJS]
             kind = EXPORT_POLICY.choose(fqn, n_layers)
         elif type(mod) is nn.Linear:
             mods = [(fqn, tuple(mod.weight.shape))]
@@ -248,46 +244,14 @@ def _packed(scheme: str, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> 
                         lambda parts: decode_weight(scheme, parts, ()))
 
 
-def _read(qc: dict, keys: Iterable[str], get: Callable[[str], torch.Tensor], shapes: dict[str, tuple[int, ...]],
-          files: dict[str, Path] | None = None, folder: Path | None = None, pack: bool = False,
-          dtype: torch.dtype | None = None, device: torch.device | None = None
-          ) -> tuple[dict[str, torch.Tensor], Callable[[nn.Module, bool], None], set[str]]:
-    """The hf reader: ({disk name: dense tensor} for all that is read densely, finish(model, quantize_activations)
-    to call on the loaded model (installs the packed layers, then the activation emulation if asked), the disk
-    names of the weights kept packed). The layout is chosen by `quant_method`, explicitly: modelopt
-    (quant/modelopt.py), compressed-tensors or nemotron3 (this module). `pack` keeps the weights of a packable
-    scheme packed (`PACKED_LAYOUT`; ModelOpt NVFP4 / FP8) instead of decoding them to fp32."""
-    files = files or {}
-    config_file = folder / "config.json" if folder is not None else Path("config.json")
-
-    def file_of(k: str) -> str:
-        return str(files.get(k, config_file))
-
-    keys = list(keys)
-    packed: dict[str, PackedWeight] = {}
-    act: Callable[[nn.Module], None] | None = None
-    if modelopt.is_modelopt(qc):
-        source = modelopt.source_file(folder or Path("."), qc)
-        plain, packed = modelopt.read(qc, keys, get, shapes, file_of, source, pack)
-    else:
-        try:
-            scheme = scheme_of(qc)
-        except CheckpointError as e:
-            raise CheckpointError(f"{config_file}: {e}") from e
-        plain, packed, act = _read_ours(scheme, qc, keys, get, shapes, file_of, pack)
-    settle_experts(packed, plain, shapes)
-
-    def finish(model: nn.Module, quantize_activations: bool = False) -> None:
-        install(model, packed, dtype or torch.float32, device)
-        if quantize_activations and act is not None:
-            act(model)
-
-    return plain, finish, set(packed)
-
-
-def _read_ours(scheme: str, qc: dict, keys: list[str], get: Callable[[str], torch.Tensor],
-               shapes: dict[str, tuple[int, ...]], file_of: Callable[[str], str], pack: bool):
-    """compressed-tensors and nemotron3 folders: (dense tensors, packed weights, activation hook or None)."""
+def read(scheme: str, qc: dict, keys: list[str], get: Callable[[str], torch.Tensor],
+         shapes: dict[str, tuple[int, ...]], file_of: Callable[[str], str], pack: bool
+         ) -> tuple[dict[str, torch.Tensor], dict[str, PackedWeight], Callable[[nn.Module], None] | None]:
+    """The decoder of compressed-tensors and nemotron3 folders (nemotron3/checkpoint/schemes.py calls it): the
+    tensors `keys` (read with `get`) as (dense tensors by disk name, weights kept packed by disk name, the hook
+    that emulates the scheme's activations or None). Every quantized module's tensors are checked against the
+    shape of its weight in `shapes` (CheckpointError naming `file_of(tensor)` and the tensor); `pack` keeps the
+    weights of a packable scheme (`PACKED_LAYOUT`) as stored instead of decoding them to fp32."""
     spec = None
     if scheme in SEEDLM_SPECS and isinstance(qc.get("seedlm"), dict):
         raw = qc["seedlm"]
@@ -356,200 +320,3 @@ def _check_shapes(scheme: str, module: str, t: dict[str, torch.Tensor], shape: t
         if tuple(t[suffix].shape) != shp:
             raise CheckpointError(f"{file_of(name)}: tensor {name} has shape {list(t[suffix].shape)}, but {scheme} "
                                   f"needs {list(shp)} for a weight of shape {list(shape)}")
-
-
-# ------------------------------------------------------------------------------------------ activations
-
-
-def nvfp4_activation_fake_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """vLLM's NVFP4 emulation of an activation (..., K) with an encode-form global scale (see the docstring)."""
-    xb = x.to(torch.float32).unflatten(-1, (-1, 16))
-    amax = xb.abs().amax(-1, keepdim=True)
-    gs = global_scale.to(torch.float32).reshape(())
-    scale = round_magnitude_((gs * amax * (1.0 / _E2M1_MAX)).clamp(max=_E4M3_MAX), "e4m3")
-    dec = scale / gs
-    inv = torch.where(dec > 0, 1.0 / dec, torch.zeros_like(dec))
-    q = round_to_format((xb * inv).clamp(-_E2M1_MAX, _E2M1_MAX), "e2m1")
-    return (q * dec).flatten(-2).to(x.dtype)
-
-
-def fp8_activation_fake_quantize(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token FP8 E4M3: s_t = amax_t / 448, x ≈ e4m3(x / s_t) · s_t (zero rows stay zero)."""
-    xf = x.to(torch.float32)
-    s = xf.abs().amax(-1, keepdim=True) / _E4M3_MAX
-    q = round_to_format(torch.where(s > 0, xf / torch.where(s > 0, s, 1.0), 0.0), "e4m3")
-    return (q * s).to(x.dtype)
-
-
-class _ExpertInputs:
-    """An Experts `gemm_quantizer`: looks up which expert's weight a GEMM gets and runs `fn` on its input."""
-
-    def __init__(self, experts: Experts, fqn: str, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
-        self.fn = fn
-        self.names = {}
-        for p in ("up_proj", "down_proj"):
-            for e, w in enumerate(getattr(experts, p).unbind(0)):
-                self.names[w.data_ptr()] = f"{fqn}.{e}.{p}"
-
-    def gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.fn(self.names[w.data_ptr()], x), w)
-
-
-def _install(model: nn.Module, modules: set[str], fn: Callable[[str, torch.Tensor], torch.Tensor]) -> list:
-    """Run fn(module name, input) on the input of every listed GEMM (Linear hooks, expert gemm_quantizers)."""
-    handles = []
-    for fqn, mod in model.named_modules():
-        if isinstance(mod, Experts) and any(m.startswith(f"{fqn}.") for m in modules):
-            mod.gemm_quantizer = _ExpertInputs(mod, fqn, lambda n, x: fn(n, x) if n in modules else x)
-            handles.append(mod)
-        elif type(mod) is nn.Linear and fqn in modules:
-            handles.append(mod.register_forward_pre_hook(lambda m, args, n=fqn: (fn(n, args[0]),)))
-    return handles
-
-
-def _uninstall(handles: list) -> None:
-    for h in handles:
-        if isinstance(h, Experts):
-            h.__dict__.pop("gemm_quantizer", None)
-        else:
-            h.remove()
-
-
-def emulate_activations(model: nn.Module, scheme: str, input_scales: dict[str, torch.Tensor],
-                        modules: set[str]) -> None:
-    """Quantize the inputs of the quantized layers as the scheme's activations are (nvfp4: static global
-    scale per layer; fp8: dynamic per token), from now on."""
-    if scheme == "nvfp4":
-        missing = sorted(modules - set(input_scales))
-        if missing:
-            raise CheckpointError(f"nvfp4 checkpoint lacks input_global_scale for {missing[:4]}")
-        _install(model, modules, lambda n, x: nvfp4_activation_fake_quantize(x, input_scales[n]))
-    elif scheme == "fp8":
-        _install(model, modules, lambda n, x: fp8_activation_fake_quantize(x))
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], modules: set[str]) -> dict[str, torch.Tensor]:
-    """amax (fp32 0-dim) of the input of every listed GEMM over `batches` of token ids (B, T). A routed expert
-    that received no token takes the largest amax of its layer's experts of the same projection."""
-    amax: dict[str, torch.Tensor] = {}
-
-    def record(name: str, x: torch.Tensor) -> torch.Tensor:
-        if x.numel():
-            a = x.detach().abs().amax().float()
-            amax[name] = torch.maximum(amax[name], a) if name in amax else a
-        return x
-
-    dev = next(model.parameters()).device
-    handles = _install(model, modules, record)
-    try:
-        for ids in batches:
-            model(ids.to(dev))
-    finally:
-        _uninstall(handles)
-    for name in modules - set(amax):
-        layer, _, proj = name.rpartition(".")
-        prefix = layer.rsplit(".", 1)[0]
-        peers = [v for k, v in amax.items() if k.startswith(f"{prefix}.") and k.endswith(f".{proj}")]
-        amax[name] = torch.stack(peers).max() if peers else torch.zeros((), device=dev)
-    return amax
-
-
-def input_global_scale(amax: torch.Tensor) -> torch.Tensor:
-    """448·6 / amax in fp32 (1 for a zero amax), shape [1]: the encode-form scale compressed-tensors stores."""
-    return te_global_scales(amax)[0].reshape(1)
-
-
-
-# ------------------------------------------------------------------------------------------ what a folder holds
-
-_TYPES = (  # (layer type, test on the module name), the first match wins
-    ("embeddings", lambda n: n.startswith("backbone.embeddings")),
-    ("lm_head", lambda n: n.startswith("lm_head")),
-    ("mtp", lambda n: n.startswith("mtp.")),
-    ("routed experts", lambda n: ".experts." in n),
-    ("shared experts", lambda n: ".shared_experts." in n),
-    ("latent projections", lambda n: "_latent_proj" in n),
-    ("router", lambda n: ".gate." in n),
-    ("attention", lambda n: any(f".{p}." in n for p in ("q_proj", "k_proj", "v_proj", "o_proj"))),
-    ("mamba projections", lambda n: ".in_proj." in n or (".out_proj." in n)),
-    ("dense mlp", lambda n: ".up_proj." in n or ".down_proj." in n),
-    ("norms, conv, SSM parameters", lambda n: True),
-)
-_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8"}
-
-
-def describe(folder: str | os.PathLike) -> str:
-    """'nvfp4, 4.5 bits per quantized weight', 'modelopt MIXED_PRECISION (FP8, NVFP4)', or 'not quantized'."""
-    qc = read_quantization_config(folder)
-    if qc is None:
-        return "not quantized"
-    if modelopt.is_modelopt(qc):
-        algo, _, layers = modelopt.settings(qc, modelopt.source_file(Path(folder), qc))
-        per_layer = sorted({str(v["quant_algo"]).upper() for v in layers.values()})
-        return f"modelopt {algo}" + (f" ({', '.join(per_layer)})" if per_layer else "")
-    scheme = scheme_of(qc)
-    return f"{scheme}, {bits_per_weight(scheme):g} bits per quantized weight"
-
-
-_NOT_LOADED = ("input_global_scale", "input_scale", "k_scale", "v_scale")  # read, checked, not held by a packed model
-
-
-def layer_bytes(folder: str | os.PathLike) -> list[dict]:
-    """Per layer type: {"type", "precision", "params", "bytes", "resident"}: parameters from the config, bytes and
-    dtypes from the safetensors headers (a quantized weight's tensors count towards its layer), and the bytes
-    `load_pretrained(folder)` holds: a packed weight's stored tensors (quant/packed.py), fp32 for a quantized
-    weight decoded on load (SeedLM), the stored tensor otherwise. Reads headers only (works for any size)."""
-    qc = read_quantization_config(folder)
-    mo = modelopt.settings(qc, modelopt.source_file(Path(folder), qc)) if qc and modelopt.is_modelopt(qc) else None
-    scheme = scheme_of(qc) if qc is not None and mo is None else None
-    with torch.device("meta"):
-        model = HybridLM(ModelConfig.from_hf(folder))
-    params = {name: t.numel() for name, t in state_dict_for_disk(model)}
-    rows: dict[str, dict] = {}
-
-    def row(name: str) -> dict:
-        kind = next(t for t, test in _TYPES if test(name))
-        return rows.setdefault(kind, {"type": kind, "precision": set(), "params": 0, "bytes": 0, "resident": 0})
-
-    for name, n in params.items():
-        row(name)["params"] += n
-    headers: dict[str, tuple[str, int]] = {}
-    files, _ = checkpoint_files(Path(folder))
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                headers[k] = (sl.get_dtype(), math.prod(sl.get_shape()))
-    quantized = {k.rpartition(".")[0] for k in headers if k.endswith(("weight_packed", "weight_codes",
-                                                                          "weight_exponents", "weight_seeds"))
-                 or (scheme == "fp8" and k.endswith(".weight_scale"))}
-    decoded: set[str] = set()
-    for k, (dtype, numel) in headers.items():
-        module, _, suffix = k.rpartition(".")
-        owner = k if k in params else f"{module}.weight"
-        r = row(owner)
-        stored = numel * _DTYPE_BYTES.get(dtype, 4)
-        r["bytes"] += stored
-        algo = modelopt.layer_algo(module, *mo) if mo is not None and module.rsplit(".", 1)[-1] in \
-            modelopt.GEMM_LEAVES else None
-        if algo is not None or module in quantized:
-            r["precision"].add(algo.lower() if algo else scheme)
-            if algo is not None or scheme in PACKED_LAYOUT:
-                r["resident"] += 0 if suffix in _NOT_LOADED else stored
-            elif owner not in decoded:
-                decoded.add(owner)
-                r["resident"] += params.get(owner, 0) * 4
-        else:
-            if owner == k and k.endswith(".weight"):
-                r["precision"].add(_DTYPE_NAMES.get(dtype, dtype.lower()))
-            r["resident"] += 0 if suffix in ("k_scale", "v_scale") else stored
-    for r in rows.values():
-        r["precision"] = " + ".join(sorted(r["precision"])) or "-"
-    return [r for r in rows.values() if r["params"]]
-
-
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8}
-
-
-register_quantized_reader(_read)

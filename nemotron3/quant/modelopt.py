@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
-from pathlib import Path
 
 import torch
 
@@ -210,7 +209,3 @@ def read(qc: dict, keys: list[str], get: Callable[[str], torch.Tensor], shapes: 
             plain[weight] = pw.dequantize()
     return plain, packed
 
-
-def source_file(folder: Path, qc: dict) -> str:
-    """Where a folder's ModelOpt settings came from, for messages."""
-    return str(folder / ("hf_quant_config.json" if isinstance(qc.get("quantization"), dict) else "config.json"))

@@ -12,7 +12,7 @@ a tile's rows differently from the whole one).
 A `PackedWeight` is one (out, in) weight, or a stack (E, out, in) of them for the routed experts: `rowwise`
 tensors lead with the output rows (after the expert axis), `shared` ones are per-tensor scales of shape (1,)
 per weight; `decode(tensors) -> fp32 (rows, in)` is the scheme's decoder, passed in explicitly by the
-checkpoint reader (quant/checkpoint.py, quant/modelopt.py).
+checkpoint reader (quant/checkpoint.py, quant/modelopt.py, called by nemotron3/checkpoint/schemes.py).
 
 The layers are inference-only: a forward in training mode and a backward through them raise
 NotImplementedError (load with `dequantize=True` to train or take gradients). `state_dict()` writes the decoded
@@ -21,7 +21,6 @@ dense weights under the usual names, so a packed model saves as the dense model 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron3.hf import split_expert
 from nemotron3.model.moe import Experts
 
 __all__ = ["TILE_ELEMENTS", "PackedWeight", "PackedLinear", "PackedExperts", "packed_matmul", "resident_bytes",
@@ -36,7 +36,6 @@ __all__ = ["TILE_ELEMENTS", "PackedWeight", "PackedLinear", "PackedExperts", "pa
 
 TILE_ELEMENTS = 1 << 18          # values decoded at once (1 MiB in fp32)
 Decoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")  # the disk names of expert weights
 INFERENCE_ONLY = ("{what} holds packed quantized weights and is inference-only; load the checkpoint with "
                   "load_pretrained(..., dequantize=True) to train or take gradients")
 
@@ -263,9 +262,10 @@ def _expert_groups(names: Iterator[str] | list[str]) -> dict[tuple[str, str], li
     """(experts module, projection) -> the disk names of its expert weights, in expert order."""
     groups: dict[tuple[str, str], dict[int, str]] = {}
     for n in names:
-        m = _EXPERT.match(n)
-        if m:
-            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = n
+        expert = split_expert(n) if n.endswith(".weight") else None  # nemotron3/hf.py's per-expert disk names
+        if expert:
+            experts, e, proj = expert
+            groups.setdefault((experts, proj), {})[e] = n
     return {k: [v[e] for e in sorted(v)] for k, v in groups.items()}
 
 

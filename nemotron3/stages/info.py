@@ -20,12 +20,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from nemotron3.checkpoint import describe, is_checkpoint, layer_bytes
 from nemotron3.config import ModelConfig
 from nemotron3.engine import cache_size
 from nemotron3.model import count_parameters
 from nemotron3.options import StageConfig, option
 from nemotron3.presets import PRESETS
-from nemotron3.quant.checkpoint import describe, layer_bytes
 
 CACHE_TOKENS = 8192  # the context length at which `info` reports cache bytes per token
 
@@ -84,6 +84,6 @@ def main(cfg: InfoConfig) -> int:
     console = Console(width=max(Console().width, 140))
     console.print(table)
     for spec in cfg.models:
-        if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        if Path(spec).is_dir() and is_checkpoint(spec):
             console.print(bytes_table(Path(spec)))
     return 0

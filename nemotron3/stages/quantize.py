@@ -27,9 +27,10 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from nemotron3 import folders, tasks
+from nemotron3 import checkpoint, folders, tasks
+from nemotron3.checkpoint import CheckpointError, checkpoint_bytes, is_checkpoint, quantization_config, read_config
 from nemotron3.config import ModelConfig
-from nemotron3.hf import CheckpointError, _state_dict_for_disk, checkpoint_bytes, load_pretrained, quantization_config
+from nemotron3.hf import state_dict_for_disk
 from nemotron3.options import StageConfig, device_of, device_option, fail, option
 from nemotron3.quant import checkpoint as qckpt
 from nemotron3.tokenizer import Tokenizer
@@ -86,7 +87,7 @@ class QuantizeConfig(StageConfig):
 
 def _source(cfg: QuantizeConfig) -> None:
     """Clear errors for a folder that is not a checkpoint or is already quantized."""
-    if not (cfg.model / "config.json").is_file():
+    if not is_checkpoint(cfg.model):
         raise CheckpointError(f"{cfg.model} is not a checkpoint folder (no config.json)")
     qc = quantization_config(cfg.model)
     if qc is not None:
@@ -107,9 +108,9 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
     folders.recover(cfg.out)  # a quantize killed mid-swap: put its --out back first
     cfg.validate()            # ... and check it again, as it now is
     _source(cfg)
-    ModelConfig.from_hf(cfg.model)
-    model = load_pretrained(cfg.model, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True,
-                            device=device)
+    read_config(cfg.model)
+    model, tokenizer = checkpoint.open(cfg.model, device, torch.float32, strict_finite=cfg.strict_finite,
+                                       dequantize=True, require_tokenizer=cfg.scheme == "nvfp4")
     quant, ignore, misfit = qckpt.plan(model, cfg.scheme)
     if not quant:
         raise CheckpointError(f"{cfg.model}: no weight can be quantized to {cfg.scheme}")
@@ -118,13 +119,12 @@ def quantize(cfg: QuantizeConfig, console: Console | None = None) -> Path:
                       f"of {qckpt.BLOCK[cfg.scheme]}: {misfit[:6]}{' ...' if len(misfit) > 6 else ''}[/]")
     input_scales: dict[str, torch.Tensor] = {}
     if cfg.scheme == "nvfp4":
-        tokenizer = Tokenizer.load(cfg.model)
         modules = {n.removesuffix(".weight") for n in quant}
         amax = qckpt.calibrate(model, calibration_batches(tokenizer, cfg.calib), modules)
         input_scales = {m: qckpt.input_global_scale(a).cpu() for m, a in amax.items()}
-    disk = dict(_state_dict_for_disk(model))
-    raw = load_pretrained(cfg.model, strict_finite=cfg.strict_finite)  # the stored dtypes, for what stays high
-    stored = dict(_state_dict_for_disk(raw))
+    disk = dict(state_dict_for_disk(model))
+    raw = checkpoint.load(cfg.model, strict_finite=cfg.strict_finite)  # the stored dtypes, for what stays high
+    stored = dict(state_dict_for_disk(raw))
     tensors: dict[str, torch.Tensor] = {}
     for name in disk:
         if name in quant:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from nemotron3 import folders
-from nemotron3.hf import save_pretrained
+from nemotron3.checkpoint import save as save_folder
 from nemotron3.options import ConfigError
 from nemotron3.tokenizer import Tokenizer
 
@@ -52,8 +52,7 @@ def save(folder: str | os.PathLike, model: nn.Module, tokenizer: Tokenizer,
          state: dict[str, Any] | None = None) -> Path:
     """Write model + tokenizer (+ resume state) to `folder` atomically; returns `folder`."""
     def fill(tmp: Path) -> None:
-        save_pretrained(model, tmp)
-        tokenizer.save(tmp)
+        save_folder(model, tmp, tokenizer)  # the checkpoint format: nemotron3/checkpoint/
         if state is not None:
             torch.save(state, tmp / STATE_FILE)
 

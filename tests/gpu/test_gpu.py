@@ -90,8 +90,8 @@ def test_speculative_equals_plain_greedy_on_the_device(models, k):
 @gpu
 def test_generate_command_on_the_device_matches_the_cpu(models, device, tmp_path):
     """`nemotron3 generate --device D`: the CLI path (open_folder's load onto D) gives the CPU's tokens."""
+    from nemotron3 import save_pretrained
     from nemotron3.cli import main
-    from nemotron3.hf import save_pretrained
 
     save_pretrained(models[0], tmp_path)
 

@@ -274,7 +274,7 @@ def test_super_nvfp4_layout_on_the_meta_device():
 
 
 def test_info_reads_modelopt_folders(mixed_folder):
-    from nemotron3.quant.checkpoint import describe, layer_bytes
+    from nemotron3.checkpoint import describe, layer_bytes
     from nemotron3.quant.packed import resident_bytes
 
     folder = mixed_folder[0]

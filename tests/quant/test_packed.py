@@ -133,7 +133,7 @@ def test_activation_emulation_dequantizes(source, tmp_path):
 def test_info_reports_resident_bytes(exports, scheme):
     """`nemotron3 info DIR` reads the resident bytes from the headers; they are what a load measures (plus the
     model's runtime buffers, which no file holds)."""
-    from nemotron3.quant.checkpoint import layer_bytes
+    from nemotron3.checkpoint import layer_bytes
     from nemotron3.stages.info import bytes_table
 
     rows = layer_bytes(exports[scheme])

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import nemotron3
 from nemotron3 import CheckpointError, ModelConfig
-from nemotron3.hf import checkpoint_bytes
+from nemotron3.checkpoint import checkpoint_bytes, layer_bytes
 from nemotron3.options import ConfigError
 from nemotron3.quant import checkpoint as qc
 from nemotron3.stages.quantize import SCHEMES, QuantizeConfig, quantize
@@ -193,7 +193,7 @@ def test_info_prints_scheme_and_bytes(exports, capsys):
     main(InfoConfig(models=[str(exports["mx6"])]))
     out = capsys.readouterr().out
     assert "mx6, 6 bits per quantized weight" in out and "routed experts" in out
-    rows = {r["type"]: r for r in qc.layer_bytes(exports["mx6"])}
+    rows = {r["type"]: r for r in layer_bytes(exports["mx6"])}
     assert rows["shared experts"]["precision"] == "mx6" and rows["attention"]["precision"] == "fp32"
     assert rows["shared experts"]["bytes"] * 8 == 6 * rows["shared experts"]["params"]
 

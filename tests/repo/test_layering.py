@@ -21,14 +21,20 @@ LAYERS = {
     "config": 1, "tokenizer": 1,  # the tokenizer owns the special ids and the chat template's rendering
     "envs": 1,  # RL environments, tools, rubrics: on tasks and the chat format; never the engine, training or rl
     "model": 2,
+    # hf: the tensor names on disk (the per-expert rule) and CheckpointError, no folders: quant's layouts and packed
+    # layers spell expert names through it, so it sits below quant
     "hf": 3, "distributed": 3,  # FSDP2 + expert parallelism: model-level, below the engine and training
-    "quant": 4, "engine": 4,
-    "train": 5, "eval": 5,  # side by side: evaluation on benchmark files and the lm-eval backend (engine, tasks)
-    "rl": 7,
-    "stages": 8, "export": 8,  # the commands' entry points
-    "serve": 8,  # the OpenAI-compatible server (a stage too)
-    "run": 9,  # the pipeline: chains the stages
-    "cli": 10,
+    "quant": 4,  # codecs, training layers, the quantized layouts' encoders and decoders (no files)
+    # checkpoint: the one owner of a folder (files, load, save, open); above quant because it calls each quantized
+    # layout's decoder from its table of schemes, below engine (engine/folder.py opens folders through it) and train
+    "checkpoint": 5,
+    "engine": 6,
+    "train": 7, "eval": 7,  # side by side: evaluation on benchmark files and the lm-eval backend (engine, tasks)
+    "rl": 8,
+    "stages": 9, "export": 9,  # the commands' entry points
+    "serve": 9,  # the OpenAI-compatible server (a stage too)
+    "run": 10,  # the pipeline: chains the stages
+    "cli": 11,
 }
 
 

@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 import nemotron3
-from nemotron3 import chat, hf
+from nemotron3 import CheckpointError, chat, hf, load_pretrained
 from nemotron3 import tokenizer as tokenizer_module
 from nemotron3.cli import main
-from nemotron3.hf import CheckpointError, load_pretrained
 from nemotron3.rl.prompts import read_prompts
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint as checkpoint_module
