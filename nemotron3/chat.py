@@ -33,9 +33,9 @@ the same bytes as `render` (tests/chat/test_chat.py checks it). The layout (docs
   `json.dumps(tool, ensure_ascii=False)`) between `<tools>` and `</tools>`, and an example call.
 - No `<s>`: the training data and the evaluation put the BOS id before the rendered ids.
 
-**Unconfirmed:** the exact role tokens of the official Nemotron 3 chat template (its Jinja template was not
-read). This module uses ChatML's `<|im_start|>{role}\\n` ... `<|im_end|>`, the `<think>` block, the
-Qwen3-Coder tool-call XML and `<tool_response>` that the public Nemotron 3 parsers read.
+This is our template: a checkpoint folder with a template of its own (NVIDIA's Nemotron 3 Nano's differs in its
+system turn, tools block and history; docs/post-training.md §1) is rendered with that one, through
+`nemotron3.tokenizer.Tokenizer` (nemotron3/chat_template.py); this module is its default.
 
 Errors: a message without a role, an unknown role, a content that is not a string, an assistant turn with
 neither content nor tool calls, a malformed tool call (no name, arguments of another type, a name or key holding
