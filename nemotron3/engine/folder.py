@@ -4,9 +4,10 @@
     served.engine.generate([served.encode("What is 2 + 3?")], 32, stop_token_ids=served.chat_stops)
 
 The folder is what `pretrain`, `sft` and `rl` write (or a Hugging Face `nemotron_h` folder): config.json,
-*.safetensors and, optionally, tokenizer.json. With a tokenizer that has `<think>` and `</think>` the engine
-gets their ids (and the newline tokens) for thinking budgets; `chat_stops` adds the end-of-turn `<|im_end|>`
-to the config's end-of-sequence ids, since a chat reply ends with its turn.
+*.safetensors and, optionally, tokenizer.json, opened by `nemotron3.checkpoint.open` (the folder's one owner).
+With a tokenizer that has `<think>` and `</think>` the engine gets their ids (and the newline tokens) for thinking
+budgets; `chat_stops` adds the end of turn its chat template writes (`<|im_end|>` for ours) to the config's
+end-of-sequence ids, since a chat reply ends with its turn.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from nemotron3 import checkpoint
 from nemotron3.engine.engine import Engine
 from nemotron3.engine.thinking import ThinkTokens
-from nemotron3.hf import load_pretrained
 from nemotron3.tokenizer import Tokenizer
 
 
@@ -40,13 +41,10 @@ class OpenFolder:
 def open_folder(folder: Path | str, dtype: str = "float32", compile: bool = False, strict_finite: bool = False,
                 device: str | torch.device | None = None, **engine_kwargs) -> OpenFolder:
     """Load the model, its tokenizer and an Engine over them; ValueError for a folder that is not a checkpoint.
-    NaN or inf weights are a warning naming the tensor, or with `strict_finite` a CheckpointError (hf.py).
+    NaN or inf weights are a warning naming the tensor, or with `strict_finite` a CheckpointError.
     `device`: where the weights are loaded (default the CPU); the engine computes where the model is."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
-    tok = Tokenizer.from_folder(folder, missing_ok=True)
-    model = load_pretrained(folder, dtype=getattr(torch, dtype), strict_finite=strict_finite, device=device)
+    model, tok = checkpoint.open(folder, device=device, dtype=dtype, strict_finite=strict_finite)
     has_think = tok is not None and None not in (tok.think_start_id, tok.think_end_id)
     think = ThinkTokens.from_tokenizer(tok) if has_think else None
     engine = Engine(model, compile=compile, think_tokens=think, **engine_kwargs)

@@ -26,6 +26,7 @@ from typing import TextIO
 
 import torch
 
+from nemotron3 import checkpoint
 from nemotron3.engine.folder import open_folder
 from nemotron3.engine.params import SamplingParams
 from nemotron3.engine.text import TextStream, not_utf8
@@ -98,9 +99,9 @@ def generate(cfg: GenerateConfig, stream: TextIO | None = None) -> GenerateResul
     """Generate from `cfg.model`; the new text (or ids) is written to `stream` as it comes, when given."""
     device = device_of(cfg)  # first: a device this machine lacks is refused before anything is read
     folder = Path(cfg.model)
-    if not (folder / "config.json").is_file():
+    if not checkpoint.is_checkpoint(folder):
         raise ConfigError(f"model (--model) {folder} is not a checkpoint folder (no config.json)")
-    if cfg.prompt is not None and not (folder / "tokenizer.json").is_file():
+    if cfg.prompt is not None and not checkpoint.has_tokenizer(folder):
         raise ConfigError(f"{folder} has no tokenizer.json; pass the prompt as token ids with --ids 1,2,3")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
