@@ -38,6 +38,7 @@ class RolloutBatch:
     texts: list[str]  # completions decoded, stop tokens removed, special tokens such as </think> kept
     truncated: list[bool]  # ended by max_completion_length, not by a stop token
     stats: dict = field(default_factory=dict)  # tokens, seconds, tok_s, acceptance_length (with speculation)
+    loss_mask: list[list[float]] | None = None  # per completion token, 1 = trained (None: all); multi-turn sources
 
 
 def rollout(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[list[int]], num_generations: int,

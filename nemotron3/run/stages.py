@@ -33,12 +33,13 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from nemotron3 import checkpoint as ckpt  # the checkpoint folder (train.checkpoint is the run's)
 from nemotron3 import folders
 from nemotron3.config import ModelConfig
 from nemotron3.eval.accuracy import accuracy_by_mode, mode_names
-from nemotron3.hf import load_pretrained, save_pretrained
 from nemotron3.options import ConfigError, resolve_device
-from nemotron3.rl.grpo import GRPOConfig, grpo
+from nemotron3.rl.config import GRPOConfig
+from nemotron3.rl.grpo import grpo
 from nemotron3.run import measure
 from nemotron3.run.plan import SEEDLM_FROM_MINUTES, STAGES, SWITCH_SHARE, Plan
 from nemotron3.stages.pretrain import PretrainConfig, pretrain
@@ -172,7 +173,8 @@ def igrpo_stage(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------- measuring stages
 def _rl_model(ctx: Context, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Tokenizer, Path]:
     final = ctx.dir("rl") / "final"
-    return load_pretrained(final, dtype=dtype, device=resolve_device(ctx.device)), Tokenizer.load(final), final
+    model, tok = ckpt.open(final, resolve_device(ctx.device), dtype, require_tokenizer=True)
+    return model, tok, final
 
 
 def eval_stage(ctx: Context) -> dict:
@@ -193,7 +195,7 @@ def speculative_stage(ctx: Context) -> dict:
     result = measure.speculative_speedup(model, prompts, (1, 2, 3), p.spec_new_tokens)
     from nemotron3.engine import Engine
 
-    sft_model = load_pretrained(ctx.dir("sft") / "final", device=resolve_device(ctx.device))
+    sft_model = ckpt.load(ctx.dir("sft") / "final", device=resolve_device(ctx.device))
     g = Engine(sft_model).generate(prompts, p.spec_new_tokens, num_speculative_tokens=3)
     result["sft_acceptance_length_k3"] = g.stats["acceptance_length"]
     return result
@@ -226,7 +228,7 @@ def load_scheme(path: Path, device: str = "cpu") -> torch.nn.Module:
     """A quantized checkpoint as its scheme runs: weights decoded, and the inputs of the quantized layers
     quantized as the scheme says (nvfp4: W4A4 with the calibrated input scales; fp8: per-token W8A8; the
     weight-only schemes: nothing to emulate). A weights-only load would make the W4A4 row a W4A16 result."""
-    return load_pretrained(path, dtype=torch.float32, quantize_activations=True, device=resolve_device(device))
+    return ckpt.load(path, dtype=torch.float32, quantize_activations=True, device=resolve_device(device))
 
 
 def _accuracy_on(model: torch.nn.Module, tok: Tokenizer, ctx: Context) -> dict[str, float]:
@@ -258,11 +260,10 @@ def quantize_stage(ctx: Context, progress: Callable[[int, int, str], None] | Non
             q, path = model, final
         elif name == "bf16":
             def fill(tmp: Path) -> None:
-                save_pretrained(load_pretrained(final, dtype=torch.bfloat16), tmp)
-                tok.save(tmp)
+                ckpt.save(ckpt.load(final, dtype=torch.bfloat16), tmp, tok)
 
             path = folders.write_folder(folder / "bf16", fill)
-            q = load_pretrained(path, dtype=torch.bfloat16, device=resolve_device(ctx.device))
+            q = ckpt.load(path, dtype=torch.bfloat16, device=resolve_device(ctx.device))
         else:  # an export a killed start of this stage left is replaced
             path = folder / name
             quantize(QuantizeConfig(model=final, out=path, scheme=name, overwrite=True, device=ctx.device), ctx.console)

@@ -28,7 +28,6 @@ what is saved or reported (`eval_every`, `save_every`, `keep_last`, `log_every`,
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemotron3.distributed.parallel import gathered
+from nemotron3 import checkpoint
+from nemotron3.distributed import parallel
 from nemotron3.eval.accuracy import accuracy_by_mode, task_accuracy
-from nemotron3.hf import load_pretrained
 from nemotron3.options import (
     ITEM_BYTES,
     ConfigError,
@@ -48,13 +47,12 @@ from nemotron3.options import (
     device_of,
     fail,
     option,
-    restore_config,
     to_dict,
 )
 from nemotron3.tokenizer import Tokenizer
-from nemotron3.train import checkpoint, sft_data
+from nemotron3.train import sft_data, stage
 from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
-from nemotron3.train.loop import TrainConfig, process_group, train
+from nemotron3.train.loop import LMStage, TrainConfig
 from nemotron3.train.summary import print_footer, run_stage
 
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
@@ -156,30 +154,22 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> Path:
     """Run (or resume) one SFT run; returns its `final/` checkpoint folder.
 
     Writes `cfg.out`: metrics.jsonl, step-NNNNNN/ checkpoints, final/, summary.json (see the module docstring).
-    Under torchrun every rank trains its share of each batch and rank 0 writes the files.
+    Under torchrun every rank trains its share of each batch and rank 0 writes the files (train/stage.py).
     """
     console = console or Console()
-    t_start = time.perf_counter()
-    resume, ckpt = None, None
-    if cfg.resume:
-        ckpt, resume = checkpoint.resume_point(cfg.out)
-        cfg = restore_config(cfg, resume.get("run", {}), ckpt, OPERATIONAL_FIELDS)
-        console.print(f"[bold]resuming[/] {ckpt} (step {resume['step']}) with the run's saved configuration")
-    device_of(cfg)  # a device this machine lacks is refused before --out is touched
-    checkpoint.prepare_out(cfg.out, cfg.resume, cfg.overwrite, cfg.model, {"--data": cfg.data})
-    with process_group() as rank:
-        return _sft(cfg, console, ckpt, resume, rank, t_start)
+    return stage.launch(cfg, console, OPERATIONAL_FIELDS, lambda start: _sft(start, console),
+                        reads=lambda c: {"--data": c.data})
 
 
-def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | None, rank: int,
-         t_start: float) -> Path:
+def _sft(start: stage.Start, console: Console) -> Path:
+    cfg, ckpt = start.cfg, start.ckpt
+    rank = parallel.rank_world()[0]
     device = device_of(cfg)  # inside the process group: under torchrun, `auto` is this rank's own GPU
     torch.manual_seed(cfg.seed)
     source = ckpt or cfg.model
-    tokenizer = Tokenizer.load(source)
     # training needs dense weights: a quantized --model is expanded (quant/packed.py layers are inference-only)
-    model = load_pretrained(source, dtype=torch.float32, strict_finite=cfg.strict_finite, dequantize=True,
-                            device=device)
+    model, tokenizer = checkpoint.open(source, device, torch.float32, strict_finite=cfg.strict_finite,
+                                       dequantize=True, require_tokenizer=True)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{source}: the model's vocab_size {model.config.vocab_size} < its tokenizer's "
                           f"{tokenizer.vocab_size}")
@@ -187,29 +177,31 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
     evaluate = rank == 0 and cfg.use_tasks and cfg.eval_problems > 0
     before = {}
     # a resumed run measures the checkpoint the run started from, as the uninterrupted run did
-    if evaluate and (ckpt is None or (cfg.model / "config.json").is_file()):
+    if evaluate and (ckpt is None or checkpoint.is_checkpoint(cfg.model)):
         t0 = time.perf_counter()
-        start = model if ckpt is None else load_pretrained(cfg.model, dtype=torch.float32,
+        begin = model if ckpt is None else checkpoint.load(cfg.model, dtype=torch.float32,
                                                            strict_finite=cfg.strict_finite, dequantize=True,
                                                            device=device)
-        before = _accuracy(cfg, start, tokenizer)
+        before = _accuracy(cfg, begin, tokenizer)
         console.print(f"[bold]before SFT[/] exact match by mode measured in {time.perf_counter() - t0:.0f} s")
     elif evaluate:
         console.print(f"[yellow]{cfg.model} (the checkpoint the run started from) is gone: no 'before' accuracy[/]")
     torch.manual_seed(cfg.seed)  # the training run's random streams do not depend on whether it evaluated first
     console.print(f"[bold]model[/] {source}: {model.config.pattern}, {model.num_parameters():,} parameters; "
                   f"{cfg.steps} steps of {cfg.batch_size} conversations")
-    result = train(model, tokenizer, rows.data, cfg, cfg.out, heldout.data if len(heldout.data) else None, resume,
-                   console, stage="sft")
+    run = LMStage(model, tokenizer, rows.data, cfg, cfg.out, console, heldout.data if len(heldout.data) else None,
+                  label="sft")
+    run.run(start.resume)
+    run.balance.remove()
+    result = run.result
     final = cfg.out / "final"
-    model = gathered(model)  # sharded by FSDP2 under torchrun: the whole model, on rank 0 (None elsewhere)
+    model = run.save_final()  # the whole model on rank 0 (None elsewhere)
     if rank == 0:
-        checkpoint.save(final, model, tokenizer)
         after = _accuracy(cfg, model, tokenizer) if evaluate else {}
-        summary = {
+        stage.write_summary(cfg.out, {
             "out": str(cfg.out), "final": str(final), "metrics": str(cfg.out / "metrics.jsonl"),
-            "model": str(cfg.model), "parameters": model.num_parameters(), "steps": result.steps,
-            "seconds": round(time.perf_counter() - t_start, 1), "train_seconds": round(result.seconds, 1),
+            "model": str(cfg.model), "parameters": model.num_parameters(), "steps": run.step,
+            "seconds": round(time.perf_counter() - start.t_start, 1), "train_seconds": round(run.seconds, 1),
             "last_train_loss": result.last_loss, "eval_losses": result.eval_losses,
             "conversations": {"train": len(rows.data), "heldout": len(heldout.data), "modes": rows.modes,
                               "skipped_too_long": rows.skipped_too_long + heldout.skipped_too_long,
@@ -219,8 +211,7 @@ def _sft(cfg: SFTConfig, console: Console, ckpt: Path | None, resume: dict | Non
             "examples": after.get("examples", {}),
             "skipped_steps": result.skipped,
             "config": to_dict(cfg),
-        }
-        (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        })
     return final
 
 

@@ -1,5 +1,7 @@
-"""The training loop, one for pretraining and SFT: what differs between them is only the data (SFT's rows,
-train/sft_data.py, carry a loss mask over the assistant's tokens, which loss.py applies).
+"""The language-model step of pretraining and SFT on the training skeleton (train/stage.py, `LMStage`), and the
+loop's configuration (`TrainConfig`): what differs between the two stages is only the data (SFT's rows,
+train/sft_data.py, carry a loss mask over the assistant's tokens, which loss.py applies). The skeleton owns the
+sharding, resume, metrics, evaluation and checkpoint schedule, and the update rule (`Stage.optimizer_step`).
 
 One optimizer step:
 
@@ -26,16 +28,14 @@ under another one every rank's from rank 0's (the same data position, not the sa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from nemotron3.distributed import parallel
@@ -44,19 +44,17 @@ from nemotron3.options import (
     TOKEN_BYTES,
     StageConfig,
     check_fits,
-    device_of,
     device_option,
     fail,
     option,
-    to_dict,
 )
 from nemotron3.tokenizer import Tokenizer
-from nemotron3.train import checkpoint
+from nemotron3.train import stage
 from nemotron3.train.balance import ExpertBalance
 from nemotron3.train.data import Batch, PackedData
 from nemotron3.train.evaluate import eval_loss, eval_mtp_loss
 from nemotron3.train.loss import Normalizer, micro_loss
-from nemotron3.train.optim import WSD, build_optimizer
+from nemotron3.train.optim import WSD
 
 
 @dataclass
@@ -154,35 +152,11 @@ class TrainResult:
     seconds: float = 0.0
 
 
-process_group = parallel.process_group  # where the stages have always imported it from
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line. On resume, records after the checkpoint's step are dropped
-    (a killed run may have logged steps it never saved), so the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if self._step_of(ln) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, path)
-
-    @staticmethod
-    def _step_of(line: str) -> float:
-        """A record's step; a line cut short by a kill (or blank) counts as past any checkpoint."""
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return math.inf
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+# where the stages and tests have always found them; they live in train/stage.py, the skeleton
+process_group = parallel.process_group
+MetricsLog = stage.MetricsLog
+_run_record = stage.run_record
+_save = stage.save_checkpoint
 
 
 def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> None:
@@ -197,148 +171,121 @@ def _switch_to_high_precision(model: nn.Module, step: int, console: Console) -> 
     console.print(f"step {step:5d}  [bold]switched to high precision[/] for the remaining steps")
 
 
-def _run_record(cfg: TrainConfig) -> dict:
-    """The run's configuration as a checkpoint keeps it: without the parallel layout, which a resume takes from
-    its own launch (any number of ranks may resume a checkpoint)."""
-    return {**to_dict(cfg), "dp_shard": 0, "ep": 0}
+class LMStage(stage.Stage):
+    """Pretraining's and SFT's step on the skeleton (train/stage.py): a global batch of packed rows, this rank's
+    share in micro-batches, the MTP and aux losses, one `optimizer_step`, the expert-bias update after it."""
 
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out: Path,
+                 console: Console, heldout: PackedData | None = None, label: str = "pretrain") -> None:
+        if parallel.rank_world()[1] > 1 and cfg.high_precision_from:
+            raise ValueError("--nvfp4-high-precision-tail swaps the quantized modules for plain ones, which FSDP2's "
+                             "sharded parameters do not survive: run it in one process")
+        super().__init__(model, tokenizer, cfg, out, console)
+        self.label, self.data, self.heldout = label, data, heldout
+        if cfg.batch_size % self.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {self.world}")
+        self.local = cfg.batch_size // self.world
+        self.micro = cfg.micro_batch_size or self.local
+        if self.local % self.micro:
+            raise ValueError(f"each rank's {self.local} rows do not split into micro-batches of {self.micro}")
+        self.depths = cfg.mtp_depths if getattr(model, "mtp", None) is not None else 0
+        self.dev = next(model.parameters()).device  # the stage put the model on --device; batches follow it
+        self.build_optimizer(cfg.lr, cfg.weight_decay, cfg.betas, cfg.schedule())
+        self.balance = ExpertBalance(model, cfg.bias_update_rate, cfg.seq_aux_coeff)
+        self.position = 0
+        self.switched = False
+        self.result = TrainResult(steps=0, last_loss=float("nan"))
 
-def _save(model: nn.Module, opt: torch.optim.Optimizer, tokenizer: Tokenizer, folder: Path, state: dict,
-          keep_last: int) -> None:
-    """A training checkpoint, by every rank (the gathers are collectives), written by rank 0."""
-    rank, world = parallel.rank_world()
-    full = parallel.gathered(model)
-    optimizer = parallel.full_optimizer_state(opt, model)
-    rngs = parallel.gather_objects(checkpoint.rng_state(model))
-    if rank == 0:
-        state = {**state, "optimizer": optimizer, "rng": rngs[0]}
-        if world > 1:
-            state["rng_ranks"] = rngs
-        checkpoint.save(folder, full, tokenizer, state)
-        checkpoint.prune(folder.parent, keep_last)
-    parallel.barrier()
+    def state(self) -> dict:
+        return {"data_position": self.position, "data_fingerprint": self.data.fingerprint()}
+
+    def load_state(self, resume: dict) -> None:
+        if resume["data_fingerprint"] != self.data.fingerprint():
+            raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): "
+                             "resume with the same data and seed")
+        self.position = resume["data_position"]
+
+    def after_update(self) -> None:
+        self.balance.apply_bias_update()
+
+    def train_step(self, step: int) -> dict:
+        cfg, model, balance = self.cfg, self.model, self.balance
+        if cfg.high_precision_from and step >= cfg.high_precision_from and not self.switched:
+            _switch_to_high_precision(model, step, self.console)
+            self.switched = True
+        t0 = time.perf_counter()
+        lr = self.set_lr(step)
+        batch = self.data.batch(self.position, cfg.batch_size)
+        norm = Normalizer.of(batch.mask, self.depths)
+        mine = batch.split(self.local)[self.rank]
+        balance.reset()
+        balance.active = True
+        sums = torch.zeros(3, dtype=torch.float64)  # main CE, mean MTP CE, aux
+        for mb in mine.split(self.micro):
+            mb = Batch(mb.inputs.to(self.dev), mb.targets.to(self.dev), mb.mask.to(self.dev))
+            ml = micro_loss(model, mb, norm, self.depths, cfg.mtp_scale,
+                            lambda: balance.take_aux_loss(cfg.batch_size))
+            ml.total.backward()
+            sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64)
+        balance.active = False
+        parallel.all_reduce_sum_(sums)
+        balance.all_reduce()
+        loss = float(sums[0])
+        total = loss + cfg.mtp_scale * float(sums[1]) + float(sums[2])
+        grad_norm, finite = self.optimizer_step(math.isfinite(total))
+        self.position += cfg.batch_size
+        ratio = max(balance.load_ratio().values(), default=1.0)
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(batch.mask.sum()), "tok_per_s": round(batch.inputs.numel() / dt, 1)}
+        if self.depths:
+            record["mtp_loss"] = float(sums[1])
+        if cfg.seq_aux_coeff > 0:
+            record["aux_loss"] = float(sums[2])
+        if balance.moes:
+            record["load_max_min"] = round(ratio, 4)
+        self.result.load_ratios.append(ratio)
+        if not finite:
+            record["skipped"] = True
+            self.result.skipped.append(step + 1)
+            self.console.print(f"[bold red]step {step + 1}: non-finite loss {total} or gradient norm {grad_norm}: "
+                               "update skipped[/]")
+        else:
+            self.result.last_loss = loss
+        return record
+
+    def progress(self, record: dict) -> str:
+        return f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tok_per_s']:.0f} tok/s"
+
+    def line(self, record: dict) -> str:
+        return (f"step {record['step']:5d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"|g| {record['grad_norm']:.2f}  load max/min {self.result.load_ratios[-1]:.2f}  "
+                f"{record['tok_per_s']:.0f} tok/s")
+
+    def evaluate(self, step: int) -> dict | None:
+        """The held-out loss, on every rank (a sharded forward is a collective), logged by rank 0."""
+        if self.heldout is None:
+            return None
+        ev = eval_loss(self.model, self.heldout)
+        self.result.eval_losses.append((step, ev))
+        record = {"step": step, "eval_loss": ev}
+        if self.depths:
+            record["eval_mtp_loss"] = eval_mtp_loss(self.model, self.heldout, self.depths)
+        if self.rank == 0:
+            self.console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
+        return record
 
 
 def train(model: nn.Module, tokenizer: Tokenizer, data: PackedData, cfg: TrainConfig, out_dir: str | os.PathLike,
           heldout: PackedData | None = None, resume: dict | None = None, console: Console | None = None,
           stage: str = "pretrain") -> TrainResult:
     """Train `model` in place for `cfg.steps` optimizer steps, or up to `cfg.stop_after` (from `resume["step"]` when
-    resuming); `stage` names the run in the progress bar."""
-    out_dir, console = Path(out_dir), console or Console()
-    rank, world = parallel.rank_world()
-    if cfg.activation_checkpointing:  # before FSDP2 shards the blocks (model/recompute.py)
+    resuming), writing `out_dir`; `stage` names the run in the progress bar. Under torchrun `model` is sharded in
+    place with FSDP2 (the stage gathers it for final/)."""
+    if cfg.activation_checkpointing:  # before the skeleton shards the blocks (model/recompute.py)
         model.set_activation_checkpointing()
-    if world == 1 and max(cfg.dp_shard, cfg.ep) > 1:
-        raise ValueError(f"--dp-shard {cfg.dp_shard} / --ep {cfg.ep} asks for {max(cfg.dp_shard, cfg.ep)} processes "
-                         "and this is one: launch with torchrun --nproc-per-node N (docs/scaling.md)")
-    if world > 1:
-        if cfg.high_precision_from:
-            raise ValueError("--nvfp4-high-precision-tail swaps the quantized modules for plain ones, which FSDP2's "
-                             "sharded parameters do not survive: run it in one process")
-        if cfg.device != "auto" and device_of(cfg) != parallel.device():
-            raise ValueError(f"--device {cfg.device}: under torchrun each rank computes on its own {parallel.device()} "
-                             "(the process group's backend decides); leave --device at auto")
-        parallel.parallelize(model, parallel.build_mesh(cfg.dp_shard, cfg.ep))  # before the optimizer sees them
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
-    local = cfg.batch_size // world
-    micro = cfg.micro_batch_size or local
-    if local % micro:
-        raise ValueError(f"each rank's {local} rows do not split into micro-batches of {micro}")
-    depths = cfg.mtp_depths if getattr(model, "mtp", None) is not None else 0
-    dev = next(model.parameters()).device  # the stage put the model on --device; batches follow it
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
-    sched = cfg.schedule()
-    balance = ExpertBalance(model, cfg.bias_update_rate, cfg.seq_aux_coeff)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step, position = 0, 0
-    if resume is not None:
-        if resume["data_fingerprint"] != data.fingerprint():
-            raise ValueError("the data differs from the checkpoint's (fingerprint mismatch): "
-                             "resume with the same data and seed")
-        parallel.load_optimizer_state(opt, resume["optimizer"], model)
-        per_rank = resume.get("rng_ranks", [])
-        checkpoint.set_rng_state(per_rank[rank] if len(per_rank) == world else resume["rng"], model)
-        step, position = resume["step"], resume["data_position"]
-    log = MetricsLog(out_dir / "metrics.jsonl", step if resume is not None else None) if rank == 0 else None
-    result = TrainResult(steps=step, last_loss=float("nan"))
-    model.train()
-    switched = False
-    t_start = time.perf_counter()
-    columns = (TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=rank != 0, transient=False) as bar:
-        end = min(cfg.steps, cfg.stop_after or cfg.steps)
-        task = bar.add_task("train", total=end, completed=step, info="")
-        while step < end:
-            if cfg.high_precision_from and step >= cfg.high_precision_from and not switched:
-                _switch_to_high_precision(model, step, console)
-                switched = True
-            t0 = time.perf_counter()
-            lr = sched.lr(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            batch = data.batch(position, cfg.batch_size)
-            norm = Normalizer.of(batch.mask, depths)
-            mine = batch.split(local)[rank]
-            balance.reset()
-            balance.active = True
-            sums = torch.zeros(3, dtype=torch.float64)  # main CE, mean MTP CE, aux
-            for mb in mine.split(micro):
-                mb = Batch(mb.inputs.to(dev), mb.targets.to(dev), mb.mask.to(dev))
-                ml = micro_loss(model, mb, norm, depths, cfg.mtp_scale, lambda: balance.take_aux_loss(cfg.batch_size))
-                ml.total.backward()
-                sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64)
-            balance.active = False
-            parallel.all_reduce_sum_(sums)
-            balance.all_reduce()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = parallel.clip_grad_norm_(model, params, max_norm)
-            loss = float(sums[0])
-            total = loss + cfg.mtp_scale * float(sums[1]) + float(sums[2])
-            finite = math.isfinite(total) and math.isfinite(grad_norm)
-            if finite:
-                opt.step()
-                balance.apply_bias_update()
-            opt.zero_grad(set_to_none=True)
-            step, position = step + 1, position + cfg.batch_size
-            ratio = max(balance.load_ratio().values(), default=1.0)
-            dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": int(batch.mask.sum()), "tok_per_s": round(batch.inputs.numel() / dt, 1)}
-            if depths:
-                record["mtp_loss"] = float(sums[1])
-            if cfg.seq_aux_coeff > 0:
-                record["aux_loss"] = float(sums[2])
-            if balance.moes:
-                record["load_max_min"] = round(ratio, 4)
-            result.load_ratios.append(ratio)
-            if not finite:
-                record["skipped"] = True
-                result.skipped.append(step)
-                console.print(f"[bold red]step {step}: non-finite loss {total} or gradient norm {grad_norm}: "
-                              "update skipped[/]")
-            else:
-                result.last_loss = loss
-            if log:
-                log.write(record)
-            bar.update(task, completed=step, info=f"loss {loss:.3f} lr {lr:.2e} {record['tok_per_s']:.0f} tok/s")
-            if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-                console.print(f"step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.2f}  "
-                              f"load max/min {ratio:.2f}  {record['tok_per_s']:.0f} tok/s")
-            if heldout is not None and (rank == 0 or world > 1) and (step % cfg.eval_every == 0 or step == end):
-                ev = eval_loss(model, heldout)  # on every rank when sharded: a sharded forward is a collective
-                result.eval_losses.append((step, ev))
-                record = {"step": step, "eval_loss": ev}
-                if depths:
-                    record["eval_mtp_loss"] = eval_mtp_loss(model, heldout, depths)
-                if log:
-                    log.write(record)
-                    console.print(f"step {step:5d}  [bold]held-out loss {ev:.4f}[/]")
-            if cfg.save_every and step % cfg.save_every == 0 and step < end:
-                _save(model, opt, tokenizer, checkpoint.step_dir(out_dir, step),
-                      {"step": step, "data_position": position, "schedule": asdict(sched),
-                       "data_fingerprint": data.fingerprint(), "run": _run_record(cfg)}, cfg.keep_last)
-    balance.remove()
-    result.steps, result.seconds = step, time.perf_counter() - t_start
-    return result
+    run = LMStage(model, tokenizer, data, cfg, Path(out_dir), console or Console(), heldout, stage)
+    run.run(resume)
+    run.balance.remove()
+    run.result.steps, run.result.seconds = run.step, run.seconds
+    return run.result
