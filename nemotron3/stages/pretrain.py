@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from nemotron3.checkpoint import has_tokenizer, is_checkpoint, load_tokenizer, read_config
 from nemotron3.checkpoint import load as load_pretrained
@@ -220,10 +221,10 @@ def _packed(cfg: PretrainConfig, tokenizer: Tokenizer, user: dict[str, list[str]
                                      cfg.seq_len, cfg.seed, cfg.heldout_fraction)
     console = console or Console(stderr=True)
     for line in data.plan(steps):
-        console.print(f"[bold]data[/] {line}")
+        console.print(f"[bold]data[/] {escape(line)}", soft_wrap=True)
     for j, epochs in ({} if data.single else data.repeats(cfg.steps * cfg.batch_size)).items():
-        console.print(f"[yellow]warning:[/] data source {data.names[j]}: its share draws {epochs:.2f} times its "
-                      f"{data.spans[j][1] - data.spans[j][0]:,} rows, so they repeat (epochs)")
+        console.print(f"[yellow]warning:[/] data source {escape(data.names[j])}: its share draws {epochs:.2f} times "
+                      f"its {data.spans[j][1] - data.spans[j][0]:,} rows, so they repeat (epochs)", soft_wrap=True)
     return data, heldout
 
 

@@ -44,11 +44,12 @@ EPOCH_STREAMS = 2**32  # component j's epoch e draws from seed stream j · 2^32 
 
 
 class SpecError(ValueError):
-    """A `--data` / `--phase2-data` item (or the whole list, `item` None) that cannot be a mixture."""
+    """A mixture flag's item (`item`; None: the flag's whole value) that cannot be; `field` names the config field
+    (`data`, `phase2_data`, `tasks`, `phase2_at`) for the caller's message."""
 
-    def __init__(self, item: str | None, message: str) -> None:
+    def __init__(self, item: str | None, message: str, field: str = "data") -> None:
         super().__init__(message)
-        self.item = item
+        self.item, self.field = item, field
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,59 @@ def parse_phase(specs: list[str | Path]) -> list[Source]:
     return sources
 
 
+def blend(data: list[str | Path], tasks: bool | None, phase2_data: list[str | Path], phase2_at: float | None,
+          phase2_step: int, steps: int) -> list[list[Source]]:
+    """The sources of each phase: phase 1 from `data`, with the task families where `tasks` (--tasks) or the
+    default (no `data`) says; phase 2 from `phase2_data`, from step `phase2_step` of `steps`. SpecError naming the
+    field and item at fault."""
+    phases = []
+    for name, specs in (("data", data), ("phase2_data", phase2_data)):
+        try:
+            phases.append(parse_phase(specs))
+        except SpecError as e:
+            raise SpecError(e.item, str(e), name) from None
+    first, second = phases
+    names = [s.name for s in first]
+    weighted = any(s.weight is not None for s in first)
+    if tasks is not None and weighted:
+        raise SpecError(None, "with weights in --data, name the task families there as a source: tasks:WEIGHT",
+                        "tasks")
+    if tasks is False and TASKS in names:
+        raise SpecError(None, "--data names tasks as a source", "tasks")
+    if not weighted and TASKS not in names and (tasks or (tasks is None and not first)):
+        first.append(Source(TASKS))
+    if not first:
+        raise SpecError(None, "no training data: give --data files or keep the embedded tasks", "tasks")
+    if phase2_at is None:
+        if second:
+            raise SpecError(None, "needs --phase2-at FRACTION, the fraction of the steps after which this blend "
+                            "starts", "phase2_data")
+        return [first]
+    if not 0 < phase2_at < 1:
+        raise SpecError(None, "must be a fraction strictly between 0 and 1", "phase2_at")
+    if not second:
+        raise SpecError(None, "switches to the --phase2-data blend: give --phase2-data PATH:WEIGHT ...", "phase2_at")
+    if not 0 < phase2_step < steps:
+        raise SpecError(None, f"switches at step {phase2_step} of --steps {steps}, which leaves a phase without a "
+                        "step", "phase2_at")
+    for name, sources in (("data", first), ("phase2_data", second)):
+        if len(sources) > 1 and sources[0].weight is None:
+            raise SpecError(None, "with --phase2-at, give every source of a phase a weight (PATH:WEIGHT; the task "
+                            "families: tasks:WEIGHT)", name)
+    return [first, second]
+
+
+def task_share(sources: list[Source]) -> float:
+    """The task families' share of a phase's tokens: their weight, or without weights all of a lone source and
+    half of a pool with user text (as before mixtures); 0 when they are not a source."""
+    names = [s.name for s in sources]
+    if TASKS not in names:
+        return 0.0
+    if sources[0].weight is not None:
+        return weights(sources)[names.index(TASKS)]
+    return 0.5 if len(sources) > 1 else 1.0
+
+
 def weights(sources: list[Source]) -> list[float]:
     """The normalised weights of a phase's sources (a lone unweighted source: 1)."""
     given = [s.weight if s.weight is not None else 1.0 for s in sources]
@@ -124,6 +178,7 @@ class Phase:
     start: int  # first position (rows consumed) of the phase
     sources: list[str]  # every source of the phase, weight 0 included (its share is reported)
     parts: list[tuple[int, float]] = field(default_factory=list)  # (component, weight > 0)
+    weights: dict[str, float] = field(default_factory=dict)  # each source's weight ({}: a pool, no weights)
 
 
 class MixedData(PackedData):
@@ -202,6 +257,15 @@ class MixedData(PackedData):
             out[phase.name] = {s: round(float(counts[self.names.index(s)]) / total, 6) for s in phase.sources}
         return out
 
+    def plan(self, steps: list[int]) -> list[str]:
+        """A line per phase (`steps[k]` steps each): its sources with their weights."""
+        lines, first = [], 1
+        for phase, n in zip(self.phases, steps):
+            blend = ", ".join(f"{s} {phase.weights[s]:.0%}" if phase.weights else s for s in phase.sources)
+            lines.append(f"{phase.name} (steps {first}-{first + n - 1}): {blend}")
+            first += n
+        return lines
+
     def repeats(self, end: int) -> dict[int, float]:
         """{component: epochs} for the components whose rows positions [0, `end`) draw more than once."""
         starts = torch.tensor([lo for lo, _ in self.spans], device="cpu")
@@ -256,7 +320,19 @@ def assemble(tokenizer: Tokenizer, phases: list[list[Source]], starts: list[int]
             p.parts = [(0, 1.0)]
         else:
             p.parts = [(component[s.name], w) for s, w in zip(phase, weights(phase)) if w > 0]
+            p.weights = {s.name: w for s, w in zip(phase, weights(phase))} if len(phase) > 1 else {}
         mixed.append(p)
     data = MixedData(*(torch.cat([x[i] for x in parts]) for i in range(3)), names, spans, mixed, seed)
     heldout = PackedData(torch.cat([r for r, _ in held]), torch.cat([m for _, m in held]), seed)
     return data, heldout
+
+
+def log_shares(metrics: Path, shares: dict[str, dict[str, float]], ends: list[int], done: int) -> None:
+    """Append `{"step", "phase", "data_shares"}` to metrics.jsonl for each phase a run of `done` steps completed
+    (`ends[k]`: phase k's last step), once (a resumed run that completes it again writes no second line)."""
+    have = metrics.read_text().splitlines() if metrics.exists() else []
+    with metrics.open("a") as f:
+        for (phase, share), end in zip(shares.items(), ends):
+            line = json.dumps({"step": end, "phase": phase, "data_shares": share})
+            if done >= end and line not in have:
+                f.write(line + "\n")
