@@ -125,31 +125,24 @@ class FastDecoder:
         self._versions = self._signature()
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights the decode step reads (embedding, steps, norms, fp32 head), each storage once:
-        in fp32 the fused copies, in bf16 mostly the model's own tensors, with `pack` the packed ones."""
-        seen, total = set(), 0
+        """Bytes of the weights a decode step reads (embedding, steps, norms, fp32 head), each storage once."""
+        seen: dict[int, int] = {}
 
         def add(v) -> None:
-            nonlocal total
             if isinstance(v, torch.Tensor):
-                key = v.untyped_storage().data_ptr()
-                if key not in seen:
-                    seen.add(key)
-                    total += v.untyped_storage().nbytes()
+                seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
             elif isinstance(v, (list, tuple)):
                 for u in v:
                     add(u)
-            elif v is not None and hasattr(v, "mm"):
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    total += nbytes(v)
+            elif v is not None and hasattr(v, "mm"):  # a packed weight (model/packing.py)
+                seen[id(v)] = nbytes(v)
 
         add([self.emb, self.norm_f, self.head_t])
         for _, norm, step in self.layers + [x for m in self.mtp_modules for x in m.layers]:
             add([norm] + list(vars(step).values()))
         for m in self.mtp_modules:
             add([m.enorm, m.hnorm, m.w_eh_t, m.final_norm])
-        return total
+        return sum(seen.values())
 
     refresh = _build  # rebuild the fused copies from the model's current weights
 

@@ -23,12 +23,14 @@ DEFAULT_K = 3  # drafts per round where speculation is on by default (deployment
 SPECULATION_SPEEDUP = {"cpu": 0.77}
 
 
-def _int(v) -> bool:
+def is_int(v: object) -> bool:
+    """An int that is not a bool (JSON's and Python's booleans are not numbers here)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v) -> bool:
-    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+def is_number(v: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,22 +57,22 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
             object.__setattr__(self, "stop_token_ids", tuple(ids))
         for name, ok, what in (
-            ("temperature", _number(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
-            ("top_k", _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 = off)"),
-            ("max_tokens", self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens > 0),
+            ("temperature", is_number(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 = off)"),
+            ("max_tokens", self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens > 0),
              "a positive integer (max_new_tokens)"),
-            ("stop_token_ids", self.stop_token_ids is None or all(_int(t) and t >= 0 for t in self.stop_token_ids),
+            ("stop_token_ids", self.stop_token_ids is None or all(is_int(t) and t >= 0 for t in self.stop_token_ids),
              "token ids >= 0"),
-            ("seed", self.seed is None or _int(self.seed), "an integer"),
-            ("logprobs", self.logprobs is None or (_int(self.logprobs) and self.logprobs >= 0), "an integer >= 0"),
+            ("seed", self.seed is None or is_int(self.seed), "an integer"),
+            ("logprobs", self.logprobs is None or (is_int(self.logprobs) and self.logprobs >= 0), "an integer >= 0"),
             ("logprobs_mode", self.logprobs_mode in LOGPROBS_MODES, f"one of {', '.join(LOGPROBS_MODES)}"),
-            ("n", _int(self.n) and self.n >= 1, "an integer >= 1"),
+            ("n", is_int(self.n) and self.n >= 1, "an integer >= 1"),
             ("num_speculative_tokens", self.num_speculative_tokens is None
-             or (_int(self.num_speculative_tokens) and self.num_speculative_tokens >= 0), "an integer >= 0"),
+             or (is_int(self.num_speculative_tokens) and self.num_speculative_tokens >= 0), "an integer >= 0"),
             ("max_thinking_tokens", self.max_thinking_tokens is None
-             or (_int(self.max_thinking_tokens) and self.max_thinking_tokens >= 0), "an integer >= 0"),
-            ("thinking_grace", _number(self.thinking_grace) and self.thinking_grace >= 0, "a finite number >= 0"),
+             or (is_int(self.max_thinking_tokens) and self.max_thinking_tokens >= 0), "an integer >= 0"),
+            ("thinking_grace", is_number(self.thinking_grace) and self.thinking_grace >= 0, "a finite number >= 0"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
@@ -119,7 +121,7 @@ def speculative_config(model: HybridLM, k: int | None) -> SpeculativeConfig:
     """Resolve `k` (None: the device's default) for `model`; ValueError when k > 0 and the model has no MTP block."""
     if k is None:
         return SpeculativeConfig(default_speculative_tokens(model.lm_head.weight.device, has_mtp(model)))
-    if not _int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {k!r}")
     if k and not has_mtp(model):
         raise ValueError("num_speculative_tokens > 0 needs a model with an MTP block (num_nextn_predict_layers > 0)")

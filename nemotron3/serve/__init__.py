@@ -1,24 +1,9 @@
-"""The serving stage: an OpenAI-compatible HTTP server over a checkpoint folder, with continuous batching.
+"""The serving stage: an OpenAI-compatible HTTP server over a checkpoint folder, with continuous batching
+(docs/serving.md: endpoints, fields, limits, the scheduler, metrics).
 
-    nemotron3 serve --model runs/sft/final                       # http://127.0.0.1:8000: the chat page at /
-    nemotron3 serve --model DIR --host 0.0.0.0 --port 9000 --api-key SECRET   # or NEMOTRON3_API_KEY=SECRET
-    nemotron3 serve --model DIR --speculative 0 --max-batch 16 --token-budget 256
+    nemotron3 serve --model runs/sft/final --port 8000 --api-key SECRET     # the chat page at /
 
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")
-    client.chat.completions.create(model="final", messages=[{"role": "user", "content": "What is 7 * 6?"}])
-
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming, n, logprobs, tools,
-`reasoning_content`, `chat_template_kwargs.enable_thinking`, `max_thinking_tokens`), `GET /health`, `GET /metrics`
-(Prometheus), `GET /` (a chat page). Requests share one running batch (engine/scheduler.py): they join and leave it
-at step boundaries through cache slots, long prompts are prefilled in chunks under a per-step token budget, and MTP
-speculation follows the device's default (engine/params.py: off on a CPU, where it was measured slower;
-`--speculative K` turns it on for a checkpoint with an MTP block). Limits (prompt length, max_tokens, n, running +
-queued requests, body size) answer with OpenAI-style errors. SIGTERM stops accepting connections, lets running
-streams finish for up to `--shutdown-timeout` seconds, then cancels the rest. docs/serving.md describes all of it.
-
-`serve(cfg)` runs the server until it is stopped; `build_server(cfg)` returns the `app.Server` without
-running it (the tests mount it on a socket of their own).
+`serve(cfg)` runs the server until SIGINT / SIGTERM; `build_server(cfg)` returns the `app.Server` without running it.
 """
 
 from __future__ import annotations
@@ -46,12 +31,7 @@ API_KEY_ENV = "NEMOTRON3_API_KEY"
 
 @dataclass
 class ServeConfig(StageConfig):
-    """An OpenAI-compatible server over one checkpoint: where it listens, how it batches, what it allows.
-
-    The cache the scheduler allocates (`max_batch` slots of `max_seq_len` tokens, plus a step's padding) and the
-    largest body must fit in this machine's memory: `check_memory` computes the cache's bytes from the folder's
-    config.json (engine/cache.py `cache_size`) before anything is loaded.
-    """
+    """An OpenAI-compatible server over one checkpoint: where it listens, how it batches, what it allows."""
 
     stage = "serve"
 
@@ -101,9 +81,8 @@ class ServeConfig(StageConfig):
         return self.max_seq_len or min(config.max_position_embeddings, 4096), k
 
     def check_memory(self) -> None:
-        """Refuse a cache or a body this machine cannot hold (options.check_fits): the bytes of the scheduler's
-        cache, exactly, for one slot (--max-seq-len), for the padding a step adds to each (--token-budget) and for
-        all of them (--max-batch). Skipped when the folder's config.json cannot be read (loading it says why)."""
+        """Refuse a cache or a body this machine cannot hold (options.check_fits), computed from config.json before
+        anything loads: one slot, the padding a step adds to each, all slots (skipped if config.json is unreadable)."""
         check_fits(self, "max_body_bytes", self.max_body_bytes, "a request body")
         try:
             config = ModelConfig.from_hf(self.model)

@@ -1,33 +1,17 @@
-"""The HTTP server: FastAPI routes over the scheduler (engine/scheduler.py), OpenAI's wire format.
+"""The HTTP server: FastAPI routes over the scheduler (engine/scheduler.py), OpenAI's wire format (docs/serving.md).
 
-    app = create_app(Server(model, tokenizer, settings))     # then uvicorn.run(app, ...)
+    app = create_app(Server(scheduler, tokenizer, settings))     # then uvicorn.run(app, ...)
 
-Routes (docs/serving.md §1): `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
-`stream`: server-sent events ending in `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus), and `GET /`,
-the chat page (index.html beside this file).
-
-The scheduler runs on its own thread; each request submits its choices (n of them, each a scheduler request with
-its own stream of the seed and the request's SamplingParams) and awaits their events on an asyncio queue, fed from
-that thread (one `call_soon_threadsafe` per scheduler step for all requests). A client that goes away is noticed by
-a watcher polling `is_disconnected` twice a second, or sooner by a streaming response whose write fails, and its
-unfinished choices are cancelled, which frees their cache slots at the scheduler's next step. A choice that meets a
-`stop` string is cancelled the same way.
-
-Every error is OpenAI's JSON body (`{"error": {"message", "type", "param", "code"}}`, protocol.py) with a 4xx
-status, and leaves the server serving: bad JSON or fields, a body nested too deep or holding a string that is not
-text, a prompt with ids the model has no row for (400), a wrong key (401), an unknown model or route (404), a body
-over the size limit (413), more running + queued choices than allowed (429 with Retry-After). A client gone during
-its upload is one line in the log (and a 499); anything unexpected is a JSON 500 and a traceback in the log.
-`Guard`, the outer layer, counts every status in /metrics, these included. With an API key, every `/v1/` route
-wants `Authorization: Bearer KEY`, compared in constant time.
+The scheduler runs on its own thread; each request submits its choices and awaits their events on an asyncio queue
+(one loop wake-up per scheduler step). A client gone is noticed by a watcher or a failed write, and its choices are
+cancelled. `Guard`, the outer layer, checks the API key, answers what no route did (499, JSON 500) and counts every
+status in /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import logging
 import threading
 import time
 import uuid
@@ -40,20 +24,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nemotron3 import chat
 from nemotron3.engine.scheduler import Event, Scheduler
 from nemotron3.engine.scheduler import Request as GenRequest
 from nemotron3.engine.text import encode_prompt
+from nemotron3.serve.guard import ClientGone, Guard, error
 from nemotron3.serve.metrics import Metrics
 from nemotron3.serve.output import Reply, chat_logprobs, completion_logprobs, finish_reason, sse, usage
 from nemotron3.serve.protocol import APIError, Limits, decode_body, parse_chat, parse_completion
 from nemotron3.tokenizer import Tokenizer
 
 PAGE = Path(__file__).with_name("index.html")
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
-log = logging.getLogger("uvicorn.error")  # the server's log: uvicorn's, so these lines read like its own
 
 
 @dataclass(frozen=True)
@@ -83,9 +65,8 @@ class Server:
         self.in_flight = 0  # choices submitted and not yet ended
         self.created = int(time.time())
         self.metrics = Metrics(lambda: scheduler.running, lambda: scheduler.queued, scheduler.rows)
-        self._lock = threading.Lock()
+        self._lock, self._flush_scheduled = threading.Lock(), False
         self._outbox: list[tuple[asyncio.Queue, tuple]] = []
-        self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
 
     # ------------------------------------------------------------------ admission
@@ -93,9 +74,8 @@ class Server:
         return encode_prompt(self.tok, text, self.config.bos_token_id)
 
     def prompt(self, source: str | list[int], asked: int | None, param: str) -> tuple[list[int], int]:
-        """(token ids, max new tokens) of one prompt, text through the tokenizer or ids as given, for both routes:
-        every id must have a row in the model's embedding (a checkpoint's tokenizer may have more ids than the
-        model's vocab_size), and the prompt must leave room for the reply."""
+        """(token ids, max new tokens) of one prompt, text through the tokenizer or ids as given: every id has a row
+        in the model's embedding (a tokenizer may have more ids), and the prompt leaves room for the reply."""
         ids = self.encode(source) if isinstance(source, str) else list(source)
         V = self.config.vocab_size
         beyond = next((t for t in ids if not 0 <= t < V), None)
@@ -127,9 +107,8 @@ class Server:
 
     # ------------------------------------------------------------------ running choices
     async def run(self, specs: list[tuple[GenRequest, Reply]], request: Request) -> AsyncIterator[tuple]:
-        """Submit the choices; yield (index, event, deltas) per event as they come, the text deltas of its
-        tokens (and, on a choice's last event, whose `finish` is set, whatever its Reply held back).
-        Cancels the choices left if the consumer stops early (a disconnect); use it under `aclosing`."""
+        """Submit the choices; yield (index, event, text deltas) per event as they come (on a choice's last event,
+        whatever its Reply held back too); cancels the choices left when the consumer stops early (aclosing)."""
         queue: asyncio.Queue = asyncio.Queue()
         self.in_flight += len(specs)
         handles, open_ = [], set(range(len(specs)))
@@ -174,8 +153,7 @@ class Server:
             self.metrics.e2e.observe(time.perf_counter() - t0)
 
     def _deliver(self, queue: asyncio.Queue, item: tuple) -> None:
-        """From the scheduler's thread: hand `item` to `queue` on the event loop. The items of one scheduler step
-        travel together, with one wake-up of the loop for all of them."""
+        """From the scheduler's thread: hand `item` to `queue` on the event loop (one wake-up per scheduler step)."""
         with self._lock:
             self._outbox.append((queue, item))
             if self._flush_scheduled:
@@ -197,63 +175,6 @@ class Server:
         queue.put_nowait(None)
 
 
-class ClientGone(Exception):
-    """The client closed the connection before its response was complete."""
-
-
-class Guard:
-    """The app's outer layer (pure ASGI, outside every route and exception handler): the API key on /v1/, one count
-    in /metrics per response by route and status whatever produced it, and the ends no route answered. A client
-    gone before its response (ClientGone, or Starlette's ClientDisconnect while its body was read) is one log
-    line and a 499; any other exception is logged with its traceback (a bug) and answered as a JSON 500."""
-
-    def __init__(self, app: ASGIApp, server: Server) -> None:
-        self.app, self.server = app, server
-        key = server.settings.api_key
-        self.key = key.encode() if key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, status = scope["path"], None
-
-        async def counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if self.key is not None and path.startswith("/v1/") and not self._authorized(scope):
-                await error(APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                                     "invalid_request_error", None, "invalid_api_key"))(scope, receive, counted)
-            else:
-                await self.app(scope, receive, counted)
-        except (ClientGone, ClientDisconnect) as e:
-            log.warning("%s %s: the client disconnected %s", scope["method"], path,
-                        str(e) or "before its response was complete")
-            if status is None:
-                await Response(status_code=499)(scope, receive, counted)
-        except Exception as e:
-            log.exception("%s %s: the request failed", scope["method"], path)
-            if status is None:
-                await error(APIError(500, f"the server failed on this request ({type(e).__name__}; its log has "
-                                     "the details)", "server_error"))(scope, receive, counted)
-        finally:
-            if status is not None:  # else nothing was answered: the task was cancelled (the server stopping)
-                self.server.metrics.requests.labels(path if path in ROUTES else "other", str(status)).inc()
-
-    def _authorized(self, scope: Scope) -> bool:
-        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        token = given[7:] if given[:7].lower() == b"bearer " else b""
-        return hmac.compare_digest(token, self.key)
-
-
-def error(e: APIError) -> JSONResponse:
-    """`e` as the response the client gets."""
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
 def create_app(server: Server) -> FastAPI:
     """The FastAPI app over `server`; its lifespan starts and stops the scheduler's thread."""
 
@@ -265,7 +186,7 @@ def create_app(server: Server) -> FastAPI:
         server.scheduler.stop(cancel=True)
 
     app = FastAPI(title="nemotron3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, server=server)
+    app.add_middleware(Guard, api_key=server.settings.api_key, requests=server.metrics.requests)
     settings, metrics, tok = server.settings, server.metrics, server.tok
 
     @app.exception_handler(APIError)

@@ -1,22 +1,5 @@
-"""Prometheus metrics of the server (`GET /metrics`, text format), in a registry of its own per app.
-
-    nemotron3_requests_total{endpoint, status}          HTTP requests answered, by route and status code (every
-                                                         one, errors included: app.Guard counts them)
-    nemotron3_request_finish_total{reason}               choices ended: stop, length, tool_calls, cancelled, error
-    nemotron3_prompt_tokens_total                        prompt tokens admitted (once per request)
-    nemotron3_generation_tokens_total                    tokens generated (every choice)
-    nemotron3_requests_running                           sequences holding a cache slot (decoding or prefilling)
-    nemotron3_requests_waiting                           sequences queued for a slot
-    nemotron3_cache_slots                                the slots there are
-    nemotron3_time_to_first_token_seconds                request arrival -> a choice's first token
-    nemotron3_inter_token_latency_seconds                gap between a choice's consecutive tokens (a round
-                                                         that brings m tokens after a gap g counts m times g/m)
-    nemotron3_e2e_request_latency_seconds                request arrival -> its last choice ended
-    nemotron3_spec_decode_acceptance_length              tokens one speculative round gave one row (accepted + 1)
-    nemotron3_spec_decode_draft_tokens_total, ..._accepted_tokens_total
-
-The running and waiting gauges read the batcher when scraped, so they are exact at that moment.
-"""
+"""Prometheus metrics of the server (`GET /metrics`, text format), in a registry of its own per app; the table of
+series is docs/serving.md §6. The running and waiting gauges read the scheduler when scraped."""
 
 from __future__ import annotations
 

@@ -1,27 +1,18 @@
-"""One choice's tokens -> what the client sees: text deltas, reasoning apart from the answer, tool calls;
-and the pieces of a response built from them (finish reasons, logprobs, usage, server-sent events).
+"""One choice's tokens -> what the client sees (docs/serving.md §2): text deltas, reasoning apart from the answer,
+tool calls; and the pieces of a response built from them (finish reasons, logprobs, usage, server-sent events).
 
     reply = Reply(tokenizer, stop_ids, stop=["\\n\\n"], chat=True, thinking=True, tools=tools)
-    for deltas in (reply.push(event.tokens) for event in events):   # [("reasoning_content", "The user"), ...]
-        ...
-    reply.finish()  # the last deltas; reply.message() is the whole assistant message
+    deltas = reply.push(event.tokens)        # [("reasoning_content", "The user"), ...]; reply.finish() at the end
 
-The text is decoded incrementally (engine/text.py's TextStream: an unfinished UTF-8 character is held back).
-Stop tokens add no text. A `stop` string ends the choice where it starts (the request is then cancelled by the
-caller); text that could be the beginning of a stop string is held back until it is known not to be.
-
-Chat replies (docs/serving.md §2): when the generation prompt ends inside `<think>` (reasoning on), the text up
-to `</think>` is `reasoning_content`, the rest `content`; with reasoning off everything is `content`. Both are
-stripped of surrounding whitespace like `chat.parse` does, so the streamed deltas concatenate to exactly the
-non-streamed message: leading whitespace is dropped and trailing whitespace waits for what follows. With
-tools, a `<tool_call>` block is held back and parsed at the end by the chat format's parser (nemotron3/chat.py)
-into OpenAI `tool_calls`; a block it cannot read stays in the content as text.
+Text that could begin a stop string, `</think>` or `<tool_call>` is held back until known, and both fields are
+stripped as `chat.parse` strips them, so the streamed deltas concatenate to exactly the non-streamed message.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from itertools import accumulate
 
 from tokenizers import Tokenizer
 
@@ -189,10 +180,7 @@ def completion_logprobs(tok: Tokenizer, events: list[Event]) -> dict:
             tokens.append(_token_text(tok, t))
             own.append(lp)
             top.append({_token_text(tok, i): v for i, v in alts})
-    offsets, pos = [], 0
-    for s in tokens:
-        offsets.append(pos)
-        pos += len(s)
+    offsets = list(accumulate(map(len, tokens), initial=0))[:-1]
     return {"tokens": tokens, "token_logprobs": own, "top_logprobs": top, "text_offset": offsets}
 
 

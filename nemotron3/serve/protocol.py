@@ -1,28 +1,20 @@
-"""The OpenAI wire format: request bodies checked field by field, errors in OpenAI's shape.
+"""The OpenAI wire format: request bodies checked field by field, errors in OpenAI's shape (docs/serving.md §2, §4).
 
-    params = parse_chat(body, limits)        # -> ChatParams, or raises APIError(400, ..., param="top_p")
-    APIError(404, "The model `x` does not exist.", "invalid_request_error", "model", "model_not_found").body()
-    # {"error": {"message": ..., "type": ..., "param": "model", "code": "model_not_found"}}
+    params = parse_chat(body, served, limits)    # -> ChatParams, or raises APIError(400, ..., param="top_p")
 
-Every field the server reads is checked for its JSON type and range here, before any work, and a wrong one
-raises `APIError` naming it (`param`, OpenAI's convention: `messages[2].content`, `stream_options.include_usage`).
-The body itself is checked first (`decode_body`): JSON, an object, nested at most MAX_DEPTH levels (the chat template
-writes tool schemas and arguments out recursively), and no string holding a lone UTF-16 surrogate (JSON's
-`"\\ud800"`, which is no text: the tokenizer and the response encoder refuse it), wherever it is, known field or not.
-Fields the server does not know are ignored, as vLLM does; fields it knows but cannot honour (a non-zero
-`presence_penalty`, `tool_choice: "required"`, a `suffix`) are refused rather than silently dropped.
-docs/serving.md §2 lists every field, its default and its bounds.
+Every field the server reads is checked for its JSON type and range before any work, naming it as OpenAI does
+(`messages[2].content`); the body first (`decode_body`: JSON, an object, nested at most MAX_DEPTH levels, no lone
+UTF-16 surrogate). Unknown fields are ignored; known ones the server cannot honour are refused.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nemotron3.engine.params import LOGPROBS_MODES, SamplingParams
+from nemotron3.engine.params import LOGPROBS_MODES, SamplingParams, is_int, is_number
 
 MAX_STOP = 4  # OpenAI's limit on `stop` strings
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
@@ -84,19 +76,11 @@ class CompletionParams(Body):
 
 
 # ----------------------------------------------------------------------------------------- JSON types
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _int(body: dict, name: str, default: Any, lo: int | None = None, hi: int | None = None) -> Any:
     v = body.get(name)
     if v is None:
         return default
-    if not _is_int(v):
+    if not is_int(v):
         raise bad(name, f"expected an integer, got {_json_type(v)}", "invalid_type")
     if lo is not None and v < lo:
         raise bad(name, f"must be >= {lo}, got {v}")
@@ -109,7 +93,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     v = body.get(name)
     if v is None:
         return default
-    if not _is_number(v):
+    if not is_number(v):
         raise bad(name, f"expected a number, got {_json_type(v)}", "invalid_type")
     if v < lo or (lo_open and v == lo) or v > hi:
         raise bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
@@ -141,7 +125,7 @@ def _zero_only(body: dict, name: str) -> None:
     v = body.get(name)
     if v is None:
         return
-    if not _is_number(v):
+    if not is_number(v):
         raise bad(name, f"expected a number, got {_json_type(v)}", "invalid_type")
     if v != 0:
         raise bad(name, "is not supported by this server (only 0)", "unsupported_value")
@@ -359,10 +343,10 @@ def parse_completion(body: Any, served: str, limits: Limits) -> CompletionParams
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt", "is required", "missing_required_parameter")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p)) for p in prompt):
+            isinstance(p, str) or (isinstance(p, list) and p and all(is_int(t) for t in p)) for p in prompt):
         prompts = list(prompt)
     else:
         raise bad("prompt", "expected a string, an array of strings, an array of token ids or an array of such "
