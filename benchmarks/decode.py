@@ -1,17 +1,21 @@
 """Generation speed of the nemotron3 Engine against transformers' `generate`, same T9 weights, one run.
 
     python benchmarks/decode.py [--repeats 5] [--compile] [--long 65536] [--threads N] [--llama-cpp [f32|bf16]]
-                                [--dtype fp32|bf16|int8] [--trained CHECKPOINT]
+                                [--dtype fp32|bf16|int8] [--trained CHECKPOINT] [--decode-only]
 
 Builds the T9 benchmark model with transformers (seed 0), saves it, loads the same weights into
 nemotron3, and prints:
   * batch-1 greedy decode, 70-token prompt, 128 new tokens (docs/results.md, Peers): tokens/s of the whole
     `generate` call for both systems, timed alternately (the machine is shared and noisy; best of
-    `--repeats`), the ratio, and whether the greedy tokens are identical;
+    `--repeats`), the ratio, and whether the greedy tokens are identical, and if not, the first position where
+    ours and transformers' part, with the top-2 logit margin there (nemotron3/run/measure.py `divergence`);
   * batch-16 against batch-1 throughput of our engine (new tokens per second over all rows);
   * prefill tokens/s at 512, 8k and `--long` (64k) tokens;
   * cache bytes per token for tiny, T9, Nano and Super (computed, nothing allocated; Super at 1M tokens).
-With --compile the torch.compile'd decode step is timed too (its compilation time is printed apart).
+With --compile the compiled decode step (one graph per batch bucket, engine/decode.py `compile_static`) is timed
+too, at batch 1 and batch 16; its first compilation and, after `torch._dynamo.reset()`, its reload from Inductor's
+FX graph cache are timed apart (a second run of the benchmark in a new process loads it from that cache too).
+--decode-only stops after the batch-16 section (no GEMM floor, precision table, prefill or cache sizes).
 With --llama-cpp the same weights are exported to GGUF (`nemotron3 export`, f32 or bf16, with a small tokenizer
 trained here: the tokens are ids either way) and llama-cpp-python (the `llama-cpp` extra) runs the same batch-1
 greedy decode, timed in the same race as the others, with the same number of threads; with bf16 our engine runs
@@ -34,6 +38,7 @@ import nemotron3
 from nemotron3.engine.cache import HybridCache, cache_size
 from nemotron3.engine.decode import FastDecoder
 from nemotron3.quant.int8 import Int8Weight
+from nemotron3.run.measure import divergence
 
 # llama.cpp's CPU build on the same T9 weights, 2 threads, this machine class (docs/results.md, Peers): a figure
 # measured separately, not in this run, so the ratio against it is only indicative
@@ -94,6 +99,14 @@ def fast_greedy(model, fast: FastDecoder, ids: torch.Tensor, n: int, forced: lis
         return toks, torch.stack(logits), time.perf_counter() - t0
 
 
+def last_logits(forward):
+    """ids -> the last position's logits of one full forward (no cache): where two greedy decodes part."""
+    def last(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return forward(torch.tensor([ids]))[0, -1]
+    return last
+
+
 def precisions(base, label: str, prompt: torch.Tensor, B: int, n: int, repeats: int) -> None:
     """fp32 / bf16 / int8 weight-only fast decoders of one fp32 model: batch-1 and batch-B decode tok/s (steps
     alone, best of `repeats`, alternated), weight bytes, greedy agreement with fp32 over n tokens (the first
@@ -129,7 +142,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--long", type=int, default=65536, help="longest prefill measured (0 to skip)")
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled decode step (batch 1 and 16)")
+    ap.add_argument("--decode-only", action="store_true", help="stop after the batch-1 and batch-16 decode sections")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--llama-cpp", nargs="?", const="f32", default=None, choices=sorted(OUTTYPES),
                     help="also time llama-cpp-python on a GGUF export of the same weights, at this precision")
@@ -192,9 +206,18 @@ def main() -> None:
         fns[f"llama.cpp {args.llama_cpp}"] = run_llama_cpp
     compiled = None
     if args.compile:
+        from torch._dynamo.utils import counters
+
         compiled = nemotron3.Engine(ours, max_seq_len=8192, compile=True)
         t_compile, _ = timed(lambda: run_ours(compiled))
-        print(f"torch.compile of the decode step: first call {t_compile:.1f} s (compilation included)")
+        hits = counters["inductor"]["fxgraph_cache_hit"]
+        print(f"compiled decode step, batch 1: first call {t_compile:.1f} s (compilation included; FX graph cache "
+              f"hits {hits}, misses {counters['inductor']['fxgraph_cache_miss']})")
+        torch._dynamo.reset()
+        compiled = nemotron3.Engine(ours, max_seq_len=8192, compile=True)
+        t_cached, _ = timed(lambda: run_ours(compiled))
+        print(f"  again after torch._dynamo.reset(): {t_cached:.1f} s (FX graph cache hits "
+              f"{counters['inductor']['fxgraph_cache_hit'] - hits})")
         fns["nemotron3 compiled"] = lambda: run_ours(compiled)
     for fn in fns.values():
         fn()  # warm-up
@@ -208,6 +231,14 @@ def main() -> None:
         print(f"  {name:20s}{n / t:10,.0f} tok/s   {n / t / hf_tok_s:5.2f}x transformers   "
               f"{n / t / LLAMA_CPP_TOK_S:5.2f}x llama.cpp (docs/results.md, {LLAMA_CPP_TOK_S}; not this run)")
     print(f"  greedy tokens identical to transformers: {same}")
+    split = divergence(prompt[0].tolist(), outs["transformers"], outs["nemotron3"], last_logits(lambda x: hf(x).logits),
+                       last_logits(ours))
+    if split["position"] is not None:
+        print(f"  ours and transformers part at new token {split['position']} of {n}: transformers "
+              f"{split['reference_token']}, ours {split['our_token']}; there, from full forwards of the shared prefix, "
+              f"top-2 margin {split['reference_top2_margin']:.3g} (transformers' logits), max |logit difference| "
+              f"{split['max_abs_logit_diff']:.2g}, largest |logit| {split['logit_scale']:.3g}, both rank first "
+              f"{split['reference_argmax']} / {split['our_argmax']} (near tie: {split['near_tie']})")
     if measured is not None:
         key, dtype = f"llama.cpp {args.llama_cpp}", str(next(ours.parameters()).dtype).split(".")[-1]
         print(f"  llama.cpp ({args.llama_cpp} GGUF, this run, {args.threads} threads): {measured:,.0f} tok/s; "
@@ -220,13 +251,17 @@ def main() -> None:
     B = args.batch
     prompts = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
     for name, eng in [("eager", engine)] + ([("compiled", compiled)] if compiled else []):
-        eng.generate(prompts, 8, stop_token_ids=[])  # warm-up (and compilation) at this batch size
+        t_warm, _ = timed(lambda eng=eng: eng.generate(prompts, 8, stop_token_ids=[]))  # warm-up, compilation
+        if eng.compile:
+            print(f"\ncompiled decode step, batch {B}: first call {t_warm:.1f} s (compilation included)")
         best_b, _ = race({"b1": lambda eng=eng: run_ours(eng),
                           "bB": lambda eng=eng: eng.generate(prompts, n, stop_token_ids=[])},
                          max(3, args.repeats // 2))
         t1, tB = n / best_b["b1"], B * n / best_b["bB"]
         print(f"\nbatch-{B} vs batch-1, {name} (whole generate call): {tB:,.0f} vs {t1:,.0f} tok/s = {tB / t1:.1f}x")
 
+    if args.decode_only:
+        return
     # the matrix products of one decode step, replayed alone: at batch 16 the step is bound by them
     print("\ndecode step against its GEMM floor (eager FastDecoder, 100-token rows; the floor replays the step's")
     print("matrix products and attention kernels alone, benchmarks/gemm_floor.py)")
