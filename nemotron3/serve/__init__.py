@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from nemotron3 import checkpoint
 from nemotron3.config import ModelConfig
 from nemotron3.engine.cache import cache_size
 from nemotron3.engine.folder import open_folder
@@ -85,7 +86,7 @@ class ServeConfig(StageConfig):
         anything loads: one slot, the padding a step adds to each, all slots (skipped if config.json is unreadable)."""
         check_fits(self, "max_body_bytes", self.max_body_bytes, "a request body")
         try:
-            config = ModelConfig.from_hf(self.model)
+            config = checkpoint.read_config(self.model)
         except (ValueError, OSError, TypeError):
             return
         max_seq_len, k = self.slots(config)
