@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from nemotron3 import tasks
-from nemotron3.engine.sampling import derive_seed
+from nemotron3.options import derive_seed
 from nemotron3.tokenizer import Tokenizer
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")

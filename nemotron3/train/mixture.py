@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from nemotron3.engine.sampling import derive_seed
+from nemotron3.options import derive_seed
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train.data import Document, PackedData, pack, tail_rows
 
