@@ -91,7 +91,7 @@ def test_sft_run_layout_summary_and_chat_template(pretrained, tmp_path, tok):
     modes = ["on", "off", "budget_4", "budget_12", "raw"]
     for key in ("accuracy_before", "accuracy_after"):
         assert list(summary[key]) == modes
-        assert all(sorted(summary[key][m]) == sorted(tasks.FAMILIES) for m in modes)
+        assert all(sorted(summary[key][m]) == tasks.default_families() for m in modes)
     conv = summary["conversations"]
     assert conv["train"] == 48 and conv["heldout"] == 12 and sum(conv["modes"].values()) == 48
     assert summary["steps"] == 8 and [s for s, _ in summary["eval_losses"]] == [4, 8]
