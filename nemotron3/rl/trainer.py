@@ -257,7 +257,7 @@ class RLRun(Stage):
                         lp, _, _ = logprobs(self.reference, ch)
                         ref[ch, : lp.shape[1]] = lp
         # loss, logprob error (sum, count), entropy, then Σ tokens·stat for each of STATS, and the tokens
-        sums = torch.zeros(5 + len(STATS), dtype=torch.float64)
+        sums = torch.zeros(5 + len(STATS), dtype=torch.float64, device=dev)
         grad_norm = 0.0
         for it in range(cfg.num_iterations):
             for ch in chunks:
@@ -302,12 +302,12 @@ class RLRun(Stage):
         batch, total, per = ro.batch, ro.rewards, ro.per_function
         t_roll = time.perf_counter() - t0
         adv = group_advantages(total, self.G, cfg.scale_rewards, cfg.leave_one_out)
-        keep = torch.ones(len(total), dtype=torch.bool)
+        keep = torch.ones_like(total, dtype=torch.bool)
         if cfg.skip_zero_variance_groups:
             keep = ~adv.zero_std.repeat_interleave(self.G)
         if cfg.mask_truncated_completions and all(batch.truncated[i] for i in keep.nonzero().view(-1).tolist()):
             keep[:] = False  # every kept completion was cut: nothing to learn from
-        lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float64)
+        lengths = [len(c) for c in batch.completion_ids]
         record = {"step": step + 1, "reward": float(total.nanmean()),
                   "reward_std": float(total[~total.isnan()].std()) if (~total.isnan()).sum() > 1 else 0.0,
                   **family_stats(ro.rows, self.G, total)}
@@ -321,7 +321,7 @@ class RLRun(Stage):
         else:
             record["skipped"] = True
         record.update({
-            "lr": lr, "completion_length": float(lengths.mean()), "truncated": float(sum(batch.truncated)) /
+            "lr": lr, "completion_length": sum(lengths) / len(lengths), "truncated": float(sum(batch.truncated)) /
             len(batch.truncated), "zero_std_groups": int(adv.zero_std.sum()),
             "groups": len(adv.zero_std), "rollout_tok_s": round(batch.stats["tok_s"], 1),
             "rollout_seconds": round(t_roll, 2), "step_seconds": round(time.perf_counter() - t0, 2), **ro.metrics})

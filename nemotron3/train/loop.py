@@ -220,13 +220,13 @@ class LMStage(stage.Stage):
         mine = batch.split(self.local)[self.rank]
         balance.reset()
         balance.active = True
-        sums = torch.zeros(3, dtype=torch.float64)  # main CE, mean MTP CE, aux
+        sums = torch.zeros(3, dtype=torch.float64, device=self.dev)  # main CE, mean MTP CE, aux (nccl: on the GPU)
         for mb in mine.split(self.micro):
             mb = Batch(mb.inputs.to(self.dev), mb.targets.to(self.dev), mb.mask.to(self.dev))
             ml = micro_loss(model, mb, norm, self.depths, cfg.mtp_scale,
                             lambda: balance.take_aux_loss(cfg.batch_size))
             ml.total.backward()
-            sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64)
+            sums += torch.tensor([ml.lm, ml.mtp, ml.aux], dtype=torch.float64, device=self.dev)
         balance.active = False
         parallel.all_reduce_sum_(sums)
         balance.all_reduce()

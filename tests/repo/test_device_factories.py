@@ -58,8 +58,6 @@ ALLOWED = {
     ("train/data.py", "pack"): "data loading: packed rows are built on the host; the training loop moves batches",
     ("train/data.py", "PackedData.order"): "the shuffle is drawn on a CPU generator: same order on every device",
     ("train/sft_data.py", "rows"): "data loading: SFT rows are built on the host; the training loop moves batches",
-    ("train/loop.py", "train"): "pending: float64 loss accumulators on the host (loop.py is being edited)",
-    ("rl/grpo.py", "_run"): "pending: host-side metrics of a step (grpo.py is being edited)",
     ("rl/rewards.py", "score"): "rewards are Python numbers scored on the host; the trainer moves advantages",
     ("stages/quantize.py", "calibration_batches"): "token batches built on the host; quant calibrate() moves each one",
 }
