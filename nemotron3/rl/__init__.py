@@ -5,8 +5,9 @@
     rollout.py   G sampled completions per prompt through the engine (MTP speculation, logprobs)
     loss.py      group advantages, per-token log-probabilities, the clipped ratio loss
     igrpo.py     iGRPO's draft selection and refinement prompts
-    trainer.py   one run's parts: rollouts (with iGRPO's drafts) and the update of a step
-    grpo.py      the configuration, the step loop, metrics and checkpoints: the `nemotron3 rl` stage
+    config.py    GRPOConfig: the run's fields (TRL's names) and those a resume may change
+    trainer.py   RL on the training skeleton (train/stage.py): a step's rollouts (iGRPO's drafts too), then the update
+    grpo.py      the `nemotron3 rl` stage: held-out evaluation, final/, summary.json
 
 The task families moved to `nemotron3.tasks`; `nemotron3.rl.tasks` stays an alias of it for code written
 against nemotron3 0.1.

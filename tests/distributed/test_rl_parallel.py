@@ -14,11 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import randomize_, small_model
-from test_parallel import ENV, TORCHRUN, _children, _wait_for_checkpoint
 
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
@@ -31,6 +31,23 @@ def parity(prompts, completions, completion_ids, **columns):
     return [float(ids[0] % 2) for ids in completion_ids]
 '''
 TIMINGS = ("rollout_tok_s", "rollout_seconds", "step_seconds")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (checkpoint.step_dir(out, step) / checkpoint.STATE_FILE).is_file():
+            return
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step {step} in {timeout} s")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
 
 
 @pytest.fixture(scope="module")
