@@ -45,20 +45,29 @@ def source(tmp_path_factory) -> Path:
     return folder
 
 
-def test_init_from_starts_from_the_weights_with_a_fresh_optimizer_and_schedule(source, tmp_path, monkeypatch):
+@pytest.mark.parametrize("nvfp4", [False, True])
+def test_init_from_starts_from_the_weights_with_a_fresh_optimizer_and_schedule(source, tmp_path, monkeypatch, nvfp4):
+    """With --nvfp4 too: the loaded weights become the NVFP4 recipe's fp32 master weights, under Super's precision
+    policy as a run from scratch gets it (the same modules quantized)."""
     seen = []
     real = loop.LMStage.train_step
 
     def first_step(self, step):
-        if not seen:
+        if step == 0:
             seen.append({"weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                         "quantized": sorted(n for n, m in self.model.named_modules()
+                                             if type(m).__name__ == "NVFP4Linear"),
                          "optimizer": {id(p): dict(s) for p, s in self.opt.state.items()}, "step": step,
                          "position": self.position})
         return real(self, step)
 
     monkeypatch.setattr(loop.LMStage, "train_step", first_step)
-    cfg = PretrainConfig(out=tmp_path / "cpt", init_from=source, steps=4, warmup=3, eval_every=100, **SMALL)
+    cfg = PretrainConfig(out=tmp_path / "cpt", init_from=source, steps=4, warmup=3, eval_every=100, nvfp4=nvfp4,
+                         **SMALL)
     final = _quiet(pretrain, cfg)
+    if nvfp4:  # the policy of a run from scratch: the same modules quantized
+        _quiet(pretrain, PretrainConfig(out=tmp_path / "scratch", steps=1, eval_every=100, nvfp4=True, **SMALL))
+        assert seen[0]["quantized"] and seen[0]["quantized"] == seen[-1]["quantized"]
     first = seen[0]
     want = load_pretrained(source, dtype=torch.float32).state_dict()
     assert sorted(first["weights"]) == sorted(want) and any(k.startswith("mtp.") for k in want)
