@@ -97,6 +97,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             kw["type"] = elem if elem in (int, float, str, Path) else str
             fixed = origin is tuple and len(args) > 1 and args[1] is not Ellipsis
             kw["nargs"] = len(args) if fixed else ("*" if meta.get("positional") else "+")
+            if origin is list and not meta.get("positional"):
+                kw["action"] = "extend"  # repeatable: `--env tasks --env tools:0.5` = `--env tasks tools:0.5`
         else:
             kw["type"] = hint if hint in (int, float, str, Path) else str
         if meta.get("choices") is not None:

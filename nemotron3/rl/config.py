@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemotron3 import options
+from nemotron3.envs.mix import parse_env_specs
+from nemotron3.envs.registry import is_known
 from nemotron3.options import StageConfig, device_option, fail, option
 from nemotron3.rl import igrpo
 from nemotron3.rl.loss import LOSS_TYPES, SCALE_REWARDS
@@ -81,6 +83,10 @@ class GRPOConfig(StageConfig):
     reward_weights: list[float] = option([], "a weight per reward function (default: 1 each)", metavar="W")
     data: list[Path] = option([], "prompt .jsonl files ({'prompt': str or messages, ...columns}; default: the "
                               "embedded task families)", metavar="PATH")
+    env: list[str] = option([], "environments to roll out, NAME[:WEIGHT], repeatable (--env tasks --env tools:0.5): "
+                            "tasks, tools, a task family, verifiers:ID; episodes turn by turn, each scored by its "
+                            "environment's rubric (default: the task prompts and --reward-funcs; docs/agentic-rl.md)",
+                            metavar="NAME[:WEIGHT]")
     families: list[str] = option([], "task families to draw prompts from (default: all)", metavar="NAME")
     difficulty: int = option(1, "task difficulty (1 = easiest)", min=1)
     refine_template: str = option(igrpo.DEFAULT_TEMPLATE, "iGRPO's stage-2 user turn ({prompt}, {draft})")
@@ -115,6 +121,17 @@ class GRPOConfig(StageConfig):
             fail(self, "micro_batch_size", "is larger than the completions per step")
         if self.top_p <= 0:
             fail(self, "top_p", "must be in (0, 1]")
+        if self.env:
+            self.check_env()
+
+    def check_env(self) -> None:
+        """`--env` specs (envs/mix.py: one line naming a bad one) and the flags an environment run replaces."""
+        parse_env_specs(self.env, known=is_known)
+        for name, given in (("data", self.data), ("families", self.families), ("reward_weights", self.reward_weights),
+                            ("reward_funcs", self.reward_funcs != ["tasks"]), ("algo", self.algo != "grpo")):
+            if given:
+                fail(self, name, "does not apply with --env: the environments give the prompts and their rubrics "
+                     "the rewards (iGRPO is single-turn)")
 
     def check_memory(self) -> None:
         """Refuse sizes this machine cannot hold (options.check_fits), before the model is loaded. Lower bounds:

@@ -56,11 +56,13 @@ from rich.console import Console
 from nemotron3.eval.accuracy import accuracy_by_mode
 from nemotron3.options import to_dict
 from nemotron3.rl.config import OPERATIONAL_FIELDS, GRPOConfig
+from nemotron3.rl.env_source import EnvRollouts
 from nemotron3.rl.trainer import RLRun
 from nemotron3.train import stage
 from nemotron3.train.summary import print_footer, run_stage
 
-__all__ = ["OPERATIONAL_FIELDS", "GRPOConfig", "GRPOStage", "grpo", "main"]  # the config: the CLI finds it here
+# the config: the CLI finds it here
+__all__ = ["OPERATIONAL_FIELDS", "EnvStage", "GRPOConfig", "GRPOStage", "grpo", "main"]
 
 
 class GRPOStage(RLRun):
@@ -70,6 +72,7 @@ class GRPOStage(RLRun):
     def __init__(self, cfg: GRPOConfig, console: Console, source: Path) -> None:
         super().__init__(cfg, console, source)
         self.before: dict = {}
+        self.env_before: dict = {}
 
     def heldout(self, n: int = 0) -> dict[str, float]:
         """Held-out greedy exact match per family, reasoning on (accuracy_by_mode), on the first `n` problems per
@@ -85,20 +88,48 @@ class GRPOStage(RLRun):
         self.rollout_model.train()
         return {f: r["accuracy"] for f, r in res["on"].items()}
 
+    def env_heldout(self, n: int, families: dict[str, float]) -> dict[str, dict]:
+        """Held-out accuracy per `--env` environment (rl/env_source.py); {} without environments."""
+        return {}
+
     def evaluate(self, step: int) -> dict | None:
         cfg = self.cfg
-        acc = self.heldout(cfg.eval_every_problems)
+        n = min(cfg.eval_every_problems or cfg.eval_problems, cfg.eval_problems)
+        acc = self.heldout(n)
         if not acc:
             return None
         self.console.print(f"step {step:4d}  [bold]held-out[/] " + "  ".join(f"{f} {a:.0%}" for f, a in acc.items()))
-        return {"step": step, "heldout_accuracy": acc,
-                "heldout_problems": min(cfg.eval_every_problems or cfg.eval_problems, cfg.eval_problems)}
+        return {"step": step, "heldout_accuracy": acc, "heldout_problems": n, **env_record(self.env_heldout(n, acc))}
 
     def state(self) -> dict:
-        return {"accuracy_before": self.before}
+        return {"accuracy_before": self.before, "env_before": self.env_before}
 
     def load_state(self, resume: dict) -> None:
         self.before = resume.get("accuracy_before", {})
+        self.env_before = resume.get("env_before", {})
+
+
+class EnvStage(EnvRollouts, GRPOStage):
+    """`nemotron3 rl --env ...`: the environments' episodes as rollouts (rl/env_source.py), GRPOStage's evaluation."""
+
+
+def env_record(env: dict[str, dict]) -> dict:
+    """A held-out record's per-environment keys: accuracy and tool-call validity ({} without environments)."""
+    if not env:
+        return {}
+    return {"heldout_env_accuracy": {k: v["accuracy"] for k, v in env.items()},
+            "heldout_env_valid_fraction": {k: v["valid_fraction"] for k, v in env.items()
+                                           if v["valid_fraction"] is not None}}
+
+
+def env_summary(run: EnvStage, after: dict[str, dict]) -> dict:
+    """summary.json's environment keys: weights, and held-out accuracy and tool-call validity before and after."""
+    b, a = env_record(run.env_before), env_record(after)
+    return {"envs": {e.name: w for e, w in zip(run.envs, run.env_weights)},
+            "env_accuracy_before": b.get("heldout_env_accuracy", {}),
+            "env_accuracy_after": a.get("heldout_env_accuracy", {}),
+            "env_valid_fraction_before": b.get("heldout_env_valid_fraction", {}),
+            "env_valid_fraction_after": a.get("heldout_env_valid_fraction", {})}
 
 
 def grpo(cfg: GRPOConfig, console: Console | None = None) -> Path:
@@ -113,10 +144,11 @@ def grpo(cfg: GRPOConfig, console: Console | None = None) -> Path:
 def _run(start: stage.Start, console: Console) -> Path:
     cfg, ckpt = start.cfg, start.ckpt
     torch.manual_seed(cfg.seed)
-    run = GRPOStage(cfg, console, ckpt or cfg.model)
+    run = (EnvStage if cfg.env else GRPOStage)(cfg, console, ckpt or cfg.model)
     if start.resume is None:
         t0 = time.perf_counter()
         run.before = run.heldout()
+        run.env_before = run.env_heldout(cfg.eval_problems, run.before) if run.before else {}
         if run.before:
             console.print(f"[bold]before RL[/] held-out exact match (reasoning on) measured in "
                           f"{time.perf_counter() - t0:.0f} s: " + "  ".join(f"{f} {a:.0%}"
@@ -130,8 +162,10 @@ def _run(start: stage.Start, console: Console) -> Path:
     final = cfg.out / "final"
     run.save_final()
     after = run.heldout()
+    env_after = run.env_heldout(cfg.eval_problems, after) if after else {}
     if after:
-        run.write({"step": run.step, "heldout_accuracy": after, "heldout_problems": cfg.eval_problems})
+        run.write({"step": run.step, "heldout_accuracy": after, "heldout_problems": cfg.eval_problems,
+                   **env_record(env_after)})
     if run.rank == 0:
         records = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r for r in records if "reward" in r]
@@ -141,6 +175,7 @@ def _run(start: stage.Start, console: Console) -> Path:
             "seconds": round(time.perf_counter() - start.t_start, 1),
             "rollouts_per_prompt": run.N + run.G, "speculative": run.k,
             "accuracy_before": run.before, "accuracy_after": after,
+            **(env_summary(run, env_after) if cfg.env else {}),
             "reward_first": steps[0]["reward"] if steps else None,
             "reward_last": steps[-1]["reward"] if steps else None,
             "token_mult_prob_error_max": max((r.get("token_mult_prob_error", 1.0) for r in steps), default=None),
@@ -166,6 +201,13 @@ def print_summary(summary: dict, console: Console) -> None:
             b = before.get(fam)
             delta = f"  ({(a - b) * 100:+.0f} points)" if b is not None else ""
             console.print(f"  {fam:10s} {'-' if b is None else f'{b:.0%}':>5s} -> {a:.0%}{delta}")
+    if summary.get("env_accuracy_after"):
+        console.print("held-out accuracy per environment (greedy), before -> after RL")
+        for name, a in summary["env_accuracy_after"].items():
+            b = summary["env_accuracy_before"].get(name)
+            valid = summary["env_valid_fraction_after"].get(name)
+            console.print(f"  {name:10s} {'-' if b is None else f'{b:.0%}':>5s} -> {a:.0%}"
+                          + (f"  (tool calls valid {valid:.0%})" if valid is not None else ""))
     print_footer(summary, console)
 
 

@@ -275,10 +275,12 @@ class RLRun(Stage):
                 if it == 0:
                     full = torch.tensor([[*batch.logprobs[idx[j]]] + [0.0] * (t - len(comps[j])) for j in ch],
                                         device=dev)  # the engine's log-probabilities, padded
+                    own = mask if batch.loss_mask is None else mask * torch.tensor(  # the model's tokens only
+                        [[*batch.loss_mask[idx[j]]] + [0.0] * (t - len(comps[j])) for j in ch], device=dev)
                     sums[0] += float(loss.detach())
-                    sums[1] += float((torch.exp((logp.detach() - full).abs()) * mask).sum())
-                    sums[2] += float(mask.sum())
-                    sums[3] += float((ent * mask).sum())
+                    sums[1] += float((torch.exp((logp.detach() - full).abs()) * own).sum())
+                    sums[2] += float(own.sum())
+                    sums[3] += float((ent * own).sum())
                 for s, name in enumerate(STATS):
                     sums[4 + s] += getattr(st, name) * st.tokens
                 sums[-1] += st.tokens
