@@ -30,7 +30,7 @@ import functools
 import random
 from typing import Any
 
-from nemotron3 import tasks
+from nemotron3 import chat, tasks
 from nemotron3.envs.base import Example, Rubric, State
 from nemotron3.envs.tool_env import ToolEnv
 
@@ -175,3 +175,9 @@ def conversation(problem: dict[str, Any]) -> dict[str, Any]:
 def conversations(n: int, seed: int = 0, split: str = "train", difficulty: int = 1) -> list[dict[str, Any]]:
     """`n` SFT conversations of the tool environment (train/sft_data.py `tool_conversations` wraps them)."""
     return [conversation(p) for p in problems(n, seed, split, difficulty)]
+
+
+def texts(n: int, seed: int = 0, difficulty: int = 1) -> list[str]:
+    """`n` training conversations rendered with the chat template (tools block included): what a tokenizer's
+    sample needs so that tool-call text is a few hundred tokens, not a thousand (docs/agentic-rl.md §3)."""
+    return [chat.render(c["messages"], c["tools"]) for c in conversations(n, seed, "train", difficulty)]

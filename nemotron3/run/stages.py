@@ -36,6 +36,7 @@ from rich.console import Console
 from nemotron3 import checkpoint as ckpt  # the checkpoint folder (train.checkpoint is the run's)
 from nemotron3 import folders
 from nemotron3.config import ModelConfig
+from nemotron3.envs import lookup
 from nemotron3.eval.accuracy import accuracy_by_mode, mode_names
 from nemotron3.options import ConfigError, resolve_device
 from nemotron3.rl.config import GRPOConfig
@@ -106,6 +107,7 @@ def tokenizer_stage(ctx: Context) -> dict:
     """The byte-level BPE that every later stage shares, trained as `nemotron3 pretrain` would."""
     defaults = PretrainConfig()
     texts = train_data.task_texts(defaults.tokenizer_sample, ctx.seed, "train", defaults.difficulty)
+    texts += lookup.texts(len(texts) // 10, ctx.seed)  # tool-call text, as pretrain's sample has (issue 34)
     tok = Tokenizer.train(texts, ModelConfig.load(ctx.config).vocab_size)
     tok.save(ctx.dir("tokenizer"))
     return {"vocab_size": tok.vocab_size, "documents": len(texts), "path": str(ctx.dir("tokenizer"))}

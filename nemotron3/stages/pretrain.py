@@ -45,6 +45,7 @@ from rich.markup import escape
 from nemotron3.checkpoint import has_tokenizer, is_checkpoint, load_tokenizer, read_config
 from nemotron3.checkpoint import load as load_pretrained
 from nemotron3.config import ModelConfig
+from nemotron3.envs import lookup
 from nemotron3.eval.accuracy import task_accuracy
 from nemotron3.model import HybridLM
 from nemotron3.options import (
@@ -198,7 +199,9 @@ def _corpus(cfg: PretrainConfig, console: Console, tokenizer: Tokenizer | None, 
     if tokenizer is None and cfg.tokenizer is not None:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     elif tokenizer is None:
-        tokenizer = Tokenizer.train([t for texts in user.values() for t in texts] + task_sample, vocab_cap)
+        tool_sample = lookup.texts(len(task_sample) // 10, cfg.seed) if task_sample else []  # issue 34: tool calls
+        tokenizer = Tokenizer.train([t for texts in user.values() for t in texts] + task_sample + tool_sample,
+                                    vocab_cap)
     task_train, task_heldout = [], []
     if cfg.use_tasks:
         per_doc = sum(map(len, tokenizer.encode_batch(task_sample))) / len(task_sample) + 2

@@ -38,25 +38,32 @@ from rich.console import Console
 
 from nemotron3 import checkpoint
 from nemotron3.distributed import parallel
+from nemotron3.engine import Engine
+from nemotron3.engine.thinking import ThinkTokens
+from nemotron3.envs import LookupEnv
 from nemotron3.eval.accuracy import accuracy_by_mode, task_accuracy
 from nemotron3.options import (
     ITEM_BYTES,
     ConfigError,
     check_fits,
     check_items,
+    derive_seed,
     device_of,
     fail,
     option,
     to_dict,
 )
+from nemotron3.rl.env_source import heldout_env
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import sft_data, stage
-from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, DataError
+from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, Batch, DataError, PackedData
 from nemotron3.train.loop import LMStage, TrainConfig
 from nemotron3.train.summary import print_footer, run_stage
 
+TOOL_EPISODE_TOKENS = 256  # a reference episode is ~130 tokens after its prompt (docs/agentic-rl.md §6)
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
-                      "eval_budgets", "out", "resume", "dp_shard", "ep", "overwrite", "strict_finite", "device")
+                      "eval_budgets", "tool_eval_problems", "out", "resume", "dp_shard", "ep", "overwrite",
+                      "strict_finite", "device")
 
 
 @dataclass
@@ -74,9 +81,14 @@ class SFTConfig(TrainConfig):
                               "from the embedded task families)", metavar="PATH")
     tasks: bool | None = option(None, "include the task conversations (default: only when --data is not given)")
     conversations: int = option(0, "task conversations to train on (0 = one per row the run reads)", min=0)
+    tools: bool | None = option(None, "include the tool environment's conversations (lookup + calculate calls, "
+                                "envs/lookup.py; default: with the task conversations)")
+    tool_share: float = option(0.1, "tool conversations, as a share of the task conversations", min=0.0, max=1.0)
+    tool_eval_problems: int = option(50, "held-out tool problems run as greedy episodes after SFT: accuracy and "
+                                     "tool-call validity (0 = none)", min=0)
     difficulty: int = option(1, "task difficulty (1 = easiest)", min=1)
-    seq_len: int = option(256, "most tokens of one conversation (one per row; longer ones are skipped and counted)",
-                          min=2)
+    seq_len: int = option(512, "most tokens of one conversation (one per row; longer ones are skipped and counted; a "
+                          "tool conversation is about 460)", min=2)
     seed: int = option(0, "seed of the data order, the reasoning modes and budgets, and the task problems", min=0)
     reasoning_off_share: float = option(0.2, "share of the conversations trained with reasoning off (empty think "
                                         "block, the answer only)", min=0.0, max=1.0)
@@ -115,29 +127,83 @@ class SFTConfig(TrainConfig):
     def use_tasks(self) -> bool:
         return self.tasks if self.tasks is not None else not self.data
 
+    @property
+    def use_tools(self) -> bool:
+        return (self.tools if self.tools is not None else self.use_tasks) and self.tool_share > 0
 
-def _data(cfg: SFTConfig, tokenizer: Tokenizer, console: Console) -> tuple[sft_data.SFTRows, sft_data.SFTRows]:
-    """Training rows (in their drawn modes) and held-out rows (reasoning on)."""
+
+def _data(cfg: SFTConfig, tokenizer: Tokenizer,
+          console: Console) -> tuple[sft_data.SFTRows, sft_data.SFTRows, dict[str, int]]:
+    """Training rows (in their drawn modes, drawn in batches of one length bucket), held-out rows (reasoning on),
+    and the tool conversations' counts {"tools": given, "tools_too_long": skipped by --seq-len}."""
     train_convs, heldout_convs = [], []
     user = sft_data.read_conversations(cfg.data) if cfg.data else []
     if user:
         k = max(1, round(len(user) * cfg.heldout_fraction)) if len(user) > 1 else 0
         train_convs, heldout_convs = user[: len(user) - k], user[len(user) - k:]
+    n = cfg.conversations or math.ceil(cfg.steps * cfg.batch_size * (0.5 if user else 1.0))
     if cfg.use_tasks:
-        n = cfg.conversations or math.ceil(cfg.steps * cfg.batch_size * (0.5 if user else 1.0))
         train_convs += sft_data.task_conversations(n, cfg.seed, "train", cfg.difficulty)
         heldout_convs += sft_data.task_conversations(cfg.heldout_task_problems, cfg.seed, "heldout", cfg.difficulty)
+    n_tools = round(n * cfg.tool_share) if cfg.use_tools else 0
+    if n_tools:  # after the others: their modes are drawn as without tools
+        train_convs += sft_data.tool_conversations(n_tools, cfg.seed, "train", cfg.difficulty)
+        heldout_convs += sft_data.tool_conversations(max(1, round(cfg.heldout_task_problems * cfg.tool_share)),
+                                                     cfg.seed, "heldout", cfg.difficulty)
     if not train_convs:
         raise ConfigError("no training data: give --data files or keep the task conversations (--tasks)")
-    rows = sft_data.build(train_convs, tokenizer, cfg.seq_len, cfg.seed, cfg.reasoning_off_share, cfg.budget_share)
+    exs = sft_data.examples(train_convs, tokenizer, cfg.seed, cfg.reasoning_off_share, cfg.budget_share)
+    tools = {"tools": n_tools, "tools_too_long": sum(len(e.ids) > cfg.seq_len + 1 for e in exs[len(exs) - n_tools:])}
+    rows = sft_data.rows(exs, cfg.seq_len, tokenizer.pad_id, cfg.seed)
     heldout = sft_data.build(heldout_convs, tokenizer, cfg.seq_len, cfg.seed)
     if not len(rows.data):
         raise DataError(f"every conversation is longer than --seq-len {cfg.seq_len} tokens or has no assistant "
                         "turn: nothing to train on")
-    console.print(f"[bold]data[/] {len(rows.data):,} conversations ({len(user):,} from files), modes "
-                  f"{rows.modes}, rows of {rows.data.seq_len + 1} tokens; skipped: {rows.skipped_too_long} longer "
-                  f"than {cfg.seq_len} tokens, {rows.skipped_no_assistant} without an assistant turn")
-    return rows, heldout
+    rows.data = LengthBatches(rows.data, cfg.batch_size)
+    heldout.data = LengthBatches(heldout.data, 0) if len(heldout.data) else heldout.data
+    console.print(f"[bold]data[/] {len(rows.data):,} conversations ({len(user):,} from files, "
+                  f"{n_tools - tools['tools_too_long']:,} tool conversations), modes {rows.modes}, rows of at most "
+                  f"{rows.data.seq_len + 1} tokens; skipped: {rows.skipped_too_long} longer than {cfg.seq_len} "
+                  f"tokens, {rows.skipped_no_assistant} without an assistant turn")
+    return rows, heldout, tools
+
+
+class LengthBatches(PackedData):
+    """Rows drawn in batches of one length bucket (the row's length rounded up to a power of two), each batch cut
+    to its longest row: a batch of short task conversations is not padded to a tool conversation's ~460 tokens.
+
+    Exact for the loss: a row is right-padded, the model is causal, and nothing past a batch's last target counted
+    by the mask is read. An epoch's order: the rows shuffled (the seed's stream for the epoch), split by bucket
+    into batches of `batch_size` in that order; the full batches shuffled, then each bucket's remainder; rotated so
+    that the full batches sit on the run's batch boundaries (an epoch's length need not divide into batches).
+    `batch_size` 0 (held-out rows): the rows sorted by length, so `eval_loss`'s consecutive chunks are cut too."""
+
+    def __init__(self, data: PackedData, batch_size: int) -> None:
+        lengths = (data.mask.cumsum(1) == data.mask.sum(1, keepdim=True)).int().argmax(1) + 1  # last counted target
+        order = torch.argsort(lengths, stable=True) if batch_size == 0 else torch.arange(len(data))
+        super().__init__(data.rows[order], data.mask[order], data.seed)
+        self.lengths, self.batch_size = lengths[order], batch_size
+        self.buckets = torch.ceil(torch.log2(self.lengths.clamp(min=64).double())).long()
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self.batch_size == 0:
+            return torch.arange(len(self))
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            perm = torch.randperm(len(self), generator=g)
+            parts = [b for k in self.buckets.unique().tolist()
+                     for b in perm[self.buckets[perm] == k].split(self.batch_size)]
+            full = [b for b in parts if len(b) == self.batch_size]
+            seq = torch.cat([full[i] for i in torch.randperm(len(full), generator=g)]
+                            + [b for b in parts if len(b) < self.batch_size])
+            fill = -(epoch * len(self)) % self.batch_size  # rows that close the last epoch's batch
+            self._perm = (epoch, seq.roll(fill))
+        return self._perm[1]
+
+    def take(self, index: list[int]) -> Batch:
+        b = super().take(index)
+        width = int(self.lengths[index].max())
+        return Batch(b.inputs[:, :width], b.targets[:, :width], b.mask[:, :width])
 
 
 def _accuracy(cfg: SFTConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> dict:
@@ -148,6 +214,14 @@ def _accuracy(cfg: SFTConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> d
     table["raw"] = {f: r["accuracy"] for f, r in raw.items()}
     examples = {f: r["example"] for f, r in by_mode["on"].items()}
     return {"accuracy": table, "examples": examples}
+
+
+def _tool_accuracy(cfg: SFTConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> dict:
+    """Greedy episodes of the tool environment's held-out problems (rl/env_source.py heldout_env): accuracy,
+    tool-call validity, turns; a whole episode gets TOOL_EPISODE_TOKENS tokens after its prompt."""
+    engine = Engine(model, think_tokens=ThinkTokens.from_tokenizer(tokenizer))
+    return heldout_env(engine, tokenizer, LookupEnv(cfg.difficulty), cfg.tool_eval_problems, cfg.seed,
+                       TOOL_EPISODE_TOKENS)
 
 
 def sft(cfg: SFTConfig, console: Console | None = None) -> Path:
@@ -173,7 +247,7 @@ def _sft(start: stage.Start, console: Console) -> Path:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{source}: the model's vocab_size {model.config.vocab_size} < its tokenizer's "
                           f"{tokenizer.vocab_size}")
-    rows, heldout = _data(cfg, tokenizer, console)
+    rows, heldout, tools = _data(cfg, tokenizer, console)
     evaluate = rank == 0 and cfg.use_tasks and cfg.eval_problems > 0
     before = {}
     # a resumed run measures the checkpoint the run started from, as the uninterrupted run did
@@ -198,6 +272,7 @@ def _sft(start: stage.Start, console: Console) -> Path:
     model = run.save_final()  # the whole model on rank 0 (None elsewhere)
     if rank == 0:
         after = _accuracy(cfg, model, tokenizer) if evaluate else {}
+        tool_after = _tool_accuracy(cfg, model, tokenizer) if cfg.use_tools and cfg.tool_eval_problems else {}
         stage.write_summary(cfg.out, {
             "out": str(cfg.out), "final": str(final), "metrics": str(cfg.out / "metrics.jsonl"),
             "model": str(cfg.model), "parameters": model.num_parameters(), "steps": run.step,
@@ -206,9 +281,9 @@ def _sft(start: stage.Start, console: Console) -> Path:
             "conversations": {"train": len(rows.data), "heldout": len(heldout.data), "modes": rows.modes,
                               "skipped_too_long": rows.skipped_too_long + heldout.skipped_too_long,
                               "skipped_no_assistant": rows.skipped_no_assistant + heldout.skipped_no_assistant,
-                              "row_tokens": rows.data.seq_len + 1},
+                              "row_tokens": rows.data.seq_len + 1, **tools},
             "accuracy_before": before.get("accuracy", {}), "accuracy_after": after.get("accuracy", {}),
-            "examples": after.get("examples", {}),
+            "examples": after.get("examples", {}), "tools_after": tool_after,
             "skipped_steps": result.skipped,
             "config": to_dict(cfg),
         })
@@ -220,8 +295,9 @@ def print_summary(summary: dict, console: Console) -> None:
     console.rule("[bold]SFT summary")
     conv = summary["conversations"]
     console.print(f"{summary['steps']} steps in {summary['train_seconds']} s ({summary['seconds']} s in all) on "
-                  f"{conv['train']:,} conversations (modes {conv['modes']}); skipped: {conv['skipped_too_long']} "
-                  f"too long, {conv['skipped_no_assistant']} without an assistant turn")
+                  f"{conv['train']:,} conversations (modes {conv['modes']}; {conv.get('tools', 0):,} tool "
+                  f"conversations); skipped: {conv['skipped_too_long']} too long, {conv['skipped_no_assistant']} "
+                  "without an assistant turn")
     if summary["eval_losses"]:
         curve = "  ".join(f"{s}:{v:.3f}" for s, v in summary["eval_losses"])
         console.print(f"held-out loss (assistant tokens) by step  {curve}")
@@ -235,6 +311,12 @@ def print_summary(summary: dict, console: Console) -> None:
             cells = "".join((f"{before[m][fam]:7.0%}" if fam in before.get(m, {}) else f"{'-':>7s}") +
                             f" -> {after[m][fam]:4.0%}" for m in modes)
             console.print(f"  {fam:10s}{cells}")
+    tools = summary.get("tools_after") or {}
+    if tools:
+        valid = tools["valid_fraction"]
+        console.print(f"tool environment, {tools['problems']} held-out problems as greedy episodes: accuracy "
+                      f"{tools['accuracy']:.0%}, tool calls valid "
+                      f"{'-' if valid is None else f'{valid:.0%}'}, {tools['turns']:.1f} turns")
     print_footer(summary, console)
 
 
