@@ -9,9 +9,11 @@ never the same work done slower. It was set on the reference machine (2 CPU core
     tokenizer     BPE on 4,000 task documents             fixed
     pretrain      300 NVFP4 steps of 16 x 256 tokens       steps = 15 B; the last 18 % unquantized (the switch)
     precision     the high-precision twin, 30 % of them   the same share of the pretraining steps
-    sft           300 steps of 16 conversations           steps = 15 B
+    sft           300 steps of 16 conversations (10 %     steps = 15 B
+                  tool conversations), tool episodes
     rl            240 GRPO steps of 8 prompts x 16,       steps = 12 B; from B = 40 iGRPO runs beside GRPO and the
-                  sampled at temperature 0.7              two split them (6 B each); under 1 minute 4 prompts x 8
+                  sampled at temperature 0.7, 1 in 9 a    two split them (6 B each); under 1 minute 4 prompts x 8
+                  tool-environment prompt (--env tools)
                   held-out exact match before and after   the curve: 4 evaluations inside the stage, evenly
                   (the eval problems), and 4 times in     spaced, on the first min(20, eval) problems per family
                   between (20 per family)
@@ -48,6 +50,11 @@ SWITCH_SHARE = 0.18  # NVFP4 end-of-training switch: the last 18 % of the pretra
 # stage then checks that its own sizes fit in memory); 15 x 1e308 would overflow the float arithmetic itself.
 MAX_BUDGET_MINUTES = 1_000_000
 RL_CURVE_EVALS = 4  # held-out evaluations inside each RL stage, evenly spaced, between the full before and after
+# The tool environment in the rl stage: tools:W beside the six task families at weight 1, a share W / (1 + W) of
+# the prompts: 0.89 of the 8 per step at W = 0.125. Its episodes (~130 tokens after a ~330-token prompt) need
+# --max-completion-length 192, and the update runs one group per forward so task rows are not padded to them.
+RL_TOOL_WEIGHT = 0.125
+RL_COMPLETION_TOKENS = 192
 RL_CURVE_PROBLEMS = 20  # problems per family at those (the first of the full set): about 4 points s.e. on the mean
 
 
@@ -68,6 +75,9 @@ class Plan:
     rl_prompts: int = 8
     rl_generations: int = 16
     rl_temperature: float = RL_TEMPERATURE
+    rl_tool_weight: float = RL_TOOL_WEIGHT  # the rl stage's `--env tasks --env tools:W` (issue 34)
+    rl_completion_tokens: int = RL_COMPLETION_TOKENS
+    rl_micro_batch: int = 0  # completions per forward of the update: one group, so task rows are not padded to tools'
     spec_new_tokens: int = 96
     speed_new_tokens: int = 128
     eval_budgets: tuple[int, ...] = (8, 24)
@@ -123,4 +133,4 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
     small = b < 1
     return Plan(b, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts,
                 seedlm=b >= SEEDLM_FROM_MINUTES, rl_prompts=4 if small else 8, rl_generations=8 if small else 16,
-                seconds=seconds)
+                rl_micro_batch=8 if small else 16, seconds=seconds)

@@ -22,6 +22,8 @@ report.json keys (fractions in [0, 1] unless said otherwise):
                          figure p on n problems has the binomial standard error sqrt(p (1 - p) / n) (binomial_se)
     rl_heldout_curve     {"rl" | "igrpo": [{step, accuracy: {family: exact match}, problems}]}: before (step 0), the
                          evaluations inside the stage (on the first problems of the set) and after
+    tools                the tool environment: {"sft" | "rl_before" | "rl_after": {accuracy, valid_fraction,
+                         problems}} (held-out greedy episodes), "rl_env_curve": {env: [[step, training accuracy]]}
     seconds_by_stage, seconds_total, stages ({stage: "done" | "skipped: why"}), plan, environment
 """
 
@@ -172,6 +174,7 @@ def build(out: Path, plan: Plan, status: dict[str, str], seconds: dict[str, floa
         "rl_heldout_curve": {name: [{"step": step, "accuracy": a, "problems": k} for step, a, k in
                                     plots.heldout_points(out, name, s.get(name, {}))] for name in ("rl", "igrpo")
                              if name in s},
+        "tools": tool_report(out, s),
         "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
         "seconds_total": round(sum(seconds.values()), 1),
         "stages": status,
@@ -185,6 +188,43 @@ def build(out: Path, plan: Plan, status: dict[str, str], seconds: dict[str, floa
     report["plots"] = [f for f, _ in made]
     write_json(out / "report.json", report)
     return report
+
+
+def tool_report(out: Path, s: dict[str, dict]) -> dict:
+    """The tool environment's held-out greedy episodes after SFT and before / after RL ({accuracy, valid_fraction,
+    problems}), and the RL stage's per-environment training accuracy by step ({env: [[step, accuracy], ...]})."""
+    t: dict[str, Any] = {}
+    if s.get("sft", {}).get("tools_after"):
+        t["sft"] = {k: s["sft"]["tools_after"][k] for k in ("accuracy", "valid_fraction", "problems")}
+    rl = s.get("rl", {})
+    for when in ("before", "after"):
+        if "tools" in rl.get(f"env_accuracy_{when}", {}):
+            t[f"rl_{when}"] = {"accuracy": rl[f"env_accuracy_{when}"]["tools"],
+                               "valid_fraction": rl[f"env_valid_fraction_{when}"].get("tools"),
+                               "problems": rl["config"]["eval_problems"]}
+    if rl.get("envs") and (out / "rl" / "metrics.jsonl").is_file():
+        recs = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+        t["rl_env_curve"] = {e: [[r["step"], r[f"env/{e}/accuracy"]] for r in recs if f"env/{e}/accuracy" in r]
+                             for e in rl["envs"]}
+    return t
+
+
+def _tool_blocks(t: dict) -> list[Block]:
+    rows = [[name, pct_se(t[k]["accuracy"], se_of(t[k]["accuracy"], t[k]["problems"])), pct(t[k]["valid_fraction"]),
+             str(t[k]["problems"])] for k, name in (("sft", "after SFT"), ("rl_before", "RL, before"),
+                                                   ("rl_after", "after RL")) if k in t]
+    b: list[Block] = [("h", 2, "Tool use (lookup + calculate)"),
+                      ("p", "Held-out problems of the tool environment (docs/agentic-rl.md §3) as greedy multi-turn "
+                            "episodes: the answer needs the lookup tool's values; a call is valid when it parses, "
+                            "names a tool and its arguments fit. ± one binomial standard error.")]
+    b.append(("table", ["model", "accuracy", "tool calls valid", "problems"], rows))
+    for env, pts in t.get("rl_env_curve", {}).items():
+        k = max(1, len(pts) // 10)
+        vals = [[a for _, a in pts[:k]], [a for _, a in pts[-k:]]]
+        if pts and all(v and all(x == x for x in v) for v in vals):  # NaN-free
+            b.append(("p", f"RL training accuracy of `{env}` (sampled episodes): {pct(sum(vals[0]) / k)} over the "
+                           f"first {k} steps, {pct(sum(vals[1]) / k)} over the last {k}."))
+    return b
 
 
 def _quant_se(row: dict, n: int | None) -> float | None:
@@ -312,6 +352,8 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
                            f"after (step {curve[-1]['step']}); {curve[0]['problems']} problems per family before and "
                            "after. Error bars: one standard error."))
         img("rl.png")
+    if r["tools"]:
+        b += _tool_blocks(r["tools"])
     spec = s.get("speculative")
     if spec:
         b.append(("h", 2, "MTP speculative decoding"))

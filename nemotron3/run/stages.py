@@ -147,7 +147,7 @@ def precision_stage(ctx: Context) -> dict:
 def sft_stage(ctx: Context) -> dict:
     p, out = ctx.plan, ctx.dir("sft")
     sft(SFTConfig(model=ctx.dir("pretrain") / "final", out=out, steps=p.sft_steps, seed=ctx.seed,
-                  eval_problems=p.eval_problems, eval_budgets=list(p.eval_budgets),
+                  eval_problems=p.eval_problems, eval_budgets=list(p.eval_budgets), tool_eval_problems=p.eval_problems,
                   eval_every=max(1, p.sft_steps // 6), save_every=_save_every(p.sft_steps), keep_last=1,
                   log_every=max(1, p.sft_steps // 6), resume=_fresh_or_resume(out), device=ctx.device), ctx.console)
     return ctx.summary("sft")
@@ -164,7 +164,10 @@ def _rl(ctx: Context, stage: str, **kw: Any) -> dict:
 
 
 def rl_stage(ctx: Context) -> dict:
-    return _rl(ctx, "rl", num_generations=ctx.plan.rl_generations)
+    """GRPO on the task families and the tool environment (`--env tasks --env tools:W`, plan.RL_TOOL_WEIGHT)."""
+    p = ctx.plan
+    return _rl(ctx, "rl", num_generations=p.rl_generations, env=["tasks", f"tools:{p.rl_tool_weight:g}"],
+               max_completion_length=p.rl_completion_tokens, micro_batch_size=p.rl_micro_batch)
 
 
 def igrpo_stage(ctx: Context) -> dict:

@@ -128,6 +128,17 @@ def test_the_report_says_what_the_stages_said(killed_and_resumed):
     for scheme, row in rep["quantized"].items():
         own = _read(out / "quantize" / f"{scheme}.json")
         assert row["accuracy"] == own["accuracy_mean"] and row["bytes"] == own["bytes"]
+    # the tool environment (issue 34): SFT trained on its conversations, RL mixed it in; the report's section
+    tools = rep["tools"]
+    assert sft["conversations"]["tools"] > 0 and rl["envs"] == {"tasks": 1.0, "tools": plan(0.5).rl_tool_weight}
+    assert tools["sft"] == {k: sft["tools_after"][k] for k in ("accuracy", "valid_fraction", "problems")}
+    for when in ("before", "after"):
+        assert tools[f"rl_{when}"]["accuracy"] == rl[f"env_accuracy_{when}"]["tools"]
+        assert tools[f"rl_{when}"]["valid_fraction"] == rl[f"env_valid_fraction_{when}"].get("tools")
+    steps = [r for r in _metrics(out / "rl" / "metrics.jsonl") if "reward" in r]
+    assert tools["rl_env_curve"]["tools"] == [[r["step"], r["env/tools/accuracy"]] for r in steps
+                                              if "env/tools/accuracy" in r]
+    assert "## Tool use" in (out / "report.md").read_text()
 
 
 def test_resume_refuses_a_change_of_what_the_run_computes(killed_and_resumed, tmp_path):
