@@ -43,7 +43,8 @@ from nemotron3.config import ModelConfig
 from nemotron3.model.conv import causal_conv1d
 from nemotron3.model.norms import GatedRMSNorm
 from nemotron3.model.packing import Packer, addmm, mm, pack_weight
-from nemotron3.model.ssd import ssd_chunked, ssd_step
+from nemotron3.model.ssd import ssd_step
+from nemotron3.model.ssd_kernels import ssd_scan
 from nemotron3.model.state import StateSpec
 
 
@@ -144,7 +145,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self.split_xbc(xbc)  # (b, t, h, p), (b, t, g, n), (b, t, g, n)
         dt, A = self.discretize(dt)  # (b, t, h) fp32
         if cache is None:
-            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
+            y, _ = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D)  # (b, t, h, p)
         else:
             y = self._continue(cache, window, x, dt, A, B, C)
         y = self.norm(y.reshape(b, t, self.d_inner), z)
@@ -167,7 +168,7 @@ class Mamba2Mixer(nn.Module):
                     cache.record(i, conv=self._conv_state_after(window, torch.clamp(last, max=i)), ssm=state)
             y, new_state = torch.stack(ys, dim=1), state  # (b, t, h, p)
         else:
-            y, new_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state)
+            y, new_state = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=state)
         new_conv = window[:, t:].transpose(1, 2) if cache.valid is None else self._conv_state_after(window, last)
         cache.write("conv", new_conv)
         cache.write("ssm", new_state)
