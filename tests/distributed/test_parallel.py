@@ -62,7 +62,7 @@ PARITY = ["--steps", "10", "--eval-every", "5"]
 def _same_as_one_rank(one: Path, two: Path) -> None:
     """Every logged number within 1e-5, the same expert loads, the final weights within 1e-4."""
     a_records, b_records = _records(one), _records(two)
-    assert [sorted(r) for r in a_records] == [sorted(r) for r in b_records] and len(a_records) == 13  # + 2 evals + the data shares
+    assert [sorted(r) for r in a_records] == [sorted(r) for r in b_records] and len(a_records) == 13  # +2 evals +shares
     for a, b in zip(a_records, b_records):
         for key in ("loss", "grad_norm", "mtp_loss", "aux_loss", "eval_loss", "eval_mtp_loss"):
             if key in a:
