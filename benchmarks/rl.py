@@ -8,6 +8,13 @@ sampled at temperature 1 with k = 0 (plain) and k = 2, 3 (lossless MTP speculati
 times; prints the median rollout tok/s of each (new tokens of all rows over the whole generate call, prefill
 included, as the trainer sees it), their ratio to plain, and the acceptance length.
 
+Part 3 (`--env-compare`, alone), the tool environment (issue 34): from an SFT checkpoint trained with the tool
+conversations, per seed, `nemotron3 rl --env tasks --env tools:W` (`--tool-weight`, 0.5) against `--env tasks`:
+the tool environment's held-out accuracy and tool-call validity (greedy episodes) before and after, each family's
+change of held-out exact match, wall time; mean ± s.e. over `--seeds`.
+
+    python benchmarks/rl.py --env-compare --model runs/sft/final --steps 60 --seeds 0,1,2
+
 Part 2, GRPO vs iGRPO: from the same SFT checkpoint, for each seed, one `nemotron3 rl` run per algorithm with the
 same number of sampled completions per prompt (`--budget`: GRPO samples B, iGRPO B/2 drafts + B/2 refinements)
 and the same steps and prompts; prints held-out greedy exact match per family (reasoning on) before and after,
@@ -28,6 +35,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from nemotron3 import checkpoint
+from nemotron3.engine import Engine
+from nemotron3.engine.thinking import ThinkTokens
+from nemotron3.envs import LookupEnv
+from nemotron3.rl.env_source import heldout_env
 from nemotron3.rl.grpo import GRPOConfig, grpo
 from nemotron3.rl.rollout import rollout
 from nemotron3.rl.trainer import RLRun
@@ -95,6 +107,55 @@ def compare(model: Path, seeds: list[int], budget: int, steps: int, out: Path, e
         print(f"  {algo:5s} " + "  ".join(f"{f} {statistics.mean(v):+.1f}±{se[f]:.1f}" for f, v in changes.items()))
 
 
+def tool_heldout(final: Path, n: int, seed: int, tokens: int) -> dict:
+    """The tool environment's held-out greedy episodes of a checkpoint (rl/env_source.py heldout_env)."""
+    model, tok = checkpoint.open(final, "cpu", torch.float32, require_tokenizer=True)
+    engine = Engine(model, think_tokens=ThinkTokens.from_tokenizer(tok))
+    return heldout_env(engine, tok, LookupEnv(), n, seed, tokens)
+
+
+def env_compare(model: Path, seeds: list[int], steps: int, out: Path, weight: float, problems: int,
+                tokens: int) -> None:
+    """Part 3: RL on `--env tasks --env tools:W` against `--env tasks` from one SFT checkpoint, per seed: the
+    tool environment's held-out accuracy and tool-call validity (greedy episodes) before and after, and each
+    family's held-out exact match; mean ± s.e. over the seeds, paired within a seed (same held-out sets)."""
+    arms = {"tasks+tools": ["tasks", f"tools:{weight:g}"], "tasks": ["tasks"]}
+    rows: dict[str, list[dict]] = {a: [] for a in arms}
+    for seed in seeds:
+        before = tool_heldout(model, problems, seed, tokens)
+        for arm, env in arms.items():
+            t0 = time.perf_counter()
+            final = grpo(GRPOConfig(model=model, out=out / f"{arm}-{seed}", env=env, steps=steps, seed=seed,
+                                    max_completion_length=tokens, micro_batch_size=16, temperature=0.7,
+                                    eval_problems=problems, log_every=10**6), Console(quiet=True))
+            seconds = time.perf_counter() - t0
+            summary = json.loads((final.parent / "summary.json").read_text())
+            after = tool_heldout(final, problems, seed, tokens)
+            rows[arm].append({"seconds": seconds, "tools_before": before["accuracy"], "tools": after["accuracy"],
+                              "valid": after["valid_fraction"],
+                              "family": {f: summary["accuracy_after"][f] - b
+                                         for f, b in summary["accuracy_before"].items()}})
+            print(f"  {arm:11s} seed {seed}: {seconds:5.0f} s  tools {before['accuracy']:.0%} -> "
+                  f"{after['accuracy']:.0%} (valid {after['valid_fraction'] or 0:.0%})  " +
+                  "  ".join(f"{f} {d * 100:+.0f}" for f, d in rows[arm][-1]["family"].items()), flush=True)
+
+    def ms(vals: list[float]) -> str:
+        se = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):+.1f} ± {se:.1f}"
+
+    print(f"\n{len(seeds)} seeds, {steps} steps, {problems} held-out problems per family and of the tool "
+          f"environment, completions up to {tokens} tokens; mean ± s.e. over seeds")
+    for arm, rs in rows.items():
+        fams = rs[0]["family"]
+        print(f"  {arm:11s} tools {statistics.mean(r['tools_before'] for r in rs) * 100:.1f} % -> "
+              f"{statistics.mean(r['tools'] for r in rs) * 100:.1f} % (change "
+              f"{ms([(r['tools'] - r['tools_before']) * 100 for r in rs])} points), tool calls valid "
+              f"{statistics.mean(r['valid'] or 0 for r in rs) * 100:.1f} %, "
+              f"{statistics.mean(r['seconds'] for r in rs):.0f} s per run")
+        print("              family change (points): " + "  ".join(
+            f"{f} {ms([r['family'][f] * 100 for r in rs])}" for f in fams))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("runs/sft/final"))
@@ -106,11 +167,20 @@ def main() -> None:
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--prompts", type=int, default=None, help="prompts of the throughput batch (default: rl's)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--env-compare", action="store_true", help="only part 3: tasks + tools against tasks")
+    ap.add_argument("--tool-weight", type=float, default=0.5)
+    ap.add_argument("--problems", type=int, default=40, help="part 3: held-out problems per family and of tools")
+    ap.add_argument("--tokens", type=int, default=192, help="part 3: --max-completion-length")
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a checkpoint folder: run `nemotron3 pretrain` and `nemotron3 sft` "
                          "first (or pass --model)")
     defaults = GRPOConfig()
+    if args.env_compare:
+        with tempfile.TemporaryDirectory() as tmp:
+            env_compare(args.model, [int(s) for s in args.seeds.split(",")], args.steps or 60, args.out or Path(tmp),
+                        args.tool_weight, args.problems, args.tokens)
+        return
     prompts = args.prompts or defaults.prompts_per_step
     throughput(args.model, [int(k) for k in args.ks.split(",")], args.repeats, prompts, args.budget)
     if args.throughput_only:

@@ -12,7 +12,7 @@ never the same work done slower. It was set on the reference machine (2 CPU core
     sft           300 steps of 16 conversations (10 %     steps = 15 B
                   tool conversations), tool episodes
     rl            240 GRPO steps of 8 prompts x 16,       steps = 12 B; from B = 40 iGRPO runs beside GRPO and the
-                  sampled at temperature 0.7, 1 in 9 a    two split them (6 B each); under 1 minute 4 prompts x 8
+                  sampled at temperature 0.7, 1 in 33 a   two split them (6 B each); under 1 minute 4 prompts x 8
                   tool-environment prompt (--env tools)
                   held-out exact match before and after   the curve: 4 evaluations inside the stage, evenly
                   (the eval problems), and 4 times in     spaced, on the first min(20, eval) problems per family
@@ -51,9 +51,12 @@ SWITCH_SHARE = 0.18  # NVFP4 end-of-training switch: the last 18 % of the pretra
 MAX_BUDGET_MINUTES = 1_000_000
 RL_CURVE_EVALS = 4  # held-out evaluations inside each RL stage, evenly spaced, between the full before and after
 # The tool environment in the rl stage: tools:W beside the six task families at weight 1, a share W / (1 + W) of
-# the prompts: 0.89 of the 8 per step at W = 0.125. Its episodes (~130 tokens after a ~330-token prompt) need
-# --max-completion-length 192, and the update runs one group per forward so task rows are not padded to them.
-RL_TOOL_WEIGHT = 0.125
+# the prompts: 0.24 of the 8 per step at W = 1/32, a tool prompt every 4 steps or so (~60 in the default run, ~930
+# episodes). Its episodes (~130 tokens after a ~330-token prompt) need --max-completion-length 192, and the update
+# runs one group per forward so task rows are not padded to them. The weight is small because a tool prompt's 16
+# episodes cost about what a step's whole update does: each of an episode's ~4 turns prefills the conversation
+# again (~1,500 tokens an episode, rl/multiturn.py), and the default run had 1.4 minutes to spare (docs/results.md).
+RL_TOOL_WEIGHT = 0.03125
 RL_COMPLETION_TOKENS = 192
 RL_CURVE_PROBLEMS = 20  # problems per family at those (the first of the full set): about 4 points s.e. on the mean
 
@@ -78,6 +81,7 @@ class Plan:
     rl_tool_weight: float = RL_TOOL_WEIGHT  # the rl stage's `--env tasks --env tools:W` (issue 34)
     rl_completion_tokens: int = RL_COMPLETION_TOKENS
     rl_micro_batch: int = 0  # completions per forward of the update: one group, so task rows are not padded to tools'
+    tool_eval_problems: int = 2  # the tool environment's held-out episodes after SFT
     spec_new_tokens: int = 96
     speed_new_tokens: int = 128
     eval_budgets: tuple[int, ...] = (8, 24)
@@ -133,4 +137,4 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
     small = b < 1
     return Plan(b, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts,
                 seedlm=b >= SEEDLM_FROM_MINUTES, rl_prompts=4 if small else 8, rl_generations=8 if small else 16,
-                rl_micro_batch=8 if small else 16, seconds=seconds)
+                rl_micro_batch=8 if small else 16, tool_eval_problems=min(40, eval_problems), seconds=seconds)

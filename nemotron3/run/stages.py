@@ -147,7 +147,8 @@ def precision_stage(ctx: Context) -> dict:
 def sft_stage(ctx: Context) -> dict:
     p, out = ctx.plan, ctx.dir("sft")
     sft(SFTConfig(model=ctx.dir("pretrain") / "final", out=out, steps=p.sft_steps, seed=ctx.seed,
-                  eval_problems=p.eval_problems, eval_budgets=list(p.eval_budgets), tool_eval_problems=p.eval_problems,
+                  eval_problems=p.eval_problems, eval_budgets=list(p.eval_budgets),
+                  tool_eval_problems=p.tool_eval_problems,
                   eval_every=max(1, p.sft_steps // 6), save_every=_save_every(p.sft_steps), keep_last=1,
                   log_every=max(1, p.sft_steps // 6), resume=_fresh_or_resume(out), device=ctx.device), ctx.console)
     return ctx.summary("sft")
