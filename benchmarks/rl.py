@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--env-compare", action="store_true", help="only part 3: tasks + tools against tasks")
     ap.add_argument("--tool-weight", type=float, default=0.5)
     ap.add_argument("--problems", type=int, default=40, help="part 3: held-out problems per family and of tools")
-    ap.add_argument("--tokens", type=int, default=192, help="part 3: --max-completion-length")
+    ap.add_argument("--tokens", type=int, default=256, help="part 3: --max-completion-length")
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a checkpoint folder: run `nemotron3 pretrain` and `nemotron3 sft` "

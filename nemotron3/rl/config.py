@@ -87,6 +87,8 @@ class GRPOConfig(StageConfig):
                             "tasks, tools, a task family, verifiers:ID; episodes turn by turn, each scored by its "
                             "environment's rubric (default: the task prompts and --reward-funcs; docs/agentic-rl.md)",
                             metavar="NAME[:WEIGHT]")
+    max_turn_tokens: int = option(0, "with --env: tokens per model turn at most (0 = --max-completion-length, which "
+                                  "bounds the whole episode: model turns and replies)", min=0)
     families: list[str] = option([], "task families to draw prompts from (default: all)", metavar="NAME")
     difficulty: int = option(1, "task difficulty (1 = easiest)", min=1)
     refine_template: str = option(igrpo.DEFAULT_TEMPLATE, "iGRPO's stage-2 user turn ({prompt}, {draft})")
@@ -123,6 +125,8 @@ class GRPOConfig(StageConfig):
             fail(self, "top_p", "must be in (0, 1]")
         if self.env:
             self.check_env()
+        elif self.max_turn_tokens:
+            fail(self, "max_turn_tokens", "applies to --env episodes only")
 
     def check_env(self) -> None:
         """`--env` specs (envs/mix.py: one line naming a bad one) and the flags an environment run replaces."""

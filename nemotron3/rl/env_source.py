@@ -8,7 +8,8 @@
 `EnvRollouts` is the rollout source (an override of `RLRun.generate`, rl/trainer.py): each step's
 `prompts_per_step` prompts are split over the environments by weight (envs/mix.py `EnvMix`, fixed by (seed,
 step)), `num_generations` episodes of each are run turn by turn through the engine (rl/multiturn.py, the sampling
-streams of the step's seed), scored by each environment's rubric and handed to the skeleton as a `Rollouts`:
+streams of the step's seed; a turn gets at most `--max-turn-tokens`, the episode `--max-completion-length`),
+scored by each environment's rubric and handed to the skeleton as a `Rollouts`:
 the completion of an episode is every token after its prompt, the model's turns and the environment's replies
 alike, with `loss_mask` 1 exactly on the model's tokens, so the loss and `token_mult_prob_error` cover every model
 turn and no tool output. The step's record gains envs/mix.py `env_metrics`: `env/<name>/reward`,
@@ -70,13 +71,14 @@ class EnvRollouts(RLRun):
         super().__init__(cfg, console, source)
         self.envs, self.env_weights = build_envs(cfg.env, cfg.difficulty)
         self.mix = EnvMix(self.envs, self.env_weights, cfg.seed)
+        self.turn = replace(self.sampling, max_tokens=cfg.max_turn_tokens or cfg.max_completion_length)
 
     def generate(self, step: int) -> Rollouts:
         cfg = self.cfg
         items = self.mix.batch(step, cfg.prompts_per_step)
         self.rollout_model.eval()
         eb = multiturn_rollout(self.engine, self.tokenizer, items, self.G,
-                               replace(self.sampling, seed=derive_seed(cfg.seed, step)), cfg.max_completion_length,
+                               replace(self.turn, seed=derive_seed(cfg.seed, step)), cfg.max_completion_length,
                                cfg.enable_thinking)
         scores = score_episodes(eb)
         batch = RolloutBatch(eb.prompt_ids, eb.completion_ids, eb.logprobs, eb.texts, eb.truncated, eb.stats,

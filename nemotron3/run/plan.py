@@ -52,12 +52,13 @@ MAX_BUDGET_MINUTES = 1_000_000
 RL_CURVE_EVALS = 4  # held-out evaluations inside each RL stage, evenly spaced, between the full before and after
 # The tool environment in the rl stage: tools:W beside the six task families at weight 1, a share W / (1 + W) of
 # the prompts: 0.24 of the 8 per step at W = 1/32, a tool prompt every 4 steps or so (~60 in the default run, ~930
-# episodes). Its episodes (~130 tokens after a ~330-token prompt) need --max-completion-length 192, and the update
-# runs one group per forward so task rows are not padded to them. The weight is small because a tool prompt's 16
+# episodes). Its episodes (~180 tokens after a ~280-token prompt) need --max-completion-length 256 (a turn, and so
+# a task completion, keeps the 128 of before: --max-turn-tokens), and the update runs one group per forward so task
+# rows are not padded to them. The weight is small because a tool prompt's 16
 # episodes cost about what a step's whole update does: each of an episode's ~4 turns prefills the conversation
 # again (~1,500 tokens an episode, rl/multiturn.py), and the default run had 1.4 minutes to spare (docs/results.md).
 RL_TOOL_WEIGHT = 0.03125
-RL_COMPLETION_TOKENS = 192
+RL_COMPLETION_TOKENS = 256
 RL_CURVE_PROBLEMS = 20  # problems per family at those (the first of the full set): about 4 points s.e. on the mean
 
 

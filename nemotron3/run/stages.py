@@ -165,10 +165,12 @@ def _rl(ctx: Context, stage: str, **kw: Any) -> dict:
 
 
 def rl_stage(ctx: Context) -> dict:
-    """GRPO on the task families and the tool environment (`--env tasks --env tools:W`, plan.RL_TOOL_WEIGHT)."""
+    """GRPO on the task families and the tool environment (`--env tasks --env tools:W`, plan.RL_TOOL_WEIGHT): an
+    episode gets plan.RL_COMPLETION_TOKENS, a turn (a task completion too) what a completion got before."""
     p = ctx.plan
     return _rl(ctx, "rl", num_generations=p.rl_generations, env=["tasks", f"tools:{p.rl_tool_weight:g}"],
-               max_completion_length=p.rl_completion_tokens, micro_batch_size=p.rl_micro_batch)
+               max_completion_length=p.rl_completion_tokens, max_turn_tokens=GRPOConfig().max_completion_length,
+               micro_batch_size=p.rl_micro_batch)
 
 
 def igrpo_stage(ctx: Context) -> dict:

@@ -60,7 +60,7 @@ from nemotron3.train.data import HELDOUT_TASK_PROBLEMS, Batch, DataError, Packed
 from nemotron3.train.loop import LMStage, TrainConfig
 from nemotron3.train.summary import print_footer, run_stage
 
-TOOL_EPISODE_TOKENS = 256  # a reference episode is ~130 tokens after its prompt (docs/agentic-rl.md §6)
+TOOL_EPISODE_TOKENS = 256  # a reference episode is ~180 tokens after its ~280-token prompt (docs/agentic-rl.md §6)
 OPERATIONAL_FIELDS = ("eval_every", "save_every", "keep_last", "log_every", "stop_after", "eval_problems",
                       "eval_budgets", "tool_eval_problems", "out", "resume", "dp_shard", "ep", "overwrite",
                       "strict_finite", "device")

@@ -141,6 +141,25 @@ def test_two_environments_and_their_heldout_accuracy_in_summary(ckpt, tmp_path):
     assert held and set(held[-1]["heldout_env_accuracy"]) == {"tasks", "tools"}
 
 
+def test_max_turn_tokens_caps_each_turn(ckpt, tmp_path, monkeypatch):
+    episodes = []
+    real = env_source.multiturn_rollout
+
+    def spy(*args, **kw):
+        episodes.append(real(*args, **kw))
+        return episodes[-1]
+
+    monkeypatch.setattr(env_source, "multiturn_rollout", spy)
+    _quiet(grpo, _cfg(ckpt, tmp_path / "t", steps=2, max_turn_tokens=5))
+    runs = []  # the lengths of the model's turns: the runs of 1 in each completion mask
+    for eb in episodes:
+        for mask in eb.completion_mask:
+            text = "".join(map(str, mask))
+            runs += [len(r) for r in text.split("0") if r]
+    assert runs and max(runs) == 5 and len(runs) > len(episodes) * 6  # capped, and more turns than episodes
+    assert all(eb.turns[i] == 1 or 0 in eb.completion_mask[i] for eb in episodes for i in range(len(eb.turns)))
+
+
 @pytest.mark.parametrize("specs, match", [
     (["tools:0"], "--env tools:0: the weight must be a finite number > 0"),
     (["tasks", "tools:-1"], "--env tools:-1: the weight must be a finite number > 0"),
