@@ -180,21 +180,22 @@ class LengthBatches(PackedData):
 
     def __init__(self, data: PackedData, batch_size: int) -> None:
         lengths = (data.mask.cumsum(1) == data.mask.sum(1, keepdim=True)).int().argmax(1) + 1  # last counted target
-        order = torch.argsort(lengths, stable=True) if batch_size == 0 else torch.arange(len(data))
+        order = (torch.argsort(lengths, stable=True) if batch_size == 0
+                 else torch.arange(len(data), device=lengths.device))
         super().__init__(data.rows[order], data.mask[order], data.seed)
         self.lengths, self.batch_size = lengths[order], batch_size
         self.buckets = torch.ceil(torch.log2(self.lengths.clamp(min=64).double())).long()
 
     def order(self, epoch: int) -> torch.Tensor:
         if self.batch_size == 0:
-            return torch.arange(len(self))
+            return torch.arange(len(self), device=self.rows.device)
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-            perm = torch.randperm(len(self), generator=g)
+            g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, epoch))  # host rows, as PackedData's
+            perm = torch.randperm(len(self), generator=g, device="cpu")
             parts = [b for k in self.buckets.unique().tolist()
                      for b in perm[self.buckets[perm] == k].split(self.batch_size)]
             full = [b for b in parts if len(b) == self.batch_size]
-            seq = torch.cat([full[i] for i in torch.randperm(len(full), generator=g)]
+            seq = torch.cat([full[i] for i in torch.randperm(len(full), generator=g, device="cpu")]
                             + [b for b in parts if len(b) < self.batch_size])
             fill = -(epoch * len(self)) % self.batch_size  # rows that close the last epoch's batch
             self._perm = (epoch, seq.roll(fill))
