@@ -27,8 +27,8 @@ noise, and with them (the plain loss of `nemotron3 pretrain` on a text file) the
 steps; without them it forms in ~150 steps of 4-pair documents (docs/results.md, *Long context*).
 
 **Phases** (`PHASES`, a length curriculum): 4 pairs in rows of 256 until the lookup forms, then 16 pairs, then
-64 pairs in rows of 2,048, then 256 in rows of 4,096, each phase starting from the previous one's weights with a
-fresh schedule (warmup, stable, decay) and optimizer, as `pretrain --init-from`. Rows hold whole documents
+64 pairs in rows of 2,048, then 280 in rows of 4,096 (two phases), each phase starting from the previous one's
+weights with a fresh schedule (warmup, stable, decay) and optimizer, as `pretrain --init-from`. Rows hold whole documents
 (greedily filled, padding under a zero mask), so no question loses its list to a row boundary. A `replay` share
 of rows are the six reasoning families' documents (full loss) against forgetting. `cpt` runs the phases through
 the training loop (train/loop.py: schedule, clipping, MTP, aux loss, metrics.jsonl) and writes each `final/`.
@@ -64,9 +64,10 @@ class Phase:
     lr: float
 
 
-# Measured on 1 thread of the shared 2-core machine (docs/results.md, Long context): ~5k tokens/s.
+# The chain measured on 1 thread of the shared 2-core machine (docs/results.md, Long context, 2026-12-04): 469 s of
+# training steps in all, ~5k tokens/s in rows of 256, ~2.7k in rows of 4,096.
 PHASES = (Phase(4, 4, 256, 250, 16, 3e-3), Phase(16, 8, 512, 120, 8, 2e-3), Phase(64, 32, 2048, 40, 8, 1e-3),
-          Phase(280, 24, 4096, 20, 4, 1e-3))
+          Phase(280, 24, 4096, 20, 4, 1e-3), Phase(280, 24, 4096, 40, 4, 1e-3))
 
 
 def question_block(key: str, value: str) -> str:
@@ -123,8 +124,8 @@ def retrieval_rows(tokenizer: Tokenizer, phase: Phase, rows: int, seed: int) -> 
             if used + n > width:
                 pending = doc
                 break
-            ids[r, used:used + n] = torch.tensor([tokenizer.bos_id, *doc.ids, tokenizer.eos_id])
-            mask[r, used + 1:used + n] = torch.tensor([*doc.mask, 1], dtype=torch.bool)
+            ids[r, used:used + n] = torch.tensor([tokenizer.bos_id, *doc.ids, tokenizer.eos_id], device=ids.device)
+            mask[r, used + 1:used + n] = torch.tensor([*doc.mask, 1], dtype=torch.bool, device=mask.device)
             used += n
     return ids, mask
 
