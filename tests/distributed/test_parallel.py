@@ -60,13 +60,14 @@ PARITY = ["--steps", "10", "--eval-every", "5"]
 
 
 def _same_as_one_rank(one: Path, two: Path) -> None:
-    """Every logged number within 1e-5, the same expert loads, the final weights within 1e-4."""
+    """Every logged number within 1e-5 (relative above 1: fp32 sums in another order over ranks), the same expert
+    loads, the final weights within 1e-4."""
     a_records, b_records = _records(one), _records(two)
     assert [sorted(r) for r in a_records] == [sorted(r) for r in b_records] and len(a_records) == 13  # +2 evals +shares
     for a, b in zip(a_records, b_records):
         for key in ("loss", "grad_norm", "mtp_loss", "aux_loss", "eval_loss", "eval_mtp_loss"):
             if key in a:
-                assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
         if "load_max_min" in a:  # the bias update saw the global batch's loads on both ranks
             assert a["load_max_min"] == b["load_max_min"], a["step"]
     w1 = load_pretrained(one / "final").state_dict()
