@@ -28,9 +28,9 @@ steps; without them it forms in ~150 steps of 4-pair documents (docs/results.md,
 
 **Phases** (`PHASES`, a length curriculum): 4 pairs in rows of 256 until the lookup forms, then 16 pairs, then
 64 pairs in rows of 2,048, then 280 in rows of 4,096 (two phases), each phase starting from the previous one's
-weights with a fresh schedule (warmup, stable, decay) and optimizer, as `pretrain --init-from`. Rows hold whole documents
-(greedily filled, padding under a zero mask), so no question loses its list to a row boundary. A `replay` share
-of rows are the six reasoning families' documents (full loss) against forgetting. `cpt` runs the phases through
+weights with a fresh schedule (warmup, stable, decay) and optimizer, as `pretrain --init-from`. Rows hold whole
+documents (greedily filled, padding under a zero mask), so no question loses its list to a row boundary. A `replay`
+share of rows are the six reasoning families' documents (full loss) against forgetting. `cpt` runs the phases through
 the training loop (train/loop.py: schedule, clipping, MTP, aux loss, metrics.jsonl) and writes each `final/`.
 """
 
