@@ -23,13 +23,8 @@ import torch
 
 import nemotron3
 from nemotron3.engine import Engine, cache_size
-from nemotron3.eval.retrieval import LENGTHS, format_table, retrieval_accuracy
+from nemotron3.eval.retrieval import LENGTHS, attention_only, format_table, retrieval_accuracy
 from nemotron3.tokenizer import Tokenizer
-
-
-def attention_only(config: nemotron3.ModelConfig) -> nemotron3.ModelConfig:
-    """The same model with every Mamba layer an attention layer (MTP block unchanged)."""
-    return config.replace(pattern=config.pattern.replace("M", "*"))
 
 
 def cache_line(name: str, config: nemotron3.ModelConfig, tokens: int) -> str:

@@ -17,11 +17,25 @@ import torch
 from torch import nn
 
 from nemotron3 import tasks
+from nemotron3.config import ModelConfig
+from nemotron3.engine import cache_size
 from nemotron3.eval.accuracy import _exact_match
 from nemotron3.eval.metrics import mean_stderr
 from nemotron3.tokenizer import Tokenizer
 
 LENGTHS = (1024, 4096, 16384, 65536)
+
+
+def attention_only(config: ModelConfig) -> ModelConfig:
+    """The same model with every Mamba layer an attention layer (MoE layers and the MTP block unchanged)."""
+    return config.replace(pattern=config.pattern.replace("M", "*"))
+
+
+def cache_bytes(config: ModelConfig, tokens: int) -> dict[str, int]:
+    """One row's fp32 cache bytes at `tokens` for the hybrid and its attention-only twin (computed, not allocated):
+    the Mamba layers' state is constant in length, an attention layer's KV grows with it."""
+    return {name: cache_size(c, 1, tokens, torch.float32, include_mtp=False).total
+            for name, c in (("hybrid", config), ("attention_only", attention_only(config)))}
 
 
 def prompt_tokens(tokenizer: Tokenizer, text: str) -> list[int]:

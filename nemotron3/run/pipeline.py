@@ -34,10 +34,11 @@ from nemotron3.options import ConfigError, StageConfig, device_of, device_option
 from nemotron3.presets import PRESETS
 from nemotron3.run import report as report_mod
 from nemotron3.run import stages as S
-from nemotron3.run.plan import IGRPO_FROM_MINUTES, MAX_BUDGET_MINUTES, STAGES, Plan, plan
+from nemotron3.run.plan import CPT_FROM_MINUTES, IGRPO_FROM_MINUTES, MAX_BUDGET_MINUTES, STAGES, Plan, plan
 
-REQUIRES = {"pretrain": ["tokenizer"], "precision": ["pretrain"], "sft": ["pretrain"], "rl": ["sft"],
-            "igrpo": ["sft"], "eval": ["rl"], "speculative": ["rl", "sft"], "speed": ["rl"], "quantize": ["rl"]}
+REQUIRES = {"pretrain": ["tokenizer"], "precision": ["pretrain"], "cpt": ["pretrain"], "sft": ["pretrain"],
+            "rl": ["sft"], "igrpo": ["sft"], "eval": ["rl"], "speculative": ["rl", "sft"], "speed": ["rl"],
+            "quantize": ["rl"]}
 # the fields a resumed run may change: the others decide what the run computes
 OPERATIONAL = ("out", "resume", "stages", "device")
 
@@ -84,6 +85,8 @@ def _stages() -> list[Stage]:
         Stage("pretrain", "pretraining (NVFP4 recipe, MTP)", S.pretrain_stage),
         Stage("precision", "high-precision twin (NVFP4 gap)", S.precision_stage,
               lambda ctx: None if ctx.nvfp4 else "pretraining ran in high precision (--no-nvfp4): no gap to measure"),
+        Stage("cpt", "long-context CPT (retrieval by length)", S.cpt_stage,
+              lambda ctx: None if ctx.plan.cpt else f"budget under {CPT_FROM_MINUTES:g} minutes"),
         Stage("sft", "SFT (reasoning on / off / budgets)", S.sft_stage),
         Stage("rl", "RL (GRPO)", S.rl_stage),
         Stage("igrpo", "RL (iGRPO, same budget)", S.igrpo_stage,

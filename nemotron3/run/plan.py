@@ -9,6 +9,9 @@ never the same work done slower. It was set on the reference machine (2 CPU core
     tokenizer     BPE on 4,000 task documents             fixed
     pretrain      300 NVFP4 steps of 16 x 256 tokens       steps = 15 B; the last 18 % unquantized (the switch)
     precision     the high-precision twin, 30 % of them   the same share of the pretraining steps
+    cpt           (from B = 40) the long-context CPT      fixed: its five phases (train/long_context.py), ~10
+                  phases from the pretrained weights,     minutes taken off B before the other stages are sized;
+                  retrieval by length before and after    a side branch (SFT starts from pretrain's final/)
     sft           300 steps of 16 conversations (10 %     steps = 15 B
                   tool conversations), tool episodes
     rl            240 GRPO steps of 8 prompts x 16,       steps = 12 B; from B = 40 iGRPO runs beside GRPO and the
@@ -38,9 +41,11 @@ import math
 from dataclasses import dataclass, field
 
 REFERENCE_MINUTES = 20.0
-STAGES = ("tokenizer", "pretrain", "precision", "sft", "rl", "igrpo", "eval", "speculative", "speed", "quantize",
+STAGES = ("tokenizer", "pretrain", "precision", "cpt", "sft", "rl", "igrpo", "eval", "speculative", "speed", "quantize",
           "report")
 IGRPO_FROM_MINUTES = 40.0  # iGRPO runs beside GRPO from this budget up
+CPT_FROM_MINUTES = 40.0  # the long-context CPT phases (and retrieval by length) from this budget up
+CPT_MINUTES = 10.0  # what they take on the reference machine, taken off the budget before the other stages are sized
 SEEDLM_FROM_MINUTES = 10.0  # the SeedLM schemes (a minute of seed search each on 2 cores) from this budget up
 MAX_EVAL_PROBLEMS = 80  # the most held-out problems the easiest modpow difficulty has
 TWIN_SHARE = 0.3  # the high-precision twin trains this share of the pretraining steps (inside the stable phase)
@@ -76,6 +81,8 @@ class Plan:
     quant_problems: int
     spec_prompts: int
     seedlm: bool = True
+    cpt: bool = False
+    cpt_problems: int = 0  # retrieval problems per length (1k and 4k; a quarter of them at 16k)
     rl_prompts: int = 8
     rl_generations: int = 16
     rl_temperature: float = RL_TEMPERATURE
@@ -112,11 +119,12 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
     """The plan for `budget_minutes` (`pretrain_steps` > 0 overrides the rule's pretraining steps)."""
     if not 0 < budget_minutes <= MAX_BUDGET_MINUTES:  # NaN fails this too
         raise ValueError(f"budget_minutes must be positive and at most {MAX_BUDGET_MINUTES:,}, got {budget_minutes}")
-    b = budget_minutes
+    cpt = budget_minutes >= CPT_FROM_MINUTES
+    b = budget_minutes - CPT_MINUTES if cpt else budget_minutes  # the rest of the stages are sized on what is left
     pre = pretrain_steps or _round(15 * b, 10 if b >= 4 else 1, 4)
     twin = _round(TWIN_SHARE * pre, 1, 2)
     sft = _round(15 * b, 10 if b >= 4 else 1, 4)
-    igrpo = b >= IGRPO_FROM_MINUTES
+    igrpo = budget_minutes >= IGRPO_FROM_MINUTES
     rl = _round((6 if igrpo else 12) * b, 1, 2)  # per RL stage: GRPO and iGRPO share the RL steps
     eval_problems = min(MAX_EVAL_PROBLEMS, _round(4 * b, 1, 2))
     quant_problems = min(40, _round(2 * b, 1, 2))
@@ -125,6 +133,7 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
         "tokenizer": 3.0,
         "pretrain": 1.0 * pre + 0.03 * eval_problems * 6,
         "precision": 0.65 * twin,
+        "cpt": 60.0 * CPT_MINUTES if cpt else 0.0,
         "sft": 0.5 * sft + 0.6 * eval_problems * 2,
         "rl": 2.0 * rl + 0.25 * (eval_problems * 2 + min(RL_CURVE_PROBLEMS, eval_problems) * RL_CURVE_EVALS),
         "igrpo": (2.0 * rl + 0.25 * (eval_problems * 2 + min(RL_CURVE_PROBLEMS, eval_problems) * RL_CURVE_EVALS))
@@ -136,6 +145,7 @@ def plan(budget_minutes: float, pretrain_steps: int = 0) -> Plan:
         "report": 10.0,
     }
     small = b < 1
-    return Plan(b, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts,
-                seedlm=b >= SEEDLM_FROM_MINUTES, rl_prompts=4 if small else 8, rl_generations=8 if small else 16,
+    return Plan(budget_minutes, pre, twin, sft, rl, igrpo, eval_problems, quant_problems, spec_prompts,
+                seedlm=b >= SEEDLM_FROM_MINUTES, cpt=cpt, cpt_problems=min(20, eval_problems) if cpt else 0,
+                rl_prompts=4 if small else 8, rl_generations=8 if small else 16,
                 rl_micro_batch=8 if small else 16, tool_eval_problems=min(40, eval_problems), seconds=seconds)

@@ -42,42 +42,15 @@ from typing import Any
 from nemotron3.run import plots
 from nemotron3.run.document import Block, to_html, to_markdown
 from nemotron3.run.plan import Plan
+from nemotron3.run.sections import long_context_blocks, long_context_report, tool_blocks, tool_report
 from nemotron3.run.stages import write_json
-
-
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f} %"
-
-
-def binomial_se(p: float, n: int) -> float:
-    """The standard error of an exact-match rate p measured on n problems, sqrt(p (1 - p) / n): the sampling
-    noise of which problems were drawn (the plug-in estimate: 0 at p = 0 or 1, where it understates it)."""
-    if n <= 0:
-        raise ValueError(f"a standard error needs at least one problem, got n = {n}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"an exact-match rate is in [0, 1], got {p}")
-    return math.sqrt(p * (1.0 - p) / n)
-
-
-def mean_se(ps: list[float], n: int) -> float:
-    """The standard error of the mean of per-family rates, each on n problems of its own family (independent
-    samples): sqrt(sum p (1 - p) / n) / families."""
-    return math.sqrt(sum(binomial_se(p, n) ** 2 for p in ps)) / len(ps)
-
-
-def pct_se(x: float | None, se: float | None) -> str:
-    """`51 ± 6 %`; without a standard error, as pct."""
-    return pct(x) if x is None or se is None else f"{100 * x:.0f} ± {100 * se:.0f} %"
+from nemotron3.run.stats import binomial_se, mean_se, pct, pct_se, se_of  # noqa: F401  (report.* in tests)
 
 
 def problems(summary: dict) -> int | None:
     """Problems per family behind a stage's accuracy figures, from the stage's own summary."""
     n = summary.get("problems_per_family", summary.get("config", {}).get("eval_problems"))
     return n if isinstance(n, int) and n > 0 else None
-
-
-def se_of(x: float | None, n: int | None) -> float | None:
-    return None if x is None or n is None else binomial_se(x, n)
 
 
 def environment() -> dict[str, Any]:
@@ -175,6 +148,7 @@ def build(out: Path, plan: Plan, status: dict[str, str], seconds: dict[str, floa
                                     plots.heldout_points(out, name, s.get(name, {}))] for name in ("rl", "igrpo")
                              if name in s},
         "tools": tool_report(out, s),
+        "long_context": long_context_report(s),
         "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
         "seconds_total": round(sum(seconds.values()), 1),
         "stages": status,
@@ -188,43 +162,6 @@ def build(out: Path, plan: Plan, status: dict[str, str], seconds: dict[str, floa
     report["plots"] = [f for f, _ in made]
     write_json(out / "report.json", report)
     return report
-
-
-def tool_report(out: Path, s: dict[str, dict]) -> dict:
-    """The tool environment's held-out greedy episodes after SFT and before / after RL ({accuracy, valid_fraction,
-    problems}), and the RL stage's per-environment training accuracy by step ({env: [[step, accuracy], ...]})."""
-    t: dict[str, Any] = {}
-    if s.get("sft", {}).get("tools_after"):
-        t["sft"] = {k: s["sft"]["tools_after"][k] for k in ("accuracy", "valid_fraction", "problems")}
-    rl = s.get("rl", {})
-    for when in ("before", "after"):
-        if "tools" in rl.get(f"env_accuracy_{when}", {}):
-            t[f"rl_{when}"] = {"accuracy": rl[f"env_accuracy_{when}"]["tools"],
-                               "valid_fraction": rl[f"env_valid_fraction_{when}"].get("tools"),
-                               "problems": rl["config"]["eval_problems"]}
-    if rl.get("envs") and (out / "rl" / "metrics.jsonl").is_file():
-        recs = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
-        t["rl_env_curve"] = {e: [[r["step"], r[f"env/{e}/accuracy"]] for r in recs if f"env/{e}/accuracy" in r]
-                             for e in rl["envs"]}
-    return t
-
-
-def _tool_blocks(t: dict) -> list[Block]:
-    rows = [[name, pct_se(t[k]["accuracy"], se_of(t[k]["accuracy"], t[k]["problems"])), pct(t[k]["valid_fraction"]),
-             str(t[k]["problems"])] for k, name in (("sft", "after SFT"), ("rl_before", "RL, before"),
-                                                   ("rl_after", "after RL")) if k in t]
-    b: list[Block] = [("h", 2, "Tool use (lookup + calculate)"),
-                      ("p", "Held-out problems of the tool environment (docs/agentic-rl.md §3) as greedy multi-turn "
-                            "episodes: the answer needs the lookup tool's values; a call is valid when it parses, "
-                            "names a tool and its arguments fit. ± one binomial standard error.")]
-    b.append(("table", ["model", "accuracy", "tool calls valid", "problems"], rows))
-    for env, pts in t.get("rl_env_curve", {}).items():
-        k = max(1, len(pts) // 10)
-        vals = [[a for _, a in pts[:k]], [a for _, a in pts[-k:]]]
-        if pts and all(v and all(x == x for x in v) for v in vals):  # NaN-free
-            b.append(("p", f"RL training accuracy of `{env}` (sampled episodes): {pct(sum(vals[0]) / k)} over the "
-                           f"first {k} steps, {pct(sum(vals[1]) / k)} over the last {k}."))
-    return b
 
 
 def _quant_se(row: dict, n: int | None) -> float | None:
@@ -353,7 +290,9 @@ def _blocks(r: dict, acc: dict, s: dict[str, dict], made: list[tuple[str, str]])
                            "after. Error bars: one standard error."))
         img("rl.png")
     if r["tools"]:
-        b += _tool_blocks(r["tools"])
+        b += tool_blocks(r["tools"])
+    if r["long_context"]:
+        b += long_context_blocks(r["long_context"])
     spec = s.get("speculative")
     if spec:
         b.append(("h", 2, "MTP speculative decoding"))

@@ -38,6 +38,7 @@ from nemotron3 import folders
 from nemotron3.config import ModelConfig
 from nemotron3.envs import lookup
 from nemotron3.eval.accuracy import accuracy_by_mode, mode_names
+from nemotron3.eval.retrieval import cache_bytes, retrieval_accuracy
 from nemotron3.options import ConfigError, resolve_device
 from nemotron3.rl.config import GRPOConfig
 from nemotron3.rl.grpo import grpo
@@ -46,7 +47,7 @@ from nemotron3.run.plan import SEEDLM_FROM_MINUTES, STAGES, SWITCH_SHARE, Plan
 from nemotron3.stages.pretrain import PretrainConfig, pretrain
 from nemotron3.stages.sft import SFTConfig, sft
 from nemotron3.tokenizer import Tokenizer
-from nemotron3.train import checkpoint
+from nemotron3.train import checkpoint, long_context
 from nemotron3.train import data as train_data
 
 
@@ -142,6 +143,36 @@ def precision_stage(ctx: Context) -> dict:
     return {"step": step, "steps_of": ctx.plan.pretrain_steps, "nvfp4_eval_loss": nv[step],
             "high_precision_eval_loss": hp[step], "gap_nats": nv[step] - hp[step],
             "gap_relative": (nv[step] - hp[step]) / hp[step], "twin": str(twin)}
+
+
+RETRIEVAL_BEFORE = (1024, 4096)  # prompt lengths (tokens) measured before the CPT phases
+RETRIEVAL_AFTER = (1024, 4096, 16384)  # and after them
+
+
+def _retrieval(folder: Path, ctx: Context, lengths: tuple[int, ...]) -> dict[str, dict]:
+    """Retrieval exact match by length ({str(length): {accuracy, stderr, n, ...}}) of a checkpoint; at 16k and
+    beyond a quarter of the problems (each prefill there costs seconds)."""
+    model, tok = ckpt.open(folder, ctx.device, require_tokenizer=True)
+    n = ctx.plan.cpt_problems
+    return {str(k): v for length in lengths
+            for k, v in retrieval_accuracy(model, tok, (length,), n if length < 16384 else max(2, n // 4),
+                                           seed=ctx.seed).items()}
+
+
+def cpt_stage(ctx: Context) -> dict:
+    """The long-context CPT (train/long_context.py: its measured five-phase curriculum, loss on the questions) from
+    the pretrained weights, with retrieval exact match at 1k / 4k before and at 1k / 4k / 16k after, and the cache
+    bytes of the hybrid and its attention-only twin at 64k. A side branch: SFT starts from pretrain's final/. A
+    CPT in progress starts again (its phases keep no resumable state)."""
+    source, out = ctx.dir("pretrain") / "final", ctx.dir("cpt")
+    if out.exists():
+        shutil.rmtree(out)
+    before = _retrieval(source, ctx, RETRIEVAL_BEFORE)
+    final = long_context.cpt(source, out, long_context.PHASES, seed=ctx.seed, console=ctx.console)
+    after = _retrieval(final, ctx, RETRIEVAL_AFTER)
+    config = ckpt.read_config(final)
+    return {"before": before, "after": after, "phases": len(long_context.PHASES), "final": str(final),
+            "cache_bytes_64k": cache_bytes(config, 65536)}
 
 
 def sft_stage(ctx: Context) -> dict:

@@ -66,6 +66,7 @@ def test_every_stage_leaves_its_artifact(killed_and_resumed):
         assert rep["stages"][stage] == "done", (stage, rep["stages"][stage])
         assert (out / stage / "summary.json").is_file()
     assert rep["stages"]["igrpo"].startswith("skipped: budget under")
+    assert rep["stages"]["cpt"] == "skipped: budget under 40 minutes" and rep["long_context"] == {}
     assert set(rep["stages"]) == set(STAGES) - {"report"}
     tokenizer = (out / "tokenizer" / "tokenizer.json").read_text()
     assert tokenizer == (out / "pretrain" / "final" / "tokenizer.json").read_text()  # pretraining used it
