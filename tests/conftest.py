@@ -200,3 +200,26 @@ def eval_checkpoint(folder, seed: int = 0, text: str = EVAL_TEXT):
     nemotron3.save_pretrained(model, folder)
     tk.save(folder)
     return model.eval(), tk
+
+
+def wait_for_checkpoint(proc, out, step: int, timeout: float = 300) -> None:
+    """Until `out` holds the training state of `step` (the torchrun kill-and-resume tests), while `proc` runs."""
+    import time
+
+    from nemotron3.train import checkpoint
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (checkpoint.step_dir(out, step) / checkpoint.STATE_FILE).is_file():
+            return
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step {step} in {timeout} s")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (torchrun's ranks)."""
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]

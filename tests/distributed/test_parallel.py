@@ -14,11 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_pids, wait_for_checkpoint
 
 from nemotron3 import load_pretrained
 from nemotron3.cli import main
@@ -131,21 +131,6 @@ def test_a_checkpoint_saved_by_two_ranks_holds_their_shards_and_loads_in_one(tmp
     assert all(int(opt.state[p]["step"]) == 2 for p in model.parameters())
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if (checkpoint.step_dir(out, step) / checkpoint.STATE_FILE).is_file():
-            return
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before step {step}"
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint of step {step} in {timeout} s")
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ep", ["1", "2"])
 def test_sigkill_of_one_rank_then_resume_is_bit_exact_and_another_world_size_resumes_the_position(tmp_path, ep):
@@ -154,8 +139,8 @@ def test_sigkill_of_one_rank_then_resume_is_bit_exact_and_another_world_size_res
     _pretrain(whole, *args, ranks=2)
     proc = subprocess.Popen([*TORCHRUN, "-m", "nemotron3.cli", "pretrain", *SMALL, *args, "--out", str(killed)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for_checkpoint(proc, killed, 4)
-    ranks = _children(proc.pid)
+    wait_for_checkpoint(proc, killed, 4)
+    ranks = child_pids(proc.pid)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0

@@ -14,11 +14,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import randomize_, small_model
+from conftest import child_pids, randomize_, small_model, wait_for_checkpoint
 
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint
@@ -33,21 +32,6 @@ def parity(prompts, completions, completion_ids, **columns):
 TIMINGS = ("rollout_tok_s", "rollout_seconds", "step_seconds")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-
-
-def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if (checkpoint.step_dir(out, step) / checkpoint.STATE_FILE).is_file():
-            return
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before step {step}"
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint of step {step} in {timeout} s")
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +89,8 @@ def test_two_ranks_give_the_metrics_of_one_process_and_resume_bit_exactly_after_
 
     proc = subprocess.Popen([*TORCHRUN, "-m", "nemotron3.cli", "rl", *args, "--out", str(killed)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for_checkpoint(proc, killed, 4)
-    ranks = _children(proc.pid)
+    wait_for_checkpoint(proc, killed, 4)
+    ranks = child_pids(proc.pid)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
