@@ -36,7 +36,6 @@ from rich.console import Console
 from nemotron3 import checkpoint as ckpt  # the checkpoint folder (train.checkpoint is the run's)
 from nemotron3 import folders
 from nemotron3.config import ModelConfig
-from nemotron3.envs import lookup
 from nemotron3.eval.accuracy import accuracy_by_mode, mode_names
 from nemotron3.eval.retrieval import cache_bytes, retrieval_accuracy
 from nemotron3.options import ConfigError, resolve_device
@@ -44,11 +43,10 @@ from nemotron3.rl.config import GRPOConfig
 from nemotron3.rl.grpo import grpo
 from nemotron3.run import measure
 from nemotron3.run.plan import SEEDLM_FROM_MINUTES, STAGES, SWITCH_SHARE, Plan
-from nemotron3.stages.pretrain import PretrainConfig, pretrain
+from nemotron3.stages.pretrain import PretrainConfig, pretrain, tokenizer_sample
 from nemotron3.stages.sft import SFTConfig, sft
 from nemotron3.tokenizer import Tokenizer
 from nemotron3.train import checkpoint, long_context
-from nemotron3.train import data as train_data
 
 
 @dataclass
@@ -106,9 +104,7 @@ def _fresh_or_resume(folder: Path) -> bool:
 # ----------------------------------------------------------------------------------------- training stages
 def tokenizer_stage(ctx: Context) -> dict:
     """The byte-level BPE that every later stage shares, trained as `nemotron3 pretrain` would."""
-    defaults = PretrainConfig()
-    texts = train_data.task_texts(defaults.tokenizer_sample, ctx.seed, "train", defaults.difficulty)
-    texts += lookup.texts(len(texts) // 10, ctx.seed)  # tool-call text, as pretrain's sample has (issue 34)
+    texts = tokenizer_sample(PretrainConfig(seed=ctx.seed))  # task documents and tool conversations
     tok = Tokenizer.train(texts, ModelConfig.load(ctx.config).vocab_size)
     tok.save(ctx.dir("tokenizer"))
     return {"vocab_size": tok.vocab_size, "documents": len(texts), "path": str(ctx.dir("tokenizer"))}

@@ -71,6 +71,7 @@ from nemotron3.train.summary import print_footer, run_stage
 NVFP4_SWITCHES = {"rht": "rht", "sr": "stochastic_rounding", "2d": "weight_2d"}
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+TOOL_SHARE = 0.05  # tool conversations in the task text, a share of its tokens (PretrainConfig.tool_share)
 
 # ModelConfig fields that are not the architecture: those that follow the tokenizer, and config.json's metadata
 # (`--init-from` keeps its checkpoint's)
@@ -118,6 +119,9 @@ class PretrainConfig(TrainConfig):
     compile: bool = option(False, "torch.compile the Mamba mixers (pays off for long runs only)")
     eval_problems: int = option(50, "held-out problems per task family for the final exact match", min=0)
     tokenizer_sample: int = option(4000, "task documents the tokenizer is trained on", min=1)
+    tool_share: float = option(TOOL_SHARE, "tool-use conversations (the tool environment's, rendered with the chat "
+                               "template) in the task text, as a share of its tokens; the tokenizer's sample holds "
+                               "them too (0 = none)", min=0.0, max=0.5)
     heldout_fraction: float = option(0.02, "fraction of user text held out for the held-out loss", min=0.0,
                                      max=0.5)
     heldout_task_problems: int = option(train_data.HELDOUT_TASK_PROBLEMS, "held-out task problems in the "
@@ -179,7 +183,27 @@ class PretrainConfig(TrainConfig):
 def restore(cfg: PretrainConfig, saved: dict, where: Path) -> PretrainConfig:
     """The saved run's configuration, with the caller's operational fields; refuses a change of any other."""
     saved = {k: v for k, v in saved.items() if not (k == "data" and v is None)}  # nemotron3 0.1 saved data=None
+    saved.setdefault("tool_share", 0.0)  # saved before tool_share existed: no tool text in the task source
     return restore_config(cfg, saved, where, OPERATIONAL_FIELDS)
+
+
+def tokenizer_sample(cfg: PretrainConfig) -> list[str]:
+    """The task text a tokenizer trained here sees: `tokenizer_sample` task documents, then tool conversations
+    (lookup.texts) at `tool_share` of the characters (at least two: every word of the tool format then merges).
+    The task source's training documents have the same blend, so every token the sample teaches the tokenizer
+    is trained in pretraining; none is first met, untrained, in SFT (docs/agentic-rl.md §3)."""
+    texts = train_data.task_texts(cfg.tokenizer_sample, cfg.seed, "train", cfg.difficulty)
+    if cfg.tool_share > 0:
+        one = lookup.texts(1, cfg.seed, cfg.difficulty)[0]
+        share = cfg.tool_share / (1 - cfg.tool_share)
+        texts += lookup.texts(max(2, math.ceil(share * sum(map(len, texts)) / len(one))), cfg.seed, cfg.difficulty)
+    return texts
+
+
+def _documents(tokenizer: Tokenizer, sample: list[str], tokens: float) -> int:
+    """Documents like `sample`'s that hold `tokens` tokens (5 % spare; 2 per document for <s> and </s>)."""
+    per_doc = sum(map(len, tokenizer.encode_batch(sample))) / len(sample) + 2
+    return math.ceil(1.05 * tokens / per_doc)
 
 
 def _corpus(cfg: PretrainConfig, console: Console, tokenizer: Tokenizer | None, vocab_cap: int):
@@ -194,22 +218,25 @@ def _corpus(cfg: PretrainConfig, console: Console, tokenizer: Tokenizer | None, 
         if not Path(name).exists():
             raise train_data.DataError(f"{flags[name]} {name}: no such file or folder")
     user = {name: train_data.read_texts([Path(name)]) for name in paths}
-    task_sample = (train_data.task_texts(cfg.tokenizer_sample, cfg.seed, "train", cfg.difficulty)
-                   if cfg.use_tasks else [])
+    task_sample = tokenizer_sample(cfg) if cfg.use_tasks else []
     if tokenizer is None and cfg.tokenizer is not None:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     elif tokenizer is None:
-        tool_sample = lookup.texts(len(task_sample) // 10, cfg.seed) if task_sample else []  # issue 34: tool calls
-        tokenizer = Tokenizer.train([t for texts in user.values() for t in texts] + task_sample + tool_sample,
-                                    vocab_cap)
-    task_train, task_heldout = [], []
+        tokenizer = Tokenizer.train([t for texts in user.values() for t in texts] + task_sample, vocab_cap)
+    task_train, task_heldout, n_tasks = [], [], 0
     if cfg.use_tasks:
-        per_doc = sum(map(len, tokenizer.encode_batch(task_sample))) / len(task_sample) + 2
-        needed = cfg.task_tokens()  # task tokens the run reads
-        task_train = train_data.task_texts(math.ceil(1.05 * needed / per_doc), cfg.seed, "train", cfg.difficulty)
+        needed = cfg.task_tokens()  # task tokens the run reads, tool conversations included
+        tasks_part, tools_part = task_sample[:cfg.tokenizer_sample], task_sample[cfg.tokenizer_sample:]
+        task_train = train_data.task_texts(_documents(tokenizer, tasks_part, (1 - cfg.tool_share) * needed),
+                                           cfg.seed, "train", cfg.difficulty)
+        n_tasks = len(task_train)
+        if tools_part:
+            task_train += lookup.texts(_documents(tokenizer, tools_part, cfg.tool_share * needed), cfg.seed,
+                                       cfg.difficulty)
         task_heldout = train_data.task_texts(cfg.heldout_task_problems, cfg.seed, "heldout", cfg.difficulty)
+    tools = f" ({len(task_train) - n_tasks:,} tool conversations)" if len(task_train) > n_tasks else ""
     console.print(f"[bold]data[/] {sum(map(len, user.values())):,} user documents, {len(task_train):,} task "
-                  f"documents; tokenizer {tokenizer.vocab_size} tokens")
+                  f"documents{tools}; tokenizer {tokenizer.vocab_size} tokens")
     return tokenizer, user, task_train, task_heldout
 
 
