@@ -130,6 +130,11 @@ class ChatFormat:
     end_of_turn: str = chat.TURN_END
     tool_calls: str = "xml"
 
+    @property
+    def tool_open(self) -> str:
+        """The tag that opens a tool call in this layout (a streaming reader holds content back from it)."""
+        return "<tool_call>" if self.tool_calls == "xml" else "<TOOLCALL>"
+
     @classmethod
     def of(cls, source: str) -> ChatFormat:
         end = next((m for m in chat_template.END_OF_TURN_MARKERS if m in source), chat.TURN_END)

@@ -250,7 +250,7 @@ def create_app(server: Server) -> FastAPI:
         params = replace(p.params, max_tokens=max_new, stop_token_ids=tuple(sorted(server.chat_stops)),
                          max_thinking_tokens=p.params.max_thinking_tokens if thinking else None)
         specs = [(GenRequest(prompt, params, i), Reply(tok, server.chat_stops, p.stop, chat=True, thinking=thinking,
-                                                       tools=p.tools if p.parse_tools else None))
+                                                       tools=p.tools if p.parse_tools else None, fmt=tok.format))
                  for i in range(params.n)]
         return await respond(request, p, prompt, specs, "chat.completion")
 

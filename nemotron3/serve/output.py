@@ -4,8 +4,10 @@ tool calls; and the pieces of a response built from them (finish reasons, logpro
     reply = Reply(tokenizer, stop_ids, stop=["\\n\\n"], chat=True, thinking=True, tools=tools)
     deltas = reply.push(event.tokens)        # [("reasoning_content", "The user"), ...]; reply.finish() at the end
 
-Text that could begin a stop string, `</think>` or `<tool_call>` is held back until known, and both fields are
-stripped as `chat.parse` strips them, so the streamed deltas concatenate to exactly the non-streamed message.
+Text that could begin a stop string, `</think>` or the tool-call tag is held back until known, and both fields are
+stripped as `chat.parse` strips them, so the streamed deltas concatenate to exactly the non-streamed message. Tool
+calls are read in the layout of the checkpoint's template (`fmt`, the tokenizer's `ChatFormat`): `<tool_call>` XML
+(ours, Nemotron 3) or `<TOOLCALL>` JSON (Nemotron Nano 2).
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from tokenizers import Tokenizer
 from nemotron3 import chat
 from nemotron3.engine.scheduler import Event
 from nemotron3.engine.text import TextStream
-
-TOOL_OPEN = "<tool_call>"
+from nemotron3.tokenizer import ChatFormat
 
 
 def _partial_suffix(text: str, words: list[str]) -> int:
@@ -38,8 +39,10 @@ class Reply:
     """The text of one choice, as it grows; see the module docstring."""
 
     def __init__(self, tok: Tokenizer, stop_ids: frozenset[int] | set[int], stop: list[str] | None = None,
-                 chat: bool = False, thinking: bool = False, tools: list[dict] | None = None) -> None:
+                 chat: bool = False, thinking: bool = False, tools: list[dict] | None = None,
+                 fmt: ChatFormat | None = None) -> None:
         self.stream = TextStream(tok, skip_special_tokens=not chat)
+        self.fmt = fmt or ChatFormat()
         self.stop_ids = stop_ids
         self.stop = list(stop or [])
         self.chat, self.thinking, self.tools = chat, thinking, tools
@@ -95,10 +98,11 @@ class Reply:
                     reasoning = reasoning[: len(reasoning) - _partial_suffix(reasoning, [chat.THINK_END])]
                 reasoning = reasoning.strip() if final else reasoning.lstrip().rstrip(" \t\r\n")
         content = content.lstrip()
-        if self.tools is not None and TOOL_OPEN in content:
-            content = content[: content.index(TOOL_OPEN)]
+        tool_open = self.fmt.tool_open
+        if self.tools is not None and tool_open in content:
+            content = content[: content.index(tool_open)]
         elif self.tools is not None and not final:
-            content = content[: len(content) - _partial_suffix(content, [TOOL_OPEN])]
+            content = content[: len(content) - _partial_suffix(content, [tool_open])]
         content = content.rstrip() if not final or self.tools is not None else content.strip()
         return reasoning, content
 
@@ -128,7 +132,7 @@ class Reply:
             raw_content = self.raw.split(chat.THINK_END, 1)[1] if self.thinking and chat.THINK_END in self.raw \
                 else ("" if self.thinking else self.raw)
             try:
-                parsed = chat.parse(raw_content, self.tools)
+                parsed = self.fmt.parse(raw_content, self.tools)
                 calls, content = parsed["tool_calls"], parsed["content"]
             except ValueError:  # unreadable tool-call XML: the text stays content
                 content = raw_content.strip()
