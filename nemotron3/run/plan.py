@@ -65,9 +65,9 @@ RL_CURVE_EVALS = 4  # held-out evaluations inside each RL stage, evenly spaced, 
 # again (~1,500 tokens an episode, rl/multiturn.py), and the default run had 1.4 minutes to spare (docs/results.md).
 RL_TOOL_WEIGHT = 0.03125
 # SFT's tool conversations (`nemotron3 sft --tool-share`, 0.1 of the task conversations' count) take steps from the
-# task conversations: at 300 steps the default run's sort fell from 6-32 % to 0-1 % after SFT (7 runs; seeds 0-2),
-# with 330 steps (every task conversation of the 300-step run still seen) it came back (docs/results.md). So the
-# steps grow by that share.
+# task conversations: at 300 steps sort after SFT fell from 2-32 % (without them; seeds 0-2) to 0-2 % (7 runs);
+# with 330 steps (every task conversation of the 300-step run still seen) it was 12 % (one seed; 16 % without tools,
+# 1 % at 300 steps; docs/results.md). So the steps grow by that share.
 SFT_TOOL_SHARE = 0.1
 RL_COMPLETION_TOKENS = 256
 RL_CURVE_PROBLEMS = 20  # problems per family at those (the first of the full set): about 4 points s.e. on the mean
