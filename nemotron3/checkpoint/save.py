@@ -40,7 +40,8 @@ def save(model: HybridLM, path: str | os.PathLike, tokenizer: SavesItself | None
         turn_end = getattr(tokenizer, "end_of_turn_id", None)  # a chat reply ends at its template's turn marker
         if turn_end is not None and turn_end != eos:
             eos = [eos, turn_end]  # so transformers' generate stops there too, as the engine and the server do
-        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": eos, "pad_token_id": model.config.pad_token_id}
+        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": eos,
+               "pad_token_id": model.config.pad_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _write_weights(model, tmp, max_shard_bytes)
         folders.umask_modes(tmp, list(tmp.iterdir()))  # safetensors makes its files 0600 whatever the umask

@@ -1,5 +1,6 @@
-"""generation_config.json of a saved checkpoint: `eos_token_id` holds `</s>` and, when the folder has a tokenizer, its
-template's end-of-turn marker (`<|im_end|>`), so transformers' `generate` on a chat prompt stops where the engine does."""
+"""generation_config.json of a saved checkpoint: `eos_token_id` holds `</s>` and, when the folder has a tokenizer,
+its template's end-of-turn marker (`<|im_end|>`), so transformers' `generate` on a chat prompt stops where the
+engine does."""
 
 from __future__ import annotations
 
