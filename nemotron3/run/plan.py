@@ -31,9 +31,10 @@ never the same work done slower. It was set on the reference machine (2 CPU core
 About 30 % of the default budget goes to pretraining (with its twin), over half to post-training (RL about 35 %,
 SFT about 20 %) and the rest to measuring and exporting. SFT gets twice the steps it had (660, was 330): from the
 same pretrained model, 660 steps gave a mean held-out exact match of 35 % against 16.5 % at 330 (sort 45 against
-5 %), more than RL's 240 steps added after it (+0.3 points; docs/results.md), so RL gave up 40 of its steps. Rollouts are sampled at temperature 0.7, not TRL's 1.0:
-at 1.0 the small model's sampled completions are right only 2-10 % of the time (greedy: 11-36 %), most groups
-then have no reward variance and RL barely moves (RL_TEMPERATURE).
+5 %), more than RL's 240 steps added after it (+0.3 points; docs/results.md), so RL gave up 40 of its steps.
+Rollouts are sampled at temperature 0.7, not TRL's 1.0: at 1.0 the small model's sampled completions are right
+only 2-10 % of the time (greedy: 11-36 %), most groups then have no reward variance and RL barely moves
+(RL_TEMPERATURE).
 The stage estimates below (seconds on the reference machine) drive only the time-left display.
 """
 
