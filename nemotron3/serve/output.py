@@ -134,7 +134,7 @@ class Reply:
             try:
                 parsed = self.fmt.parse(raw_content, self.tools)
                 calls, content = parsed["tool_calls"], parsed["content"]
-            except ValueError:  # unreadable tool-call XML: the text stays content
+            except ValueError:  # an unreadable tool call (XML or JSON): the text stays content
                 content = raw_content.strip()
         message = {"role": "assistant", "content": content if content or not calls else None,
                    "reasoning_content": reasoning}
